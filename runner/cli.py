@@ -1,0 +1,379 @@
+"""The command line: parse arguments, call one core function, print, map outcomes to exit codes.
+
+The only module that prints or owns a progress bar. Exit codes:
+0 all jobs succeeded; 1 finished with failed jobs; 2 invalid manifest or usage, nothing sent;
+3 stopped early (auth, quota, interrupt, provider asking to wait too long) and resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Never
+
+from tqdm import tqdm
+
+from runner import __version__
+from runner.api import PRICE_PER_IMAGE_MICRO_USD
+from runner.client import DEFAULT_BASE_URL, ClientConfig
+from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
+from runner.errors import ManifestError, RunnerError
+from runner.jobs import Job
+from runner.manifest import load_manifest
+from runner.plan import Plan
+from runner.pool import Progress
+from runner.redact import RedactingFilter, redact
+from runner.retry import RetryConfig
+from runner.run import Run, RunOptions, RunReport
+from runner.store import MICRO
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+EMULATOR_KEY = "sk-emulator-local"
+
+log = logging.getLogger("runner")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        code: int = args.handler(args)
+    except RunnerError as exc:
+        _err(f"error: {exc}")
+        return EXIT_INVALID
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="image-runner",
+        description="Generate images in bulk from a manifest, resumably, with a cost ledger.",
+    )
+    parser.add_argument("--version", action="version", version=f"image-runner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="generate every image of a manifest not yet done")
+    run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
+    run.add_argument("--out", type=Path, help="output folder (default: output/<manifest stem>)")
+    run.add_argument("--concurrency", type=_positive_int, default=8, help="requests at once")
+    run.add_argument(
+        "--max-attempts", type=_positive_int, default=5, help="attempts per job per run"
+    )
+    run.add_argument("--timeout", type=_positive_float, default=300.0, help="request timeout, s")
+    run.add_argument(
+        "--base-url",
+        help=f"API base URL (else $IMAGE_RUNNER_BASE_URL, else {DEFAULT_BASE_URL})",
+    )
+    run.add_argument(
+        "--emulate", action="store_true", help="use the built-in emulator: no key, no network"
+    )
+    run.add_argument(
+        "--on-ambiguous",
+        choices=("retry", "fail"),
+        default="retry",
+        help="when a request may have been billed but brought no image (default: retry)",
+    )
+    run.add_argument(
+        "--max-retry-after",
+        type=_positive_float,
+        default=120.0,
+        help="stop the run rather than wait longer than this many seconds for a Retry-After",
+    )
+    run.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=60.0,
+        help="seconds in-flight requests get to "
+        "finish after Ctrl-C or SIGTERM (a second Ctrl-C stops at once)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_cmd_run)
+
+    validate = commands.add_parser("validate", help="check a manifest; send nothing")
+    validate.add_argument("manifest", type=Path)
+    validate.set_defaults(handler=_cmd_validate)
+
+    emulate = commands.add_parser("emulate", help="serve the built-in API emulator")
+    emulate.add_argument("--host", default="127.0.0.1")
+    emulate.add_argument("--port", type=int, default=8000)
+    emulate.add_argument("--latency", type=float, default=0.0, help="seconds per response")
+    emulate.add_argument(
+        "--fault-rate", type=float, default=0.0, help="share of requests that get a fault"
+    )
+    emulate.add_argument(
+        "--faults",
+        default=",".join(DEFAULT_FAULT_MIX),
+        help=f"fault kinds to draw from (known: {', '.join(FAULT_KINDS)})",
+    )
+    emulate.add_argument("--seed", type=int, help="seed for reproducible faults")
+    emulate.set_defaults(handler=_cmd_emulate)
+    return parser
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        jobs = load_manifest(args.manifest)
+    except ManifestError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    out_dir: Path = args.out or Path("output") / args.manifest.stem
+    base_url = args.base_url or os.environ.get("IMAGE_RUNNER_BASE_URL") or DEFAULT_BASE_URL
+    api_key = os.environ.get("IMAGE_RUNNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or ""
+    if args.emulate:
+        api_key = api_key or EMULATOR_KEY
+    elif not api_key:
+        _err(
+            "error: no API key: set IMAGE_RUNNER_API_KEY (or OPENAI_API_KEY), "
+            "or add --emulate to rehearse on the built-in emulator"
+        )
+        return EXIT_INVALID
+    options = RunOptions(
+        out_dir=out_dir,
+        client=ClientConfig(
+            base_url=base_url,
+            api_key=api_key,
+            timeout_s=args.timeout,
+            concurrency=args.concurrency,
+        ),
+        retry=RetryConfig(
+            max_attempts=args.max_attempts,
+            on_ambiguous=args.on_ambiguous,
+            max_retry_after_s=args.max_retry_after,
+        ),
+        concurrency=args.concurrency,
+    )
+    report = asyncio.run(_run(jobs, options, args))
+    _print_summary(report, out_dir)
+    return _exit_code(report)
+
+
+async def _run(jobs: list[Job], options: RunOptions, args: argparse.Namespace) -> RunReport:
+    async with _maybe_emulator(args.emulate) as emulated_url:
+        if emulated_url is not None:
+            options = RunOptions(
+                out_dir=options.out_dir,
+                client=ClientConfig(**{**vars(options.client), "base_url": emulated_url}),
+                retry=options.retry,
+                concurrency=options.concurrency,
+            )
+        bar = _ProgressBar(disable=True if args.no_progress else None)
+        run = Run(jobs, options, on_plan=bar.start, on_progress=bar.update)
+        task = asyncio.current_task()
+        assert task is not None
+        signals = _SignalHandler(run, task, grace_s=args.grace)
+        signals.install()
+        try:
+            return await run.execute()
+        finally:
+            signals.uninstall()
+            bar.close()
+
+
+@contextlib.asynccontextmanager
+async def _maybe_emulator(enabled: bool) -> AsyncIterator[str | None]:
+    if not enabled:
+        yield None
+        return
+    emulator = Emulator(EmulatorConfig())
+    try:
+        yield await emulator.start("127.0.0.1", 0)
+    finally:
+        await emulator.stop()
+
+
+class _SignalHandler:
+    """First SIGINT/SIGTERM: stop gracefully, cancel after ``grace_s``. Second: cancel now.
+    A cancelled run still settles its checkpoint and writes results and ledger."""
+
+    def __init__(self, run: Run, task: asyncio.Task[object], *, grace_s: float) -> None:
+        self.run, self.task, self.grace_s = run, task, grace_s
+        self.count = 0
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.count += 1
+        if self.count == 1:
+            _err(
+                f"\n{sig.name}: finishing requests in flight (up to {self.grace_s:.0f} s); "
+                "press Ctrl-C again to stop at once"
+            )
+            self.run.stop(f"interrupted by {sig.name}")
+            asyncio.get_running_loop().call_later(self.grace_s, self.task.cancel)
+        else:
+            self.task.cancel()
+
+
+class _ProgressBar:
+    def __init__(self, *, disable: bool | None) -> None:
+        self.disable = disable
+        self.bar: tqdm[Never] | None = None
+        self.base_done = 0
+
+    def start(self, plan: Plan) -> None:
+        parts = [f"{len(plan.todo)} to do", f"{plan.done} done before"]
+        if plan.failed:
+            parts.append(f"{plan.failed} failed before (not retried)")
+        if plan.adopted:
+            parts.append(f"{plan.adopted} adopted from disk")
+        if plan.redo:
+            parts.append(f"{len(plan.redo)} redone (image missing or altered)")
+        if plan.changed:
+            parts.append(f"{len(plan.changed)} changed in the manifest")
+        if plan.in_flight_settled:
+            parts.append(f"{plan.in_flight_settled} interrupted requests counted as possible")
+        _err("image-runner: " + ", ".join(parts))
+        self.bar = tqdm(
+            total=len(plan.todo), unit="img", disable=self.disable, file=sys.stderr, leave=False
+        )
+
+    def update(self, p: Progress) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = p.succeeded + p.failed
+        spent = (p.confirmed_micro_usd + p.possible_micro_usd) / MICRO
+        self.bar.set_postfix(
+            done=p.succeeded,
+            failed=p.failed,
+            retrying=p.retrying,
+            spent=f"${spent:.2f}",
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_summary(report: RunReport, out_dir: Path) -> None:
+    t = report.ledger.totals
+    progress = report.pool.progress if report.pool else None
+    requests = progress.requests if progress else 0
+    lines = [
+        f"jobs:      {t.jobs}: {t.succeeded} succeeded, {t.failed} failed, {t.pending} pending",
+        f"spent:     ${t.confirmed_usd:.2f} confirmed + ${t.possible_usd:.2f} possible "
+        f"(all runs in this folder); {requests} requests this run",
+        f"wall time: {report.wall_s:.1f} s",
+    ]
+    if report.pool and report.pool.failures:
+        causes = ", ".join(f"{n} {cause}" for cause, n in sorted(report.pool.failures.items()))
+        lines.append(f"failures:  {causes}")
+    if report.stop_reason:
+        lines.append(f"stopped:   {report.stop_reason}; rerun the same command to resume")
+        hint = _stop_hint(report)
+        if hint:
+            lines.append(f"           {hint}")
+    lines += [
+        f"images:    {out_dir / 'images'}/",
+        f"results:   {report.ledger.results_parquet} (and .csv)",
+        f"ledger:    {report.ledger.ledger_csv}",
+    ]
+    print(redact("\n".join(lines)))
+
+
+def _stop_hint(report: RunReport) -> str | None:
+    error = report.stop_error
+    if error is None or error.status is None:
+        return None
+    if error.status == 401:
+        return "the API key was refused: check IMAGE_RUNNER_API_KEY"
+    if error.status == 403:
+        return "the key may not use this model or endpoint: check the account's permissions"
+    if error.status == 429:
+        return "the account is out of quota or over its spend limit: top it up, then rerun"
+    return None
+
+
+def _exit_code(report: RunReport) -> int:
+    if report.stop_reason:
+        return EXIT_STOPPED
+    if report.ledger.totals.failed:
+        return EXIT_FAILED
+    return EXIT_STOPPED if report.ledger.totals.pending else EXIT_OK
+
+
+# --- validate, emulate ----------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        jobs = load_manifest(args.manifest)
+    except ManifestError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    edits = sum(1 for job in jobs if job.endpoint == "edits")
+    print(
+        f"{args.manifest}: {len(jobs)} jobs ({len(jobs) - edits} generations, {edits} edits), "
+        f"${len(jobs) * PRICE_PER_IMAGE_MICRO_USD / MICRO:.2f} at $0.03 an image, before retries"
+    )
+    return EXIT_OK
+
+
+def _cmd_emulate(args: argparse.Namespace) -> int:
+    try:
+        config = EmulatorConfig(
+            latency_s=args.latency,
+            fault_rate=args.fault_rate,
+            fault_kinds=tuple(k for k in args.faults.split(",") if k),
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        _err(f"error: {exc}")
+        return EXIT_INVALID
+
+    def ready(url: str) -> None:
+        print(f"emulator listening on {url} (Ctrl-C to stop)", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, args.host, args.port, on_ready=ready))
+    return EXIT_OK
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _err(message: str) -> None:
+    print(redact(message), file=sys.stderr, flush=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value

@@ -1,0 +1,134 @@
+"""The one exception tree of the runner.
+
+::
+
+    RunnerError
+     +-- ManifestError          the manifest is invalid; carries every problem found (exit 2)
+     +-- OutputLockedError      another run holds the output folder (exit 2)
+     +-- StoreError             the checkpoint database cannot be trusted
+     +-- ApiError               one request's outcome; carries job_id, status, code, billing
+          +-- RetryableError    worth another attempt, after a wait
+          |    +-- NotSentError      the request never reached the server: billing "none"
+          |    +-- ServerError       408, 409, 429, 5xx, x-should-retry: true: billing "none"
+          |    +-- AmbiguousError    sent, outcome unknown (read timeout, reset, truncated or
+          |                          malformed body): billing "possible"
+          +-- JobFailedError    final for this job (400, 404, 413, 422, content policy)
+          |    +-- ConfirmedJobFailedError   an image came back but is not the one asked for
+          |                                  (wrong size): billing "confirmed"
+          +-- RunStoppedError   final for the whole run (401, 403, spend limit): stop admitting work
+
+"Retry or not" is one ``isinstance(err, RetryableError)``; the pool may still refuse to retry an
+``AmbiguousError`` when the user asked for ``--on-ambiguous fail``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Billing = Literal["none", "possible", "confirmed"]
+
+
+class RunnerError(Exception):
+    """Root of every error the runner raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ManifestIssue:
+    """One problem in a manifest: where it is and what is wrong."""
+
+    row: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.row}, field {self.field}" if self.field else self.row
+        return f"{where}: {self.message}"
+
+
+class ManifestError(RunnerError):
+    def __init__(self, source: str, issues: list[ManifestIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        count = f"{len(issues)} problem" + ("s" if len(issues) != 1 else "")
+        super().__init__(f"{source}: {count}, nothing was sent:\n{lines}")
+
+
+class OutputLockedError(RunnerError):
+    pass
+
+
+class StoreError(RunnerError):
+    pass
+
+
+class ApiError(RunnerError):
+    """The outcome of one request that did not yield a usable image."""
+
+    billing: Billing = "none"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str = "",
+        status: int | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        self.message = message
+        self.job_id = job_id
+        self.status = status
+        self.code = code
+        self.retry_after_s = retry_after_s
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        parts = [f"HTTP {self.status}" if self.status is not None else type(self).__name__]
+        if self.code:
+            parts.append(self.code)
+        return f"{' '.join(parts)}: {self.message}"
+
+    @property
+    def cause(self) -> str:
+        """A short, stable name for grouping failures: the error code, the status, or the class."""
+        if self.code:
+            return self.code
+        if self.status is not None:
+            return f"http_{self.status}"
+        return _snake(type(self).__name__.removesuffix("Error"))
+
+
+class RetryableError(ApiError):
+    pass
+
+
+class NotSentError(RetryableError):
+    billing = "none"
+
+
+class ServerError(RetryableError):
+    billing = "none"
+
+
+class AmbiguousError(RetryableError):
+    billing = "possible"
+
+
+class JobFailedError(ApiError):
+    pass
+
+
+class ConfirmedJobFailedError(JobFailedError):
+    """An image came back (so it was billed) but it is not the image that was asked for."""
+
+    billing = "confirmed"
+
+
+class RunStoppedError(ApiError):
+    pass
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))

@@ -1,0 +1,349 @@
+"""Manifests, YAML or CSV, turned into validated :class:`~runner.jobs.Job` specs.
+
+Validation happens before any request and reports every problem of every row together, each
+with its row and field, so one round of fixes is enough. Nothing here touches the network.
+
+YAML: a mapping with ``jobs`` (a list of mappings) and optional ``defaults`` (any job field but
+``id``). CSV: a header row naming some of ``id,prompt,size,model,response_format,images``
+(``prompt`` required), reference images separated by ``|``. Reference image paths are relative to
+the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.api import (
+    AUTO_SIZE,
+    DEFAULT_MODEL,
+    MODELS,
+    MODELS_WITHOUT_SIZE,
+    REFERENCE_MAX_BYTES,
+    REJECTED_FIELDS,
+    RESPONSE_FORMATS,
+    SIZE_SET,
+)
+from runner.errors import ManifestError, ManifestIssue
+from runner.images import ImageInvalid, inspect_image
+from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
+
+JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images")
+DEFAULT_RESPONSE_FORMAT = "b64_json"  # no CDN expiry, no second download
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class _RawJob:
+    row: str
+    fields: dict[str, Any]
+    explicit: set[str] = field(default_factory=set)  # keys the row itself set, not the defaults
+
+
+class _LineMap(dict[Any, Any]):
+    line = 0
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that remembers the line of every mapping, for error messages."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        mapping = _LineMap(super().construct_mapping(node, deep=deep))
+        mapping.line = node.start_mark.line + 1
+        return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
+
+
+def load_manifest(path: Path) -> list[Job]:
+    """Read and validate a manifest; raise :class:`ManifestError` listing every problem."""
+    source = str(path)
+    issues: list[ManifestIssue] = []
+    raw_jobs = _read(path, issues)
+    checker = _ReferenceChecker()
+    jobs: list[Job] = []
+    for raw in raw_jobs:
+        job = _validate(raw, path.parent, checker, issues)
+        if job is not None:
+            jobs.append(job)
+    _check_unique_ids(jobs, {raw.row: raw.explicit for raw in raw_jobs}, issues)
+    if issues:
+        raise ManifestError(source, issues)
+    return jobs
+
+
+def _read(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
+    try:
+        size_bytes = path.stat().st_size
+    except OSError as exc:
+        issues.append(ManifestIssue("file", "", f"cannot read: {exc.strerror}"))
+        return []
+    if size_bytes > MANIFEST_MAX_BYTES:
+        issues.append(ManifestIssue("file", "", f"is {size_bytes} bytes, over the 64 MiB limit"))
+        return []
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            return _read_yaml(path, issues)
+        if suffix == ".csv":
+            return _read_csv(path, issues)
+    except (OSError, UnicodeDecodeError) as exc:
+        issues.append(ManifestIssue("file", "", f"cannot read: {exc}"))
+        return []
+    issues.append(ManifestIssue("file", "", "must end in .yaml, .yml or .csv"))
+    return []
+
+
+def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            doc = yaml.load(f, Loader=_Loader)  # a SafeLoader subclass: no tags
+        except yaml.YAMLError as exc:
+            issues.append(ManifestIssue("file", "", f"is not valid YAML: {exc}"))
+            return []
+    if not isinstance(doc, Mapping):
+        issues.append(ManifestIssue("file", "", "must be a mapping with a 'jobs' list"))
+        return []
+    for key in doc:
+        if key not in ("jobs", "defaults"):
+            issues.append(ManifestIssue("top level", str(key), "unknown key"))
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        issues.append(ManifestIssue("defaults", "", "must be a mapping of job fields"))
+        defaults = {}
+    for key in defaults:
+        if key == "id":
+            issues.append(ManifestIssue("defaults", "id", "ids are per job, not a default"))
+        else:
+            _check_key(issues, "defaults", key)
+    jobs = doc.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        issues.append(ManifestIssue("top level", "jobs", "must be a non-empty list of jobs"))
+        return []
+    raw_jobs = []
+    for index, entry in enumerate(jobs, start=1):
+        line = getattr(entry, "line", 0)
+        row = f"job {index} (line {line})" if line else f"job {index}"
+        if not isinstance(entry, Mapping):
+            issues.append(ManifestIssue(row, "", "must be a mapping with at least a prompt"))
+            continue
+        merged = {k: v for k, v in defaults.items() if k != "id"}
+        merged.update(entry)
+        raw_jobs.append(_RawJob(row, merged, {str(k) for k in entry}))
+    return raw_jobs
+
+
+def _read_csv(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, skipinitialspace=True)
+        try:
+            header = next(reader)
+        except StopIteration:
+            issues.append(ManifestIssue("header", "", "the file is empty"))
+            return []
+        except csv.Error as exc:
+            issues.append(ManifestIssue("header", "", f"is not valid CSV: {exc}"))
+            return []
+        columns = [name.strip() for name in header]
+        for name in columns:
+            if name not in JOB_FIELDS:
+                _check_key(issues, "header", name)
+        if "prompt" not in columns:
+            issues.append(ManifestIssue("header", "prompt", "the prompt column is required"))
+        if len(set(columns)) != len(columns):
+            issues.append(ManifestIssue("header", "", "a column is named twice"))
+        if any(i.row == "header" for i in issues):
+            return []
+        raw_jobs = []
+        for number, cells in enumerate(_csv_rows(reader, issues), start=1):
+            line, values = cells
+            row = f"row {number} (line {line})"
+            if len(values) > len(columns):
+                issues.append(ManifestIssue(row, "", "has more cells than the header has columns"))
+                continue
+            fields: dict[str, Any] = {}
+            for name, value in zip(columns, values, strict=False):
+                if value.strip() == "":
+                    continue
+                fields[name] = [p.strip() for p in value.split("|")] if name == "images" else value
+            raw_jobs.append(_RawJob(row, fields, set(fields)))
+    if not raw_jobs and not issues:
+        issues.append(ManifestIssue("file", "", "has a header but no jobs"))
+    return raw_jobs
+
+
+def _csv_rows(
+    reader: Iterator[list[str]], issues: list[ManifestIssue]
+) -> Iterator[tuple[int, list[str]]]:
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            issues.append(ManifestIssue("file", "", f"is not valid CSV: {exc}"))
+            return
+        if any(v.strip() for v in values):
+            yield reader.line_num, values  # type: ignore[attr-defined]
+
+
+def _check_key(issues: list[ManifestIssue], row: str, key: object) -> None:
+    if key in REJECTED_FIELDS:
+        issues.append(
+            ManifestIssue(row, str(key), "is rejected by the API (one image per call; no quality)")
+        )
+    elif key not in JOB_FIELDS:
+        issues.append(ManifestIssue(row, str(key), f"unknown key (known: {', '.join(JOB_FIELDS)})"))
+
+
+class _ReferenceChecker:
+    """Checks each distinct reference image once and remembers its sha256 or its problem."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[str | None, str | None]] = {}
+
+    def check(self, path: Path) -> tuple[str | None, str | None]:
+        """Return ``(sha256, None)`` for a good image, ``(None, problem)`` otherwise."""
+        if path not in self._seen:
+            self._seen[path] = self._check(path)
+        return self._seen[path]
+
+    @staticmethod
+    def _check(path: Path) -> tuple[str | None, str | None]:
+        try:
+            if not path.exists():
+                return None, f"{path} does not exist"
+            if not path.is_file():
+                return None, f"{path} is not a file"
+            size_bytes = path.stat().st_size
+            if size_bytes > REFERENCE_MAX_BYTES:
+                return None, f"{path} is {size_bytes / 1e6:.1f} MB, over the 10 MB limit"
+            data = path.read_bytes()
+        except OSError as exc:
+            return None, f"{path} cannot be read: {exc.strerror}"
+        try:
+            inspect_image(data)
+        except ImageInvalid as exc:
+            return None, f"{path} {exc}"
+        return hashlib.sha256(data).hexdigest(), None
+
+
+def _validate(
+    raw: _RawJob, base: Path, checker: _ReferenceChecker, issues: list[ManifestIssue]
+) -> Job | None:
+    row, fields = raw.row, raw.fields
+    before = len(issues)
+
+    def problem(name: str, message: str) -> None:
+        issues.append(ManifestIssue(row, name, message))
+
+    for key in fields:
+        if key in raw.explicit:
+            _check_key(issues, row, key)
+
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        problem("prompt", "is required and must be non-blank text")
+
+    model = fields.get("model", DEFAULT_MODEL)
+    if model not in MODELS:
+        problem("model", f"{model!r} is not a known model ({', '.join(MODELS)})")
+
+    response_format = fields.get("response_format", DEFAULT_RESPONSE_FORMAT)
+    if response_format not in RESPONSE_FORMATS:
+        problem("response_format", f"{response_format!r} must be url or b64_json")
+
+    images: list[Path] = []
+    image_sha256s: list[str] = []
+    refs = fields.get("images", [])
+    if refs is None:
+        refs = []
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        problem("images", "must be a list of file paths")
+        refs = []
+    for ref in refs:
+        path = (base / ref).resolve()
+        digest, error = checker.check(path)
+        if error is not None:
+            problem("images", error)
+        elif digest is not None:
+            images.append(path)
+            image_sha256s.append(digest)
+
+    size = fields.get("size")
+    if size is not None and not isinstance(size, str):
+        problem("size", f"{size!r} must be text like 2048x2048")
+    elif model in MODELS_WITHOUT_SIZE:
+        if size is not None:
+            problem("size", f"{model} takes no size; remove it or use gpt-image-2-vip")
+    elif size == AUTO_SIZE:
+        if not refs:
+            problem("size", "auto is only for edits (jobs with images); pick one of the 30 sizes")
+    elif size is not None and size not in SIZE_SET:
+        near = size.lower().replace("\u00d7", "x")
+        hint = " (use a lowercase ASCII x)" if near in SIZE_SET else ""
+        problem("size", f"{size!r} is not one of the 30 sizes{hint}")
+    if size is None and refs and model not in MODELS_WITHOUT_SIZE:
+        size = AUTO_SIZE
+
+    job_id = fields.get("id")
+    if job_id is not None and (not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id)):
+        problem(
+            "id",
+            f"{job_id!r} must be 1-128 of A-Z a-z 0-9 . _ - and not start with a dot",
+        )
+
+    if len(issues) > before:
+        return None
+    assert isinstance(prompt, str)
+    digest = content_hash(
+        model=model,
+        prompt=prompt,
+        size=size,
+        response_format=response_format,
+        image_sha256s=image_sha256s,
+    )
+    if job_id is None:
+        job_id = derive_job_id(prompt, digest)
+    return Job(
+        id=job_id,
+        prompt=prompt,
+        model=model,
+        size=size,
+        response_format=response_format,
+        images=tuple(images),
+        row=row,
+        content_hash=digest,
+    )
+
+
+def _check_unique_ids(
+    jobs: list[Job], explicit_ids: dict[str, set[str]], issues: list[ManifestIssue]
+) -> None:
+    # Case-insensitive: on macOS and Windows "Mug.png" and "mug.png" are one file.
+    first: dict[str, Job] = {}
+    for job in jobs:
+        key = job.id.lower()
+        if key in first:
+            issues.append(
+                ManifestIssue(
+                    job.row,
+                    "id",
+                    f"{job.id!r} is already used by {first[key].row}"
+                    + ("" if job.id == first[key].id else " (ids differ only in case)")
+                    + (
+                        "; the two jobs are identical, give one an explicit id"
+                        if job.id == first[key].id and "id" not in explicit_ids.get(job.row, ())
+                        else ""
+                    ),
+                )
+            )
+        else:
+            first[key] = job

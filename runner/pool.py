@@ -1,0 +1,251 @@
+"""The bounded async worker pool: takes jobs one at a time, runs each under the retry policy,
+verifies and saves its image, and records every step in the checkpoint.
+
+``concurrency`` workers pull from one iterator, so memory grows with the number of workers, not
+with the manifest. Every attempt follows the crash-safe order: intent committed, request sent,
+image verified and written atomically, outcome committed. The pool never prints: it reports
+through ``on_progress``.
+
+Stopping: :meth:`Pool.stop` (a signal, or an error final for the run such as a 401) stops
+admitting jobs and retries at once; attempts already in flight finish and are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from runner.api import PRICE_PER_IMAGE_MICRO_USD
+from runner.client import ImageResult
+from runner.errors import (
+    AmbiguousError,
+    ApiError,
+    ConfirmedJobFailedError,
+    RunStoppedError,
+)
+from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic
+from runner.jobs import Job
+from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
+from runner.store import Outcome, Store
+
+
+class ImageSource(Protocol):
+    async def create(self, job: Job) -> ImageResult: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of the pool's counters, handed to ``on_progress``."""
+
+    succeeded: int = 0
+    failed: int = 0
+    retrying: int = 0
+    in_flight: int = 0
+    requests: int = 0
+    confirmed_micro_usd: int = 0
+    possible_micro_usd: int = 0
+
+
+@dataclass
+class _Counters:
+    succeeded: int = 0
+    failed: int = 0
+    retrying: int = 0
+    in_flight: int = 0
+    requests: int = 0
+    confirmed_micro_usd: int = 0
+    possible_micro_usd: int = 0
+
+    def snapshot(self) -> Progress:
+        return Progress(**vars(self))
+
+
+@dataclass
+class PoolResult:
+    progress: Progress
+    stop_reason: str | None = None  # why the run stopped early, if it did
+    stop_error: ApiError | None = None
+    failures: dict[str, int] = field(default_factory=dict)  # cause -> count
+
+
+class _StopRequested(Exception):
+    pass
+
+
+class Pool:
+    def __init__(
+        self,
+        source: ImageSource,
+        store: Store,
+        images_dir: Path,
+        *,
+        concurrency: int = 8,
+        retry: RetryConfig | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.images_dir = images_dir
+        self.concurrency = max(1, concurrency)
+        self.retry = retry or RetryConfig()
+        self._on_progress = on_progress or (lambda _: None)
+        self._sleep = sleep or self._sleep_unless_stopped
+        self._counters = _Counters()
+        self._stop_event = asyncio.Event()
+        self._result = PoolResult(Progress())
+
+    def __repr__(self) -> str:
+        c = self._counters
+        return (
+            f"<Pool succeeded={c.succeeded} failed={c.failed} retrying={c.retrying} "
+            f"in_flight={c.in_flight} stopping={self.stopping}>"
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """Stop admitting jobs and retries; attempts in flight finish and are recorded."""
+        if not self.stopping:
+            self._result.stop_reason = reason
+            self._stop_event.set()
+
+    async def run(self, jobs: Iterable[Job]) -> PoolResult:
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        todo = iter(jobs)
+        workers = [asyncio.create_task(self._worker(todo)) for _ in range(self.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+        self._result.progress = self._counters.snapshot()
+        return self._result
+
+    async def _worker(self, todo: Iterator[Job]) -> None:
+        while not self.stopping:
+            job = next(todo, None)
+            if job is None:
+                return
+            await self._run_job(job)
+
+    async def _run_job(self, job: Job) -> None:
+        retrying = make_retrying(
+            self.retry, sleep=self._sleep, keep_going=lambda: not self.stopping
+        )
+        c = self._counters
+        waiting = False  # between a failed attempt and the next: counted in c.retrying
+
+        async def attempt() -> None:
+            nonlocal waiting
+            if waiting:
+                c.retrying, waiting = c.retrying - 1, False
+            try:
+                await self._attempt(job)
+            except ApiError as exc:
+                if is_retryable(exc, self.retry.on_ambiguous):
+                    c.retrying, waiting = c.retrying + 1, True
+                    self._report()
+                raise
+
+        try:
+            await retrying(attempt)
+        except _StopRequested:
+            pass  # the job stays pending for the next run
+        except RetryAfterTooLong as exc:
+            self._result.stop_error = exc.error
+            self.stop(
+                f"the API asked to wait {exc.error.retry_after_s:.0f} s before retrying, "
+                f"more than the {self.retry.max_retry_after_s:.0f} s allowed"
+            )
+        except RunStoppedError as exc:
+            self._result.stop_error = exc
+            self.stop(exc.describe())
+        except ApiError as exc:
+            retry_later = is_retryable(exc, self.retry.on_ambiguous)
+            if retry_later and self.stopping:
+                return  # stopped between attempts: the job stays pending
+            self.store.mark_failed(job.id, exc, retry_later=retry_later)
+            c.failed += 1
+            self._result.failures[exc.cause] = self._result.failures.get(exc.cause, 0) + 1
+        finally:
+            if waiting:
+                c.retrying -= 1
+            self._report()
+
+    async def _attempt(self, job: Job) -> None:
+        if self.stopping:
+            raise _StopRequested
+        attempt = self.store.next_attempt(job.id)
+        self.store.begin_attempt(job, attempt)
+        c = self._counters
+        c.requests += 1
+        c.in_flight += 1
+        self._report()
+        try:
+            result = await self.source.create(job)
+            info, sha256, relative = await asyncio.to_thread(self._save, job, result.data)
+        except ImageInvalid as exc:
+            error: ApiError = (
+                ConfirmedJobFailedError(f"the image {exc}", job_id=job.id)
+                if isinstance(exc, WrongSize)
+                else AmbiguousError(f"the image {exc}", job_id=job.id)
+            )
+            self._record_failure(job, attempt, error)
+            raise error from None
+        except ApiError as exc:
+            self._record_failure(job, attempt, exc)
+            raise
+        finally:
+            c.in_flight -= 1
+        usage = result.usage
+        self.store.record_success(
+            job.id,
+            attempt,
+            Outcome(
+                "confirmed",
+                PRICE_PER_IMAGE_MICRO_USD,
+                usage.input_tokens if usage else None,
+                usage.output_tokens if usage else None,
+                usage.total_tokens if usage else None,
+            ),
+            image_path=relative,
+            width=info.width,
+            height=info.height,
+            sha256=sha256,
+        )
+        c.succeeded += 1
+        c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
+        self._report()
+
+    def _record_failure(self, job: Job, attempt: int, error: ApiError) -> None:
+        cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
+        self.store.record_attempt(
+            job.id, attempt, Outcome(error.billing, cost, error=error.describe())
+        )
+        if error.billing == "confirmed":
+            self._counters.confirmed_micro_usd += cost
+        elif error.billing == "possible":
+            self._counters.possible_micro_usd += cost
+
+    def _save(self, job: Job, data: bytes) -> tuple[ImageInfo, str, str]:
+        """Verify and durably write one image (runs in a worker thread)."""
+        info = inspect_image(data, job.expected_size)
+        path = self.images_dir / f"{job.id}.{info.extension}"
+        write_atomic(path, data)
+        relative = path.relative_to(self.store.folder).as_posix()
+        return info, hashlib.sha256(data).hexdigest(), relative
+
+    def _report(self) -> None:
+        self._on_progress(self._counters.snapshot())
+
+    async def _sleep_unless_stopped(self, delay_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), timeout=delay_s)

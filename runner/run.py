@@ -1,0 +1,103 @@
+"""One run of a manifest, start to finish: the single core entry point the CLI calls.
+
+manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoint -> ledger.
+Results and ledger are written whatever happens: at the end, on a stop, on a cancel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.client import ClientConfig, ImagesClient
+from runner.errors import ApiError
+from runner.jobs import Job
+from runner.ledger import LedgerFiles, write_ledger
+from runner.plan import IMAGES_DIR, Plan, make_plan
+from runner.pool import Pool, PoolResult, Progress
+from runner.retry import RetryConfig
+from runner.store import Store
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out_dir: Path
+    client: ClientConfig
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    concurrency: int = 8
+
+
+@dataclass
+class RunReport:
+    plan: Plan
+    ledger: LedgerFiles
+    pool: PoolResult | None
+    wall_s: float
+    cancelled: bool = False
+
+    @property
+    def stop_reason(self) -> str | None:
+        if self.cancelled:
+            return "cancelled"
+        return self.pool.stop_reason if self.pool else None
+
+    @property
+    def stop_error(self) -> ApiError | None:
+        return self.pool.stop_error if self.pool else None
+
+
+class Run:
+    """Use as: ``run = Run(jobs, options)``; ``report = await run.execute()``; ``run.stop()``
+    from a signal handler stops it gracefully."""
+
+    def __init__(
+        self,
+        jobs: list[Job],
+        options: RunOptions,
+        *,
+        on_plan: Callable[[Plan], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.options = options
+        self._on_plan = on_plan or (lambda _: None)
+        self._on_progress = on_progress
+        self._pool: Pool | None = None
+        self._stop_reason: str | None = None
+
+    def stop(self, reason: str = "interrupted") -> None:
+        self._stop_reason = reason
+        if self._pool is not None:
+            self._pool.stop(reason)
+
+    async def execute(self) -> RunReport:
+        started = time.monotonic()
+        store = Store.open(self.options.out_dir)
+        run_id = store.start_run()
+        plan: Plan | None = None
+        pool_result: PoolResult | None = None
+        outcome = "cancelled"
+        try:
+            plan = make_plan(self.jobs, store)
+            self._on_plan(plan)
+            if plan.todo and self._stop_reason is None:
+                async with ImagesClient(self.options.client) as client:
+                    self._pool = Pool(
+                        client,
+                        store,
+                        store.folder / IMAGES_DIR,
+                        concurrency=self.options.concurrency,
+                        retry=self.options.retry,
+                        on_progress=self._on_progress,
+                    )
+                    pool_result = await self._pool.run(plan.todo)
+            outcome = (pool_result.stop_reason if pool_result else None) or "finished"
+        finally:
+            # Also on cancel: nothing is in flight any more, so what was is a possible charge.
+            store.settle_in_flight()
+            ledger = write_ledger(self.jobs, store)
+            store.finish_run(run_id, outcome)
+            store.close()
+        return RunReport(plan, ledger, pool_result, time.monotonic() - started)

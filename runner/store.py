@@ -1,0 +1,397 @@
+"""The checkpoint database: one SQLite file in the output folder that makes runs resumable.
+
+Design, after the crash-safe recipe in RELIABILITY.md:
+
+- WAL journal with ``synchronous=FULL`` (WAL with NORMAL may lose a commit on power loss), a
+  ``busy_timeout``, ``BEGIN IMMEDIATE`` for every write, ``PRAGMA integrity_check`` on open.
+- One writer: the process holding the folder's lock file (``.lock``, an ``flock``); a second
+  run on the same folder is refused before it touches anything.
+- Write-ahead intent: an ``attempts`` row in state ``in_flight`` is committed *before* each
+  request goes out. An outcome turns it into ``confirmed`` (an image came back), ``possible``
+  (the request was sent and the outcome is unknown) or ``unbilled`` (it never reached the server,
+  or the server answered with an error). An attempt found ``in_flight`` on open was cut off by
+  a crash, so it becomes ``possible``.
+- ``jobs`` holds one row per job ever planned here: its status, and for a success the image's
+  path, size and sha256, committed only after the image file is durably in place.
+- Schema changes are ordered migrations recorded in ``migrations``.
+
+Money is stored as integer micro-dollars so that sums are exact to the cent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from runner.api import PRICE_PER_IMAGE_MICRO_USD
+from runner.errors import ApiError, Billing, OutputLockedError, StoreError
+from runner.jobs import Job, JobStatus
+from runner.redact import redact
+
+DB_NAME = "checkpoint.sqlite"
+LOCK_NAME = ".lock"
+MICRO = 1_000_000
+
+AttemptState = Literal["in_flight", "confirmed", "possible", "unbilled"]
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        content_hash TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT,
+        prompt TEXT NOT NULL,
+        images TEXT NOT NULL,
+        image_path TEXT,
+        width INTEGER,
+        height INTEGER,
+        sha256 TEXT,
+        error TEXT,
+        error_cause TEXT,
+        retryable INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('in_flight', 'confirmed', 'possible', 'unbilled')),
+        cost_micro_usd INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER,
+        output_tokens INTEGER,
+        total_tokens INTEGER,
+        error TEXT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );
+    CREATE INDEX attempts_state ON attempts (state);
+    CREATE TABLE runs (
+        run_id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        outcome TEXT
+    );
+    """,
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    content_hash: str
+    status: JobStatus
+    image_path: str | None
+    sha256: str | None
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt ended with, as the pool tells the store."""
+
+    billing: Billing
+    cost_micro_usd: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    error: str | None = None
+
+
+class Store:
+    """The checkpoint of one output folder. Open with :meth:`open`; close when done."""
+
+    def __init__(self, db: sqlite3.Connection, lock_fd: int | None, folder: Path) -> None:
+        self.db = db
+        self.folder = folder
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, folder: Path) -> Store:
+        """Lock ``folder`` for this process and open (or create) its checkpoint."""
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise OutputLockedError(
+                f"{folder} is in use by another image-runner run; wait for it to finish, "
+                "or pass --out to use another folder"
+            ) from None
+        try:
+            db = _connect(folder / DB_NAME)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(db, lock_fd, folder)
+
+    @classmethod
+    def open_read_only(cls, folder: Path) -> Store:
+        """Open the checkpoint for reading, without the lock, while a run may be writing it."""
+        path = folder / DB_NAME
+        if not path.is_file():
+            raise StoreError(f"{folder} holds no image-runner checkpoint")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 10000")
+        return cls(db, None, folder)
+
+    def close(self) -> None:
+        self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def job_records(self) -> dict[str, JobRecord]:
+        rows = self.db.execute(
+            "SELECT job_id, content_hash, status, image_path, sha256, retryable FROM jobs"
+        )
+        return {
+            r["job_id"]: JobRecord(
+                r["job_id"],
+                r["content_hash"],
+                r["status"],
+                r["image_path"],
+                r["sha256"],
+                bool(r["retryable"]),
+            )
+            for r in rows
+        }
+
+    def upsert_jobs(self, jobs: Iterable[Job]) -> None:
+        """Record the manifest's jobs; a job whose content changed starts over as pending."""
+        stamp = now_iso()
+        with self._write() as db:
+            db.executemany(
+                """
+                INSERT INTO jobs (job_id, content_hash, status, endpoint, model, size, prompt,
+                                  images, updated_at)
+                VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (job_id) DO UPDATE SET
+                    content_hash = excluded.content_hash, status = 'pending',
+                    endpoint = excluded.endpoint, model = excluded.model, size = excluded.size,
+                    prompt = excluded.prompt, images = excluded.images,
+                    image_path = NULL, width = NULL, height = NULL, sha256 = NULL,
+                    error = NULL, error_cause = NULL, retryable = 0,
+                    updated_at = excluded.updated_at
+                WHERE jobs.content_hash != excluded.content_hash
+                """,
+                (
+                    (
+                        job.id,
+                        job.content_hash,
+                        job.endpoint,
+                        job.model,
+                        job.size,
+                        job.prompt,
+                        json.dumps([str(p) for p in job.images]),
+                        stamp,
+                    )
+                    for job in jobs
+                ),
+            )
+
+    def mark_pending(self, job_id: str) -> None:
+        """Forget a success whose image is gone or altered, so the job is done again."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET status = 'pending', image_path = NULL, sha256 = NULL, "
+                "width = NULL, height = NULL, updated_at = ? WHERE job_id = ?",
+                (now_iso(), job_id),
+            )
+
+    # --- attempts ---------------------------------------------------------------------------
+
+    def next_attempt(self, job_id: str) -> int:
+        row = self.db.execute(
+            "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        return int(row[0]) + 1
+
+    def begin_attempt(self, job: Job, attempt: int) -> None:
+        """Commit the intent to send ``attempt`` of ``job``; call before the request goes out."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO attempts (job_id, attempt, endpoint, model, size, state, started_at) "
+                "VALUES (?, ?, ?, ?, ?, 'in_flight', ?)",
+                (job.id, attempt, job.endpoint, job.model, job.size, now_iso()),
+            )
+
+    def _finish_attempt(
+        self, db: sqlite3.Connection, job_id: str, attempt: int, o: Outcome
+    ) -> None:
+        state = "unbilled" if o.billing == "none" else o.billing
+        db.execute(
+            "UPDATE attempts SET state = ?, cost_micro_usd = ?, input_tokens = ?, "
+            "output_tokens = ?, total_tokens = ?, error = ?, finished_at = ? "
+            "WHERE job_id = ? AND attempt = ?",
+            (
+                state,
+                o.cost_micro_usd if o.billing != "none" else 0,
+                o.input_tokens,
+                o.output_tokens,
+                o.total_tokens,
+                redact(o.error) if o.error else None,
+                now_iso(),
+                job_id,
+                attempt,
+            ),
+        )
+
+    def record_success(
+        self,
+        job_id: str,
+        attempt: int,
+        outcome: Outcome,
+        *,
+        image_path: str,
+        width: int,
+        height: int,
+        sha256: str,
+    ) -> None:
+        """Commit a finished job; its image must already be durably on disk."""
+        with self._write() as db:
+            self._finish_attempt(db, job_id, attempt, outcome)
+            db.execute(
+                "UPDATE jobs SET status = 'succeeded', image_path = ?, width = ?, height = ?, "
+                "sha256 = ?, error = NULL, error_cause = NULL, retryable = 0, updated_at = ? "
+                "WHERE job_id = ?",
+                (image_path, width, height, sha256, now_iso(), job_id),
+            )
+
+    def record_attempt(self, job_id: str, attempt: int, outcome: Outcome) -> None:
+        """Commit how an attempt that brought no image ended."""
+        with self._write() as db:
+            self._finish_attempt(db, job_id, attempt, outcome)
+
+    def mark_failed(self, job_id: str, error: ApiError, *, retry_later: bool) -> None:
+        """Commit a job as failed; ``retry_later`` lets the next run of the manifest try again."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET status = 'failed', error = ?, error_cause = ?, retryable = ?, "
+                "updated_at = ? WHERE job_id = ?",
+                (redact(error.describe()), error.cause, int(retry_later), now_iso(), job_id),
+            )
+
+    def adopt(self, job_id: str, *, image_path: str, width: int, height: int, sha256: str) -> None:
+        """Take an image found on disk without its outcome row (a crash between the rename
+        and the commit): the job is done, and the attempt that made it was billed."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE attempts SET state = 'confirmed', cost_micro_usd = ?, "
+                "finished_at = COALESCE(finished_at, ?) "
+                "WHERE job_id = ? AND attempt = (SELECT MAX(attempt) FROM attempts "
+                "WHERE job_id = ? AND state IN ('in_flight', 'possible'))",
+                (PRICE_PER_IMAGE_MICRO_USD, now_iso(), job_id, job_id),
+            )
+            db.execute(
+                "UPDATE jobs SET status = 'succeeded', image_path = ?, width = ?, height = ?, "
+                "sha256 = ?, error = NULL, error_cause = NULL, retryable = 0, updated_at = ? "
+                "WHERE job_id = ?",
+                (image_path, width, height, sha256, now_iso(), job_id),
+            )
+
+    def settle_in_flight(self) -> int:
+        """Turn attempts left in flight (by a crash or an abrupt stop) into possible charges."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE attempts SET state = 'possible', cost_micro_usd = ?, "
+                "error = 'interrupted while in flight', finished_at = ? "
+                "WHERE state = 'in_flight'",
+                (PRICE_PER_IMAGE_MICRO_USD, now_iso()),
+            )
+            return cursor.rowcount
+
+    # --- runs and reading -------------------------------------------------------------------
+
+    def start_run(self) -> int:
+        with self._write() as db:
+            cursor = db.execute("INSERT INTO runs (started_at) VALUES (?)", (now_iso(),))
+            return int(cursor.lastrowid or 0)
+
+    def finish_run(self, run_id: int, outcome: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE runs SET finished_at = ?, outcome = ? WHERE run_id = ?",
+                (now_iso(), outcome, run_id),
+            )
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self.db.execute(sql, params))
+
+    def spend_micro_usd(self) -> tuple[int, int]:
+        """(confirmed, possible) spend recorded in this folder, in micro-dollars."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd END), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'possible' THEN cost_micro_usd END), 0) "
+            "FROM attempts"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        check = db.execute("PRAGMA integrity_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    if check != "ok":
+        db.close()
+        raise StoreError(f"{path} failed its integrity check: {check}")
+    _migrate(db)
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+    )
+    done = {r[0] for r in db.execute("SELECT version FROM migrations")}
+    for version, script in enumerate(_MIGRATIONS, start=1):
+        if version in done:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO migrations VALUES (?, ?)", (version, now_iso()))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
