@@ -6,7 +6,8 @@ Run once at the start of every run, before any request, in this order:
 2. turn attempts left in flight into possible charges;
 3. record the manifest's jobs; a job whose content changed under the same id starts over (its
    old image is moved to ``replaced/``);
-4. a "succeeded" job whose image is missing or whose sha256 differs is done again;
+4. a "succeeded" job whose image is missing or whose sha256 differs is done again (an altered
+   file is moved to ``replaced/``, never adopted);
 5. an image on disk with no success recorded (a crash between the rename and the commit) is
    verified and adopted, with no new request;
 6. everything else that is pending, or failed in a way a later run may retry, is to do.
@@ -62,6 +63,9 @@ def make_plan(jobs: list[Job], store: Store) -> Plan:
                 continue
             store.mark_pending(job.id)
             plan.redo.append(job.id)
+            _move_aside(store.folder, job.id)  # an altered file is not ours to adopt
+            plan.todo.append(job)
+            continue
         elif record.status == "failed" and not record.retryable:
             plan.failed += 1
             continue

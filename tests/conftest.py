@@ -1,0 +1,103 @@
+"""Shared fixtures: an emulator on a free loopback port, manifests and reference images on disk,
+and a helper that runs the core exactly as the CLI does."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from runner.client import ClientConfig
+from runner.emulator import Emulator, EmulatorConfig
+from runner.manifest import load_manifest
+from runner.retry import RetryConfig
+from runner.run import Run, RunOptions, RunReport
+
+TEST_KEY = "sk-test-0123456789abcdef"
+
+MakeEmulator = Callable[..., Awaitable[Emulator]]
+
+
+@pytest.fixture
+async def make_emulator() -> AsyncIterator[MakeEmulator]:
+    """Factory: ``await make_emulator(fault_rate=0.2, seed=1)`` starts one on a free port."""
+    started: list[Emulator] = []
+
+    async def make(**config: Any) -> Emulator:
+        emulator = Emulator(EmulatorConfig(**config))
+        await emulator.start("127.0.0.1", 0)
+        started.append(emulator)
+        return emulator
+
+    yield make
+    for emulator in started:
+        await emulator.stop()
+
+
+@pytest.fixture
+async def emulator(make_emulator: MakeEmulator) -> Emulator:
+    return await make_emulator()
+
+
+def make_ref(folder: Path, name: str, size: tuple[int, int] = (64, 48)) -> Path:
+    """A small real reference image; the format follows the file's extension."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    Image.new("RGB", size, (200, 80, 40)).save(path)
+    return path
+
+
+def write_manifest(
+    folder: Path, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None
+) -> Path:
+    path = folder / "manifest.yaml"
+    doc: dict[str, Any] = {"jobs": jobs}
+    if defaults:
+        doc["defaults"] = defaults
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def options(out: Path, base_url: str, **overrides: Any) -> RunOptions:
+    retry = RetryConfig(
+        max_attempts=overrides.pop("max_attempts", 5),
+        on_ambiguous=overrides.pop("on_ambiguous", "retry"),
+        backoff_initial_s=0.001,
+        backoff_max_s=0.01,
+        max_retry_after_s=overrides.pop("max_retry_after_s", 120.0),
+    )
+    concurrency = overrides.pop("concurrency", 4)
+    client = ClientConfig(
+        base_url=base_url,
+        api_key=TEST_KEY,
+        timeout_s=overrides.pop("timeout_s", 10.0),
+        concurrency=concurrency,
+    )
+    assert not overrides, overrides
+    return RunOptions(out_dir=out, client=client, retry=retry, concurrency=concurrency)
+
+
+async def run_manifest(manifest: Path, out: Path, base_url: str, **overrides: Any) -> RunReport:
+    return await Run(load_manifest(manifest), options(out, base_url, **overrides)).execute()
+
+
+def db_rows(out: Path, sql: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(out / "checkpoint.sqlite")
+    try:
+        return list(db.execute(sql))
+    finally:
+        db.close()
+
+
+def db_exec(out: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
+    db = sqlite3.connect(out / "checkpoint.sqlite")
+    try:
+        with db:
+            db.execute(sql, params)
+    finally:
+        db.close()

@@ -1,0 +1,182 @@
+"""Each failure class of RELIABILITY.md, injected by the emulator: how many attempts, which
+ledger rows, what the job and the run end as. Faults are chosen per prompt with a
+``[[faults:...]]`` directive, so the outcome does not depend on scheduling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runner.emulator import Emulator
+from tests.conftest import MakeEmulator, db_rows, run_manifest, write_manifest
+
+
+def one_job(tmp_path: Path, faults: str, **fields: str) -> Path:
+    job = {"id": "job", "prompt": f"a lamp [[faults:{faults}]]", "size": "1280x544", **fields}
+    return write_manifest(tmp_path, [job])
+
+
+def ledger_billing(out: Path) -> list[str]:
+    ledger = pd.read_csv(out / "ledger.csv").sort_values("attempt")
+    return list(ledger["billing"])
+
+
+def job_row(out: Path) -> tuple[str, str | None, int]:
+    status, cause, retryable = db_rows(
+        out, "SELECT status, error_cause, retryable FROM jobs WHERE job_id = 'job'"
+    )[0]
+    return status, cause, retryable
+
+
+@pytest.mark.parametrize(
+    ("faults", "format_"),
+    [
+        ("429", "b64_json"),
+        ("500", "b64_json"),
+        ("502", "b64_json"),
+        ("503", "url"),
+        ("504", "b64_json"),
+        ("400_retry", "b64_json"),
+        ("503,429,500", "b64_json"),
+    ],
+)
+async def test_answered_retryable_errors_are_retried_unbilled(
+    tmp_path: Path, emulator: Emulator, faults: str, format_: str
+) -> None:
+    out = tmp_path / "out"
+    report = await run_manifest(
+        one_job(tmp_path, faults, response_format=format_), out, emulator.base_url
+    )
+    failures = len(faults.split(","))
+    assert len(emulator.requests) == failures + 1
+    assert report.ledger.totals.succeeded == 1
+    assert ledger_billing(out) == ["confirmed"]
+    assert db_rows(out, "SELECT COUNT(*) FROM attempts WHERE state = 'unbilled'") == [(failures,)]
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.03
+
+
+@pytest.mark.parametrize(
+    ("faults", "billed_by_server"),
+    [
+        ("reset", True),
+        ("truncate", True),
+        ("malformed", True),
+        ("badb64", True),
+        ("slow", True),
+        ("drop", False),
+    ],
+)
+async def test_ambiguous_outcomes_are_possible_charges_then_retried(
+    tmp_path: Path, make_emulator: MakeEmulator, faults: str, billed_by_server: bool
+) -> None:
+    emulator = await make_emulator(slow_s=1.0)
+    out = tmp_path / "out"
+    report = await run_manifest(one_job(tmp_path, faults), out, emulator.base_url, timeout_s=0.4)
+    assert len(emulator.requests) == 2
+    assert ledger_billing(out) == ["possible", "confirmed"]
+    totals = report.ledger.totals
+    assert (totals.confirmed_usd, totals.possible_usd) == (0.03, 0.03)
+    assert emulator.billed_usd == (0.06 if billed_by_server else 0.03)
+    assert totals.confirmed_usd <= emulator.billed_usd <= totals.confirmed_usd + totals.possible_usd
+
+
+async def test_badb64_in_url_mode_is_possible(tmp_path: Path, emulator: Emulator) -> None:
+    out = tmp_path / "out"
+    await run_manifest(one_job(tmp_path, "badb64", response_format="url"), out, emulator.base_url)
+    assert ledger_billing(out) == ["possible", "confirmed"]
+
+
+async def test_on_ambiguous_fail_records_and_stops_retrying(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    report = await run_manifest(
+        one_job(tmp_path, "reset"), out, emulator.base_url, on_ambiguous="fail"
+    )
+    assert len(emulator.requests) == 1
+    assert ledger_billing(out) == ["possible"]
+    assert job_row(out) == ("failed", "ambiguous", 0)
+    assert report.ledger.totals.failed == 1
+    # A later run does not silently pay again for it.
+    await run_manifest(one_job(tmp_path, "reset"), out, emulator.base_url, on_ambiguous="fail")
+    assert len(emulator.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("faults", "cause"),
+    [("policy", "content_policy_violation"), ("500_noretry", "server_error")],
+)
+async def test_final_errors_fail_the_job_after_one_attempt(
+    tmp_path: Path, emulator: Emulator, faults: str, cause: str
+) -> None:
+    out = tmp_path / "out"
+    report = await run_manifest(one_job(tmp_path, faults), out, emulator.base_url)
+    assert len(emulator.requests) == 1
+    assert job_row(out) == ("failed", cause, 0)
+    assert report.ledger.totals.failed == 1
+    assert pd.read_csv(out / "ledger.csv").empty
+    assert report.stop_reason is None
+    # Final for the job: a rerun does not try again.
+    await run_manifest(one_job(tmp_path, faults), out, emulator.base_url)
+    assert len(emulator.requests) == 1
+
+
+async def test_wrong_size_image_is_a_confirmed_charge_and_a_failure(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    await run_manifest(one_job(tmp_path, "badsize"), out, emulator.base_url)
+    assert len(emulator.requests) == 1
+    assert ledger_billing(out) == ["confirmed"]
+    status, _, _ = job_row(out)
+    assert status == "failed"
+    assert not (out / "images" / "job.png").exists()
+
+
+async def test_retryable_failures_exhaust_attempts_then_a_rerun_retries(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    manifest = one_job(tmp_path, "503,503,503")
+    report = await run_manifest(manifest, out, emulator.base_url, max_attempts=2)
+    assert len(emulator.requests) == 2
+    assert job_row(out) == ("failed", "server_error", 1)
+    assert report.ledger.totals.failed == 1
+    report = await run_manifest(manifest, out, emulator.base_url, max_attempts=2)
+    assert len(emulator.requests) == 4
+    assert report.ledger.totals.succeeded == 1
+    assert db_rows(out, "SELECT MAX(attempt) FROM attempts") == [(4,)]
+
+
+@pytest.mark.parametrize(("faults", "status"), [("401", 401), ("403", 403), ("quota", 429)])
+async def test_run_final_errors_stop_admitting_work(
+    tmp_path: Path, emulator: Emulator, faults: str, status: int
+) -> None:
+    out = tmp_path / "out"
+    jobs = [{"id": "first", "prompt": f"first [[faults:{faults}]]", "size": "1280x544"}]
+    jobs += [{"id": f"later-{i}", "prompt": f"later {i}", "size": "1280x544"} for i in range(5)]
+    report = await run_manifest(
+        write_manifest(tmp_path, jobs), out, emulator.base_url, concurrency=1
+    )
+    assert len(emulator.requests) == 1
+    assert report.stop_reason is not None and str(status) in report.stop_reason
+    assert report.stop_error is not None and report.stop_error.status == status
+    assert report.ledger.totals.pending == 6
+    # Resumable: once the cause is fixed, a rerun does the lot.
+    report = await run_manifest(write_manifest(tmp_path, jobs), out, emulator.base_url)
+    assert report.ledger.totals.succeeded == 6
+
+
+async def test_retry_after_longer_than_allowed_stops_the_run(
+    tmp_path: Path, make_emulator: MakeEmulator
+) -> None:
+    emulator = await make_emulator(retry_after_s=30.0)
+    out = tmp_path / "out"
+    report = await run_manifest(
+        one_job(tmp_path, "429"), out, emulator.base_url, max_retry_after_s=5.0
+    )
+    assert len(emulator.requests) == 1
+    assert report.stop_reason is not None and "30 s" in report.stop_reason
+    assert report.ledger.totals.pending == 1

@@ -1,0 +1,207 @@
+"""The core run end to end against the emulator: both endpoints and formats, the checkpoint,
+resume, and the ledger against the emulator's own billing record."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from runner.emulator import Emulator
+from runner.errors import OutputLockedError
+from runner.manifest import load_manifest
+from runner.run import Run
+from runner.store import Store
+from tests.conftest import (
+    MakeEmulator,
+    db_exec,
+    db_rows,
+    make_ref,
+    options,
+    run_manifest,
+    write_manifest,
+)
+
+
+def mixed_manifest(tmp_path: Path) -> Path:
+    make_ref(tmp_path / "refs", "a.png", (64, 48))
+    make_ref(tmp_path / "refs", "b.jpg", (48, 64))
+    make_ref(tmp_path / "refs", "c.webp", (50, 50))
+    return write_manifest(
+        tmp_path,
+        [
+            {"id": "gen-b64", "prompt": "a red fox", "size": "1280x720"},
+            {"id": "gen-url", "prompt": "a blue fox", "size": "848x1280", "response_format": "url"},
+            {"prompt": "a fox without an id", "size": "1280x544"},
+            {
+                "id": "edit-three",
+                "prompt": "Place image1 on image2 in the style of image3",
+                "images": ["refs/a.png", "refs/b.jpg", "refs/c.webp"],
+                "size": "2048x1152",
+            },
+            {
+                "id": "edit-auto-url",
+                "prompt": "Modify image1: make it blue",
+                "images": ["refs/b.jpg"],
+                "response_format": "url",
+            },
+        ],
+        defaults={"model": "gpt-image-2-vip"},
+    )
+
+
+async def test_both_endpoints_both_formats(tmp_path: Path, emulator: Emulator) -> None:
+    out = tmp_path / "out"
+    report = await run_manifest(mixed_manifest(tmp_path), out, emulator.base_url)
+
+    results = pd.read_parquet(out / "results.parquet")
+    assert list(results["status"]) == ["succeeded"] * 5
+    assert report.ledger.totals.succeeded == 5
+    by_id = results.set_index("job_id")
+    for job_id, size in [("gen-b64", (1280, 720)), ("gen-url", (848, 1280)),
+                         ("edit-three", (2048, 1152))]:  # fmt: skip
+        path = out / by_id.loc[job_id, "image_path"]
+        with Image.open(path) as image:
+            assert image.size == size
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == by_id.loc[job_id, "sha256"]
+    # size=auto follows the 48x64 (3:4) reference.
+    assert (by_id.loc["edit-auto-url", "width"], by_id.loc["edit-auto-url", "height"]) == (
+        960,
+        1280,
+    )
+    derived = [i for i in results["job_id"] if i.startswith("a-fox-without-an-id-")]
+    assert len(derived) == 1
+
+    edits = [r for r in emulator.requests if r.endpoint == "edits"]
+    three = next(r for r in edits if r.image_count == 3)
+    assert three.image_part_names == ("image", "image", "image")
+    formats = {r.prompt: r.response_format for r in emulator.requests}
+    assert formats["a red fox"] == "b64_json" and formats["a blue fox"] == "url"
+    assert "Modify image1: make it blue" in formats
+
+    ledger = pd.read_csv(out / "ledger.csv")
+    assert len(ledger) == 5 and set(ledger["billing"]) == {"confirmed"}
+    assert round(ledger["cost_usd"].sum(), 2) == emulator.billed_usd == 0.15
+    # usage is recorded when the API sends it (edits).
+    edit_rows = ledger[ledger["endpoint"] == "edits"]
+    assert edit_rows["total_tokens"].notna().all()
+
+
+async def test_rerun_of_finished_run_sends_nothing(tmp_path: Path, emulator: Emulator) -> None:
+    manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    sent = len(emulator.requests)
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == sent
+    assert report.plan.done == 5 and not report.plan.todo
+    assert report.ledger.totals.confirmed_usd == 0.15
+
+
+async def test_deleted_or_altered_image_is_redone(tmp_path: Path, emulator: Emulator) -> None:
+    manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    (out / "images" / "gen-b64.png").unlink()
+    altered = out / "images" / "gen-url.png"
+    altered.write_bytes(altered.read_bytes() + b"\0")
+    sent = len(emulator.requests)
+
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert sorted(report.plan.redo) == ["gen-b64", "gen-url"]
+    assert len(emulator.requests) == sent + 2
+    results = pd.read_csv(out / "results.csv").set_index("job_id")
+    for job_id in ("gen-b64", "gen-url"):
+        data = (out / results.loc[job_id, "image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == results.loc[job_id, "sha256"]
+
+
+async def test_image_on_disk_without_outcome_is_adopted(tmp_path: Path, emulator: Emulator) -> None:
+    """A crash between the rename and the commit: the image is there, the row says in flight."""
+    manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    db_exec(out, "UPDATE jobs SET status = 'pending', sha256 = NULL WHERE job_id = 'gen-b64'")
+    db_exec(out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 "
+                 "WHERE job_id = 'gen-b64'")  # fmt: skip
+    sent = len(emulator.requests)
+
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == sent
+    assert report.plan.adopted == 1
+    assert db_rows(out, "SELECT state FROM attempts WHERE job_id = 'gen-b64'") == [("confirmed",)]
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.15
+    assert report.ledger.totals.possible_usd == 0
+
+
+async def test_attempt_left_in_flight_becomes_possible_charge(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A crash while a request was out: no image, so the job is redone and the lost attempt is
+    counted as possibly billed."""
+    manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    (out / "images" / "gen-b64.png").unlink()
+    db_exec(out, "UPDATE jobs SET status = 'pending', sha256 = NULL WHERE job_id = 'gen-b64'")
+    db_exec(out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 "
+                 "WHERE job_id = 'gen-b64'")  # fmt: skip
+    (out / "images" / "gen-b64.png.tmp-abc123").write_bytes(b"half an image")
+
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert report.plan.in_flight_settled == 1
+    assert report.plan.temp_files_removed == 1
+    assert not list((out / "images").glob("*.tmp-*"))
+    ledger = pd.read_csv(out / "ledger.csv")
+    rows = ledger[ledger["job_id"] == "gen-b64"].sort_values("attempt")
+    assert list(rows["billing"]) == ["possible", "confirmed"]
+    assert list(rows["attempt"]) == [1, 2]
+    assert report.ledger.totals.possible_usd == 0.03
+
+
+async def test_changed_job_under_same_id_is_redone(tmp_path: Path, emulator: Emulator) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path, [{"id": "one", "prompt": "a cat", "size": "1280x720"}])
+    await run_manifest(manifest, out, emulator.base_url)
+    manifest = write_manifest(tmp_path, [{"id": "one", "prompt": "a dog", "size": "1280x544"}])
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert report.plan.changed == ["one"]
+    assert [r.prompt for r in emulator.requests] == ["a cat", "a dog"]
+    with Image.open(out / "images" / "one.png") as image:
+        assert image.size == (1280, 544)
+    assert (out / "replaced" / "one.png").is_file()
+
+
+async def test_reordered_and_extended_manifest_only_runs_new_jobs(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    first = [{"prompt": f"prompt {i}", "size": "1280x544"} for i in range(4)]
+    await run_manifest(write_manifest(tmp_path, first), out, emulator.base_url)
+    second = [*reversed(first), {"prompt": "prompt new", "size": "1280x544"}]
+    await run_manifest(write_manifest(tmp_path, second), out, emulator.base_url)
+    assert [r.prompt for r in emulator.requests][4:] == ["prompt new"]
+
+
+async def test_second_run_on_same_folder_is_refused(tmp_path: Path, emulator: Emulator) -> None:
+    manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
+    holder = Store.open(out)
+    try:
+        with pytest.raises(OutputLockedError, match="in use by another"):
+            await run_manifest(manifest, out, emulator.base_url)
+    finally:
+        holder.close()
+    assert emulator.requests == []
+
+
+async def test_concurrency_is_bounded(tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    emulator = await make_emulator(latency_s=0.05)
+    jobs = [{"prompt": f"p{i}", "size": "1280x544"} for i in range(12)]
+    peaks: list[int] = []
+    run = Run(
+        load_manifest(write_manifest(tmp_path, jobs)),
+        options(tmp_path / "out", emulator.base_url, concurrency=3),
+        on_progress=lambda p: peaks.append(p.in_flight),
+    )
+    await run.execute()
+    assert max(peaks) == 3
+    assert len(emulator.requests) == 12
