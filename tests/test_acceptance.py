@@ -1,0 +1,68 @@
+"""The acceptance run of the runner issue: 200 jobs mixing generations and edits, both response
+formats and all 30 sizes, against the emulator with 20% of requests faulted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from runner.api import SIZES
+from runner.images import inspect_image
+from tests.conftest import MakeEmulator, make_ref, run_manifest, write_manifest
+
+JOBS = 200
+
+
+def mixed_jobs(tmp_path: Path) -> Path:
+    refs = [
+        make_ref(tmp_path / "refs", "wide.png", (96, 54)).name,
+        make_ref(tmp_path / "refs", "tall.jpg", (54, 96)).name,
+        make_ref(tmp_path / "refs", "square.webp", (64, 64)).name,
+    ]
+    jobs = []
+    for i in range(JOBS):
+        job = {
+            "id": f"job-{i:03d}",
+            "prompt": f"catalog image number {i}",
+            "size": SIZES[i % len(SIZES)],
+            "response_format": "url" if i % 2 else "b64_json",
+        }
+        if i % 3 == 0:
+            job["images"] = [f"refs/{name}" for name in refs[: 1 + i % len(refs)]]
+        jobs.append(job)
+    return write_manifest(tmp_path, jobs)
+
+
+async def test_200_jobs_with_20_percent_faults(tmp_path: Path, make_emulator: MakeEmulator) -> None:
+    emulator = await make_emulator(fault_rate=0.2, seed=20261121, slow_s=1.0)
+    manifest, out = mixed_jobs(tmp_path), tmp_path / "out"
+    report = await run_manifest(
+        manifest, out, emulator.base_url, concurrency=8, max_attempts=10, timeout_s=0.5
+    )
+
+    faults = [r.fault for r in emulator.requests if r.fault]
+    assert len(faults) >= 30, "the emulator should have injected faults"
+    assert len({f for f in faults}) >= 6, "and of many kinds"
+
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == JOBS
+    assert set(results["status"]) == {"succeeded"}
+    for row in results.itertuples():
+        expected = tuple(int(n) for n in str(row.size).split("x"))
+        data = (out / str(row.image_path)).read_bytes()
+        info = inspect_image(data, expected)  # raises unless a real image of that size
+        assert (info.width, info.height) == expected
+
+    totals = report.ledger.totals
+    ledger = pd.read_csv(out / "ledger.csv")
+    confirmed = round(ledger.loc[ledger["billing"] == "confirmed", "cost_usd"].sum(), 2)
+    possible = round(ledger.loc[ledger["billing"] == "possible", "cost_usd"].sum(), 2)
+    assert confirmed == totals.confirmed_usd == round(0.03 * JOBS, 2)
+    assert possible == totals.possible_usd > 0
+    assert confirmed <= emulator.billed_usd <= round(confirmed + possible, 2)
+
+    sent = len(emulator.requests)
+    again = await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == sent
+    assert again.plan.done == JOBS

@@ -1,0 +1,171 @@
+"""``image-runner`` as a user runs it: a subprocess against an emulator on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from runner.emulator import EmulatorConfig, EmulatorThread
+from tests.conftest import TEST_KEY, make_ref, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "runner", *map(str, args)]
+
+
+def env(key: str | None = TEST_KEY, **extra: str) -> dict[str, str]:
+    values = {k: v for k, v in os.environ.items()
+              if k not in ("IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY", "IMAGE_RUNNER_BASE_URL")}  # fmt: skip
+    if key is not None:
+        values["IMAGE_RUNNER_API_KEY"] = key
+    values["PYTHONPATH"] = str(REPO)
+    return {**values, **extra}
+
+
+def run_cli(*args: str | Path, key: str | None = TEST_KEY, cwd: Path | None = None,
+            **extra: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run(
+        cli(*args), env=env(key, **extra), cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def server() -> Iterator[EmulatorThread]:
+    with EmulatorThread(EmulatorConfig(api_key=TEST_KEY)) as thread:
+        yield thread
+
+
+def small_manifest(tmp_path: Path, count: int = 3, prefix: str = "img") -> Path:
+    jobs = [{"id": f"{prefix}-{i}", "prompt": f"picture {i}", "size": "1280x544"}
+            for i in range(count)]  # fmt: skip
+    return write_manifest(tmp_path, jobs)
+
+
+def test_run_then_rerun_sends_nothing(tmp_path: Path, server: EmulatorThread) -> None:
+    out = tmp_path / "out"
+    manifest = small_manifest(tmp_path)
+    first = run_cli("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert "3 succeeded, 0 failed, 0 pending" in first.stdout
+    assert "$0.09 confirmed + $0.00 possible" in first.stdout
+    assert len(server.emulator.requests) == 3
+
+    again = run_cli("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert len(server.emulator.requests) == 3
+    assert "0 requests this run" in again.stdout
+
+
+def test_base_url_from_environment_and_default_out_folder(
+    tmp_path: Path, server: EmulatorThread
+) -> None:
+    manifest = small_manifest(tmp_path, 1)
+    done = run_cli("run", manifest, "--no-progress", cwd=tmp_path,
+                   IMAGE_RUNNER_BASE_URL=server.base_url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "output" / "manifest" / "images" / "img-0.png").is_file()
+    assert (tmp_path / "output" / "manifest" / "results.parquet").is_file()
+
+
+def test_openai_api_key_is_the_fallback(tmp_path: Path, server: EmulatorThread) -> None:
+    manifest = small_manifest(tmp_path, 1)
+    done = run_cli("run", manifest, "--out", tmp_path / "o", "--base-url", server.base_url,
+                   "--no-progress", key=None, OPENAI_API_KEY=TEST_KEY)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_invalid_manifest_exits_2_and_sends_nothing(tmp_path: Path, server: EmulatorThread) -> None:
+    make_ref(tmp_path / "refs", "ok.png")
+    manifest = write_manifest(
+        tmp_path,
+        [
+            {"id": "fine", "prompt": "fine", "size": "1280x544"},
+            {"id": "bad-size", "prompt": "x", "size": "2048X2048"},
+            {"id": "bad-ref", "prompt": "x", "images": ["refs/missing.png"]},
+            {"id": "bad/id", "prompt": "x"},
+            {"prompt": "x", "n": 2},
+        ],
+    )
+    done = run_cli("run", manifest, "--out", tmp_path / "out", "--base-url", server.base_url)
+    assert done.returncode == 2
+    for row in ("job 2", "job 3", "job 4", "job 5"):
+        assert row in done.stderr
+    assert "job 1 " not in done.stderr
+    assert server.emulator.requests == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_key_is_a_usage_error(tmp_path: Path, server: EmulatorThread) -> None:
+    done = run_cli("run", small_manifest(tmp_path), "--base-url", server.base_url, key=None)
+    assert done.returncode == 2
+    assert "IMAGE_RUNNER_API_KEY" in done.stderr
+    assert server.emulator.requests == []
+
+
+def test_failed_job_exits_1_and_refused_key_exits_3(tmp_path: Path, server: EmulatorThread) -> None:
+    manifest = write_manifest(
+        tmp_path, [{"id": "p", "prompt": "a [[faults:policy]]", "size": "1280x544"}]
+    )
+    done = run_cli("run", manifest, "--out", tmp_path / "o1", "--base-url", server.base_url,
+                   "--no-progress")  # fmt: skip
+    assert done.returncode == 1
+    assert "1 content_policy_violation" in done.stdout
+
+    refused = run_cli("run", small_manifest(tmp_path), "--out", tmp_path / "o2", "--base-url",
+                      server.base_url, "--no-progress", key="sk-wrong-key-000000")  # fmt: skip
+    assert refused.returncode == 3
+    assert "API key was refused" in refused.stdout
+    assert "sk-wrong-key-000000" not in refused.stdout + refused.stderr
+
+
+def test_emulate_flag_runs_the_demo_offline(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = run_cli("run", REPO / "jobs" / "demo.yaml", "--emulate", "--out", out, "--no-progress",
+                   key=None)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 8 and set(results["status"]) == {"succeeded"}
+    assert len(list((out / "images").iterdir())) == 8
+
+
+def test_sigint_stops_gracefully_and_the_rerun_finishes(tmp_path: Path) -> None:
+    with EmulatorThread(EmulatorConfig(latency_s=0.3)) as server:
+        out = tmp_path / "out"
+        manifest = small_manifest(tmp_path, 12)
+        args = ("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress",
+                "--concurrency", "2")  # fmt: skip
+        proc = subprocess.Popen(
+            cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 30
+        while len(server.emulator.bills) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 3, stderr
+        assert "interrupted by SIGINT" in stdout
+        results = pd.read_csv(out / "results.csv")
+        assert len(results) == 12
+        assert 2 <= (results["status"] == "succeeded").sum() < 12
+        assert set(results["status"]) == {"succeeded", "pending"}
+
+        again = subprocess.run(cli(*args), env=env(), capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        prompts = [bill.prompt for bill in server.emulator.bills]
+        assert sorted(prompts) == sorted(f"picture {i}" for i in range(12))  # none paid twice
+
+
+def test_validate_prints_the_count(tmp_path: Path) -> None:
+    done = run_cli("validate", REPO / "jobs" / "demo.csv")
+    assert done.returncode == 0
+    assert "4 jobs" in done.stdout
