@@ -24,16 +24,17 @@ def cli(*args: str | Path) -> list[str]:
 
 
 def env(key: str | None = TEST_KEY, **extra: str) -> dict[str, str]:
-    values = {k: v for k, v in os.environ.items()
-              if k not in ("IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY", "IMAGE_RUNNER_BASE_URL")}  # fmt: skip
+    dropped = ("IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY", "IMAGE_RUNNER_BASE_URL")
+    values = {k: v for k, v in os.environ.items() if k not in dropped}
     if key is not None:
         values["IMAGE_RUNNER_API_KEY"] = key
     values["PYTHONPATH"] = str(REPO)
     return {**values, **extra}
 
 
-def run_cli(*args: str | Path, key: str | None = TEST_KEY, cwd: Path | None = None,
-            **extra: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_cli(
+    *args: str | Path, key: str | None = TEST_KEY, cwd: Path | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cli(*args), env=env(key, **extra), cwd=cwd, capture_output=True, text=True, timeout=120
     )
@@ -46,8 +47,9 @@ def server() -> Iterator[EmulatorThread]:
 
 
 def small_manifest(tmp_path: Path, count: int = 3, prefix: str = "img") -> Path:
-    jobs = [{"id": f"{prefix}-{i}", "prompt": f"picture {i}", "size": "1280x544"}
-            for i in range(count)]  # fmt: skip
+    jobs = [
+        {"id": f"{prefix}-{i}", "prompt": f"picture {i}", "size": "1280x544"} for i in range(count)
+    ]
     return write_manifest(tmp_path, jobs)
 
 
@@ -70,8 +72,9 @@ def test_base_url_from_environment_and_default_out_folder(
     tmp_path: Path, server: EmulatorThread
 ) -> None:
     manifest = small_manifest(tmp_path, 1)
-    done = run_cli("run", manifest, "--no-progress", cwd=tmp_path,
-                   IMAGE_RUNNER_BASE_URL=server.base_url)  # fmt: skip
+    done = run_cli(
+        "run", manifest, "--no-progress", cwd=tmp_path, IMAGE_RUNNER_BASE_URL=server.base_url
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "output" / "manifest" / "images" / "img-0.png").is_file()
     assert (tmp_path / "output" / "manifest" / "results.parquet").is_file()
@@ -79,8 +82,17 @@ def test_base_url_from_environment_and_default_out_folder(
 
 def test_openai_api_key_is_the_fallback(tmp_path: Path, server: EmulatorThread) -> None:
     manifest = small_manifest(tmp_path, 1)
-    done = run_cli("run", manifest, "--out", tmp_path / "o", "--base-url", server.base_url,
-                   "--no-progress", key=None, OPENAI_API_KEY=TEST_KEY)  # fmt: skip
+    done = run_cli(
+        "run",
+        manifest,
+        "--out",
+        tmp_path / "o",
+        "--base-url",
+        server.base_url,
+        "--no-progress",
+        key=None,
+        OPENAI_API_KEY=TEST_KEY,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -116,13 +128,22 @@ def test_failed_job_exits_1_and_refused_key_exits_3(tmp_path: Path, server: Emul
     manifest = write_manifest(
         tmp_path, [{"id": "p", "prompt": "a [[faults:policy]]", "size": "1280x544"}]
     )
-    done = run_cli("run", manifest, "--out", tmp_path / "o1", "--base-url", server.base_url,
-                   "--no-progress")  # fmt: skip
+    done = run_cli(
+        "run", manifest, "--out", tmp_path / "o1", "--base-url", server.base_url, "--no-progress"
+    )
     assert done.returncode == 1
     assert "1 content_policy_violation" in done.stdout
 
-    refused = run_cli("run", small_manifest(tmp_path), "--out", tmp_path / "o2", "--base-url",
-                      server.base_url, "--no-progress", key="sk-wrong-key-000000")  # fmt: skip
+    refused = run_cli(
+        "run",
+        small_manifest(tmp_path),
+        "--out",
+        tmp_path / "o2",
+        "--base-url",
+        server.base_url,
+        "--no-progress",
+        key="sk-wrong-key-000000",
+    )
     assert refused.returncode == 3
     assert "API key was refused" in refused.stdout
     assert "sk-wrong-key-000000" not in refused.stdout + refused.stderr
@@ -130,8 +151,9 @@ def test_failed_job_exits_1_and_refused_key_exits_3(tmp_path: Path, server: Emul
 
 def test_emulate_flag_runs_the_demo_offline(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    done = run_cli("run", REPO / "jobs" / "demo.yaml", "--emulate", "--out", out, "--no-progress",
-                   key=None)  # fmt: skip
+    done = run_cli(
+        "run", REPO / "jobs" / "demo.yaml", "--emulate", "--out", out, "--no-progress", key=None
+    )
     assert done.returncode == 0, done.stderr
     results = pd.read_parquet(out / "results.parquet")
     assert len(results) == 8 and set(results["status"]) == {"succeeded"}
@@ -142,8 +164,17 @@ def test_sigint_stops_gracefully_and_the_rerun_finishes(tmp_path: Path) -> None:
     with EmulatorThread(EmulatorConfig(latency_s=0.3)) as server:
         out = tmp_path / "out"
         manifest = small_manifest(tmp_path, 12)
-        args = ("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress",
-                "--concurrency", "2")  # fmt: skip
+        args = (
+            "run",
+            manifest,
+            "--out",
+            out,
+            "--base-url",
+            server.base_url,
+            "--no-progress",
+            "--concurrency",
+            "2",
+        )
         proc = subprocess.Popen(
             cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

@@ -61,8 +61,11 @@ async def test_both_endpoints_both_formats(tmp_path: Path, emulator: Emulator) -
     assert list(results["status"]) == ["succeeded"] * 5
     assert report.ledger.totals.succeeded == 5
     by_id = results.set_index("job_id")
-    for job_id, size in [("gen-b64", (1280, 720)), ("gen-url", (848, 1280)),
-                         ("edit-three", (2048, 1152))]:  # fmt: skip
+    for job_id, size in [
+        ("gen-b64", (1280, 720)),
+        ("gen-url", (848, 1280)),
+        ("edit-three", (2048, 1152)),
+    ]:
         path = out / by_id.loc[job_id, "image_path"]
         with Image.open(path) as image:
             assert image.size == size
@@ -122,8 +125,9 @@ async def test_image_on_disk_without_outcome_is_adopted(tmp_path: Path, emulator
     manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
     await run_manifest(manifest, out, emulator.base_url)
     db_exec(out, "UPDATE jobs SET status = 'pending', sha256 = NULL WHERE job_id = 'gen-b64'")
-    db_exec(out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 "
-                 "WHERE job_id = 'gen-b64'")  # fmt: skip
+    db_exec(
+        out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 WHERE job_id = 'gen-b64'"
+    )
     sent = len(emulator.requests)
 
     report = await run_manifest(manifest, out, emulator.base_url)
@@ -143,8 +147,9 @@ async def test_attempt_left_in_flight_becomes_possible_charge(
     await run_manifest(manifest, out, emulator.base_url)
     (out / "images" / "gen-b64.png").unlink()
     db_exec(out, "UPDATE jobs SET status = 'pending', sha256 = NULL WHERE job_id = 'gen-b64'")
-    db_exec(out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 "
-                 "WHERE job_id = 'gen-b64'")  # fmt: skip
+    db_exec(
+        out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 WHERE job_id = 'gen-b64'"
+    )
     (out / "images" / "gen-b64.png.tmp-abc123").write_bytes(b"half an image")
 
     report = await run_manifest(manifest, out, emulator.base_url)
