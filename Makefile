@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/image-runner run jobs/demo.yaml --emulate
-	$(BIN)/image-runner run jobs/demo.csv --emulate
+	$(BIN)/image-runner run jobs/catalog.csv --emulate
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check runner tests benchmarks

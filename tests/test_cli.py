@@ -197,6 +197,6 @@ def test_sigint_stops_gracefully_and_the_rerun_finishes(tmp_path: Path) -> None:
 
 
 def test_validate_prints_the_count(tmp_path: Path) -> None:
-    done = run_cli("validate", REPO / "jobs" / "demo.csv")
+    done = run_cli("validate", REPO / "jobs" / "catalog.csv")
     assert done.returncode == 0
     assert "4 jobs" in done.stdout
