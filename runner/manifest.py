@@ -73,7 +73,7 @@ def load_manifest(path: Path) -> list[Job]:
         job = _validate(raw, path.parent, checker, issues)
         if job is not None:
             jobs.append(job)
-    _check_unique_ids(jobs, {raw.row: raw.explicit for raw in raw_jobs}, issues)
+    _check_unique_ids(raw_jobs, jobs, issues)
     if issues:
         raise ManifestError(source, issues)
     return jobs
@@ -219,19 +219,19 @@ class _ReferenceChecker:
     def _check(path: Path) -> tuple[str | None, str | None]:
         try:
             if not path.exists():
-                return None, f"{path} does not exist"
+                return None, f"does not exist ({path})"
             if not path.is_file():
-                return None, f"{path} is not a file"
+                return None, f"is not a file ({path})"
             size_bytes = path.stat().st_size
             if size_bytes > REFERENCE_MAX_BYTES:
-                return None, f"{path} is {size_bytes / 1e6:.1f} MB, over the 10 MB limit"
+                return None, f"is {size_bytes / 1e6:.1f} MB, over the 10 MB limit"
             data = path.read_bytes()
         except OSError as exc:
-            return None, f"{path} cannot be read: {exc.strerror}"
+            return None, f"cannot be read: {exc.strerror}"
         try:
             inspect_image(data)
         except ImageInvalid as exc:
-            return None, f"{path} {exc}"
+            return None, str(exc)
         return hashlib.sha256(data).hexdigest(), None
 
 
@@ -272,7 +272,7 @@ def _validate(
         path = (base / ref).resolve()
         digest, error = checker.check(path)
         if error is not None:
-            problem("images", error)
+            problem("images", f"{ref} {error}")
         elif digest is not None:
             images.append(path)
             image_sha256s.append(digest)
@@ -325,25 +325,29 @@ def _validate(
 
 
 def _check_unique_ids(
-    jobs: list[Job], explicit_ids: dict[str, set[str]], issues: list[ManifestIssue]
+    raw_jobs: list[_RawJob], jobs: list[Job], issues: list[ManifestIssue]
 ) -> None:
+    """Every id used twice, explicit ones even on rows that failed other checks."""
+    ids: list[tuple[str, str, bool]] = [  # (row, id, explicit)
+        (raw.row, raw.fields["id"], True)
+        for raw in raw_jobs
+        if "id" in raw.explicit and isinstance(raw.fields.get("id"), str)
+    ]
+    explicit_rows = {row for row, _, _ in ids}
+    ids += [(job.row, job.id, False) for job in jobs if job.row not in explicit_rows]
+    order = {raw.row: index for index, raw in enumerate(raw_jobs)}
+    ids.sort(key=lambda entry: order[entry[0]])
     # Case-insensitive: on macOS and Windows "Mug.png" and "mug.png" are one file.
-    first: dict[str, Job] = {}
-    for job in jobs:
-        key = job.id.lower()
-        if key in first:
-            issues.append(
-                ManifestIssue(
-                    job.row,
-                    "id",
-                    f"{job.id!r} is already used by {first[key].row}"
-                    + ("" if job.id == first[key].id else " (ids differ only in case)")
-                    + (
-                        "; the two jobs are identical, give one an explicit id"
-                        if job.id == first[key].id and "id" not in explicit_ids.get(job.row, ())
-                        else ""
-                    ),
-                )
-            )
-        else:
-            first[key] = job
+    first: dict[str, tuple[str, str]] = {}
+    for row, job_id, explicit in ids:
+        key = job_id.lower()
+        if key not in first:
+            first[key] = (row, job_id)
+            continue
+        first_row, first_id = first[key]
+        message = f"{job_id!r} is already used by {first_row}"
+        if job_id != first_id:
+            message += " (ids differ only in case)"
+        elif not explicit:
+            message += "; the two jobs are identical, give one an explicit id"
+        issues.append(ManifestIssue(row, "id", message))
