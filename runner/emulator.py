@@ -110,17 +110,17 @@ _CLIENT_MAX_SIZE_BYTES: Final = 128 * 1024 * 1024
 class EmulatorConfig:
     """How the emulator behaves; the defaults answer every valid request at once, correctly."""
 
-    latency_s: float = 0.0
-    latency_jitter_s: float = 0.0
-    fault_rate: float = 0.0
+    latency_s: float = 0.0  # before every API response
+    latency_jitter_s: float = 0.0  # plus uniform(0, jitter)
+    fault_rate: float = 0.0  # share of requests that draw a random fault from fault_kinds
     fault_kinds: tuple[str, ...] = DEFAULT_FAULT_MIX
-    seed: int | None = None
-    retry_after_s: float = 0.05
-    slow_s: float = 2.0
-    api_key: str | None = None
-    b64_prefix: bool = True
+    seed: int | None = None  # makes the random faults and jitter reproducible
+    retry_after_s: float = 0.05  # the Retry-After of injected 429 and 503
+    slow_s: float = 2.0  # how long "slow" holds a billed answer back
+    api_key: str | None = None  # None: any Bearer key is accepted
+    b64_prefix: bool = True  # the provider's "data:image/png;base64,"; False: plain OpenAI
     cdn_ttl_s: float = 3600
-    script: tuple[str, ...] = ()
+    script: tuple[str, ...] = ()  # faults for the 1st, 2nd, ... valid request; "ok" for none
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.fault_kinds if k not in FAULT_KINDS]
@@ -200,6 +200,7 @@ class _Job:
     width: int
     height: int
     response_format: str
+    image_count: int
     directive: tuple[str, ...] | None
 
     @property
@@ -228,7 +229,7 @@ async def _read_body(request: web.Request, endpoint: Endpoint) -> _Incoming:
                 incoming.fields[part.name] = await part.text()
     except _ApiError as exc:
         incoming.error = exc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # bad JSON, bad UTF-8, a broken multipart boundary
         incoming.error = _ApiError(400, f"Could not parse the body: {exc}", None, "invalid_body")
     return incoming
 
@@ -279,7 +280,8 @@ def _validate(endpoint: Endpoint, incoming: _Incoming) -> _Job:
         message = f"Invalid size '{size}'; use one of the 30 sizes, e.g. 2048x2048."
         raise _ApiError(400, message, "size", "invalid_size")
     width, height = parse_size(size)
-    return _Job(model, prompt, width, height, response_format, _parse_directive(prompt))
+    directive = _parse_directive(prompt)
+    return _Job(model, prompt, width, height, response_format, len(dimensions), directive)
 
 
 def _image_dimensions(data: bytes) -> tuple[int, int]:
@@ -295,9 +297,10 @@ def _image_dimensions(data: bytes) -> tuple[int, int]:
 
 def _size_label(data: bytes) -> str:
     try:
-        return "{}x{}".format(*_image_dimensions(data))
+        width, height = _image_dimensions(data)
     except _ApiError:
         return "invalid"
+    return f"{width}x{height}"
 
 
 def _edit_target(prompt: str, image_count: int) -> int:
@@ -352,8 +355,8 @@ def _render_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def _usage(job: _Job, image_count: int) -> dict[str, int]:
-    input_tokens = 20 + len(job.prompt) // 4 + 272 * image_count
+def _usage(job: _Job) -> dict[str, int]:
+    input_tokens = 20 + len(job.prompt) // 4 + 272 * job.image_count
     output_tokens = job.width * job.height // 1400
     return {
         "input_tokens": input_tokens,
@@ -465,7 +468,7 @@ class Emulator:
             raise asyncio.CancelledError
         status = 0 if fault == "reset" else 200
         self._record(seq, endpoint, incoming, fault, status)
-        body = self._generate(request, seq, endpoint, job, len(incoming.images), fault)
+        body = self._generate(request, seq, endpoint, job, fault)
         logger.debug("request %d %s: fault %s", seq, endpoint, fault)
         if fault == "reset":
             _close_connection(request, reset=True)
@@ -513,13 +516,7 @@ class Emulator:
         self.requests.append(record)
 
     def _generate(
-        self,
-        request: web.Request,
-        seq: int,
-        endpoint: Endpoint,
-        job: _Job,
-        image_count: int,
-        fault: str | None,
+        self, request: web.Request, seq: int, endpoint: Endpoint, job: _Job, fault: str | None
     ) -> bytes:
         """Render, store and bill the image; return the JSON body that carries it."""
         width = job.width + 16 if fault == "badsize" else job.width
@@ -534,7 +531,7 @@ class Emulator:
             item = {"b64_json": (_B64_PREFIX if self.config.b64_prefix else "") + b64}
         payload: dict[str, object] = {"created": int(time.time()), "data": [item]}
         if endpoint == "edits":
-            payload["usage"] = _usage(job, image_count)
+            payload["usage"] = _usage(job)
         bill = Bill(
             seq, endpoint, job.model, job.size, job.prompt, PRICE_PER_IMAGE_USD, fault or "ok"
         )
