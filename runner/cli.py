@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from runner.client import DEFAULT_BASE_URL, ClientConfig
 from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
 from runner.errors import ManifestError, RunnerError
 from runner.jobs import Job
+from runner.limits import BreakerConfig
 from runner.manifest import load_manifest
 from runner.plan import Plan
 from runner.pool import Progress
@@ -94,6 +96,22 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to "
         "finish after Ctrl-C or SIGTERM (a second Ctrl-C stops at once)",
     )
+    run.add_argument(
+        "--max-cost",
+        type=_non_negative_float,
+        metavar="USD",
+        help="cap on the spend recorded in the output folder, confirmed + possible, all runs",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="show what would be done and its cost; send nothing"
+    )
+    run.add_argument(
+        "--max-outage",
+        type=_positive_float,
+        default=600.0,
+        help="seconds the provider may stay down (nearly every request failing) before the run "
+        "stops",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
 
@@ -151,9 +169,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             on_ambiguous=args.on_ambiguous,
             max_retry_after_s=args.max_retry_after,
         ),
+        breaker=BreakerConfig(max_outage_s=args.max_outage),
         concurrency=args.concurrency,
+        max_cost_usd=args.max_cost,
+        dry_run=args.dry_run,
     )
     report = asyncio.run(_run(jobs, options, args))
+    if args.dry_run:
+        _print_plan(report, args.manifest, out_dir, args.max_cost)
+        return EXIT_OK
     _print_summary(report, out_dir)
     return _exit_code(report)
 
@@ -161,13 +185,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 async def _run(jobs: list[Job], options: RunOptions, args: argparse.Namespace) -> RunReport:
     async with _maybe_emulator(args.emulate) as emulated_url:
         if emulated_url is not None:
-            options = RunOptions(
-                out_dir=options.out_dir,
-                client=ClientConfig(**{**vars(options.client), "base_url": emulated_url}),
-                retry=options.retry,
-                concurrency=options.concurrency,
+            options = dataclasses.replace(
+                options, client=dataclasses.replace(options.client, base_url=emulated_url)
             )
-        bar = _ProgressBar(disable=True if args.no_progress else None)
+        bar = _ProgressBar(disable=True if args.no_progress or args.dry_run else None)
         run = Run(jobs, options, on_plan=bar.start, on_progress=bar.update)
         task = asyncio.current_task()
         assert task is not None
@@ -283,12 +304,42 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
         hint = _stop_hint(report)
         if hint:
             lines.append(f"           {hint}")
+        lines.append(f"           left to do: {t.pending} jobs, {_usd(t.pending)} at $0.03 each")
     lines += [
         f"images:    {out_dir / 'images'}/",
         f"results:   {report.ledger.results_parquet} (and .csv)",
         f"ledger:    {report.ledger.ledger_csv}",
     ]
     print(redact("\n".join(lines)))
+
+
+def _print_plan(report: RunReport, manifest: Path, out_dir: Path, cap_usd: float | None) -> None:
+    plan, t = report.plan, report.ledger.totals
+    edits = sum(1 for job in plan.todo if job.endpoint == "edits")
+    spent = t.confirmed_usd + t.possible_usd
+    lines = [
+        f"plan for {manifest} -> {out_dir} (dry run: nothing was sent)",
+        f"  to do:     {len(plan.todo)} jobs ({len(plan.todo) - edits} generations, {edits} "
+        f"edits) = {len(plan.todo)} images",
+        f"  estimated: {_usd(len(plan.todo))} at $0.03 an image, before retries",
+        f"  done:      {plan.done} (verified on disk); failed before and not retried: "
+        f"{plan.failed}",
+        f"  spent:     ${t.confirmed_usd:.2f} confirmed + ${t.possible_usd:.2f} possible "
+        "in this folder",
+    ]
+    if cap_usd is not None:
+        left = max(0.0, cap_usd - spent)
+        fits = int(round(left * MICRO) // PRICE_PER_IMAGE_MICRO_USD)
+        verdict = "enough" if fits >= len(plan.todo) else f"NOT enough: {fits} images fit"
+        lines.append(f"  budget:    ${cap_usd:.2f} cap, ${left:.2f} left: {verdict}")
+    for i, job in enumerate(plan.todo[:3]):
+        label = "  samples:   " if i == 0 else "             "
+        lines.append(f"{label}{out_dir / 'images' / job.id}.png")
+    print(redact("\n".join(lines)))
+
+
+def _usd(images: int) -> str:
+    return f"${images * PRICE_PER_IMAGE_MICRO_USD / MICRO:.2f}"
 
 
 def _stop_hint(report: RunReport) -> str | None:
@@ -324,7 +375,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     edits = sum(1 for job in jobs if job.endpoint == "edits")
     print(
         f"{args.manifest}: {len(jobs)} jobs ({len(jobs) - edits} generations, {edits} edits), "
-        f"${len(jobs) * PRICE_PER_IMAGE_MICRO_USD / MICRO:.2f} at $0.03 an image, before retries"
+        f"{_usd(len(jobs))} at $0.03 an image, before retries"
     )
     return EXIT_OK
 
@@ -369,6 +420,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 

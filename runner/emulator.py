@@ -239,7 +239,9 @@ def _check_auth(request: web.Request, api_key: str | None) -> None:
     if scheme.lower() != "bearer" or not key.strip():
         raise _ApiError(401, "You didn't provide an API key.", None, "invalid_api_key")
     if api_key is not None and key.strip() != api_key:
-        raise _ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
+        # Echoed in full, worse than OpenAI's partial mask, so redaction is tested hard.
+        message = f"Incorrect API key provided: {key.strip()}."
+        raise _ApiError(401, message, None, "invalid_api_key")
 
 
 def _string_field(fields: Mapping[str, object], name: str) -> str | None:

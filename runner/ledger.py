@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.images import TMP_MARKER
 from runner.jobs import Job
 from runner.store import MICRO, Store
 
@@ -159,7 +160,7 @@ def write_ledger(jobs: list[Job], store: Store) -> LedgerFiles:
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}{TMP_MARKER}{secrets.token_hex(4)}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:

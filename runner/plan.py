@@ -2,7 +2,7 @@
 
 Run once at the start of every run, before any request, in this order:
 
-1. delete temp files a crash left in ``images/``;
+1. delete temp files a crash left in ``images/`` (and of the results files, in the folder);
 2. turn attempts left in flight into possible charges;
 3. record the manifest's jobs; a job whose content changed under the same id starts over (its
    old image is moved to ``replaced/``);
@@ -43,7 +43,7 @@ def make_plan(jobs: list[Job], store: Store) -> Plan:
     images_dir = store.folder / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     plan = Plan(todo=[])
-    plan.temp_files_removed = remove_temp_files(images_dir)
+    plan.temp_files_removed = remove_temp_files(images_dir) + remove_temp_files(store.folder)
     plan.in_flight_settled = store.settle_in_flight()
 
     before = store.job_records()

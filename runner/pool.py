@@ -26,12 +26,14 @@ from runner.errors import (
     AmbiguousError,
     ApiError,
     ConfirmedJobFailedError,
+    RetryableError,
     RunStoppedError,
 )
 from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic
 from runner.jobs import Job
+from runner.limits import Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
 from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
-from runner.store import Outcome, Store
+from runner.store import MICRO, Outcome, Store
 
 
 class ImageSource(Protocol):
@@ -73,8 +75,11 @@ class PoolResult:
     failures: dict[str, int] = field(default_factory=dict)  # cause -> count
 
 
-class _StopRequested(Exception):
-    pass
+class _Halt(Exception):
+    """No attempt may be sent: the pool is stopping (``reason`` None) or must stop now."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason
 
 
 class Pool:
@@ -86,6 +91,8 @@ class Pool:
         *,
         concurrency: int = 8,
         retry: RetryConfig | None = None,
+        budget: Budget | None = None,
+        breaker: CircuitBreaker | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
@@ -94,6 +101,8 @@ class Pool:
         self.images_dir = images_dir
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryConfig()
+        self.budget = budget or Budget(None, 0)
+        self.breaker = breaker or CircuitBreaker()
         self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = _Counters()
@@ -157,8 +166,10 @@ class Pool:
 
         try:
             await retrying(attempt)
-        except _StopRequested:
-            pass  # the job stays pending for the next run
+        except _Halt as halt:
+            if halt.reason:
+                self.stop(halt.reason)
+            # the job stays pending for the next run
         except RetryAfterTooLong as exc:
             self._result.stop_error = exc.error
             self.stop(
@@ -181,8 +192,7 @@ class Pool:
             self._report()
 
     async def _attempt(self, job: Job) -> None:
-        if self.stopping:
-            raise _StopRequested
+        await self._admit()
         attempt = self.store.next_attempt(job.id)
         self.store.begin_attempt(job, attempt)
         c = self._counters
@@ -205,6 +215,8 @@ class Pool:
             raise
         finally:
             c.in_flight -= 1
+        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, PRICE_PER_IMAGE_MICRO_USD)
+        self.breaker.record(provider_up=True)
         usage = result.usage
         self.store.record_success(
             job.id,
@@ -225,8 +237,30 @@ class Pool:
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         self._report()
 
+    async def _admit(self) -> None:
+        """Wait until an attempt may be sent and reserve its price, or raise :class:`_Halt`."""
+        if self.stopping:
+            raise _Halt
+        try:
+            await self.breaker.admit()
+        except OutageTooLong as exc:
+            raise _Halt(f"{exc}; the provider seems down") from None
+        try:
+            if self.stopping:
+                raise _Halt
+            self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
+        except BudgetExhausted:
+            self.breaker.release_probe()
+            cap = (self.budget.cap_micro_usd or 0) / MICRO
+            raise _Halt(f"the budget of ${cap:.2f} is reached") from None
+        except _Halt:
+            self.breaker.release_probe()
+            raise
+
     def _record_failure(self, job: Job, attempt: int, error: ApiError) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
+        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, cost)
+        self.breaker.record(provider_up=not isinstance(error, RetryableError))
         self.store.record_attempt(
             job.id, attempt, Outcome(error.billing, cost, error=error.describe())
         )

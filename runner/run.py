@@ -15,10 +15,11 @@ from runner.client import ClientConfig, ImagesClient
 from runner.errors import ApiError
 from runner.jobs import Job
 from runner.ledger import LedgerFiles, write_ledger
+from runner.limits import BreakerConfig, Budget, CircuitBreaker
 from runner.plan import IMAGES_DIR, Plan, make_plan
 from runner.pool import Pool, PoolResult, Progress
 from runner.retry import RetryConfig
-from runner.store import Store
+from runner.store import MICRO, Store
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,10 @@ class RunOptions:
     out_dir: Path
     client: ClientConfig
     retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     concurrency: int = 8
+    max_cost_usd: float | None = None  # over the folder's whole history: see runner.limits
+    dry_run: bool = False  # plan (and resume's repairs), send nothing
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Run:
         try:
             plan = make_plan(self.jobs, store)
             self._on_plan(plan)
-            if plan.todo and self._stop_reason is None:
+            if plan.todo and self._stop_reason is None and not self.options.dry_run:
                 async with ImagesClient(self.options.client) as client:
                     self._pool = Pool(
                         client,
@@ -90,6 +94,10 @@ class Run:
                         store.folder / IMAGES_DIR,
                         concurrency=self.options.concurrency,
                         retry=self.options.retry,
+                        budget=Budget(
+                            _micro(self.options.max_cost_usd), sum(store.spend_micro_usd())
+                        ),
+                        breaker=CircuitBreaker(self.options.breaker),
                         on_progress=self._on_progress,
                     )
                     pool_result = await self._pool.run(plan.todo)
@@ -101,3 +109,7 @@ class Run:
             store.finish_run(run_id, outcome)
             store.close()
         return RunReport(plan, ledger, pool_result, time.monotonic() - started)
+
+
+def _micro(usd: float | None) -> int | None:
+    return None if usd is None else round(usd * MICRO)

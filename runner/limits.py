@@ -1,0 +1,149 @@
+"""Limits on what a run may spend and when it may send: the budget and the circuit breaker.
+
+**Budget.** ``--max-cost`` caps the spend recorded in the output folder, confirmed plus
+possible, over all its runs (so a resumed run goes on under the same cap). Each attempt
+reserves its price when it is admitted and releases the reservation when its outcome is known,
+so even with requests in flight, retries and ambiguous outcomes, confirmed + possible can never
+pass the cap: an attempt whose price does not fit is never sent.
+
+**Circuit breaker.** When nearly every recent request failed in a way that says the provider is
+down (5xx, 429, timeouts, resets), sending every job's remaining attempts into the outage would
+only burn them. The breaker opens: no attempt is admitted except one probe at a time, spaced with
+exponential backoff; the first probe that gets an answer closes it. If the outage lasts longer
+than ``max_outage_s`` the run stops, resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+class BudgetExhausted(Exception):
+    """The next attempt's price does not fit under the cap."""
+
+
+class Budget:
+    """Spend bookkeeping in integer micro-dollars."""
+
+    def __init__(self, cap_micro_usd: int | None, spent_micro_usd: int) -> None:
+        self.cap_micro_usd = cap_micro_usd
+        self.spent_micro_usd = spent_micro_usd  # confirmed + possible, all runs of the folder
+        self.reserved_micro_usd = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Budget cap={self.cap_micro_usd} spent={self.spent_micro_usd} "
+            f"reserved={self.reserved_micro_usd}>"
+        )
+
+    def reserve(self, price_micro_usd: int) -> None:
+        if self.cap_micro_usd is not None and (
+            self.spent_micro_usd + self.reserved_micro_usd + price_micro_usd > self.cap_micro_usd
+        ):
+            raise BudgetExhausted
+        self.reserved_micro_usd += price_micro_usd
+
+    def settle(self, reserved_micro_usd: int, charged_micro_usd: int) -> None:
+        """Release a reservation and record what the attempt did cost (0 if unbilled)."""
+        self.reserved_micro_usd -= reserved_micro_usd
+        self.spent_micro_usd += charged_micro_usd
+
+    @property
+    def left_micro_usd(self) -> int | None:
+        if self.cap_micro_usd is None:
+            return None
+        return max(0, self.cap_micro_usd - self.spent_micro_usd - self.reserved_micro_usd)
+
+
+class OutageTooLong(Exception):
+    def __init__(self, outage_s: float) -> None:
+        self.outage_s = outage_s
+        super().__init__(f"the API has been failing for {outage_s:.0f} s")
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    window: int = 20  # the last N outcomes
+    failure_ratio: float = 0.9  # open when at least this share of them failed
+    probe_initial_s: float = 1.0
+    probe_max_s: float = 60.0
+    max_outage_s: float = 600.0
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        config: BreakerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config or BreakerConfig()
+        self._clock = clock
+        self._sleep = sleep
+        self._outcomes: deque[bool] = deque(maxlen=self.config.window)
+        self._opened_at: float | None = None
+        self._probe_delay_s = self.config.probe_initial_s
+        self._next_probe_at = 0.0
+        self._probing = False
+        self.opened_count = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed"
+        return (
+            f"<CircuitBreaker {state} failures={self._outcomes.count(False)}/{len(self._outcomes)}>"
+        )
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    async def admit(self) -> None:
+        """Return when an attempt may be sent; raise :class:`OutageTooLong` past the limit."""
+        while self._opened_at is not None:
+            now = self._clock()
+            if now - self._opened_at > self.config.max_outage_s:
+                raise OutageTooLong(now - self._opened_at)
+            if not self._probing and now >= self._next_probe_at:
+                self._probing = True  # this caller is the probe
+                return
+            await self._sleep(min(0.25, max(0.01, self._next_probe_at - now)))
+
+    def record(self, provider_up: bool) -> None:
+        """Record an outcome: ``provider_up`` is False for an outage-shaped failure."""
+        if self._opened_at is not None:
+            if not self._probing:
+                return  # a straggler sent before the breaker opened
+            self._probing = False
+            if provider_up:
+                self._close()
+            else:
+                self._probe_delay_s = min(self._probe_delay_s * 2, self.config.probe_max_s)
+                self._next_probe_at = self._clock() + self._probe_delay_s
+            return
+        self._outcomes.append(provider_up)
+        failures = self._outcomes.count(False)
+        if (
+            len(self._outcomes) == self.config.window
+            and failures >= self.config.failure_ratio * self.config.window
+        ):
+            self._open()
+
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._probe_delay_s = self.config.probe_initial_s
+        self._next_probe_at = self._opened_at + self._probe_delay_s
+        self.opened_count += 1
+
+    def _close(self) -> None:
+        self._opened_at = None
+        self._outcomes.clear()
+        self._probing = False
+
+    def release_probe(self) -> None:
+        """The admitted probe was never sent (stopped, or over budget)."""
+        self._probing = False
