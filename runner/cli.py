@@ -59,10 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Generate images in bulk from a manifest, resumably, with a cost ledger.",
     )
     parser.add_argument("--version", action="version", version=f"image-runner {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="generate every image of a manifest not yet done")
+    run = commands.add_parser(
+        "run", parents=[common], help="generate every image of a manifest not yet done"
+    )
     run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
     run.add_argument("--out", type=Path, help="output folder (default: output/<manifest stem>)")
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests at once")
@@ -115,11 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
 
-    validate = commands.add_parser("validate", help="check a manifest; send nothing")
+    validate = commands.add_parser(
+        "validate", parents=[common], help="check a manifest; send nothing"
+    )
     validate.add_argument("manifest", type=Path)
     validate.set_defaults(handler=_cmd_validate)
 
-    emulate = commands.add_parser("emulate", help="serve the built-in API emulator")
+    emulate = commands.add_parser(
+        "emulate", parents=[common], help="serve the built-in API emulator"
+    )
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8000)
     emulate.add_argument("--latency", type=float, default=0.0, help="seconds per response")
