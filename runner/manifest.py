@@ -43,7 +43,7 @@ MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 class _RawJob:
     row: str
     fields: dict[str, Any]
-    explicit: set[str] = field(default_factory=set)  # keys the row itself set, not the defaults
+    explicit: set[object] = field(default_factory=set)  # keys the row set, not the defaults
 
 
 class _LineMap(dict[Any, Any]):
@@ -51,9 +51,19 @@ class _LineMap(dict[Any, Any]):
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that remembers the line of every mapping, for error messages."""
+    """``yaml.SafeLoader`` that remembers the line of every mapping, for error messages, and
+    notes keys given twice in one mapping (plain PyYAML silently keeps the last)."""
+
+    duplicate_keys: list[tuple[int, str]]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node)
+                if key in seen:
+                    self.duplicate_keys.append((key_node.start_mark.line + 1, str(key)))
+                seen.add(key)
         mapping = _LineMap(super().construct_mapping(node, deep=deep))
         mapping.line = node.start_mark.line + 1
         return mapping
@@ -103,11 +113,17 @@ def _read(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
 
 def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
     with open(path, encoding="utf-8") as f:
+        loader = _Loader(f)  # a SafeLoader subclass: no tags
+        loader.duplicate_keys = []
         try:
-            doc = yaml.load(f, Loader=_Loader)  # a SafeLoader subclass: no tags
+            doc = loader.get_single_data()
         except yaml.YAMLError as exc:
             issues.append(ManifestIssue("file", "", f"is not valid YAML: {exc}"))
             return []
+        finally:
+            loader.dispose()
+    for line, key in loader.duplicate_keys:
+        issues.append(ManifestIssue(f"line {line}", key, "is given twice in one mapping"))
     if not isinstance(doc, Mapping):
         issues.append(ManifestIssue("file", "", "must be a mapping with a 'jobs' list"))
         return []
@@ -136,7 +152,7 @@ def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
             continue
         merged = {k: v for k, v in defaults.items() if k != "id"}
         merged.update(entry)
-        raw_jobs.append(_RawJob(row, merged, {str(k) for k in entry}))
+        raw_jobs.append(_RawJob(row, merged, set(entry)))
     return raw_jobs
 
 
@@ -195,7 +211,9 @@ def _csv_rows(
 
 
 def _check_key(issues: list[ManifestIssue], row: str, key: object) -> None:
-    if key in REJECTED_FIELDS:
+    if not isinstance(key, str):
+        issues.append(ManifestIssue(row, _show(key), "unknown key (keys are text)"))
+    elif key in REJECTED_FIELDS:
         issues.append(
             ManifestIssue(row, str(key), "is rejected by the API (one image per call; no quality)")
         )
@@ -228,6 +246,8 @@ class _ReferenceChecker:
             data = path.read_bytes()
         except OSError as exc:
             return None, f"cannot be read: {exc.strerror}"
+        except ValueError as exc:
+            return None, f"is not a usable path: {exc}"
         try:
             inspect_image(data)
         except ImageInvalid as exc:
@@ -253,12 +273,13 @@ def _validate(
         problem("prompt", "is required and must be non-blank text")
 
     model = fields.get("model", DEFAULT_MODEL)
-    if model not in MODELS:
-        problem("model", f"{model!r} is not a known model ({', '.join(MODELS)})")
+    if not isinstance(model, str) or model not in MODELS:
+        problem("model", f"{_show(model)} is not a known model ({', '.join(MODELS)})")
+        model = DEFAULT_MODEL  # go on checking the other fields
 
     response_format = fields.get("response_format", DEFAULT_RESPONSE_FORMAT)
-    if response_format not in RESPONSE_FORMATS:
-        problem("response_format", f"{response_format!r} must be url or b64_json")
+    if not isinstance(response_format, str) or response_format not in RESPONSE_FORMATS:
+        problem("response_format", f"{_show(response_format)} must be url or b64_json")
 
     images: list[Path] = []
     image_sha256s: list[str] = []
@@ -269,7 +290,11 @@ def _validate(
         problem("images", "must be a list of file paths")
         refs = []
     for ref in refs:
-        path = (base / ref).resolve()
+        try:
+            path = (base / ref).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL, symlink loop
+            problem("images", f"{_show(ref)} is not a usable path: {exc}")
+            continue
         digest, error = checker.check(path)
         if error is not None:
             problem("images", f"{ref} {error}")
@@ -279,7 +304,7 @@ def _validate(
 
     size = fields.get("size")
     if size is not None and not isinstance(size, str):
-        problem("size", f"{size!r} must be text like 2048x2048")
+        problem("size", f"{_show(size)} must be text like 2048x2048")
     elif model in MODELS_WITHOUT_SIZE:
         if size is not None:
             problem("size", f"{model} takes no size; remove it or use gpt-image-2-vip")
@@ -289,7 +314,7 @@ def _validate(
     elif size is not None and size not in SIZE_SET:
         near = size.lower().replace("\u00d7", "x")
         hint = " (use a lowercase ASCII x)" if near in SIZE_SET else ""
-        problem("size", f"{size!r} is not one of the 30 sizes{hint}")
+        problem("size", f"{_show(size)} is not one of the 30 sizes{hint}")
     if size is None and refs and model not in MODELS_WITHOUT_SIZE:
         size = AUTO_SIZE
 
@@ -297,7 +322,7 @@ def _validate(
     if job_id is not None and (not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id)):
         problem(
             "id",
-            f"{job_id!r} must be 1-128 of A-Z a-z 0-9 . _ - and not start with a dot",
+            f"{_show(job_id)} must be 1-128 of A-Z a-z 0-9 . _ - and not start with a dot",
         )
 
     if len(issues) > before:
@@ -322,6 +347,17 @@ def _validate(
         row=row,
         content_hash=digest,
     )
+
+
+def _show(value: object) -> str:
+    """A short rendering of a manifest value for a message: never the whole of a nested value,
+    which a YAML alias bomb makes enormous."""
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 80 else f"{text[:77]}..."
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _check_unique_ids(

@@ -1240,3 +1240,11 @@ def test_cli_validate_missing_file_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "file: cannot read" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_key_given_twice_in_a_job_is_refused(tmp_path: Path) -> None:
+    path = write_text(
+        tmp_path / "twice.yaml",
+        'jobs:\n  - prompt: "first"\n    size: 1280x720\n    prompt: "second"\n',
+    )
+    assert where(issues_of(path)) == {("line 4", "prompt")}
