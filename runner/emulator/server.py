@@ -1,40 +1,18 @@
-"""The built-in emulator of the provider's images API, for the offline demo, tests and benchmarks.
+"""The emulator's HTTP server: validation, the handlers, the books, the CDN and the stats.
 
-It owns a small aiohttp server that answers ``POST /v1/images/generations`` (JSON) and
-``POST /v1/images/edits`` (multipart, reference parts named ``image`` or ``image[]``) the way
-``shared/API.md`` describes: the same validation, OpenAI-shaped errors, real PNGs of exactly the
-requested size, ``url`` images served from ``/cdn/<name>.png`` for a limited time, and a bill of
-$0.03 for every image the server generated.
-
-On top of that it injects faults, each a string from :data:`FAULT_KINDS`:
-
-* error replies (``"429"``, ``"quota"``, ``"401"``, ``"403"``, ``"500"``, ``"502"``, ``"503"``,
-  ``"504"``, ``"500_noretry"``, ``"400_retry"``, ``"policy"``) and ``"drop"`` (connection closed
-  before any work): never billed;
-* :data:`BILLED_FAULTS` (``"reset"``, ``"truncate"``, ``"malformed"``, ``"badb64"``, ``"slow"``,
-  ``"badsize"``): the server did the work, so the image is billed, but the client gets nothing
-  usable in time.
-
-A fault is chosen, in order of precedence, by a ``[[faults:K1,K2,...]]`` directive in the prompt
-(the Nth valid request with that exact prompt gets ``KN``; ``ok`` or running past the list means
-no fault), by ``EmulatorConfig.script`` (the Nth valid request overall), or at random with
-``fault_rate``. Choosing, recording and billing happen without an ``await`` in between, so the
-books are exact under any concurrency. Everything a test may assert on is kept in
-``Emulator.requests`` and ``Emulator.bills`` and served as JSON from ``GET /_emulator/stats``.
+It owns :class:`Emulator` (the aiohttp app that answers both endpoints, decides each request's
+fault, records it in ``requests`` and bills it in ``bills``), its configuration
+(:class:`EmulatorConfig`), :class:`EmulatorThread` for tests that need the server on its own
+thread, and :func:`serve` behind ``image-runner emulate``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import functools
-import hashlib
-import io
 import json
 import logging
-import math
 import random
-import re
 import socket
 import struct
 import threading
@@ -44,10 +22,9 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Final, NamedTuple
+from typing import Final
 
 from aiohttp import BodyPartReader, web
-from PIL import Image, ImageDraw
 
 from runner.api import (
     AUTO_SIZE,
@@ -57,47 +34,31 @@ from runner.api import (
     REJECTED_FIELDS,
     RESPONSE_FORMATS,
     SIZE_SET,
-    SIZES,
     Endpoint,
     parse_size,
-    sniff_format,
+)
+from runner.emulator.errors import _ApiError
+from runner.emulator.faults import (
+    _ERROR_FAULTS,
+    DEFAULT_FAULT_MIX,
+    FAULT_KINDS,
+    NO_FAULT,
+    _ErrorFault,
+    _parse_directive,
+)
+from runner.emulator.render import (
+    _closest_size,
+    _colour,
+    _edit_target,
+    _image_dimensions,
+    _render_png,
+    _size_label,
+    _usage,
 )
 
 logger = logging.getLogger(__name__)
 
-
-class _ErrorFault(NamedTuple):
-    status: int
-    type: str
-    code: str | None
-    retry_after: bool  # sends retry-after and retry-after-ms
-    should_retry: str | None  # the x-should-retry header the OpenAI SDK obeys
-
-
-_INVALID, _SERVER = "invalid_request_error", "server_error"
-_ERROR_FAULTS: Final[Mapping[str, _ErrorFault]] = {
-    "429": _ErrorFault(429, "requests", "rate_limit_exceeded", True, None),
-    "quota": _ErrorFault(429, "insufficient_quota", "insufficient_quota", False, None),
-    "401": _ErrorFault(401, _INVALID, "invalid_api_key", False, None),
-    "403": _ErrorFault(403, _INVALID, "permission_denied", False, None),
-    "500": _ErrorFault(500, _SERVER, None, False, None),
-    "502": _ErrorFault(502, _SERVER, None, False, None),  # with an HTML body, as gateways do
-    "503": _ErrorFault(503, _SERVER, None, True, None),
-    "504": _ErrorFault(504, _SERVER, None, False, None),
-    "500_noretry": _ErrorFault(500, _SERVER, None, False, "false"),
-    "400_retry": _ErrorFault(400, _INVALID, None, False, "true"),
-    "policy": _ErrorFault(400, _INVALID, "content_policy_violation", False, None),
-}
-BILLED_FAULTS: Final = ("reset", "truncate", "malformed", "badb64", "slow", "badsize")
-FAULT_KINDS: Final = (*_ERROR_FAULTS, "drop", *BILLED_FAULTS)
-DEFAULT_FAULT_MIX: Final = (
-    "429", "500", "502", "503", "reset", "drop", "truncate", "malformed", "badb64", "slow",
-)  # fmt: skip
-NO_FAULT: Final = "ok"
-
 DEFAULT_GENERATION_SIZE: Final = "1280x1280"
-_DIRECTIVE = re.compile(r"\[\[faults:([^\]]*)\]\]")
-_IMAGE_REF = re.compile(r"\bimage(\d+)\b", re.IGNORECASE)
 _IMAGE_PART_NAMES: Final = ("image", "image[]")
 _B64_PREFIX: Final = "data:image/png;base64,"
 _BAD_B64: Final = "iVBORw0KGgo*not*base64*"
@@ -161,27 +122,6 @@ class RequestRecord:
     fault: str | None
     status: int
     image_sizes: tuple[str, ...] = ()  # "WxH" of each reference in upload order, or "invalid"
-
-
-class _ApiError(Exception):
-    """An error reply, shaped like OpenAI's: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        error_type: str = _INVALID,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.error_type = error_type
-
-    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
-        error = {"message": self.message, "type": self.error_type}
-        body = {"error": {**error, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status, headers=headers)
 
 
 @dataclass
@@ -284,87 +224,6 @@ def _validate(endpoint: Endpoint, incoming: _Incoming) -> _Job:
     width, height = parse_size(size)
     directive = _parse_directive(prompt)
     return _Job(model, prompt, width, height, response_format, len(dimensions), directive)
-
-
-def _image_dimensions(data: bytes) -> tuple[int, int]:
-    if sniff_format(data[:16]) is None:
-        message = "Unsupported image format; upload png, jpeg or webp."
-        raise _ApiError(400, message, "image", "invalid_image_format")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise _ApiError(400, f"Unreadable image: {exc}", "image", "invalid_image") from exc
-
-
-def _size_label(data: bytes) -> str:
-    try:
-        width, height = _image_dimensions(data)
-    except _ApiError:
-        return "invalid"
-    return f"{width}x{height}"
-
-
-def _edit_target(prompt: str, image_count: int) -> int:
-    """Index of the image the prompt edits: the first ``imageN`` it names, else image1."""
-    match = _IMAGE_REF.search(prompt)
-    if match is None or not 1 <= int(match.group(1)) <= image_count:
-        return 0
-    return int(match.group(1)) - 1
-
-
-def _closest_size(width: int, height: int) -> str:
-    """The size with the nearest aspect ratio; among the tiers of that ratio, the nearest area."""
-
-    def ratio_distance(size: str) -> float:
-        w, h = parse_size(size)
-        return abs(math.log((w / h) / (width / height)))
-
-    best = min(ratio_distance(size) for size in SIZES)
-    # The 4K sizes' ratios differ from the 1K ones in the third decimal: same ratio, other tier.
-    candidates = [size for size in SIZES if ratio_distance(size) <= best + 0.01]
-    return min(candidates, key=lambda s: abs(math.log(math.prod(parse_size(s)) / width / height)))
-
-
-def _parse_directive(prompt: str) -> tuple[str, ...] | None:
-    match = _DIRECTIVE.search(prompt)
-    if match is None:
-        return None
-    kinds = tuple(kind.strip() for kind in match.group(1).split(",") if kind.strip())
-    unknown = [kind for kind in kinds if kind not in FAULT_KINDS and kind != NO_FAULT]
-    if unknown:
-        raise _ApiError(400, f"Unknown fault kinds {unknown}.", "prompt", "invalid_fault_directive")
-    return kinds
-
-
-def _colour(prompt: str) -> tuple[int, int, int]:
-    digest = hashlib.sha256(prompt.encode()).digest()
-    return digest[0], digest[1], digest[2]
-
-
-@functools.lru_cache(maxsize=32)
-def _render_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
-    # A two-colour palette image encodes a 4K frame in ~15 ms; RGB would take ~100 ms.
-    image = Image.new("P", (width, height), 0)
-    image.putpalette([*colour, *(255 - c for c in colour)])
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((width // 8, height // 8, width // 3, height // 3), fill=1)
-    outline = (width // 2, height // 2, width * 7 // 8, height * 7 // 8)
-    draw.rectangle(outline, outline=1, width=max(2, width // 200))
-    draw.text((16, 16), f"{width}x{height}", fill=1)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _usage(job: _Job) -> dict[str, int]:
-    input_tokens = 20 + len(job.prompt) // 4 + 272 * job.image_count
-    output_tokens = job.width * job.height // 1400
-    return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "total_tokens": input_tokens + output_tokens,
-    }
 
 
 def _close_connection(request: web.Request, *, reset: bool) -> None:
@@ -533,7 +392,7 @@ class Emulator:
             item = {"b64_json": (_B64_PREFIX if self.config.b64_prefix else "") + b64}
         payload: dict[str, object] = {"created": int(time.time()), "data": [item]}
         if endpoint == "edits":
-            payload["usage"] = _usage(job)
+            payload["usage"] = _usage(job.prompt, job.image_count, job.width, job.height)
         bill = Bill(
             seq, endpoint, job.model, job.size, job.prompt, PRICE_PER_IMAGE_USD, fault or "ok"
         )
