@@ -107,6 +107,7 @@ class Pool:
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = _Counters()
         self._stop_event = asyncio.Event()
+        self._budget_settled = asyncio.Event()
         self._result = PoolResult(Progress())
 
     def __repr__(self) -> str:
@@ -125,6 +126,7 @@ class Pool:
         if not self.stopping:
             self._result.stop_reason = reason
             self._stop_event.set()
+            self._budget_settled.set()  # wake admissions waiting for budget
 
     async def run(self, jobs: Iterable[Job]) -> PoolResult:
         self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -213,9 +215,15 @@ class Pool:
         except ApiError as exc:
             self._record_failure(job, attempt, exc)
             raise
+        except OSError as exc:  # from _save: the disk is full or not writable
+            outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
+            self.store.record_attempt(job.id, attempt, outcome)
+            self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
+            c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
+            raise _Halt(f"cannot write images to {self.images_dir}: {exc}") from None
         finally:
             c.in_flight -= 1
-        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, PRICE_PER_IMAGE_MICRO_USD)
+        self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
         self.breaker.record(provider_up=True)
         usage = result.usage
         self.store.record_success(
@@ -246,20 +254,30 @@ class Pool:
         except OutageTooLong as exc:
             raise _Halt(f"{exc}; the provider seems down") from None
         try:
-            if self.stopping:
-                raise _Halt
-            self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
-        except BudgetExhausted:
-            self.breaker.release_probe()
-            cap = (self.budget.cap_micro_usd or 0) / MICRO
-            raise _Halt(f"the budget of ${cap:.2f} is reached") from None
+            while True:
+                if self.stopping:
+                    raise _Halt
+                try:
+                    self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
+                    return
+                except BudgetExhausted:
+                    if not self.budget.reserved_micro_usd:
+                        cap = (self.budget.cap_micro_usd or 0) / MICRO
+                        raise _Halt(f"the budget of ${cap:.2f} is reached") from None
+                # Attempts in flight hold reservations; one that ends unbilled frees its price.
+                self._budget_settled.clear()
+                await self._budget_settled.wait()
         except _Halt:
             self.breaker.release_probe()
             raise
 
+    def _settle_budget(self, charged_micro_usd: int) -> None:
+        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
+        self._budget_settled.set()
+
     def _record_failure(self, job: Job, attempt: int, error: ApiError) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
-        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, cost)
+        self._settle_budget(cost)
         self.breaker.record(provider_up=not isinstance(error, RetryableError))
         self.store.record_attempt(
             job.id, attempt, Outcome(error.billing, cost, error=error.describe())

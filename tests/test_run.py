@@ -210,3 +210,16 @@ async def test_concurrency_is_bounded(tmp_path: Path, make_emulator: MakeEmulato
     await run.execute()
     assert max(peaks) == 3
     assert len(emulator.requests) == 12
+
+
+async def test_unwritable_images_folder_stops_the_run_and_counts_the_charge(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "a", "size": "1280x544"}])
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "a.png").mkdir()  # the final name is taken by a folder: rename fails
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert report.stop_reason is not None and "cannot write images" in report.stop_reason
+    assert report.ledger.totals.pending == 1
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.03
