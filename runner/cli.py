@@ -169,7 +169,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             base_url=base_url,
             api_key=api_key,
             timeout_s=args.timeout,
-            concurrency=args.concurrency,
         ),
         retry=RetryConfig(
             max_attempts=args.max_attempts,

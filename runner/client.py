@@ -14,6 +14,7 @@ with no redirects followed and bounded in bytes and time.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -53,7 +54,6 @@ class ClientConfig:
     download_timeout_s: float = 120.0
     max_response_bytes: int = 256 * 1024 * 1024  # a 4K image as base64 JSON is tens of MB
     max_download_bytes: int = 128 * 1024 * 1024
-    concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,15 @@ class ImageResult:
 class ImagesClient:
     """One session for the whole run; use as ``async with ImagesClient(config) as client``."""
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, *, max_connections: int = 16) -> None:
         self.config = config
+        self.max_connections = max(1, max_connections)
         register_secret(config.api_key)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ImagesClient:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(1, self.config.concurrency) * 2),
+            connector=aiohttp.TCPConnector(limit=self.max_connections),
             timeout=aiohttp.ClientTimeout(
                 total=self.config.timeout_s, sock_connect=self.config.connect_timeout_s
             ),
@@ -132,13 +133,8 @@ class ImagesClient:
             raise NotSentError(_describe(exc), job_id=job.id) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AmbiguousError(f"sent, then {_describe(exc)}", job_id=job.id) from None
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise AmbiguousError("malformed JSON in a 200 response", job_id=job.id) from None
-        if not isinstance(payload, dict):
-            raise AmbiguousError("a 200 response that is not a JSON object", job_id=job.id)
-        return payload
+        # A 4K image as base64 JSON is tens of MB: parse it off the event loop.
+        return await asyncio.to_thread(_parse_payload, body, job.id)
 
     async def _image_from(self, payload: dict[str, Any], job: Job) -> ImageResult:
         data = payload.get("data")
@@ -146,7 +142,7 @@ class ImagesClient:
         if not isinstance(item, dict):
             raise AmbiguousError("a 200 response without data[0]", job_id=job.id)
         if isinstance(item.get("b64_json"), str):
-            image = _decode_b64(item["b64_json"], job.id)
+            image = await asyncio.to_thread(_decode_b64, item["b64_json"], job.id)
         elif isinstance(item.get("url"), str):
             image = await self._download(item["url"], job.id)
         else:
@@ -166,7 +162,7 @@ class ImagesClient:
                     raise AmbiguousError(
                         f"image url answered HTTP {response.status}", job_id=job_id
                     )
-                return await _read_capped(response, self.config.max_download_bytes, job_id)
+                return bytes(await _read_capped(response, self.config.max_download_bytes, job_id))
         except ApiError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -182,7 +178,7 @@ def _fields(job: Job) -> dict[str, str]:
     return fields
 
 
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, job_id: str) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, job_id: str) -> bytearray:
     if response.content_length is not None and response.content_length > max_bytes:
         raise AmbiguousError(
             f"response of {response.content_length} bytes is over the cap", job_id=job_id
@@ -192,7 +188,17 @@ async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, job_id:
         buffer += chunk
         if len(buffer) > max_bytes:
             raise AmbiguousError(f"response is over the cap of {max_bytes} bytes", job_id=job_id)
-    return bytes(buffer)
+    return buffer
+
+
+def _parse_payload(body: bytearray, job_id: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise AmbiguousError("malformed JSON in a 200 response", job_id=job_id) from None
+    if not isinstance(payload, dict):
+        raise AmbiguousError("a 200 response that is not a JSON object", job_id=job_id)
+    return payload
 
 
 def _decode_b64(value: str, job_id: str) -> bytes:

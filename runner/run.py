@@ -87,7 +87,9 @@ class Run:
             plan = make_plan(self.jobs, store)
             self._on_plan(plan)
             if plan.todo and self._stop_reason is None and not self.options.dry_run:
-                async with ImagesClient(self.options.client) as client:
+                # Twice the workers: url-mode downloads go to a second host.
+                connections = 2 * self.options.concurrency
+                async with ImagesClient(self.options.client, max_connections=connections) as client:
                     self._pool = Pool(
                         client,
                         store,

@@ -76,7 +76,6 @@ def options(out: Path, base_url: str, **overrides: Any) -> RunOptions:
         base_url=base_url,
         api_key=TEST_KEY,
         timeout_s=overrides.pop("timeout_s", 10.0),
-        concurrency=concurrency,
     )
     assert not overrides, overrides
     return RunOptions(out_dir=out, client=client, retry=retry, concurrency=concurrency)
