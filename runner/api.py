@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-PRICE_PER_IMAGE_MICRO_USD: Final = 30_000  # exact integer money: $0.03
-PRICE_PER_IMAGE_USD: Final = PRICE_PER_IMAGE_MICRO_USD / 1_000_000
+MICRO: Final = 1_000_000  # money is kept in integer micro-dollars, so sums are exact
+PRICE_PER_IMAGE_MICRO_USD: Final = 30_000  # $0.03
+PRICE_PER_IMAGE_USD: Final = PRICE_PER_IMAGE_MICRO_USD / MICRO
 
 MODELS: Final = ("gpt-image-2-vip", "gpt-image-2-all")
 DEFAULT_MODEL: Final = "gpt-image-2-vip"

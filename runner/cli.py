@@ -22,7 +22,7 @@ from typing import Never
 from tqdm import tqdm
 
 from runner import __version__
-from runner.api import PRICE_PER_IMAGE_MICRO_USD
+from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.client import DEFAULT_BASE_URL, ClientConfig
 from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
 from runner.errors import ManifestError, RunnerError
@@ -34,7 +34,6 @@ from runner.pool import Progress
 from runner.redact import RedactingFilter, redact
 from runner.retry import RetryConfig
 from runner.run import Run, RunOptions, RunReport
-from runner.store import MICRO
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 EMULATOR_KEY = "sk-emulator-local"

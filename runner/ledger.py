@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from runner.api import MICRO
 from runner.images import TMP_MARKER
 from runner.jobs import Job
-from runner.store import MICRO, Store
+from runner.store import Store
 
 RESULTS_COLUMNS = [
     "job_id",

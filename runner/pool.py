@@ -6,21 +6,26 @@ with the manifest. Every attempt follows the crash-safe order: intent committed,
 image verified and written atomically, outcome committed. The pool never prints: it reports
 through ``on_progress``.
 
-Stopping: :meth:`Pool.stop` (a signal, or an error final for the run such as a 401) stops
-admitting jobs and retries at once; attempts already in flight finish and are recorded.
+Admission: before each attempt the circuit breaker must let it through and the budget must
+hold its price (see :mod:`runner.limits`).
+
+Stopping: :meth:`Pool.stop` (a signal, an error final for the run such as a 401, the budget, a
+long outage) stops admitting jobs and retries at once; attempts in flight finish and are
+recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from runner.api import PRICE_PER_IMAGE_MICRO_USD
+from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.client import ImageResult
 from runner.errors import (
     AmbiguousError,
@@ -33,28 +38,17 @@ from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, wri
 from runner.jobs import Job
 from runner.limits import Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
 from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
-from runner.store import MICRO, Outcome, Store
+from runner.store import Outcome, Store
 
 
 class ImageSource(Protocol):
     async def create(self, job: Job) -> ImageResult: ...
 
 
-@dataclass(frozen=True)
-class Progress:
-    """A snapshot of the pool's counters, handed to ``on_progress``."""
-
-    succeeded: int = 0
-    failed: int = 0
-    retrying: int = 0
-    in_flight: int = 0
-    requests: int = 0
-    confirmed_micro_usd: int = 0
-    possible_micro_usd: int = 0
-
-
 @dataclass
-class _Counters:
+class Progress:
+    """The pool's counters; ``on_progress`` gets a copy after every change."""
+
     succeeded: int = 0
     failed: int = 0
     retrying: int = 0
@@ -62,9 +56,6 @@ class _Counters:
     requests: int = 0
     confirmed_micro_usd: int = 0
     possible_micro_usd: int = 0
-
-    def snapshot(self) -> Progress:
-        return Progress(**vars(self))
 
 
 @dataclass
@@ -105,7 +96,7 @@ class Pool:
         self.breaker = breaker or CircuitBreaker()
         self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
-        self._counters = _Counters()
+        self._counters = Progress()
         self._stop_event = asyncio.Event()
         self._budget_settled = asyncio.Event()
         self._result = PoolResult(Progress())
@@ -137,7 +128,7 @@ class Pool:
         finally:
             for worker in workers:
                 worker.cancel()
-        self._result.progress = self._counters.snapshot()
+        self._result.progress = dataclasses.replace(self._counters)
         return self._result
 
     async def _worker(self, todo: Iterator[Job]) -> None:
@@ -296,7 +287,7 @@ class Pool:
         return info, hashlib.sha256(data).hexdigest(), relative
 
     def _report(self) -> None:
-        self._on_progress(self._counters.snapshot())
+        self._on_progress(dataclasses.replace(self._counters))
 
     async def _sleep_unless_stopped(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.api import MICRO
 from runner.client import ClientConfig, ImagesClient
 from runner.errors import ApiError
 from runner.jobs import Job
@@ -19,7 +20,7 @@ from runner.limits import BreakerConfig, Budget, CircuitBreaker
 from runner.plan import IMAGES_DIR, Plan, make_plan
 from runner.pool import Pool, PoolResult, Progress
 from runner.retry import RetryConfig
-from runner.store import MICRO, Store
+from runner.store import Store
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from runner.redact import redact
 
 DB_NAME = "checkpoint.sqlite"
 LOCK_NAME = ".lock"
-MICRO = 1_000_000
 
 AttemptState = Literal["in_flight", "confirmed", "possible", "unbilled"]
 
