@@ -35,7 +35,7 @@ from runner.images import ImageInvalid, inspect_image
 from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
 
 JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images")
-DEFAULT_RESPONSE_FORMAT = "b64_json"  # no CDN expiry, no second download
+JOB_RESPONSE_FORMAT = "b64_json"  # the runner's default: no CDN expiry, no second download
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
 
@@ -277,7 +277,7 @@ def _validate(
         problem("model", f"{_show(model)} is not a known model ({', '.join(MODELS)})")
         model = DEFAULT_MODEL  # go on checking the other fields
 
-    response_format = fields.get("response_format", DEFAULT_RESPONSE_FORMAT)
+    response_format = fields.get("response_format", JOB_RESPONSE_FORMAT)
     if not isinstance(response_format, str) or response_format not in RESPONSE_FORMATS:
         problem("response_format", f"{_show(response_format)} must be url or b64_json")
 

@@ -11,7 +11,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,13 +27,12 @@ from runner.emulator import (
     EmulatorConfig,
     EmulatorThread,
 )
+from tests.conftest import MakeEmulator
 
 MODEL = "gpt-image-2-vip"
 AUTH = {"Authorization": "Bearer sk-test"}
 PREFIX = "data:image/png;base64,"
 SMALL = "1280x544"
-
-MakeEmulator = Callable[..., Awaitable[Emulator]]
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG") -> bytes:
@@ -78,26 +77,6 @@ async def post_json(
 ) -> tuple[int, dict[str, Any]]:
     async with session.post(url, json=body) as response:
         return response.status, await response.json()
-
-
-@pytest.fixture
-async def make_emulator() -> AsyncIterator[MakeEmulator]:
-    started: list[Emulator] = []
-
-    async def make(**config: Any) -> Emulator:
-        emulator = Emulator(EmulatorConfig(**config))
-        await emulator.start()
-        started.append(emulator)
-        return emulator
-
-    yield make
-    for emulator in started:
-        await emulator.stop()
-
-
-@pytest.fixture
-async def emulator(make_emulator: MakeEmulator) -> Emulator:
-    return await make_emulator()
 
 
 @pytest.fixture
