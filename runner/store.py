@@ -86,6 +86,10 @@ _MIGRATIONS = (
         outcome TEXT
     );
     """,
+    # 2: which process runs, so `image-runner status` can tell a live run without the lock.
+    """
+    ALTER TABLE runs ADD COLUMN pid INTEGER;
+    """,
 )
 
 
@@ -336,7 +340,9 @@ class Store:
 
     def start_run(self) -> int:
         with self._write() as db:
-            cursor = db.execute("INSERT INTO runs (started_at) VALUES (?)", (now_iso(),))
+            cursor = db.execute(
+                "INSERT INTO runs (started_at, pid) VALUES (?, ?)", (now_iso(), os.getpid())
+            )
             return int(cursor.lastrowid or 0)
 
     def finish_run(self, run_id: int, outcome: str) -> None:
