@@ -31,6 +31,12 @@ class Job:
     images: tuple[Path, ...] = ()  # reference images, resolved, in upload order
     row: str = ""  # where the job came from, for messages: "row 3 (line 12)"
     content_hash: str = ""  # of everything that shapes the image; see content_hash()
+    variant: str = ""  # which expansion of a matrix row: "style=watercolor #2"
+
+    @property
+    def where(self) -> str:
+        """Where the job comes from, for messages."""
+        return f"{self.row} [{self.variant}]" if self.variant else self.row
 
     @property
     def endpoint(self) -> Endpoint:
@@ -46,20 +52,26 @@ class Job:
 
 
 def content_hash(
-    *, model: str, prompt: str, size: str | None, response_format: str, image_sha256s: list[str]
+    *,
+    model: str,
+    prompt: str,
+    size: str | None,
+    response_format: str,
+    image_sha256s: list[str],
+    repeat_index: int | None = None,
 ) -> str:
-    """A hash of everything that determines a job's image, reference bytes included."""
-    canonical = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "size": size,
-            "response_format": response_format,
-            "images": image_sha256s,
-        },
-        sort_keys=True,
-        ensure_ascii=False,
-    )
+    """A hash of everything that determines a job's image, reference bytes included (and, for
+    ``repeat``, which of the copies it is)."""
+    content: dict[str, object] = {
+        "model": model,
+        "prompt": prompt,
+        "size": size,
+        "response_format": response_format,
+        "images": image_sha256s,
+    }
+    if repeat_index is not None:
+        content["repeat"] = repeat_index
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

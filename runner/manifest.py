@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from runner import matrix
 from runner.api import (
     AUTO_SIZE,
     DEFAULT_MODEL,
@@ -34,7 +35,8 @@ from runner.errors import ManifestError, ManifestIssue
 from runner.images import ImageInvalid, inspect_image
 from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
 
-JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images")
+JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images", "vars", "repeat")
+CSV_COLUMNS = ("id", "prompt", "size", "model", "response_format", "images", "repeat")
 JOB_RESPONSE_FORMAT = "b64_json"  # the runner's default: no CDN expiry, no second download
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
@@ -80,9 +82,7 @@ def load_manifest(path: Path) -> list[Job]:
     checker = _ReferenceChecker()
     jobs: list[Job] = []
     for raw in raw_jobs:
-        job = _validate(raw, path.parent, checker, issues)
-        if job is not None:
-            jobs.append(job)
+        jobs += _validate(raw, path.parent, checker, issues)
     _check_unique_ids(raw_jobs, jobs, issues)
     if issues:
         raise ManifestError(source, issues)
@@ -169,7 +169,7 @@ def _read_csv(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
             return []
         columns = [name.strip() for name in header]
         for name in columns:
-            if name not in JOB_FIELDS:
+            if name not in CSV_COLUMNS:
                 _check_key(issues, "header", name)
         if "prompt" not in columns:
             issues.append(ManifestIssue("header", "prompt", "the prompt column is required"))
@@ -188,11 +188,19 @@ def _read_csv(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
             for name, value in zip(columns, values, strict=False):
                 if value.strip() == "":
                     continue
-                fields[name] = [p.strip() for p in value.split("|")] if name == "images" else value
+                fields[name] = _csv_cell(name, value)
             raw_jobs.append(_RawJob(row, fields, set(fields)))
     if not raw_jobs and not issues:
         issues.append(ManifestIssue("file", "", "has a header but no jobs"))
     return raw_jobs
+
+
+def _csv_cell(column: str, value: str) -> object:
+    if column == "images":
+        return [part.strip() for part in value.split("|")]
+    if column == "repeat":
+        return int(value) if value.strip().isdigit() else value
+    return value
 
 
 def _csv_rows(
@@ -217,7 +225,7 @@ def _check_key(issues: list[ManifestIssue], row: str, key: object) -> None:
         issues.append(
             ManifestIssue(row, str(key), "is rejected by the API (one image per call; no quality)")
         )
-    elif key not in JOB_FIELDS:
+    elif key not in JOB_FIELDS or (row == "header" and key not in CSV_COLUMNS):
         issues.append(ManifestIssue(row, str(key), f"unknown key (known: {', '.join(JOB_FIELDS)})"))
 
 
@@ -257,7 +265,8 @@ class _ReferenceChecker:
 
 def _validate(
     raw: _RawJob, base: Path, checker: _ReferenceChecker, issues: list[ManifestIssue]
-) -> Job | None:
+) -> list[Job]:
+    """The jobs one row stands for (several for a matrix or ``repeat``), or none if invalid."""
     row, fields = raw.row, raw.fields
     before = len(issues)
 
@@ -325,28 +334,46 @@ def _validate(
             f"{_show(job_id)} must be 1-128 of A-Z a-z 0-9 . _ - and not start with a dot",
         )
 
+    vars_, repeat = fields.get("vars"), fields.get("repeat")
+    if isinstance(prompt, str):
+        for name, message in matrix.check(vars_, repeat, prompt):
+            problem(name, message)
+
     if len(issues) > before:
-        return None
+        return []
     assert isinstance(prompt, str)
-    digest = content_hash(
-        model=model,
-        prompt=prompt,
-        size=size,
-        response_format=response_format,
-        image_sha256s=image_sha256s,
-    )
-    if job_id is None:
-        job_id = derive_job_id(prompt, digest)
-    return Job(
-        id=job_id,
-        prompt=prompt,
-        model=model,
-        size=size,
-        response_format=response_format,
-        images=tuple(images),
-        row=row,
-        content_hash=digest,
-    )
+    jobs = []
+    for variant in matrix.expand(prompt, vars_, repeat):
+        digest = content_hash(
+            model=model,
+            prompt=variant.prompt,
+            size=size,
+            response_format=response_format,
+            image_sha256s=image_sha256s,
+            repeat_index=variant.repeat_index,
+        )
+        if job_id is None:
+            variant_id = derive_job_id(variant.prompt, digest)
+        else:
+            variant_id = "-".join(filter(None, [job_id, variant.id_suffix]))
+            if not JOB_ID_RE.fullmatch(variant_id):
+                where = f"{row} [{variant.label}]"
+                issues.append(ManifestIssue(where, "id", f"{variant_id!r} is over 128 characters"))
+                continue
+        jobs.append(
+            Job(
+                id=variant_id,
+                prompt=variant.prompt,
+                model=model,
+                size=size,
+                response_format=response_format,
+                images=tuple(images),
+                row=row,
+                content_hash=digest,
+                variant=variant.label,
+            )
+        )
+    return jobs
 
 
 def _show(value: object) -> str:
@@ -364,26 +391,29 @@ def _check_unique_ids(
     raw_jobs: list[_RawJob], jobs: list[Job], issues: list[ManifestIssue]
 ) -> None:
     """Every id used twice, explicit ones even on rows that failed other checks."""
-    ids: list[tuple[str, str, bool]] = [  # (row, id, explicit)
-        (raw.row, raw.fields["id"], True)
-        for raw in raw_jobs
-        if "id" in raw.explicit and isinstance(raw.fields.get("id"), str)
+    explicit = {raw.row: "id" in raw.explicit for raw in raw_jobs}
+    valid_rows = {job.row for job in jobs}
+    ids: list[tuple[str, str, str, bool]] = [  # (row, where, id, explicit)
+        (job.row, job.where, job.id, explicit[job.row]) for job in jobs
     ]
-    explicit_rows = {row for row, _, _ in ids}
-    ids += [(job.row, job.id, False) for job in jobs if job.row not in explicit_rows]
+    ids += [
+        (raw.row, raw.row, raw.fields["id"], True)
+        for raw in raw_jobs
+        if raw.row not in valid_rows and explicit[raw.row] and isinstance(raw.fields["id"], str)
+    ]
     order = {raw.row: index for index, raw in enumerate(raw_jobs)}
-    ids.sort(key=lambda entry: order[entry[0]])
+    ids.sort(key=lambda entry: order[entry[0]])  # stable: expansions keep their order
     # Case-insensitive: on macOS and Windows "Mug.png" and "mug.png" are one file.
     first: dict[str, tuple[str, str]] = {}
-    for row, job_id, explicit in ids:
+    for _, where, job_id, is_explicit in ids:
         key = job_id.lower()
         if key not in first:
-            first[key] = (row, job_id)
+            first[key] = (where, job_id)
             continue
-        first_row, first_id = first[key]
-        message = f"{job_id!r} is already used by {first_row}"
+        first_where, first_id = first[key]
+        message = f"{job_id!r} is already used by {first_where}"
         if job_id != first_id:
             message += " (ids differ only in case)"
-        elif not explicit:
+        elif not is_explicit:
             message += "; the two jobs are identical, give one an explicit id"
-        issues.append(ManifestIssue(row, "id", message))
+        issues.append(ManifestIssue(where, "id", message))
