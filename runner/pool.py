@@ -37,6 +37,7 @@ from runner.errors import (
 from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic
 from runner.jobs import Job
 from runner.limits import Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
+from runner.provenance import add_provenance
 from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.store import Outcome, Store
 
@@ -279,8 +280,11 @@ class Pool:
             self._counters.possible_micro_usd += cost
 
     def _save(self, job: Job, data: bytes) -> tuple[ImageInfo, str, str]:
-        """Verify and durably write one image (runs in a worker thread)."""
+        """Verify, tag with provenance and durably write one image (in a worker thread)."""
         info = inspect_image(data, job.expected_size)
+        provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
+        provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
+        data = add_provenance(data, info.format, provenance)
         path = self.images_dir / f"{job.id}.{info.extension}"
         write_atomic(path, data)
         relative = path.relative_to(self.store.folder).as_posix()
