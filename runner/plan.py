@@ -10,7 +10,8 @@ Run once at the start of every run, before any request, in this order:
    file is moved to ``replaced/``, never adopted);
 5. an image on disk with no success recorded (a crash between the rename and the commit) is
    verified and adopted, with no new request;
-6. everything else that is pending, or failed in a way a later run may retry, is to do.
+6. everything else that is pending, or failed in a way a later run may retry, is to do; jobs
+   that failed for good only with ``--retry-failed`` (``--only CAUSE`` narrows it).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ class Plan:
     adopted: int = 0
     redo: list[str] = field(default_factory=list)  # succeeded, but the image is gone or altered
     changed: list[str] = field(default_factory=list)  # content changed under the same id
+    retried_failed: list[str] = field(default_factory=list)  # failed for good, retried on request
     temp_files_removed: int = 0
     in_flight_settled: int = 0
 
 
-def make_plan(jobs: list[Job], store: Store) -> Plan:
+def make_plan(
+    jobs: list[Job], store: Store, *, retry_failed: bool = False, only: frozenset[str] = frozenset()
+) -> Plan:
+    """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
+    refusal, a bad request), or with ``only`` just those whose cause is in it."""
     images_dir = store.folder / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     plan = Plan(todo=[])
@@ -67,8 +73,10 @@ def make_plan(jobs: list[Job], store: Store) -> Plan:
             plan.todo.append(job)
             continue
         elif record.status == "failed" and not record.retryable:
-            plan.failed += 1
-            continue
+            if not retry_failed or (only and record.error_cause not in only):
+                plan.failed += 1
+                continue
+            plan.retried_failed.append(job.id)
         if _adopt(job, store, images_dir):
             plan.adopted += 1
             plan.done += 1

@@ -198,7 +198,7 @@ class Pool:
             info, sha256, relative = await asyncio.to_thread(self._save, job, result.data)
         except ImageInvalid as exc:
             error: ApiError = (
-                ConfirmedJobFailedError(f"the image {exc}", job_id=job.id)
+                ConfirmedJobFailedError(f"the image {exc}", job_id=job.id, code="wrong_size")
                 if isinstance(exc, WrongSize)
                 else AmbiguousError(f"the image {exc}", job_id=job.id)
             )

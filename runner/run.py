@@ -32,6 +32,8 @@ class RunOptions:
     concurrency: int = 8
     max_cost_usd: float | None = None  # over the folder's whole history: see runner.limits
     dry_run: bool = False  # plan (and resume's repairs), send nothing
+    retry_failed: bool = False  # also retry jobs that failed for good ...
+    retry_only: frozenset[str] = frozenset()  # ... or only those with these causes
 
 
 @dataclass
@@ -85,7 +87,12 @@ class Run:
         pool_result: PoolResult | None = None
         outcome = "cancelled"
         try:
-            plan = make_plan(self.jobs, store)
+            plan = make_plan(
+                self.jobs,
+                store,
+                retry_failed=self.options.retry_failed,
+                only=self.options.retry_only,
+            )
             self._on_plan(plan)
             if plan.todo and self._stop_reason is None and not self.options.dry_run:
                 # Twice the workers: url-mode downloads go to a second host.

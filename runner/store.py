@@ -105,6 +105,7 @@ class JobRecord:
     image_path: str | None
     sha256: str | None
     retryable: bool
+    error_cause: str | None
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ class Store:
 
     def job_records(self) -> dict[str, JobRecord]:
         rows = self.db.execute(
-            "SELECT job_id, content_hash, status, image_path, sha256, retryable FROM jobs"
+            "SELECT job_id, content_hash, status, image_path, sha256, retryable, error_cause "
+            "FROM jobs"
         )
         return {
             r["job_id"]: JobRecord(
@@ -188,6 +190,7 @@ class Store:
                 r["image_path"],
                 r["sha256"],
                 bool(r["retryable"]),
+                r["error_cause"],
             )
             for r in rows
         }

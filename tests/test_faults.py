@@ -4,13 +4,17 @@ ledger rows, what the job and the run end as. Faults are chosen per prompt with 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from runner.emulator import Emulator
+from runner.manifest import load_manifest
+from runner.run import Run, RunReport
 from tests.conftest import MakeEmulator, db_rows, run_manifest, write_manifest
+from tests.conftest import options as _options
 
 
 def one_job(tmp_path: Path, faults: str, **fields: str) -> Path:
@@ -180,3 +184,36 @@ async def test_retry_after_longer_than_allowed_stops_the_run(
     assert len(emulator.requests) == 1
     assert report.stop_reason is not None and "30 s" in report.stop_reason
     assert report.ledger.totals.pending == 1
+
+
+async def test_retry_failed_by_cause(tmp_path: Path, emulator: Emulator) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest(
+        tmp_path,
+        [
+            {"id": "refused", "prompt": "a [[faults:policy]]", "size": "1280x544"},
+            {"id": "broken", "prompt": "b [[faults:500_noretry]]", "size": "1280x544"},
+            {"id": "fine", "prompt": "c", "size": "1280x544"},
+        ],
+    )
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert report.ledger.totals.failed == 2 and len(emulator.requests) == 3
+
+    async def rerun(**options: object) -> RunReport:
+        run_options = dataclasses.replace(_options(out, emulator.base_url), **options)
+        return await Run(load_manifest(manifest), run_options).execute()
+
+    report = await rerun()  # plain rerun: final failures stay failed
+    assert len(emulator.requests) == 3 and report.plan.failed == 2
+    report = await rerun(retry_failed=True, retry_only=frozenset({"server_error"}))
+    assert report.plan.retried_failed == ["broken"]
+    assert len(emulator.requests) == 4
+    assert job_status(out, "broken") == "succeeded"
+    assert job_status(out, "refused") == "failed"
+    report = await rerun(retry_failed=True)
+    assert report.plan.retried_failed == ["refused"]
+    assert report.ledger.totals.succeeded == 3
+
+
+def job_status(out: Path, job_id: str) -> str:
+    return str(db_rows(out, f"SELECT status FROM jobs WHERE job_id = '{job_id}'")[0][0])
