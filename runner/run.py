@@ -1,11 +1,14 @@
 """One run of a manifest, start to finish: the single core entry point the CLI calls.
 
-manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoint -> ledger.
-Results and ledger are written whatever happens: at the end, on a stop, on a cancel.
+manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoint -> ledger
+and report. Results and ledger are written whatever happens: at the end, on a stop, on a
+cancel; the HTML report too, except after an immediate stop (second Ctrl-C).
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +22,11 @@ from runner.ledger import LedgerFiles, write_ledger
 from runner.limits import BreakerConfig, Budget, CircuitBreaker
 from runner.plan import IMAGES_DIR, Plan, make_plan
 from runner.pool import Pool, PoolResult, Progress
+from runner.report import write_report
 from runner.retry import RetryConfig
 from runner.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,18 @@ class Run:
             store.settle_in_flight()
             ledger = write_ledger(self.jobs, store)
             store.finish_run(run_id, outcome)
+            # Thumbnails take time: not on a dry run, and not when told to stop at once.
+            if outcome != "cancelled" and not self.options.dry_run:
+                self._write_report(store)
             store.close()
         return RunReport(plan, ledger, pool_result, time.monotonic() - started)
+
+    @staticmethod
+    def _write_report(store: Store) -> None:
+        try:
+            write_report(store)
+        except (OSError, sqlite3.Error) as exc:  # the report is a view; the run's work is done
+            log.warning("could not write the HTML report: %s", exc)
 
 
 def _micro(usd: float | None) -> int | None:
