@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from runner.pool import Progress
 from runner.redact import RedactingFilter, redact
 from runner.retry import RetryConfig
 from runner.run import Run, RunOptions, RunReport
+from runner.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 EMULATOR_KEY = "sk-emulator-local"
@@ -114,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds the provider may stay down (nearly every request failing) before the run "
         "stops",
     )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also retry jobs that failed for good in earlier runs (content policy, bad request)",
+    )
+    run.add_argument(
+        "--only",
+        action="append",
+        metavar="CAUSE",
+        help="with --retry-failed: only jobs that failed with this cause (as in the results' "
+        "error_cause column, e.g. server_error); may be repeated",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
 
@@ -139,6 +153,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     emulate.add_argument("--seed", type=int, help="seed for reproducible faults")
     emulate.set_defaults(handler=_cmd_emulate)
+
+    report = commands.add_parser(
+        "report", parents=[common], help="write OUT/report.html: summary and contact sheet"
+    )
+    report.add_argument("out", type=Path, help="an output folder of image-runner run")
+    report.set_defaults(handler=_cmd_report)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="where a run stands; safe while it is running"
+    )
+    status.add_argument("out", type=Path, help="an output folder of image-runner run")
+    status.add_argument("--json", action="store_true", help="print JSON, for scripts and cron")
+    status.set_defaults(handler=_cmd_status)
+
+    export = commands.add_parser(
+        "export", parents=[common], help="export finished images as a dataset"
+    )
+    export.add_argument("out", type=Path, help="an output folder of image-runner run")
+    export.add_argument("dest", type=Path, help="where to write the dataset")
+    export.add_argument(
+        "--format",
+        choices=("imagefolder", "parquet"),
+        default="imagefolder",
+        help="imagefolder: images + metadata.jsonl (Hugging Face layout); "
+        "parquet: one file with image bytes and metadata",
+    )
+    export.set_defaults(handler=_cmd_export)
     return parser
 
 
@@ -146,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.only and not args.retry_failed:
+        _err("error: --only narrows --retry-failed; add --retry-failed")
+        return EXIT_INVALID
     try:
         jobs = load_manifest(args.manifest)
     except ManifestError as exc:
@@ -178,6 +222,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_cost_usd=args.max_cost,
         dry_run=args.dry_run,
+        retry_failed=args.retry_failed,
+        retry_only=frozenset(args.only or ()),
     )
     report = asyncio.run(_run(jobs, options, args))
     if args.dry_run:
@@ -263,6 +309,8 @@ class _ProgressBar:
             parts.append(f"{plan.adopted} adopted from disk")
         if plan.redo:
             parts.append(f"{len(plan.redo)} redone (image missing or altered)")
+        if plan.retried_failed:
+            parts.append(f"{len(plan.retried_failed)} failed before and retried")
         if plan.changed:
             parts.append(f"{len(plan.changed)} changed in the manifest")
         if plan.in_flight_settled:
@@ -314,6 +362,7 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
         f"images:    {out_dir / 'images'}/",
         f"results:   {report.ledger.results_parquet} (and .csv)",
         f"ledger:    {report.ledger.ledger_csv}",
+        f"report:    {out_dir / 'report.html'}",
     ]
     print(redact("\n".join(lines)))
 
@@ -369,6 +418,43 @@ def _exit_code(report: RunReport) -> int:
 
 
 # --- validate, emulate ----------------------------------------------------------------------
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from runner.report import write_report
+
+    store = Store.open_read_only(args.out)
+    try:
+        path = write_report(store)
+    finally:
+        store.close()
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from runner.status import format_status, read_status
+
+    store = Store.open_read_only(args.out)
+    try:
+        status = read_status(store)
+    finally:
+        store.close()
+    print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from runner.export import export_dataset
+
+    store = Store.open_read_only(args.out)
+    try:
+        result = export_dataset(store, args.dest, args.format)
+    finally:
+        store.close()
+    skipped = f" ({result.skipped} skipped: image missing or altered)" if result.skipped else ""
+    print(f"exported {result.images} images as {args.format} to {result.dest}{skipped}")
+    return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -200,3 +200,26 @@ def test_validate_prints_the_count(tmp_path: Path) -> None:
     done = run_cli("validate", REPO / "jobs" / "catalog.csv")
     assert done.returncode == 0
     assert "4 jobs" in done.stdout
+
+
+def test_report_status_and_export_commands(tmp_path: Path, server: EmulatorThread) -> None:
+    out = tmp_path / "out"
+    manifest = small_manifest(tmp_path, 2)
+    done = run_cli("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert (out / "report.html").is_file()  # every run writes it
+    (out / "report.html").unlink()
+
+    report = run_cli("report", out)
+    assert report.returncode == 0 and (out / "report.html").is_file()
+    status = run_cli("status", out)
+    assert status.returncode == 0 and "finished" in status.stdout
+    export = run_cli("export", out, tmp_path / "ds", "--format", "imagefolder")
+    assert export.returncode == 0, export.stderr
+    assert "exported 2 images" in export.stdout
+    assert (tmp_path / "ds" / "train" / "metadata.jsonl").is_file()
+
+
+def test_only_needs_retry_failed(tmp_path: Path) -> None:
+    done = run_cli("run", small_manifest(tmp_path), "--emulate", "--only", "server_error")
+    assert done.returncode == 2 and "--retry-failed" in done.stderr

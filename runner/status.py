@@ -1,0 +1,287 @@
+"""Where a run stands: ``image-runner status``, read from the checkpoint alone, safe at any time.
+
+It owns reading an output folder's checkpoint without disturbing a run that may be writing it:
+the store is opened read-only and without the folder's lock, and every number comes from one
+read transaction of plain SELECTs, so counts and spend belong to the same moment (WAL readers
+never block the writer).
+
+A run is *live* when the latest ``runs`` row has no ``finished_at`` and its process is still
+alive. With no ``finished_at`` and no process, the run died without settling (``kill -9``, power
+loss): it is *interrupted*, and the requests it had in flight may have been billed; the next run
+of the manifest counts them as possible charges and resumes the rest.
+
+Jobs are those of the checkpoint: every job ever planned in the folder, so a manifest that
+shrank since shows more here than in ``results.csv``, which follows the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.errors import StoreError
+from runner.store import Store
+
+RunState = Literal["live", "finished", "interrupted", "never_run"]
+
+
+@dataclass(frozen=True)
+class LastRun:
+    run_id: int
+    started_at: str
+    finished_at: str | None
+    outcome: str | None  # "finished", or why it stopped early; None while live or interrupted
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    folder: Path
+    state: RunState
+    succeeded: int
+    failed: int
+    failed_retryable: int  # of ``failed``: a rerun of the manifest tries these again
+    pending: int
+    in_flight: int  # requests out right now; only while live
+    cut_off: int  # requests an interrupted run left in flight: possibly billed
+    confirmed_usd: float
+    possible_usd: float  # recorded possible charges, plus ``cut_off`` at the image price
+    last_activity_at: datetime | None
+    idle_s: float | None  # since ``last_activity_at``
+    last_run: LastRun | None
+    failures: dict[str, int] = field(default_factory=dict)  # error cause -> failed jobs
+
+    @property
+    def jobs(self) -> int:
+        return self.succeeded + self.failed + self.pending
+
+    @property
+    def live(self) -> bool:
+        return self.state == "live"
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-safe view, for ``status --json``."""
+        last_run, last_at = self.last_run, self.last_activity_at
+        return {
+            "folder": str(self.folder),
+            "state": self.state,
+            "live": self.live,
+            "jobs": {
+                "total": self.jobs,
+                "succeeded": self.succeeded,
+                "failed": self.failed,
+                "failed_retryable": self.failed_retryable,
+                "pending": self.pending,
+            },
+            "in_flight": self.in_flight,
+            "cut_off": self.cut_off,
+            "spend_usd": {"confirmed": self.confirmed_usd, "possible": self.possible_usd},
+            "last_activity_at": last_at.isoformat(timespec="milliseconds") if last_at else None,
+            "idle_s": self.idle_s,
+            "last_run": None
+            if last_run is None
+            else {
+                "run_id": last_run.run_id,
+                "started_at": last_run.started_at,
+                "finished_at": last_run.finished_at,
+                "outcome": last_run.outcome,
+                "pid": last_run.pid,
+            },
+            "failures": dict(self.failures),
+        }
+
+
+def read_status(store: Store, *, now: datetime | None = None) -> RunStatus:
+    """Read where the run in ``store``'s folder stands; ``now`` is for tests."""
+    try:
+        store.db.execute("BEGIN")  # one snapshot for every SELECT below
+        try:
+            status = _read(store, now or datetime.now(UTC))
+        finally:
+            store.db.execute("ROLLBACK")
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{store.folder}: cannot read the checkpoint: {exc}") from None
+    return status
+
+
+def _read(store: Store, now: datetime) -> RunStatus:
+    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "runs" not in tables:  # a first run is creating the checkpoint right now
+        return _nothing_yet(store.folder)
+    by_status = {
+        r[0]: int(r[1]) for r in store.query("SELECT status, COUNT(*) FROM jobs GROUP BY 1")
+    }
+    retryable = store.query("SELECT COUNT(*) FROM jobs WHERE status = 'failed' AND retryable")
+    failures = {
+        str(r[0]): int(r[1])
+        for r in store.query(
+            "SELECT COALESCE(error_cause, 'unknown'), COUNT(*) FROM jobs WHERE status = 'failed' "
+            "GROUP BY 1 ORDER BY 2 DESC, 1"
+        )
+    }
+    attempts = {
+        r[0]: (int(r[1]), int(r[2]))
+        for r in store.query(
+            "SELECT state, COUNT(*), COALESCE(SUM(cost_micro_usd), 0) FROM attempts GROUP BY 1"
+        )
+    }
+    last_activity = store.query(
+        "SELECT MAX(t) FROM (SELECT MAX(started_at) AS t FROM attempts "
+        "UNION ALL SELECT MAX(finished_at) FROM attempts "
+        "UNION ALL SELECT MAX(updated_at) FROM jobs "
+        "UNION ALL SELECT MAX(started_at) FROM runs "
+        "UNION ALL SELECT MAX(finished_at) FROM runs)"
+    )[0][0]
+    last_run = _last_run(store)
+    state = _state(last_run)
+
+    in_flight = attempts.get("in_flight", (0, 0))[0]
+    # A live run settles nothing yet; an interrupted one left these without an outcome.
+    cut_off = in_flight if state == "interrupted" else 0
+    possible_micro = attempts.get("possible", (0, 0))[1] + cut_off * PRICE_PER_IMAGE_MICRO_USD
+    last_at = datetime.fromisoformat(last_activity) if last_activity else None
+    return RunStatus(
+        folder=store.folder,
+        state=state,
+        succeeded=by_status.get("succeeded", 0),
+        failed=by_status.get("failed", 0),
+        failed_retryable=int(retryable[0][0]),
+        pending=by_status.get("pending", 0),
+        in_flight=in_flight if state == "live" else 0,
+        cut_off=cut_off,
+        confirmed_usd=attempts.get("confirmed", (0, 0))[1] / MICRO,
+        possible_usd=possible_micro / MICRO,
+        last_activity_at=last_at,
+        idle_s=max(0.0, (now - last_at).total_seconds()) if last_at else None,
+        last_run=last_run,
+        failures=failures,
+    )
+
+
+def _nothing_yet(folder: Path) -> RunStatus:
+    return RunStatus(
+        folder=folder,
+        state="never_run",
+        succeeded=0,
+        failed=0,
+        failed_retryable=0,
+        pending=0,
+        in_flight=0,
+        cut_off=0,
+        confirmed_usd=0.0,
+        possible_usd=0.0,
+        last_activity_at=None,
+        idle_s=None,
+        last_run=None,
+    )
+
+
+def _last_run(store: Store) -> LastRun | None:
+    rows = store.query("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1")
+    if not rows:
+        return None
+    row = rows[0]
+    return LastRun(
+        run_id=int(row["run_id"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        outcome=row["outcome"],
+        pid=dict(row).get("pid"),  # None in checkpoints from before migration 2
+    )
+
+
+def _state(last_run: LastRun | None) -> RunState:
+    if last_run is None:
+        return "never_run"
+    if last_run.finished_at is not None:
+        return "finished"
+    if last_run.pid is not None and _process_alive(last_run.pid):
+        return "live"
+    return "interrupted"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    # A zombie has exited; only its parent has not reaped it yet.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+# --- the human view -------------------------------------------------------------------------
+
+
+def format_status(status: RunStatus) -> str:
+    """A few aligned lines, like the summary of ``image-runner run``."""
+    s = status
+    failed = f"{s.failed} failed"
+    if s.failed_retryable:
+        failed += f" ({s.failed_retryable} retried by a rerun)"
+    lines = [
+        f"folder:    {s.folder}",
+        f"state:     {_describe_state(s)}",
+        f"jobs:      {s.jobs}: {s.succeeded} succeeded, {failed}, {s.pending} pending",
+    ]
+    if s.live:
+        lines.append(f"in flight: {s.in_flight} requests")
+    lines.append(
+        f"spent:     ${s.confirmed_usd:.2f} confirmed + ${s.possible_usd:.2f} possible "
+        "(all runs in this folder)"
+    )
+    if s.cut_off:
+        lines.append(
+            f"cut off:   {s.cut_off} requests were in flight when it ended: "
+            "counted above as possible"
+        )
+    if s.last_activity_at is not None and s.idle_s is not None:
+        lines.append(f"activity:  last {_when(s.last_activity_at)}, {_ago(s.idle_s)}")
+    if s.failures:
+        causes = ", ".join(f"{n} {cause}" for cause, n in s.failures.items())
+        lines.append(f"failures:  {causes}")
+    return "\n".join(lines)
+
+
+def _describe_state(s: RunStatus) -> str:
+    run = s.last_run
+    if run is None:
+        return "no run recorded yet"
+    if s.state == "live":
+        return f"live: run {run.run_id}, pid {run.pid}, started {_when(run.started_at)}"
+    if s.state == "interrupted":
+        return (
+            f"interrupted: run {run.run_id} (pid {run.pid}) ended without finishing; "
+            "rerun the same command to resume"
+        )
+    if run.outcome not in (None, "finished"):
+        return f"stopped: run {run.run_id}: {run.outcome}; rerun the same command to resume"
+    finished = f"finished (run {run.run_id}, {_when(run.finished_at or run.started_at)})"
+    left = s.pending + s.failed_retryable
+    return f"{finished}; {left} jobs left: rerun the same command to do them" if left else finished
+
+
+def _when(moment: str | datetime) -> str:
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.1f} days ago"

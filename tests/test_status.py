@@ -1,0 +1,200 @@
+"""``image-runner status``: where a run stands, finished, live (without disturbing it) or killed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from runner.emulator import Emulator, EmulatorConfig, EmulatorThread
+from runner.manifest import load_manifest
+from runner.run import Run
+from runner.status import RunStatus, format_status, read_status
+from runner.store import Store
+from tests.conftest import options, run_manifest, write_manifest
+from tests.test_cli import cli, env, run_cli
+
+
+def status_json(out: Path) -> dict[str, Any]:
+    done = run_cli("status", out, "--json")
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def snapshot(out: Path) -> RunStatus | None:
+    """The status read in-process, or None before the run created its checkpoint."""
+    if not (out / "checkpoint.sqlite").exists():
+        return None
+    store = Store.open_read_only(out)
+    try:
+        return read_status(store)
+    finally:
+        store.close()
+
+
+def many_jobs(tmp_path: Path, count: int) -> Path:
+    jobs = [{"id": f"img-{i}", "prompt": f"picture {i}", "size": "1280x544"} for i in range(count)]
+    return write_manifest(tmp_path, jobs)
+
+
+async def test_a_finished_run(tmp_path: Path, emulator: Emulator) -> None:
+    jobs = [
+        {"id": "ok", "prompt": "a fine picture", "size": "1280x544"},
+        {"id": "refused", "prompt": "no [[faults:policy]]", "size": "1280x544"},
+        {"id": "busy", "prompt": "later [[faults:503]]", "size": "1280x544"},
+    ]
+    out = tmp_path / "out"
+    await run_manifest(write_manifest(tmp_path, jobs), out, emulator.base_url, max_attempts=1)
+    # A dry run of a longer manifest records the new job as pending and sends nothing.
+    longer = write_manifest(tmp_path, [*jobs, {"id": "new", "prompt": "one more"}])
+    dry = dataclasses.replace(options(out, emulator.base_url), dry_run=True)
+    await Run(load_manifest(longer), dry).execute()
+
+    store = Store.open_read_only(out)
+    try:
+        later = datetime.now(UTC) + timedelta(minutes=5)
+        status = read_status(store, now=later)
+    finally:
+        store.close()
+
+    assert (status.state, status.live) == ("finished", False)
+    assert (status.jobs, status.succeeded, status.failed, status.pending) == (4, 1, 2, 1)
+    assert status.failed_retryable == 1  # the 503: a rerun tries it again
+    assert status.failures == {"content_policy_violation": 1, "server_error": 1}
+    assert (status.confirmed_usd, status.possible_usd) == (0.03, 0.0)
+    assert (status.in_flight, status.cut_off) == (0, 0)
+    assert status.last_run is not None and status.last_run.run_id == 2
+    assert status.last_run.outcome == "finished"
+    assert status.idle_s is not None and 5 * 60 - 5 < status.idle_s < 5 * 60 + 1
+
+    as_dict = status.to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict
+    assert as_dict["jobs"] == {
+        "total": 4,
+        "succeeded": 1,
+        "failed": 2,
+        "failed_retryable": 1,
+        "pending": 1,
+    }
+    assert as_dict["spend_usd"] == {"confirmed": 0.03, "possible": 0.0}
+    assert as_dict["live"] is False
+
+    text = format_status(status)
+    assert "jobs:      4: 1 succeeded, 2 failed (1 retried by a rerun), 1 pending" in text
+    assert "spent:     $0.03 confirmed + $0.00 possible" in text
+    assert "failures:  1 content_policy_violation, 1 server_error" in text
+    assert "state:     finished (run 2, " in text
+    assert "2 jobs left: rerun the same command to do them" in text
+    assert "5 min ago" in text
+
+
+def test_status_while_a_run_is_live_does_not_disturb_it(tmp_path: Path) -> None:
+    count = 20
+    with EmulatorThread(EmulatorConfig(latency_s=0.5)) as server:
+        out = tmp_path / "out"
+        args = ("run", many_jobs(tmp_path, count), "--out", out, "--base-url", server.base_url)
+        proc = subprocess.Popen(
+            cli(*args, "--no-progress", "--concurrency", "2"),
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (out / "checkpoint.sqlite").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen = []
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen.append(status_json(out))
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, stderr
+        assert f"{count} succeeded, 0 failed, 0 pending" in stdout
+        assert sorted(bill.prompt for bill in server.emulator.bills) == sorted(
+            f"picture {i}" for i in range(count)
+        )  # every image paid once: status took nothing from the run
+
+    live = [s for s in seen if s["live"]]
+    assert len(seen) >= 3 and len(live) >= 2, seen
+    assert all(s["state"] == "live" and s["last_run"]["finished_at"] is None for s in live)
+    busy = [s for s in live if 0 < s["jobs"]["succeeded"] < count and s["jobs"]["pending"] > 0]
+    assert busy, live
+    assert any(s["in_flight"] > 0 for s in busy), busy
+    assert all(0 <= s["in_flight"] <= 2 for s in live)
+    assert all(s["jobs"]["total"] in (0, count) for s in live)
+    assert len(list((out / "images").iterdir())) == count
+
+    final = status_json(out)
+    assert (final["state"], final["live"], final["in_flight"]) == ("finished", False, 0)
+    assert final["jobs"]["succeeded"] == count
+    assert final["spend_usd"]["confirmed"] == round(count * 0.03, 2)
+
+
+def test_a_killed_run_is_interrupted(tmp_path: Path) -> None:
+    with EmulatorThread(EmulatorConfig(latency_s=0.5)) as server:
+        out = tmp_path / "out"
+        args = ("run", many_jobs(tmp_path, 12), "--out", out, "--base-url", server.base_url)
+        proc = subprocess.Popen(
+            cli(*args, "--no-progress", "--concurrency", "2"),
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = snapshot(out)
+                if now is not None and now.succeeded >= 2 and now.in_flight >= 1:
+                    break  # killed with requests out, waiting on the emulator's latency
+                time.sleep(0.02)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    status = status_json(out)
+    assert (status["state"], status["live"], status["in_flight"]) == ("interrupted", False, 0)
+    assert status["last_run"]["finished_at"] is None and status["last_run"]["outcome"] is None
+    assert status["jobs"]["succeeded"] >= 2 and status["jobs"]["pending"] > 0
+    assert status["cut_off"] >= 1
+    assert status["spend_usd"]["possible"] == round(status["cut_off"] * 0.03, 2)
+
+    human = run_cli("status", out)
+    assert human.returncode == 0, human.stderr
+    assert "interrupted" in human.stdout and "rerun the same command to resume" in human.stdout
+    assert f"cut off:   {status['cut_off']} requests were in flight" in human.stdout
+
+
+def test_a_folder_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for folder, extra in ((tmp_path / "empty", ()), (tmp_path / "missing", ("--json",))):
+        done = run_cli("status", folder, *extra)
+        assert done.returncode == 2
+        assert f"error: {folder} holds no image-runner checkpoint" in done.stderr
+        assert done.stdout == ""
+    assert not (tmp_path / "missing").exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_checkpoint_being_created_reads_as_no_run_yet(tmp_path: Path) -> None:
+    """The moment between a first run creating the file and creating its tables."""
+    (tmp_path / "out").mkdir()
+    sqlite3.connect(tmp_path / "out" / "checkpoint.sqlite").close()
+    status = snapshot(tmp_path / "out")
+    assert status is not None
+    assert (status.state, status.jobs, status.last_run, status.idle_s) == (
+        "never_run",
+        0,
+        None,
+        None,
+    )
+    assert "state:     no run recorded yet" in format_status(status)
+    assert json.loads(json.dumps(status.to_dict()))["jobs"]["total"] == 0
