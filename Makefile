@@ -16,6 +16,7 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/image-runner run jobs/demo.yaml --emulate
 	$(BIN)/image-runner run jobs/catalog.csv --emulate
+	$(BIN)/image-runner run jobs/matrix.yaml --emulate
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check runner tests benchmarks

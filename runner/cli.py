@@ -464,9 +464,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_INVALID
     edits = sum(1 for job in jobs if job.endpoint == "edits")
+    rows = len({job.row for job in jobs})
+    expanded = f", from {rows} manifest rows" if rows != len(jobs) else ""
     print(
-        f"{args.manifest}: {len(jobs)} jobs ({len(jobs) - edits} generations, {edits} edits), "
-        f"{_usd(len(jobs))} at $0.03 an image, before retries"
+        f"{args.manifest}: {len(jobs)} jobs ({len(jobs) - edits} generations, {edits} edits"
+        f"{expanded}), {_usd(len(jobs))} at $0.03 an image, before retries"
     )
     return EXIT_OK
 
