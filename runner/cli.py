@@ -423,11 +423,8 @@ def _exit_code(report: RunReport) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from runner.report import write_report
 
-    store = Store.open_read_only(args.out)
-    try:
+    with Store.open_read_only(args.out) as store:
         path = write_report(store)
-    finally:
-        store.close()
     print(f"report: {path}")
     return EXIT_OK
 
@@ -435,11 +432,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from runner.status import format_status, read_status
 
-    store = Store.open_read_only(args.out)
-    try:
+    with Store.open_read_only(args.out) as store:
         status = read_status(store)
-    finally:
-        store.close()
     print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status))
     return EXIT_OK
 
@@ -447,11 +441,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from runner.export import export_dataset
 
-    store = Store.open_read_only(args.out)
-    try:
+    with Store.open_read_only(args.out) as store:
         result = export_dataset(store, args.dest, args.format)
-    finally:
-        store.close()
     skipped = f" ({result.skipped} skipped: image missing or altered)" if result.skipped else ""
     print(f"exported {result.images} images as {args.format} to {result.dest}{skipped}")
     return EXIT_OK

@@ -159,6 +159,12 @@ class Store:
         db.execute("PRAGMA busy_timeout = 10000")
         return cls(db, None, folder)
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.db.close()
         if self._lock_fd is not None:
