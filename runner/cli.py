@@ -352,7 +352,12 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
     if report.pool and report.pool.failures:
         causes = ", ".join(f"{n} {cause}" for cause, n in sorted(report.pool.failures.items()))
         lines.append(f"failures:  {causes}")
-    if report.stop_reason:
+    if report.cancelled:
+        lines.append(
+            "stopped:   at once (second Ctrl-C); finished images are kept and requests that "
+            "were in flight are counted as possible; rerun the same command to resume"
+        )
+    elif report.stop_reason:
         lines.append(f"stopped:   {report.stop_reason}; rerun the same command to resume")
         hint = _stop_hint(report)
         if hint:
@@ -362,8 +367,9 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
         f"images:    {out_dir / 'images'}/",
         f"results:   {report.ledger.results_parquet} (and .csv)",
         f"ledger:    {report.ledger.ledger_csv}",
-        f"report:    {out_dir / 'report.html'}",
     ]
+    if not report.cancelled:
+        lines.append(f"report:    {out_dir / 'report.html'}")
     print(redact("\n".join(lines)))
 
 

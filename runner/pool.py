@@ -129,6 +129,10 @@ class Pool:
         finally:
             for worker in workers:
                 worker.cancel()
+        return self.result()
+
+    def result(self) -> PoolResult:
+        """The outcome so far (also of a run cut short)."""
         self._result.progress = dataclasses.replace(self._counters)
         return self._result
 

@@ -7,6 +7,7 @@ cancel; the HTML report too, except after an immediate stop (second Ctrl-C).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -92,6 +93,7 @@ class Run:
         plan: Plan | None = None
         pool_result: PoolResult | None = None
         outcome = "cancelled"
+        cancelled = False
         try:
             plan = make_plan(
                 self.jobs,
@@ -118,6 +120,11 @@ class Run:
                     )
                     pool_result = await self._pool.run(plan.todo)
             outcome = (pool_result.stop_reason if pool_result else None) or "finished"
+        except asyncio.CancelledError:
+            # Told to stop at once (a second Ctrl-C): requests in flight are dropped, and this
+            # run ends here with its books written, rather than with a traceback.
+            cancelled = True
+            pool_result = self._pool.result() if self._pool else None
         finally:
             # Also on cancel: nothing is in flight any more, so what was is a possible charge.
             store.settle_in_flight()
@@ -127,7 +134,9 @@ class Run:
             if outcome != "cancelled" and not self.options.dry_run:
                 self._write_report(store)
             store.close()
-        return RunReport(plan, ledger, pool_result, time.monotonic() - started)
+        return RunReport(
+            plan or Plan(todo=[]), ledger, pool_result, time.monotonic() - started, cancelled
+        )
 
     @staticmethod
     def _write_report(store: Store) -> None:

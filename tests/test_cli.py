@@ -223,3 +223,39 @@ def test_report_status_and_export_commands(tmp_path: Path, server: EmulatorThrea
 def test_only_needs_retry_failed(tmp_path: Path) -> None:
     done = run_cli("run", small_manifest(tmp_path), "--emulate", "--only", "server_error")
     assert done.returncode == 2 and "--retry-failed" in done.stderr
+
+
+def test_second_sigint_stops_at_once_without_a_traceback(tmp_path: Path) -> None:
+    with EmulatorThread(EmulatorConfig(latency_s=1.0)) as server:
+        out = tmp_path / "out"
+        manifest = small_manifest(tmp_path, 12)
+        args = (
+            "run",
+            manifest,
+            "--out",
+            out,
+            "--base-url",
+            server.base_url,
+            "--no-progress",
+            "--concurrency",
+            "4",
+        )
+        proc = subprocess.Popen(
+            cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 30
+        while len(server.emulator.requests) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 3, stderr
+        assert "Traceback" not in stderr
+        assert "stopped:   at once" in stdout
+        ledger = pd.read_csv(out / "ledger.csv")
+        assert (ledger["billing"] == "possible").sum() >= 1  # the dropped requests
+
+        again = subprocess.run(cli(*args), env=env(), capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert len(list((out / "images").iterdir())) == 12
