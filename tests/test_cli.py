@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -259,3 +260,95 @@ def test_second_sigint_stops_at_once_without_a_traceback(tmp_path: Path) -> None
         again = subprocess.run(cli(*args), env=env(), capture_output=True, text=True, timeout=60)
         assert again.returncode == 0, again.stderr
         assert len(list((out / "images").iterdir())) == 12
+
+
+@pytest.mark.parametrize(
+    ("faults", "exit_code", "billing"),
+    [
+        ("503,429", 0, ["confirmed"]),  # answered, retryable
+        ("reset", 0, ["possible", "confirmed"]),  # ambiguous, then retried
+        ("drop", 0, ["possible", "confirmed"]),
+        ("policy", 1, []),  # final for the job
+        ("500_noretry", 1, []),
+        ("badsize", 1, ["confirmed"]),
+        ("401", 3, []),  # final for the run
+        ("quota", 3, []),
+    ],
+)
+def test_exit_code_and_ledger_per_failure_class(
+    tmp_path: Path, server: EmulatorThread, faults: str, exit_code: int, billing: list[str]
+) -> None:
+    manifest = write_manifest(
+        tmp_path, [{"id": "one", "prompt": f"x [[faults:{faults}]]", "size": "1280x544"}]
+    )
+    out = tmp_path / "out"
+    done = run_cli("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress")
+    assert done.returncode == exit_code, done.stdout + done.stderr
+    ledger = pd.read_csv(out / "ledger.csv").sort_values("attempt")
+    assert list(ledger["billing"]) == billing
+
+
+def test_never_sent_requests_fail_the_job_with_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    done = run_cli(
+        "run",
+        small_manifest(tmp_path, 1),
+        "--out",
+        out,
+        "--base-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--max-attempts",
+        "2",
+        "--no-progress",
+    )
+    assert done.returncode == 1
+    assert pd.read_csv(out / "ledger.csv").empty  # never sent: nothing billed
+    assert "not_sent" in (out / "results.csv").read_text()
+
+
+def test_second_run_on_a_busy_folder_is_refused(tmp_path: Path) -> None:
+    with EmulatorThread(EmulatorConfig(latency_s=0.5)) as server:
+        out = tmp_path / "out"
+        args = (
+            "run",
+            small_manifest(tmp_path, 6),
+            "--out",
+            out,
+            "--base-url",
+            server.base_url,
+            "--no-progress",
+            "--concurrency",
+            "1",
+        )
+        first = subprocess.Popen(cli(*args), env=env(), stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not server.emulator.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = run_cli(*args)
+        assert second.returncode == 2
+        assert "in use by another image-runner run" in second.stderr
+        first.communicate(timeout=60)
+        assert first.returncode == 0
+        assert len(server.emulator.bills) == 6
+
+
+def test_budget_stop_exits_3_and_says_what_is_left(tmp_path: Path, server: EmulatorThread) -> None:
+    out = tmp_path / "out"
+    done = run_cli(
+        "run",
+        small_manifest(tmp_path, 5),
+        "--out",
+        out,
+        "--base-url",
+        server.base_url,
+        "--no-progress",
+        "--max-cost",
+        "0.07",
+    )
+    assert done.returncode == 3
+    assert "the budget of $0.07 is reached" in done.stdout
+    assert "left to do: 3 jobs, $0.09" in done.stdout
+    assert server.emulator.billed_usd == 0.06
