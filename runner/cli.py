@@ -344,7 +344,9 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
     progress = report.pool.progress if report.pool else None
     requests = progress.requests if progress else 0
     lines = [
-        f"jobs:      {t.jobs}: {t.succeeded} succeeded, {t.failed} failed, {t.pending} pending",
+        f"jobs:      {t.jobs}: {t.succeeded} succeeded, {t.failed} failed"
+        + (f" ({t.failed_retry_on_rerun} retried by a rerun)" if t.failed_retry_on_rerun else "")
+        + f", {t.pending} pending",
         f"spent:     ${t.confirmed_usd:.2f} confirmed + ${t.possible_usd:.2f} possible "
         f"(all runs in this folder); {requests} requests this run",
         f"wall time: {report.wall_s:.1f} s",

@@ -40,6 +40,7 @@ RESULTS_COLUMNS = [
     "possible_cost_usd",
     "error",
     "error_cause",
+    "retry_on_rerun",
 ]
 LEDGER_COLUMNS = [
     "job_id",
@@ -63,6 +64,7 @@ class Totals:
     pending: int
     confirmed_usd: float
     possible_usd: float
+    failed_retry_on_rerun: int = 0
 
     @property
     def jobs(self) -> int:
@@ -110,6 +112,8 @@ def results_frame(jobs: list[Job], store: Store) -> pd.DataFrame:
                 "possible_cost_usd": (m["possible"] if m else 0) / MICRO,
                 "error": s["error"] if s and s["status"] != "succeeded" else None,
                 "error_cause": s["error_cause"] if s and s["status"] != "succeeded" else None,
+                # A failure that may clear (server error, timeout): the next run tries again.
+                "retry_on_rerun": bool(s and s["status"] == "failed" and s["retryable"]),
             }
         )
     frame = pd.DataFrame(rows, columns=RESULTS_COLUMNS)
@@ -140,6 +144,7 @@ def totals_of(results: pd.DataFrame, store: Store) -> Totals:
         pending=int(counts.get("pending", 0)),
         confirmed_usd=confirmed / MICRO,
         possible_usd=possible / MICRO,
+        failed_retry_on_rerun=int(results["retry_on_rerun"].sum()),
     )
 
 

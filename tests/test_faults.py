@@ -217,3 +217,21 @@ async def test_retry_failed_by_cause(tmp_path: Path, emulator: Emulator) -> None
 
 def job_status(out: Path, job_id: str) -> str:
     return str(db_rows(out, f"SELECT status FROM jobs WHERE job_id = '{job_id}'")[0][0])
+
+
+async def test_results_say_which_failures_a_rerun_retries(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest(
+        tmp_path,
+        [
+            {"id": "busy", "prompt": "a [[faults:503,503]]", "size": "1280x544"},
+            {"id": "refused", "prompt": "b [[faults:policy]]", "size": "1280x544"},
+        ],
+    )
+    report = await run_manifest(manifest, out, emulator.base_url, max_attempts=2)
+    results = pd.read_csv(out / "results.csv").set_index("job_id")
+    assert bool(results.loc["busy", "retry_on_rerun"]) is True
+    assert bool(results.loc["refused", "retry_on_rerun"]) is False
+    assert report.ledger.totals.failed_retry_on_rerun == 1
