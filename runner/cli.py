@@ -198,6 +198,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out_dir: Path = args.out or Path("output") / args.manifest.stem
     base_url = args.base_url or os.environ.get("IMAGE_RUNNER_BASE_URL") or DEFAULT_BASE_URL
     api_key = os.environ.get("IMAGE_RUNNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or ""
+    if api_key != api_key.strip() or not api_key.isprintable():
+        _err("error: the API key has spaces or control characters (a stray newline?); fix it")
+        return EXIT_INVALID
     if args.emulate:
         api_key = api_key or EMULATOR_KEY
     elif not api_key:
@@ -225,7 +228,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         retry_only=frozenset(args.only or ()),
     )
-    report = asyncio.run(_run(jobs, options, args))
+    try:
+        report = asyncio.run(_run(jobs, options, args))
+    except KeyboardInterrupt:  # a Ctrl-C after the run's own handlers were gone
+        _err("interrupted; rerun the same command to resume")
+        return EXIT_STOPPED
     if args.dry_run:
         _print_plan(report, args.manifest, out_dir, args.max_cost)
         return EXIT_OK

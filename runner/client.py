@@ -111,9 +111,15 @@ class ImagesClient:
                 for path in job.images:
                     # Streamed from disk, opened anew for every attempt; the reads are small
                     # and local, so they stay on the event loop.
-                    f = files.enter_context(open(path, "rb"))  # noqa: ASYNC230
-                    fmt = sniff_format(f.read(16)) or "png"
-                    f.seek(0)
+                    try:
+                        f = files.enter_context(open(path, "rb"))  # noqa: ASYNC230
+                        fmt = sniff_format(f.read(16)) or "png"
+                        f.seek(0)
+                    except OSError as exc:  # gone since validation: nothing was sent
+                        message = f"reference image {path} cannot be read: {exc.strerror}"
+                        raise JobFailedError(
+                            message, job_id=job.id, code="reference_unreadable"
+                        ) from None
                     form.add_field("image", f, filename=path.name, content_type=MIME_TYPES[fmt])
                 request = self.session.post(url, data=form, headers=headers)
             else:
@@ -124,6 +130,9 @@ class ImagesClient:
     async def _send(self, request: Any, job: Job) -> dict[str, Any]:
         try:
             async with request as response:
+                if 200 < response.status < 300:  # not what the API answers: maybe billed
+                    message = f"unexpected HTTP {response.status} to an image request"
+                    raise AmbiguousError(message, job_id=job.id, status=response.status)
                 if response.status != 200:
                     raise await error_from_response(response, job.id)
                 body = await _read_capped(response, self.config.max_response_bytes, job.id)
@@ -194,7 +203,7 @@ async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, job_id:
 def _parse_payload(body: bytearray, job_id: str) -> dict[str, Any]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         raise AmbiguousError("malformed JSON in a 200 response", job_id=job_id) from None
     if not isinstance(payload, dict):
         raise AmbiguousError("a 200 response that is not a JSON object", job_id=job_id)
@@ -217,7 +226,9 @@ def _usage(raw: object) -> Usage | None:
 
     def number(key: str) -> int | None:
         value = raw.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+            return value
+        return None
 
     return Usage(number("input_tokens"), number("output_tokens"), number("total_tokens"))
 
@@ -232,7 +243,7 @@ async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> 
         if isinstance(error, dict):
             message = str(error.get("message") or message)
             code = str(error.get("code") or error.get("type") or "") or None
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, RecursionError):
         pass
     message = redact(message)
     retry_after_s = retry_after_from(response.headers)

@@ -102,22 +102,29 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._opened_at is not None
 
-    async def admit(self) -> None:
-        """Return when an attempt may be sent; raise :class:`OutageTooLong` past the limit."""
+    async def admit(self, keep_going: Callable[[], bool] = lambda: True) -> bool | None:
+        """Wait until an attempt may be sent. Return True if it is the breaker's probe (pass
+        that back to :meth:`record`), False if the breaker is closed, None if ``keep_going``
+        turned false while waiting; raise :class:`OutageTooLong` past the limit."""
         while self._opened_at is not None:
+            if not keep_going():
+                return None
             now = self._clock()
             if now - self._opened_at > self.config.max_outage_s:
                 raise OutageTooLong(now - self._opened_at)
             if not self._probing and now >= self._next_probe_at:
-                self._probing = True  # this caller is the probe
-                return
+                self._probing = True
+                return True
             await self._sleep(min(0.25, max(0.01, self._next_probe_at - now)))
+        return False
 
-    def record(self, provider_up: bool) -> None:
-        """Record an outcome: ``provider_up`` is False for an outage-shaped failure."""
+    def record(self, provider_up: bool, *, probe: bool = False) -> None:
+        """Record an outcome: ``provider_up`` is False for an outage-shaped failure. While the
+        breaker is open only the probe's outcome counts: requests sent before it opened are
+        stragglers, whatever they bring."""
         if self._opened_at is not None:
-            if not self._probing:
-                return  # a straggler sent before the breaker opened
+            if not probe:
+                return
             self._probing = False
             if provider_up:
                 self._close()
@@ -144,6 +151,8 @@ class CircuitBreaker:
         self._outcomes.clear()
         self._probing = False
 
-    def release_probe(self) -> None:
-        """The admitted probe was never sent (stopped, or over budget)."""
-        self._probing = False
+    def release_probe(self, probe: bool | None) -> None:
+        """An admitted attempt was never sent (stopped, or over budget): free the probe slot
+        if it held it."""
+        if probe:
+            self._probing = False

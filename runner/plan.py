@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.errors import StoreError
 from runner.images import ImageInvalid, find_image, inspect_image, remove_temp_files, sha256_file
 from runner.jobs import Job
 from runner.store import Store
@@ -88,8 +89,10 @@ def make_plan(
 def _intact(path: Path, sha256: str | None) -> bool:
     try:
         return sha256 is not None and sha256_file(path) == sha256
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError as exc:  # unreadable is not gone: never pay again for a permission problem
+        raise StoreError(f"cannot read {path} to check it: {exc.strerror}; fix it, rerun") from None
 
 
 def _adopt(job: Job, store: Store, images_dir: Path) -> bool:
@@ -117,4 +120,7 @@ def _move_aside(folder: Path, job_id: str) -> None:
     if old is not None:
         aside = folder / REPLACED_DIR
         aside.mkdir(exist_ok=True)
-        old.replace(aside / old.name)
+        target, n = aside / old.name, 1
+        while target.exists():  # every earlier version was paid for: keep them all
+            target, n = aside / f"{old.stem}.{n}{old.suffix}", n + 1
+        old.replace(target)

@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import logging
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +38,12 @@ from runner.errors import (
 )
 from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic
 from runner.jobs import Job
-from runner.limits import Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
+from runner.limits import BreakerConfig, Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
 from runner.provenance import add_provenance
 from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.store import Outcome, Store
+
+log = logging.getLogger(__name__)
 
 
 class ImageSource(Protocol):
@@ -84,7 +88,7 @@ class Pool:
         concurrency: int = 8,
         retry: RetryConfig | None = None,
         budget: Budget | None = None,
-        breaker: CircuitBreaker | None = None,
+        breaker: BreakerConfig | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
@@ -94,7 +98,7 @@ class Pool:
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryConfig()
         self.budget = budget or Budget(None, 0)
-        self.breaker = breaker or CircuitBreaker()
+        self.breaker = CircuitBreaker(breaker, sleep=self._sleep_unless_stopped)
         self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = Progress()
@@ -190,7 +194,7 @@ class Pool:
             self._report()
 
     async def _attempt(self, job: Job) -> None:
-        await self._admit()
+        probe = await self._admit()
         attempt = self.store.next_attempt(job.id)
         self.store.begin_attempt(job, attempt)
         c = self._counters
@@ -198,7 +202,7 @@ class Pool:
         c.in_flight += 1
         self._report()
         try:
-            result = await self.source.create(job)
+            result = await self._fetch(job)
             info, sha256, relative = await asyncio.to_thread(self._save, job, result.data)
         except ImageInvalid as exc:
             error: ApiError = (
@@ -206,21 +210,22 @@ class Pool:
                 if isinstance(exc, WrongSize)
                 else AmbiguousError(f"the image {exc}", job_id=job.id)
             )
-            self._record_failure(job, attempt, error)
+            self._record_failure(job, attempt, error, probe)
             raise error from None
         except ApiError as exc:
-            self._record_failure(job, attempt, exc)
+            self._record_failure(job, attempt, exc, probe)
             raise
-        except OSError as exc:  # from _save: the disk is full or not writable
+        except OSError as exc:  # from _save: an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
             self.store.record_attempt(job.id, attempt, outcome)
             self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
+            self.breaker.record(provider_up=True, probe=bool(probe))
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
             raise _Halt(f"cannot write images to {self.images_dir}: {exc}") from None
         finally:
             c.in_flight -= 1
         self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
-        self.breaker.record(provider_up=True)
+        self.breaker.record(provider_up=True, probe=bool(probe))
         usage = result.usage
         self.store.record_success(
             job.id,
@@ -241,21 +246,34 @@ class Pool:
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         self._report()
 
-    async def _admit(self) -> None:
-        """Wait until an attempt may be sent and reserve its price, or raise :class:`_Halt`."""
+    async def _fetch(self, job: Job) -> ImageResult:
+        """The source's answer; an error nobody foresaw becomes a possible charge for this one
+        attempt (it may have been sent) instead of bringing the whole run down."""
+        try:
+            return await self.source.create(job)
+        except ApiError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in a request for %s", job.id)
+            message = f"unexpected {type(exc).__name__}: {exc}"
+            raise AmbiguousError(message, job_id=job.id) from None
+
+    async def _admit(self) -> bool:
+        """Wait until an attempt may be sent and reserve its price, or raise :class:`_Halt`.
+        Return whether the attempt is the circuit breaker's probe."""
         if self.stopping:
             raise _Halt
         try:
-            await self.breaker.admit()
+            probe = await self.breaker.admit(keep_going=lambda: not self.stopping)
         except OutageTooLong as exc:
             raise _Halt(f"{exc}; the provider seems down") from None
         try:
             while True:
-                if self.stopping:
+                if self.stopping or probe is None:
                     raise _Halt
                 try:
                     self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
-                    return
+                    return probe
                 except BudgetExhausted:
                     if not self.budget.reserved_micro_usd:
                         cap = (self.budget.cap_micro_usd or 0) / MICRO
@@ -264,17 +282,17 @@ class Pool:
                 self._budget_settled.clear()
                 await self._budget_settled.wait()
         except _Halt:
-            self.breaker.release_probe()
+            self.breaker.release_probe(probe)
             raise
 
     def _settle_budget(self, charged_micro_usd: int) -> None:
         self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
         self._budget_settled.set()
 
-    def _record_failure(self, job: Job, attempt: int, error: ApiError) -> None:
+    def _record_failure(self, job: Job, attempt: int, error: ApiError, probe: bool) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
         self._settle_budget(cost)
-        self.breaker.record(provider_up=not isinstance(error, RetryableError))
+        self.breaker.record(provider_up=not isinstance(error, RetryableError), probe=probe)
         self.store.record_attempt(
             job.id, attempt, Outcome(error.billing, cost, error=error.describe())
         )
@@ -288,7 +306,10 @@ class Pool:
         info = inspect_image(data, job.expected_size)
         provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
         provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
-        data = add_provenance(data, info.format, provenance)
+        try:
+            data = add_provenance(data, info.format, provenance)
+        except (ValueError, struct.error) as exc:  # an odd container: keep the image untagged
+            log.warning("no provenance written into %s: %s", job.id, exc)
         path = self.images_dir / f"{job.id}.{info.extension}"
         write_atomic(path, data)
         relative = path.relative_to(self.store.folder).as_posix()

@@ -68,6 +68,8 @@ def make_retrying(
     chance = rng or random.Random()
 
     def wait(state: RetryCallState) -> float:
+        if state.attempt_number >= config.max_attempts:
+            return 0.0  # tenacity asks for the wait before it checks stop: no attempt follows
         error = state.outcome.exception() if state.outcome else None
         delay = backoff_s(config, state.attempt_number, chance)
         if isinstance(error, ApiError) and error.retry_after_s is not None:

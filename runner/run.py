@@ -20,7 +20,7 @@ from runner.client import ClientConfig, ImagesClient
 from runner.errors import ApiError
 from runner.jobs import Job
 from runner.ledger import LedgerFiles, write_ledger
-from runner.limits import BreakerConfig, Budget, CircuitBreaker
+from runner.limits import BreakerConfig, Budget
 from runner.plan import IMAGES_DIR, Plan, make_plan
 from runner.pool import Pool, PoolResult, Progress
 from runner.report import write_report
@@ -115,7 +115,7 @@ class Run:
                         budget=Budget(
                             _micro(self.options.max_cost_usd), sum(store.spend_micro_usd())
                         ),
-                        breaker=CircuitBreaker(self.options.breaker),
+                        breaker=self.options.breaker,
                         on_progress=self._on_progress,
                     )
                     pool_result = await self._pool.run(plan.todo)

@@ -227,7 +227,8 @@ def test_only_needs_retry_failed(tmp_path: Path) -> None:
 
 
 def test_second_sigint_stops_at_once_without_a_traceback(tmp_path: Path) -> None:
-    with EmulatorThread(EmulatorConfig(latency_s=1.0)) as server:
+    # The emulator books a request after its latency: 4 booked means 4 more are in flight.
+    with EmulatorThread(EmulatorConfig(latency_s=2.0)) as server:
         out = tmp_path / "out"
         manifest = small_manifest(tmp_path, 12)
         args = (
@@ -245,10 +246,11 @@ def test_second_sigint_stops_at_once_without_a_traceback(tmp_path: Path) -> None
             cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline = time.monotonic() + 30
-        while len(server.emulator.requests) < 6 and time.monotonic() < deadline:
+        while len(server.emulator.requests) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
+        time.sleep(0.5)  # the next four are mid-flight now, for another 1.5 s
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.2)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 3, stderr
@@ -352,3 +354,13 @@ def test_budget_stop_exits_3_and_says_what_is_left(tmp_path: Path, server: Emula
     assert "the budget of $0.07 is reached" in done.stdout
     assert "left to do: 3 jobs, $0.09" in done.stdout
     assert server.emulator.billed_usd == 0.06
+
+
+def test_a_key_with_a_stray_newline_is_refused_before_sending(
+    tmp_path: Path, server: EmulatorThread
+) -> None:
+    done = run_cli(
+        "run", small_manifest(tmp_path), "--base-url", server.base_url, key=TEST_KEY + "\n"
+    )
+    assert done.returncode == 2 and "control characters" in done.stderr
+    assert server.emulator.requests == []

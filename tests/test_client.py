@@ -159,3 +159,26 @@ def test_b64_with_and_without_the_data_prefix_decode_alike() -> None:
     assert _decode_b64(plain, "j") == _decode_b64("data:image/png;base64," + plain, "j") == raw
     with pytest.raises(AmbiguousError):
         _decode_b64("data:image/png;base64,not*base64", "j")
+
+
+async def test_odd_success_statuses_and_absurd_json_are_possible_charges() -> None:
+    async def accepted(request: web.Request) -> web.Response:
+        return web.json_response({"data": []}, status=202)
+
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(text="[" * 200_000, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/a/images/generations", accepted)
+    app.router.add_post("/n/images/generations", nested)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        for path in ("/a", "/n"):
+            async with ImagesClient(ClientConfig(base_url=base + path, api_key=TEST_KEY)) as c:
+                with pytest.raises(AmbiguousError):
+                    await c.create(job())
+    finally:
+        await runner.cleanup()

@@ -52,15 +52,15 @@ async def test_breaker_opens_probes_one_at_a_time_and_closes() -> None:
     breaker.record(provider_up=False)
     assert breaker.is_open
 
-    await breaker.admit()  # the first probe, after the initial delay
+    assert await breaker.admit() is True  # the first probe, after the initial delay
     assert t.now >= 1.0
     waiting = asyncio.create_task(breaker.admit())  # a second caller waits for the probe
     await asyncio.sleep(0)
     assert not waiting.done()
-    breaker.record(provider_up=False)  # the probe failed: the next one comes later
-    await waiting
+    breaker.record(provider_up=False, probe=True)  # the probe failed: the next comes later
+    assert await waiting is True
     assert t.now >= 3.0  # 1 s, then the doubled delay of 2 s
-    breaker.record(provider_up=True)
+    breaker.record(provider_up=True, probe=True)
     assert not breaker.is_open
     await breaker.admit()  # closed: no wait
 
@@ -73,8 +73,8 @@ async def test_breaker_gives_up_after_max_outage() -> None:
     breaker.record(provider_up=False)
     with pytest.raises(OutageTooLong):
         while True:
-            await breaker.admit()
-            breaker.record(provider_up=False)
+            probe = await breaker.admit()
+            breaker.record(provider_up=False, probe=bool(probe))
 
 
 def jobs_manifest(tmp_path: Path, count: int) -> Path:
@@ -158,3 +158,39 @@ async def test_breaker_closes_when_the_provider_recovers(
     failures = [r for r in emulator.requests if r.status == 503]
     assert 12 <= len(failures) < 20  # paused while down: probes only, one at a time
     assert pd.read_csv(out / "ledger.csv")["billing"].eq("confirmed").all()
+
+
+async def test_only_the_probe_decides_while_open() -> None:
+    t = FakeTime()
+    config = BreakerConfig(window=2, failure_ratio=1.0, probe_initial_s=1.0)
+    breaker = CircuitBreaker(config, clock=t.clock, sleep=t.sleep)
+    breaker.record(provider_up=False)
+    breaker.record(provider_up=False)
+    probe = await breaker.admit()
+    assert probe is True
+    breaker.record(provider_up=True)  # a straggler sent before the breaker opened
+    assert breaker.is_open
+    second = asyncio.create_task(breaker.admit())
+    await asyncio.sleep(0)
+    assert not second.done()  # still one probe at a time
+    breaker.record(provider_up=True, probe=True)
+    assert not breaker.is_open
+    assert await second is False
+
+
+async def test_a_stop_wakes_callers_waiting_on_an_open_breaker() -> None:
+    t = FakeTime()
+    config = BreakerConfig(window=1, failure_ratio=1.0, probe_initial_s=1000.0)
+    breaker = CircuitBreaker(config, clock=t.clock, sleep=t.sleep)
+    breaker.record(provider_up=False)
+    stopping = False
+
+    async def stop_soon() -> None:
+        nonlocal stopping
+        await asyncio.sleep(0)
+        stopping = True
+
+    stopper = asyncio.create_task(stop_soon())
+    assert await breaker.admit(keep_going=lambda: not stopping) is None
+    await stopper
+    assert t.now < 1000.0

@@ -94,3 +94,12 @@ def test_retry_after_header_forms() -> None:
     assert retry_after_from(headers(retry_after="soon")) is None
     assert retry_after_from(headers()) is None
     assert retry_after_from(headers(retry_after="-3")) is None
+
+
+async def test_a_long_retry_after_on_the_last_attempt_fails_the_job_only() -> None:
+    errors: list[ApiError] = [
+        ServerError("429", retry_after_s=1),
+        ServerError("429", retry_after_s=600),
+    ]
+    with pytest.raises(ServerError):  # not RetryAfterTooLong: no attempt would follow anyway
+        await run_with(errors, RetryConfig(max_attempts=2, max_retry_after_s=60))

@@ -4,15 +4,20 @@ resume, and the ledger against the emulator's own billing record."""
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
+from runner.client import ImageResult
 from runner.emulator import Emulator
-from runner.errors import OutputLockedError
+from runner.errors import OutputLockedError, StoreError
+from runner.jobs import Job
 from runner.manifest import load_manifest
+from runner.pool import Pool
+from runner.retry import RetryConfig
 from runner.run import Run
 from runner.store import Store
 from tests.conftest import (
@@ -223,3 +228,90 @@ async def test_unwritable_images_folder_stops_the_run_and_counts_the_charge(
     assert report.stop_reason is not None and "cannot write images" in report.stop_reason
     assert report.ledger.totals.pending == 1
     assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.03
+
+
+async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path) -> None:
+    """A bug-shaped exception in one request is a possible charge for that attempt; the other
+    jobs go on and the job is retried."""
+    out = tmp_path / "out"
+    jobs = load_manifest(
+        write_manifest(
+            tmp_path, [{"id": f"j{i}", "prompt": f"p{i}", "size": "1280x544"} for i in range(3)]
+        )
+    )
+    calls: list[str] = []
+
+    class Flaky:
+        async def create(self, job: Job) -> ImageResult:
+            calls.append(job.id)
+            if job.id == "j1" and calls.count("j1") == 1:
+                raise RecursionError("maximum recursion depth exceeded")
+            buffer = io.BytesIO()
+            Image.new("RGB", (1280, 544), "navy").save(buffer, format="PNG")
+            return ImageResult(buffer.getvalue(), None)
+
+    store = Store.open(out)
+    try:
+        pool = Pool(
+            Flaky(),
+            store,
+            out / "images",
+            concurrency=2,
+            retry=RetryConfig(backoff_initial_s=0.001),
+        )
+        result = await pool.run(jobs)
+        rows = store.query("SELECT job_id, attempt, state FROM attempts ORDER BY job_id, attempt")
+    finally:
+        store.close()
+    assert result.stop_reason is None and result.progress.succeeded == 3
+    assert [tuple(r) for r in rows if r[0] == "j1"] == [
+        ("j1", 1, "possible"),
+        ("j1", 2, "confirmed"),
+    ]
+
+
+async def test_reference_deleted_after_validation_fails_the_job_unbilled(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    ref = make_ref(tmp_path / "refs", "r.png")
+    manifest = write_manifest(
+        tmp_path,
+        [
+            {"id": "edit", "prompt": "edit image1", "images": ["refs/r.png"]},
+            {"id": "plain", "prompt": "plain", "size": "1280x544"},
+        ],
+    )
+    jobs = load_manifest(manifest)
+    ref.unlink()
+    report = await Run(jobs, options(tmp_path / "out", emulator.base_url)).execute()
+    assert report.stop_reason is None
+    assert db_rows(
+        tmp_path / "out", "SELECT status, error_cause FROM jobs WHERE job_id='edit'"
+    ) == [("failed", "reference_unreadable")]
+    assert report.ledger.totals.succeeded == 1
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.03
+    assert report.ledger.totals.possible_usd == 0
+
+
+async def test_every_replaced_version_is_kept(tmp_path: Path, emulator: Emulator) -> None:
+    out = tmp_path / "out"
+    for prompt in ("version A", "version B", "version C"):
+        manifest = write_manifest(tmp_path, [{"id": "x", "prompt": prompt, "size": "1280x544"}])
+        await run_manifest(manifest, out, emulator.base_url)
+    kept = sorted((out / "replaced").iterdir())
+    assert len(kept) == 2
+    prompts = {Image.open(p).text["prompt"] for p in kept}  # type: ignore[attr-defined]
+    assert prompts == {"version A", "version B"}
+
+
+async def test_an_unreadable_finished_image_stops_instead_of_paying_again(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "a", "size": "1280x544"}])
+    await run_manifest(manifest, out, emulator.base_url)
+    (out / "images" / "a.png").unlink()
+    (out / "images" / "a.png").mkdir()  # reading it fails, but it is not "missing"
+    with pytest.raises(StoreError, match="cannot read"):
+        await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == 1
