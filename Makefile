@@ -6,10 +6,18 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint browser bench clean
 
-$(BIN)/.installed: pyproject.toml
+# The demo needs the runtime dependencies only; the tests add the dev extras.
+$(BIN)/.venv-created:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "image-runner needs Python 3.11 or newer; run: make PYTHON=python3.11 ...")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	touch $@
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.venv-created
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-dev: pyproject.toml $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -18,7 +26,7 @@ demo: $(BIN)/.installed
 	$(BIN)/image-runner run jobs/catalog.csv --emulate
 	$(BIN)/image-runner run jobs/matrix.yaml --emulate
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check runner tests benchmarks
 	$(BIN)/ruff format --check runner tests benchmarks
 	$(BIN)/mypy
@@ -34,6 +42,9 @@ browser:
 
 test: lint browser
 	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed-dev
+	$(BIN)/python benchmarks/bench_run.py
 
 clean:
 	rm -rf $(VENV) output/*/
