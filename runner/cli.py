@@ -1,8 +1,9 @@
 """The command line: parse arguments, call one core function, print, map outcomes to exit codes.
 
 The only module that prints or owns a progress bar. Exit codes:
-0 all jobs succeeded; 1 finished with failed jobs; 2 invalid manifest or usage, nothing sent;
-3 stopped early (auth, quota, interrupt, provider asking to wait too long) and resumable.
+0 all jobs succeeded; 1 finished with failed jobs; 2 invalid manifest or usage (or a folder in
+use), nothing sent; 3 stopped early and resumable (interrupt, key refused, out of quota, budget
+reached, provider down, a Retry-After too long).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from runner.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 EMULATOR_KEY = "sk-emulator-local"
-
-log = logging.getLogger("runner")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
