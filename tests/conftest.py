@@ -3,6 +3,8 @@ and a helper that runs the core exactly as the CLI does."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from PIL import Image
 
 from runner.client import ClientConfig
@@ -83,6 +86,26 @@ def options(out: Path, base_url: str, **overrides: Any) -> RunOptions:
 
 async def run_manifest(manifest: Path, out: Path, base_url: str, **overrides: Any) -> RunReport:
     return await Run(load_manifest(manifest), options(out, base_url, **overrides)).execute()
+
+
+def closed_port_url() -> str:
+    """A base URL on a loopback port nobody listens on: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve a test server's ``app`` on a free loopback port; yield its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def db_rows(out: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 
 from runner.emulator import EmulatorConfig, EmulatorThread
-from tests.conftest import TEST_KEY, make_ref, write_manifest
+from tests.conftest import TEST_KEY, closed_port_url, make_ref, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,24 +160,31 @@ def test_emulate_flag_runs_the_demo_offline(tmp_path: Path) -> None:
     assert len(list((out / "images").iterdir())) == 8
 
 
+def run_args(tmp_path: Path, server: EmulatorThread, concurrency: int) -> tuple[str | Path, ...]:
+    return (
+        "run",
+        small_manifest(tmp_path, 12),
+        "--out",
+        tmp_path / "out",
+        "--base-url",
+        server.base_url,
+        "--no-progress",
+        "--concurrency",
+        str(concurrency),
+    )
+
+
+def start(args: tuple[str | Path, ...]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def test_sigint_stops_gracefully_and_the_rerun_finishes(tmp_path: Path) -> None:
     with EmulatorThread(EmulatorConfig(latency_s=0.3)) as server:
         out = tmp_path / "out"
-        manifest = small_manifest(tmp_path, 12)
-        args = (
-            "run",
-            manifest,
-            "--out",
-            out,
-            "--base-url",
-            server.base_url,
-            "--no-progress",
-            "--concurrency",
-            "2",
-        )
-        proc = subprocess.Popen(
-            cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        args = run_args(tmp_path, server, concurrency=2)
+        proc = start(args)
         deadline = time.monotonic() + 30
         while len(server.emulator.bills) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -230,21 +236,8 @@ def test_second_sigint_stops_at_once_without_a_traceback(tmp_path: Path) -> None
     # The emulator books a request after its latency: 4 booked means 4 more are in flight.
     with EmulatorThread(EmulatorConfig(latency_s=2.0)) as server:
         out = tmp_path / "out"
-        manifest = small_manifest(tmp_path, 12)
-        args = (
-            "run",
-            manifest,
-            "--out",
-            out,
-            "--base-url",
-            server.base_url,
-            "--no-progress",
-            "--concurrency",
-            "4",
-        )
-        proc = subprocess.Popen(
-            cli(*args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        args = run_args(tmp_path, server, concurrency=4)
+        proc = start(args)
         deadline = time.monotonic() + 30
         while len(server.emulator.requests) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -291,9 +284,6 @@ def test_exit_code_and_ledger_per_failure_class(
 
 
 def test_never_sent_requests_fail_the_job_with_exit_1(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "out"
     done = run_cli(
         "run",
@@ -301,7 +291,7 @@ def test_never_sent_requests_fail_the_job_with_exit_1(tmp_path: Path) -> None:
         "--out",
         out,
         "--base-url",
-        f"http://127.0.0.1:{port}/v1",
+        closed_port_url(),
         "--max-attempts",
         "2",
         "--no-progress",

@@ -16,7 +16,7 @@ from runner.client import ClientConfig, ImagesClient
 from runner.errors import AmbiguousError, JobFailedError, ServerError
 from runner.images import ImageInvalid, inspect_image
 from runner.jobs import Job
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, serve_app
 
 
 def png(size: tuple[int, int] = (1280, 544)) -> bytes:
@@ -61,14 +61,9 @@ async def server() -> AsyncIterator[FaultServer]:
     app.router.add_get("/huge", fault.cdn(b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000))
     app.router.add_get("/slow", fault.cdn(png(), delay_s=2.0))
     app.router.add_get("/gone", fault.cdn(b"expired", status=404))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    fault.base = f"http://127.0.0.1:{port}"
-    yield fault
-    await runner.cleanup()
+    async with serve_app(app) as base:
+        fault.base = base
+        yield fault
 
 
 def job() -> Job:
@@ -125,11 +120,7 @@ async def test_error_bodies_that_are_not_json_still_classify() -> None:
     app = web.Application()
     app.router.add_post("/v1/images/generations", html_502)
     app.router.add_post("/v2/images/generations", not_found)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serve_app(app) as base:
         async with ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c:
             with pytest.raises(ServerError) as info:
                 await c.create(job())
@@ -137,8 +128,6 @@ async def test_error_bodies_that_are_not_json_still_classify() -> None:
         async with ImagesClient(ClientConfig(base_url=f"{base}/v2", api_key=TEST_KEY)) as c:
             with pytest.raises(JobFailedError):
                 await c.create(job())
-    finally:
-        await runner.cleanup()
 
 
 def test_decompression_bomb_in_a_response_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,14 +160,8 @@ async def test_odd_success_statuses_and_absurd_json_are_possible_charges() -> No
     app = web.Application()
     app.router.add_post("/a/images/generations", accepted)
     app.router.add_post("/n/images/generations", nested)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serve_app(app) as base:
         for path in ("/a", "/n"):
             async with ImagesClient(ClientConfig(base_url=base + path, api_key=TEST_KEY)) as c:
                 with pytest.raises(AmbiguousError):
                     await c.create(job())
-    finally:
-        await runner.cleanup()

@@ -4,7 +4,6 @@ cannot place files outside the output folder."""
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from runner.emulator import EmulatorConfig, EmulatorThread
 from runner.redact import RedactingFilter, redact, register_secret
-from tests.conftest import write_manifest
+from tests.conftest import closed_port_url, write_manifest
 from tests.test_cli import run_cli
 
 CANARY = f"sk-canary-{uuid.uuid4().hex}"
@@ -81,9 +80,6 @@ def test_canary_key_is_in_no_output(
 
 
 def test_canary_key_is_in_no_output_when_the_api_is_unreachable(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: connection refused
     out = tmp_path / "out"
     done = run_cli(
         "run",
@@ -91,7 +87,7 @@ def test_canary_key_is_in_no_output_when_the_api_is_unreachable(tmp_path: Path) 
         "--out",
         out,
         "--base-url",
-        f"http://127.0.0.1:{port}/v1",
+        closed_port_url(),
         "--max-attempts",
         "2",
         key=CANARY,
