@@ -29,7 +29,7 @@ from runner.client import DEFAULT_BASE_URL, ClientConfig
 from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
 from runner.errors import ManifestError, RunnerError
 from runner.jobs import Job
-from runner.limits import BreakerConfig
+from runner.limits import BreakerConfig, Budget
 from runner.manifest import load_manifest
 from runner.plan import Plan
 from runner.pool import Progress
@@ -396,8 +396,10 @@ def _print_plan(report: RunReport, manifest: Path, out_dir: Path, cap_usd: float
         "in this folder",
     ]
     if cap_usd is not None:
-        left = max(0.0, cap_usd - spent)
-        fits = int(round(left * MICRO) // PRICE_PER_IMAGE_MICRO_USD)
+        budget = Budget(round(cap_usd * MICRO), round(spent * MICRO))
+        left_micro_usd = budget.left_micro_usd or 0
+        left = left_micro_usd / MICRO
+        fits = left_micro_usd // PRICE_PER_IMAGE_MICRO_USD
         verdict = "enough" if fits >= len(plan.todo) else f"NOT enough: {fits} images fit"
         lines.append(f"  budget:    ${cap_usd:.2f} cap, ${left:.2f} left: {verdict}")
     for i, job in enumerate(plan.todo[:3]):

@@ -90,7 +90,6 @@ class CircuitBreaker:
         self._probe_delay_s = self.config.probe_initial_s
         self._next_probe_at = 0.0
         self._probing = False
-        self.opened_count = 0
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
@@ -144,7 +143,6 @@ class CircuitBreaker:
         self._opened_at = self._clock()
         self._probe_delay_s = self.config.probe_initial_s
         self._next_probe_at = self._opened_at + self._probe_delay_s
-        self.opened_count += 1
 
     def _close(self) -> None:
         self._opened_at = None

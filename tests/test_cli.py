@@ -344,6 +344,19 @@ def test_budget_stop_exits_3_and_says_what_is_left(tmp_path: Path, server: Emula
     assert "the budget of $0.07 is reached" in done.stdout
     assert "left to do: 3 jobs, $0.09" in done.stdout
     assert server.emulator.billed_usd == 0.06
+    plan = run_cli(
+        "run",
+        small_manifest(tmp_path, 5),
+        "--out",
+        out,
+        "--base-url",
+        server.base_url,
+        "--max-cost",
+        "0.07",
+        "--dry-run",
+    )
+    assert "$0.07 cap, $0.01 left: NOT enough: 0 images fit" in plan.stdout
+    assert server.emulator.billed_usd == 0.06
 
 
 def test_a_key_with_a_stray_newline_is_refused_before_sending(
