@@ -52,7 +52,7 @@ class _LineMap(dict[Any, Any]):
     line = 0
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.CSafeLoader):
     """``yaml.SafeLoader`` that remembers the line of every mapping, for error messages, and
     notes keys given twice in one mapping (plain PyYAML silently keeps the last)."""
 
@@ -113,7 +113,7 @@ def _read(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
 
 def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
     with open(path, encoding="utf-8") as f:
-        loader = _Loader(f)  # a SafeLoader subclass: no tags
+        loader = _Loader(f)  # a (C) SafeLoader subclass: no tags
         loader.duplicate_keys = []
         try:
             doc = loader.get_single_data()
