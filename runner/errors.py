@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from runner.ratelimit import RateLimitHeaders
+
 Billing = Literal["none", "possible", "confirmed"]
 
 
@@ -76,12 +78,14 @@ class ApiError(RunnerError):
         status: int | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        rate_limit: RateLimitHeaders | None = None,
     ) -> None:
         self.message = message
         self.job_id = job_id
         self.status = status
         self.code = code
         self.retry_after_s = retry_after_s
+        self.rate_limit = rate_limit  # the x-ratelimit-* headers of the answer, if any
         super().__init__(self.describe())
 
     def describe(self) -> str:

@@ -1,0 +1,355 @@
+"""Pacing requests to the provider's rate limit: ``--rpm`` as a ceiling, adaptive by default.
+
+A run is bounded by the provider's rate limit, not by our CPU, so the runner keeps sending just
+as fast as the provider accepts: not the fixed 10-15 s pause after any 429 other tools take, and
+not the sawtooth of a plain additive-increase, multiplicative-decrease pacer, which swings
+between half the limit and the limit (about 0.75 of it on average).
+
+One :class:`Lane` per endpoint: generations and edits keep separate state, so a limit on one
+does not slow the other (a limit they share shows up in both, and each settles on its share).
+A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
+
+``free``
+    No 429 seen: no pacing beyond the ``--rpm`` ceiling.
+``measure``
+    After the first 429. The estimator rests on one fact about a token bucket: a 429 means the
+    bucket was empty when that request arrived, so between two 429'd requests sent at ``t0`` and
+    ``t1`` the provider accepted exactly what it refilled, ``rate * (t1 - t0)``, give or take
+    one request (as long as the bucket never overflowed, which pacing just above the limit
+    prevents). So the lane sends at ``measure_gain`` times the rate it saw accepted lately
+    (saturated, but barely), and once ``measure_min_s`` have passed since the first 429, the
+    next 429 closes the measurement: accepted requests sent between the two, divided by the
+    time between them.
+``cruise``
+    Paced at ``cruise_gain`` (0.97) of that estimate. Now and then, while the pacer is what
+    holds requests back, the rate creeps up by ``probe_step``; a 429 takes it down by
+    ``decrease``. Small steps around the estimate, not a halving: the provider's own burst
+    allowance absorbs the small overshoots and undershoots, so nearly all of the limit is used.
+``announced``
+    The provider sends ``x-ratelimit-limit-requests`` (OpenAI's headers): paced just under the
+    announced limit, never probing past it; ``x-ratelimit-remaining-requests: 0`` pauses the
+    lane until ``x-ratelimit-reset-requests``.
+
+A 429's ``Retry-After`` pauses its whole lane, not just the job that got it. Times here are
+``time.monotonic()`` seconds; the lane is plain logic over an injected clock, so tests can drive
+it without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Phase = Literal["free", "measure", "cruise", "announced"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_HISTORY_S = 120.0  # how far back sends are remembered for the estimator
+
+
+@dataclass(frozen=True)
+class RateLimitHeaders:
+    """What a response's ``x-ratelimit-*-requests`` headers announce."""
+
+    limit_rpm: float | None = None
+    remaining: int | None = None
+    reset_s: float | None = None
+
+
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations (``"1s"``, ``"6m0s"``, ``"250ms"``, ``"1h2m3.5s"``) or plain
+    seconds (``"0.5"``), in seconds; None if it is neither."""
+    text = text.strip()
+    try:
+        value = float(text)
+        return value if math.isfinite(value) and value >= 0 else None
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders | None:
+    """The request-rate headers of a response, if it carries any."""
+    limit = headers.get("x-ratelimit-limit-requests")
+    remaining = headers.get("x-ratelimit-remaining-requests")
+    reset = headers.get("x-ratelimit-reset-requests")
+    if limit is None and remaining is None and reset is None:
+        return None
+
+    def number(text: str | None) -> float | None:
+        try:
+            value = float(text) if text is not None else math.nan
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value >= 0 else None
+
+    limit_rpm = number(limit)
+    left = number(remaining)
+    return RateLimitHeaders(
+        limit_rpm=limit_rpm if limit_rpm else None,
+        remaining=int(left) if left is not None else None,
+        reset_s=parse_duration(reset) if reset is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class PacerConfig:
+    ceiling_rpm: float | None = None  # --rpm: never faster than this
+    adaptive: bool = True  # slow down on 429s, find the limit, keep just under it
+    measure_min_accepted: int = 10  # the estimate is right to +-1 request
+    measure_min_s: float = 2.0
+    measure_slow: float = 0.7
+    measure_grow: float = 1.5
+    measure_grow_every_s: float = 1.0
+    measure_give_up_s: float = 30.0  # no 429 for this long while measuring: cruise instead
+    cruise_gain: float = 0.97
+    decrease: float = 0.9
+    probe_step: float = 1.02
+    probe_every_s: float = 5.0
+    announced_gain: float = 0.98
+    min_rpm: float = 1.0
+
+
+class Lane:
+    """The pacing state of one endpoint; all times in seconds of the injected clock."""
+
+    def __init__(self, name: str, config: PacerConfig) -> None:
+        self.name = name
+        self.config = config
+        self.phase: Phase = "free"
+        self.limited_count = 0  # 429s seen
+        self.waited = False  # the pacer held a request back since the last probe
+        self._rate: float | None = None  # requests/s of the adaptive pacer; None: unpaced
+        self._slot = -math.inf  # when the last request was let through
+        self._paused_until = -math.inf
+        self._sends: list[float] = []  # send times, oldest first
+        self._limited: list[float] = []  # send times of the requests answered 429, sorted
+        self._anchor = 0.0  # measure: when the first 429'd request of the measurement went
+        self._grown = False  # measure: the pace grew since the anchor
+        self._counting = False  # measure: anchored after growing; the pace holds till the end
+        self._last_change = -math.inf  # 429s of requests sent before this are stale
+        self._next_probe = math.inf
+        self._announced_rate: float | None = None
+
+    def __repr__(self) -> str:
+        rate = f"{self.rate * 60:.1f}/min" if self.rate else "unpaced"
+        return f"<Lane {self.name} {self.phase} {rate} 429s={self.limited_count}>"
+
+    @property
+    def rate(self) -> float | None:
+        """The pace in requests per second, ceiling included; None: unpaced."""
+        ceiling = self.config.ceiling_rpm / 60 if self.config.ceiling_rpm else None
+        if self._rate is None:
+            return ceiling
+        return min(self._rate, ceiling) if ceiling else self._rate
+
+    def next_send_at(self, now: float) -> float:
+        """When the next request may go (``<= now``: at once)."""
+        self._update(now)
+        at = self._paused_until
+        rate = self.rate
+        if rate:
+            at = max(at, self._slot + 1 / rate)
+        return at
+
+    def take(self, now: float) -> None:
+        """A request goes now."""
+        rate = self.rate
+        if rate:
+            grid = self._slot + 1 / rate
+            # A little late keeps the grid (sleeps overshoot); idle for long does not bank credit.
+            self._slot = grid if now - grid < 0.25 / rate else now
+        else:
+            self._slot = now
+        self._sends.append(now)
+        _trim(self._sends, now - _HISTORY_S)
+        _trim(self._limited, now - _HISTORY_S)
+
+    def observe(
+        self,
+        sent_at: float,
+        now: float,
+        *,
+        limited: bool,
+        retry_after_s: float | None = None,
+        headers: RateLimitHeaders | None = None,
+    ) -> None:
+        """The answer to a request sent at ``sent_at``; ``limited``: a 429 rate limit."""
+        if headers is not None:
+            self._announce(now, headers)
+        if not limited:
+            return
+        self.limited_count += 1
+        insort(self._limited, sent_at)  # answers come back out of order
+        if retry_after_s is not None:
+            self._paused_until = max(self._paused_until, now + retry_after_s)
+        if not self.config.adaptive:
+            return
+        if self.phase == "free":
+            self._start_measuring(now, sent_at)
+        elif sent_at < self._last_change:
+            pass  # sent before the pace last changed: says nothing about the new pace
+        elif self.phase == "measure":
+            self._measure(now, sent_at)
+        else:  # cruise or announced: we went over
+            self._set_rate(now, self._current() * self.config.decrease)
+
+    def _start_measuring(self, now: float, sent_at: float) -> None:
+        self.phase = "measure"
+        self._anchor, self._grown, self._counting = sent_at, False, False
+        # Half the rate accepted before the first 429 (over the last second at most): that
+        # includes the burst allowance, so it may still be over the limit, or far under.
+        window = min(1.0, max(0.25, sent_at - self._sends[0]))
+        self._set_rate(now, 0.5 * self._accepted(sent_at - window, sent_at) / window)
+
+    def _measure(self, now: float, sent_at: float) -> None:
+        """A 429 while measuring: re-anchor, conclude, or slow down."""
+        c = self.config
+        if self._grown:
+            # The pace grew since the anchor because no 429 came: the bucket may have
+            # overflowed meanwhile, which spoils the count. Count from this 429 instead, at
+            # this pace (over the limit, as this 429 says), and grow no more.
+            self._anchor, self._grown, self._counting = sent_at, False, True
+            return
+        accepted = self._accepted(self._anchor, sent_at)
+        span = sent_at - self._anchor
+        if accepted >= c.measure_min_accepted and span >= c.measure_min_s:
+            self._cruise(now, accepted / span)
+        elif _count(self._limited, self._anchor, sent_at) > accepted:
+            # Far over (most requests get 429): slow down. Still over, so the count holds.
+            self._set_rate(now, self._current() * c.measure_slow)
+
+    def _cruise(self, now: float, estimate: float) -> None:
+        self.phase = "cruise"
+        self._set_rate(now, estimate * self.config.cruise_gain)
+
+    def _set_rate(self, now: float, rate: float) -> None:
+        ceiling = self._announced_rate
+        self._rate = max(self._floor(), min(rate, ceiling) if ceiling else rate)
+        self._last_change = now
+        self._next_probe = now + self.config.probe_every_s
+        self.waited = False
+
+    def _announce(self, now: float, headers: RateLimitHeaders) -> None:
+        if headers.limit_rpm:
+            announced = headers.limit_rpm / 60 * self.config.announced_gain
+            if self._announced_rate != announced:
+                self._announced_rate = announced
+                self.phase = "announced"
+                self._set_rate(now, announced)
+        if headers.remaining == 0 and headers.reset_s is not None:
+            self._paused_until = max(self._paused_until, now + headers.reset_s)
+
+    def _update(self, now: float) -> None:
+        """Time-driven changes: growing while measuring, probing upward while cruising."""
+        if self.phase == "measure":
+            if now - max(self._last_limited(), self._anchor) > self.config.measure_give_up_s:
+                self._cruise(now, self._current())  # the 429s stopped: no limit in sight
+            elif (
+                not self._counting
+                and self.waited
+                and now - self._last_change >= self.config.measure_grow_every_s
+                and self._last_limited() < self._last_change
+            ):
+                # Paced, and no 429 since the last change: the limit is further up.
+                self._set_rate(now, self._current() * self.config.measure_grow)
+                self._grown = True
+        elif self.phase in ("cruise", "announced") and now >= self._next_probe:
+            if self.waited:
+                rate = self._current() * self.config.probe_step
+                if self._announced_rate:
+                    rate = min(rate, self._announced_rate)
+                self._rate = rate
+            self._next_probe = now + self.config.probe_every_s
+            self.waited = False
+
+    def _current(self) -> float:
+        return self._rate if self._rate is not None else self._floor()
+
+    def _floor(self) -> float:
+        return self.config.min_rpm / 60
+
+    def _last_limited(self) -> float:
+        return self._limited[-1] if self._limited else -math.inf
+
+    def _accepted(self, start: float, end: float) -> int:
+        """Requests sent in ``(start, end]`` not answered 429 (those still in flight count as
+        accepted: a provider's 429 comes back at once)."""
+        return _count(self._sends, start, end) - _count(self._limited, start, end)
+
+
+def _count(times: list[float], start: float, end: float) -> int:
+    """How many of the sorted ``times`` fall in ``(start, end]``."""
+    return max(0, bisect_right(times, end) - bisect_right(times, start))
+
+
+def _trim(times: list[float], horizon: float) -> None:
+    """Forget the times before ``horizon`` (in bulk, so appends stay cheap)."""
+    if times and times[0] < horizon and len(times) > 64:
+        del times[: bisect_left(times, horizon)]
+
+
+class RateLimiter:
+    """The lanes of a run. ``sent_at = await acquire(lane)`` before each request (None: told
+    to stop while waiting), ``observe(lane, sent_at, ...)`` with its answer."""
+
+    def __init__(
+        self,
+        config: PacerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config or PacerConfig()
+        self.lanes: dict[str, Lane] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._clock = clock
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"<RateLimiter {list(self.lanes.values())}>"
+
+    def lane(self, name: str) -> Lane:
+        if name not in self.lanes:
+            self.lanes[name] = Lane(name, self.config)
+            self._locks[name] = asyncio.Lock()
+        return self.lanes[name]
+
+    async def acquire(
+        self, name: str, keep_going: Callable[[], bool] = lambda: True
+    ) -> float | None:
+        lane = self.lane(name)
+        async with self._locks[name]:  # FIFO: requests go in the order they asked
+            while True:
+                if not keep_going():
+                    return None
+                now = self._clock()
+                at = lane.next_send_at(now)
+                if at <= now:
+                    break
+                lane.waited = True
+                await self._sleep(min(at - now, 0.5))  # then look again: the pace may change
+            lane.take(now)
+            return now
+
+    def observe(
+        self,
+        name: str,
+        sent_at: float,
+        *,
+        limited: bool,
+        retry_after_s: float | None = None,
+        headers: RateLimitHeaders | None = None,
+    ) -> None:
+        self.lane(name).observe(
+            sent_at, self._clock(), limited=limited, retry_after_s=retry_after_s, headers=headers
+        )

@@ -1,0 +1,329 @@
+"""The rate limiter: header parsing, the lane's pacing logic against a simulated token bucket
+(on a virtual clock, so figures are exact and the test takes no time), and the whole runner
+against real rate-limiting HTTP servers."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import heapq
+import io
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from PIL import Image
+
+from runner.manifest import load_manifest
+from runner.ratelimit import (
+    Lane,
+    PacerConfig,
+    RateLimiter,
+    RateLimitHeaders,
+    parse_duration,
+    rate_limit_headers,
+)
+from runner.run import Run
+from tests.conftest import options, serve_app, write_manifest
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("250ms", 0.25),
+        ("1h2m3.5s", 3723.5),
+        ("0.5", 0.5),
+        ("20", 20.0),
+        ("", None),
+        ("soon", None),
+        ("1s later", None),
+        ("-1", None),
+        ("nan", None),
+    ],
+)
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_rate_limit_headers() -> None:
+    assert rate_limit_headers(CIMultiDict({"content-type": "application/json"})) is None
+    headers = CIMultiDict(
+        {
+            "X-RateLimit-Limit-Requests": "300",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1.5s",
+        }
+    )
+    assert rate_limit_headers(headers) == RateLimitHeaders(300.0, 0, 1.5)
+    junk = CIMultiDict({"x-ratelimit-limit-requests": "lots", "x-ratelimit-reset-requests": "?"})
+    assert rate_limit_headers(junk) == RateLimitHeaders(None, None, None)
+
+
+# --- the lane against a simulated token bucket -----------------------------------------------
+
+
+@dataclass
+class Sim:
+    accepted: int
+    limited: int
+    first: float
+    last: float
+    lane: Lane
+
+    @property
+    def share_429(self) -> float:
+        return self.limited / (self.accepted + self.limited)
+
+    def efficiency(self, rate: float) -> float:
+        return self.accepted / (self.last - self.first) / rate
+
+
+def simulate(
+    *,
+    rate: float,
+    burst: int,
+    workers: int,
+    jobs: int,
+    latency_s: float = 0.05,
+    config: PacerConfig | None = None,
+    announce: bool = False,
+    seed: int = 1,
+) -> Sim:
+    """``workers`` workers run ``jobs`` jobs through one lane against a token bucket; a 429
+    comes back at once and its job retries after the runner's backoff. Virtual time."""
+    rng = random.Random(seed)
+    lane = Lane("generations", config or PacerConfig())
+    tokens, refilled_at = float(burst), 0.0
+    events: list[tuple[float, int, str, tuple[int, float]]] = []
+    seq = 0
+
+    def push(at: float, kind: str, job: int = -1, sent: float = 0.0) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (at, seq, kind, (job, sent)))
+
+    todo, waiting, attempts = list(range(jobs))[::-1], list[int](), dict[int, int]()
+    accepted = limited = 0
+    first = last = 0.0
+    for _ in range(workers):
+        push(0.0, "want", todo.pop())
+    while events:
+        now, _, kind, (job, sent) = heapq.heappop(events)
+        if kind == "want":
+            waiting.append(job)
+        elif kind == "ok":
+            accepted, last = accepted + 1, now
+            remaining = max(0, int(tokens))
+            headers = RateLimitHeaders(rate * 60, remaining, 1 / rate) if announce else None
+            lane.observe(sent, now, limited=False, headers=headers)
+            if todo:
+                push(now, "want", todo.pop())
+        elif kind == "429":
+            limited += 1
+            lane.observe(sent, now, limited=True)
+            attempts[job] = attempts.get(job, 0) + 1
+            backoff = min(0.5 * 2 ** (attempts[job] - 1), 8) * (1 - 0.25 * rng.random())
+            push(now + backoff, "want", job)
+        while waiting:  # the pacer lets waiting requests go in order
+            at = lane.next_send_at(now)
+            if at > now:
+                lane.waited = True
+                push(min(at, now + 0.5), "tick")
+                break
+            job = waiting.pop(0)
+            lane.take(now)
+            tokens, refilled_at = min(burst, tokens + (now - refilled_at) * rate), now
+            if tokens >= 1:
+                tokens -= 1
+                push(now + latency_s, "ok", job, now)
+            else:
+                push(now + 0.002, "429", job, now)
+    return Sim(accepted, limited, first, last, lane)
+
+
+@pytest.mark.parametrize("workers", [4, 16, 32])
+def test_adaptive_pace_holds_an_unannounced_limit(workers: int) -> None:
+    # The benchmark's case: 300 a minute, burst 10, nothing announced.
+    sim = simulate(rate=5.0, burst=10, workers=workers, jobs=600)
+    assert sim.accepted == 600
+    assert sim.efficiency(5.0) >= 0.95
+    assert sim.share_429 <= 0.05 + workers / 600  # the first burst of `workers` meets the limit
+    assert sim.lane.phase == "cruise"
+    assert 0.9 * 5.0 <= (sim.lane.rate or 0) <= 1.1 * 5.0
+
+
+def test_adaptive_pace_beats_a_plain_aimd_sawtooth() -> None:
+    # A limit 10x higher, with long latency and many workers: still at the limit.
+    sim = simulate(rate=50.0, burst=20, workers=64, jobs=1500, latency_s=1.0)
+    assert sim.efficiency(50.0) >= 0.95
+    assert sim.share_429 <= 0.05 + 64 / 1500
+
+
+def test_slow_limit_with_long_latency() -> None:
+    # 30 a minute, 20 s per image: the pacer must not shrink while requests are in flight.
+    sim = simulate(rate=0.5, burst=5, workers=30, jobs=200, latency_s=20.0)
+    assert sim.efficiency(0.5) >= 0.9
+
+
+def test_announced_limit_is_paced_without_429s() -> None:
+    sim = simulate(rate=5.0, burst=10, workers=8, jobs=300, announce=True)
+    assert sim.limited == 0
+    assert sim.lane.phase == "announced"
+    assert sim.lane.rate == pytest.approx(5.0 * 0.98)
+    assert sim.efficiency(5.0) >= 0.95
+
+
+def test_ceiling_caps_the_pace() -> None:
+    sim = simulate(rate=100.0, burst=10, workers=8, jobs=200, config=PacerConfig(ceiling_rpm=600))
+    assert sim.limited == 0
+    assert sim.accepted / (sim.last - sim.first) <= 10.0 * 1.02
+
+
+def test_no_429_means_no_pacing() -> None:
+    lane = Lane("edits", PacerConfig())
+    for t in range(100):
+        assert lane.next_send_at(t * 0.001) <= t * 0.001
+        lane.take(t * 0.001)
+        lane.observe(t * 0.001, t * 0.001 + 0.0005, limited=False)
+    assert lane.phase == "free" and lane.rate is None
+
+
+def test_retry_after_pauses_the_lane() -> None:
+    lane = Lane("generations", PacerConfig())
+    lane.take(10.0)
+    lane.observe(10.0, 10.1, limited=True, retry_after_s=3.0)
+    assert lane.next_send_at(10.1) >= 13.1
+
+
+def test_remaining_zero_pauses_until_reset() -> None:
+    lane = Lane("generations", PacerConfig())
+    lane.take(1.0)
+    lane.observe(1.0, 1.2, limited=False, headers=RateLimitHeaders(60, 0, 4.0))
+    assert lane.next_send_at(1.2) >= 5.2
+
+
+def test_stale_429s_do_not_compound() -> None:
+    # Ten requests accepted, then forty sent before the first 429 came back: one decision.
+    lane = Lane("generations", PacerConfig())
+    for i in range(50):
+        lane.take(i * 0.001)
+    for i in range(10, 50):
+        lane.observe(i * 0.001, 0.06, limited=True)
+    assert lane.phase == "measure"
+    assert lane.limited_count == 40
+    # Half the rate that went through (10 in the first quarter second), not 0.7**40 of it.
+    assert lane.rate == pytest.approx(0.5 * 10 / 0.25)
+
+
+def test_not_adaptive_only_honours_retry_after() -> None:
+    lane = Lane("generations", PacerConfig(adaptive=False))
+    lane.take(0.0)
+    lane.observe(0.0, 0.01, limited=True, retry_after_s=None)
+    assert lane.phase == "free" and lane.rate is None
+
+
+# --- the runner against real rate-limiting servers -------------------------------------------
+
+
+def _png_b64() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 120, 200)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PNG_B64 = _png_b64()
+
+
+class TokenBucketApp:
+    """An images API limited by a token bucket; counts what it answered."""
+
+    def __init__(self, rate: float, burst: int, *, announce: bool) -> None:
+        self.rate, self.burst, self.announce = rate, burst, announce
+        self.tokens, self.at = float(burst), time.monotonic()
+        self.ok = self.limited = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/images/generations", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        headers = {}
+        if self.announce:
+            headers = {
+                "x-ratelimit-limit-requests": f"{self.rate * 60:g}",
+                "x-ratelimit-remaining-requests": str(max(0, int(self.tokens) - 1)),
+                "x-ratelimit-reset-requests": f"{1 / self.rate:g}s",
+            }
+        if self.tokens < 1:
+            self.limited += 1
+            error = {"message": "Rate limit reached", "code": "rate_limit_exceeded"}
+            return web.json_response({"error": error}, status=429, headers=headers)
+        self.tokens -= 1
+        self.ok += 1
+        body = {"created": 0, "data": [{"b64_json": PNG_B64}]}
+        return web.json_response(body, headers=headers)
+
+
+def tiny_jobs(folder: Path, n: int) -> Path:
+    return write_manifest(folder, [{"id": f"j{i:03d}", "prompt": f"dot {i}"} for i in range(n)])
+
+
+async def test_runner_finds_an_unannounced_limit(tmp_path: Path) -> None:
+    server = TokenBucketApp(rate=40.0, burst=5, announce=False)
+    async with serve_app(server.app()) as url:
+        opts = options(tmp_path / "out", f"{url}/v1", concurrency=8)
+        report = await Run(load_manifest(tiny_jobs(tmp_path, 150)), opts).execute()
+    assert report.ledger.totals.succeeded == 150
+    # Without the limiter, 8 workers retrying after 1-10 ms would draw thousands of 429s.
+    assert server.limited <= 0.2 * (server.ok + server.limited)
+    assert report.pool is not None
+    limited, rpm = report.pool.rate_limits["generations"]
+    assert limited == server.limited
+    assert rpm is not None and rpm <= 1.5 * 40 * 60  # at the limit, or measuring it
+
+
+async def test_runner_paces_an_announced_limit(tmp_path: Path) -> None:
+    server = TokenBucketApp(rate=50.0, burst=8, announce=True)
+    async with serve_app(server.app()) as url:
+        opts = options(tmp_path / "out", f"{url}/v1", concurrency=8)
+        report = await Run(load_manifest(tiny_jobs(tmp_path, 60)), opts).execute()
+    assert report.ledger.totals.succeeded == 60
+    # Only while the first answers, and their headers, are on their way back.
+    assert server.limited <= 8
+
+
+async def test_rpm_ceiling_is_a_lower_bound_on_time(tmp_path: Path) -> None:
+    server = TokenBucketApp(rate=1000.0, burst=1000, announce=False)
+    async with serve_app(server.app()) as url:
+        opts = options(tmp_path / "out", f"{url}/v1", concurrency=8)
+        opts = dataclasses.replace(opts, pacer=PacerConfig(ceiling_rpm=1200))
+        started = time.monotonic()
+        report = await Run(load_manifest(tiny_jobs(tmp_path, 21)), opts).execute()
+        elapsed = time.monotonic() - started
+    assert report.ledger.totals.succeeded == 21
+    assert elapsed >= 20 / 20.0 * 0.95  # 21 requests at 20 a second span at least 1 s
+
+
+async def test_acquire_returns_none_when_told_to_stop() -> None:
+    limiter = RateLimiter(PacerConfig(ceiling_rpm=60))
+    assert await limiter.acquire("generations") is not None
+    stopping = False
+
+    async def sleep(_: float) -> None:
+        nonlocal stopping
+        stopping = True
+
+    limiter = RateLimiter(PacerConfig(ceiling_rpm=60), sleep=sleep)
+    assert await limiter.acquire("generations", lambda: not stopping) is not None
+    assert await limiter.acquire("generations", lambda: not stopping) is None
