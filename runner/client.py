@@ -1,7 +1,9 @@
 """The HTTP client: one aiohttp session, requests for both endpoints, outcomes as typed errors.
 
-``ImagesClient.create(job)`` sends one request and returns the image bytes, or raises one of the
-:mod:`runner.errors` classes, sorted by what the outcome means for billing and retrying:
+``ImagesClient.create(job, folder)`` sends one request and streams the image into a temp file
+in ``folder`` (see :mod:`runner.b64stream`: the body is never held whole, so memory stays
+bounded per request in flight), or raises one of the :mod:`runner.errors` classes, sorted by
+what the outcome means for billing and retrying:
 
 - nothing reached the server (connect failed or timed out): :class:`NotSentError`;
 - the server answered with an error: by status and code, see :func:`error_from_response`;
@@ -14,22 +16,23 @@ with no redirects followed and bounded in bytes and time.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import json
 import math
+import secrets
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
 from runner.api import MIME_TYPES, SPEND_LIMIT_CODES, sniff_format
+from runner.b64stream import B64JsonScanner, B64StreamError
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -38,11 +41,14 @@ from runner.errors import (
     RunStoppedError,
     ServerError,
 )
+from runner.images import TMP_MARKER
 from runner.jobs import Job
+from runner.ratelimit import RateLimitHeaders, rate_limit_headers
 from runner.redact import redact, register_secret
 
 DEFAULT_BASE_URL = "https://api.apiyi.com/v1"
 ERROR_BODY_MAX_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18  # what one request in flight holds of its body at a time
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class ImageResult:
-    data: bytes
+    """An image that came back: a temp file (``<job id>.part.tmp-*``) the caller now owns."""
+
+    path: Path
+    size_bytes: int
     usage: Usage | None
+    rate_limit: RateLimitHeaders | None = None  # the answer's x-ratelimit-* headers
 
 
 class ImagesClient:
@@ -99,8 +109,17 @@ class ImagesClient:
             raise RuntimeError("ImagesClient is used outside 'async with'")
         return self._session
 
-    async def create(self, job: Job) -> ImageResult:
-        """Send one request for ``job`` and return its image bytes (not yet verified)."""
+    async def create(self, job: Job, folder: Path) -> ImageResult:
+        """Send one request for ``job`` and stream its image (not yet verified) into a temp file
+        in ``folder``; the caller owns that file. On any error no file is left behind."""
+        tmp = folder / f"{job.id}.part{TMP_MARKER}{secrets.token_hex(6)}"
+        try:
+            return await self._create(job, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def _create(self, job: Job, tmp: Path) -> ImageResult:
         url = f"{self.config.base_url.rstrip('/')}/images/{job.endpoint}"
         headers = {"Authorization": f"Bearer {self.config.api_key}"}
         with ExitStack() as files:
@@ -124,10 +143,23 @@ class ImagesClient:
                 request = self.session.post(url, data=form, headers=headers)
             else:
                 request = self.session.post(url, json=_fields(job), headers=headers)
-            payload = await self._send(request, job)
-        return await self._image_from(payload, job)
+            payload, scanner, sink, limits = await self._send(request, job, tmp, files)
+            usage = _usage(payload.get("usage"))
+            if scanner.found:  # data[0].b64_json, already decoded into the sink
+                return ImageResult(tmp, scanner.image_bytes, usage, limits)
+            data = payload.get("data")
+            item = data[0] if isinstance(data, list) and data else None
+            if not isinstance(item, dict):
+                raise AmbiguousError("a 200 response without data[0]", job_id=job.id)
+            if not isinstance(item.get("url"), str):
+                raise AmbiguousError("data[0] has neither b64_json nor url", job_id=job.id)
+            size_bytes = await self._download(item["url"], job.id, sink)
+            return ImageResult(tmp, size_bytes, usage, limits)
 
-    async def _send(self, request: Any, job: Job) -> dict[str, Any]:
+    async def _send(
+        self, request: Any, job: Job, tmp: Path, files: ExitStack
+    ) -> tuple[dict[str, Any], B64JsonScanner, BinaryIO, RateLimitHeaders | None]:
+        """Send ``request``; stream a 200's image into ``tmp``, return the rest of its JSON."""
         try:
             async with request as response:
                 if 200 < response.status < 300:  # not what the API answers: maybe billed
@@ -135,30 +167,28 @@ class ImagesClient:
                     raise AmbiguousError(message, job_id=job.id, status=response.status)
                 if response.status != 200:
                     raise await error_from_response(response, job.id)
-                body = await _read_capped(response, self.config.max_response_bytes, job.id)
+                limits = rate_limit_headers(response.headers)
+                # Only now: an image is coming back, so a disk error from here on is an
+                # OSError the pool books as a charge. Writes are a chunk at a time and local:
+                # they stay on the event loop.
+                sink = files.enter_context(open(tmp, "xb"))  # noqa: ASYNC230, SIM115
+                scanner = B64JsonScanner(sink)
+                limit = self.config.max_response_bytes
+                await _stream_capped(response, limit, job.id, scanner.feed)
+            payload = scanner.finish()
         except ApiError:
             raise
+        except B64StreamError as exc:
+            raise AmbiguousError(f"{exc} in a 200 response", job_id=job.id) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise NotSentError(_describe(exc), job_id=job.id) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AmbiguousError(f"sent, then {_describe(exc)}", job_id=job.id) from None
-        # A 4K image as base64 JSON is tens of MB: parse it off the event loop.
-        return await asyncio.to_thread(_parse_payload, body, job.id)
+        if not isinstance(payload, dict):
+            raise AmbiguousError("a 200 response that is not a JSON object", job_id=job.id)
+        return payload, scanner, sink, limits
 
-    async def _image_from(self, payload: dict[str, Any], job: Job) -> ImageResult:
-        data = payload.get("data")
-        item = data[0] if isinstance(data, list) and data else None
-        if not isinstance(item, dict):
-            raise AmbiguousError("a 200 response without data[0]", job_id=job.id)
-        if isinstance(item.get("b64_json"), str):
-            image = await asyncio.to_thread(_decode_b64, item["b64_json"], job.id)
-        elif isinstance(item.get("url"), str):
-            image = await self._download(item["url"], job.id)
-        else:
-            raise AmbiguousError("data[0] has neither b64_json nor url", job_id=job.id)
-        return ImageResult(image, _usage(payload.get("usage")))
-
-    async def _download(self, url: str, job_id: str) -> bytes:
+    async def _download(self, url: str, job_id: str, sink: BinaryIO) -> int:
         if urlsplit(url).scheme not in ("http", "https"):
             raise AmbiguousError(f"image url is not http(s): {url[:80]!r}", job_id=job_id)
         try:
@@ -171,7 +201,8 @@ class ImagesClient:
                     raise AmbiguousError(
                         f"image url answered HTTP {response.status}", job_id=job_id
                     )
-                return bytes(await _read_capped(response, self.config.max_download_bytes, job_id))
+                limit = self.config.max_download_bytes
+                return await _stream_capped(response, limit, job_id, sink.write)
         except ApiError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -187,37 +218,21 @@ def _fields(job: Job) -> dict[str, str]:
     return fields
 
 
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, job_id: str) -> bytearray:
+async def _stream_capped(
+    response: aiohttp.ClientResponse, max_bytes: int, job_id: str, write: Callable[[bytes], object]
+) -> int:
+    """Pass the body to ``write`` a chunk at a time; return its length."""
     if response.content_length is not None and response.content_length > max_bytes:
         raise AmbiguousError(
             f"response of {response.content_length} bytes is over the cap", job_id=job_id
         )
-    buffer = bytearray()
-    async for chunk in response.content.iter_chunked(1 << 20):
-        buffer += chunk
-        if len(buffer) > max_bytes:
+    size_bytes = 0
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        size_bytes += len(chunk)
+        if size_bytes > max_bytes:
             raise AmbiguousError(f"response is over the cap of {max_bytes} bytes", job_id=job_id)
-    return buffer
-
-
-def _parse_payload(body: bytearray, job_id: str) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-        raise AmbiguousError("malformed JSON in a 200 response", job_id=job_id) from None
-    if not isinstance(payload, dict):
-        raise AmbiguousError("a 200 response that is not a JSON object", job_id=job_id)
-    return payload
-
-
-def _decode_b64(value: str, job_id: str) -> bytes:
-    # The provider prefixes "data:image/png;base64,"; plain OpenAI does not. Accept both.
-    if value.startswith("data:"):
-        _, _, value = value.partition(",")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise AmbiguousError("malformed base64 in a 200 response", job_id=job_id) from None
+        write(chunk)
+    return size_bytes
 
 
 def _usage(raw: object) -> Usage | None:
@@ -248,7 +263,12 @@ async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> 
     message = redact(message)
     retry_after_s = retry_after_from(response.headers)
     should_retry = response.headers.get("x-should-retry", "").lower()
-    kwargs: dict[str, Any] = {"job_id": job_id, "status": status, "code": code}
+    kwargs: dict[str, Any] = {
+        "job_id": job_id,
+        "status": status,
+        "code": code,
+        "rate_limit": rate_limit_headers(response.headers),
+    }
     if status in (401, 403):
         return RunStoppedError(message, **kwargs)
     if status == 429 and code in SPEND_LIMIT_CODES:

@@ -2,8 +2,12 @@
 
 Every image the runner touches, a reference it uploads or a result it keeps, is decoded in full
 before it is trusted. Pillow's decompression-bomb warning is raised as an error here, so a huge
-image is refused instead of filling memory. Results are written as the crash-safe recipe asks:
-``<final>.tmp-<random>`` in the same folder, fsync, ``os.replace``, fsync the folder.
+image is refused instead of filling memory. A 4K decode holds 25-33 MB of pixels, so decodes
+run on :data:`MAX_FULL_DECODES` threads of their own, whatever the concurrency: at most that many
+at once, and only those threads' malloc arenas ever hold pixels. Results are written as the
+crash-safe recipe asks: ``<final>.tmp-<random>`` in the same folder, fsync, ``os.replace``, fsync
+the folder; an image that came back as a temp file is streamed across with its edits
+(:func:`write_atomic_copy`), never loaded whole.
 """
 
 from __future__ import annotations
@@ -13,14 +17,22 @@ import io
 import os
 import secrets
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from runner.api import EXTENSIONS, ImageFormat, sniff_format
 
 TMP_MARKER = ".tmp-"
+MAX_FULL_DECODES = 2
+COPY_CHUNK_BYTES = 1 << 20
+
+_decoders = ThreadPoolExecutor(MAX_FULL_DECODES, thread_name_prefix="image-decode")
 
 
 class ImageInvalid(ValueError):
@@ -42,26 +54,37 @@ class ImageInfo:
         return EXTENSIONS[self.format]
 
 
-def inspect_image(data: bytes, expected_size: tuple[int, int] | None = None) -> ImageInfo:
-    """Decode ``data`` in full and return what it is; raise :class:`ImageInvalid` otherwise."""
-    fmt = sniff_format(data[:16])
+def inspect_image(source: bytes | Path, expected_size: tuple[int, int] | None = None) -> ImageInfo:
+    """Decode ``source`` (the bytes, or a file) in full and return what it is; raise
+    :class:`ImageInvalid` otherwise (``OSError`` if the file cannot be opened)."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(16)
+    else:
+        head = source[:16]
+    fmt = sniff_format(head)
     if fmt is None:
         raise ImageInvalid("not a png, jpeg or webp image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageInvalid(f"refused as a decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageInvalid(f"does not decode: {exc}") from None
+    width, height = _decoders.submit(_decode, source).result()
     if expected_size is not None and (width, height) != expected_size:
         raise WrongSize(
             f"is {width}x{height}, but {expected_size[0]}x{expected_size[1]} was requested"
         )
     return ImageInfo(fmt, width, height)
+
+
+def _decode(source: bytes | Path) -> tuple[int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = source if isinstance(source, Path) else io.BytesIO(source)
+            with Image.open(opened) as image:
+                image.load()
+                return image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageInvalid(f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageInvalid(f"does not decode: {exc}") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -78,10 +101,53 @@ def write_atomic(path: Path, data: bytes) -> None:
     A leftover ``*.tmp-*`` file is the only trace a crash can leave; :func:`remove_temp_files`
     deletes those on the next start.
     """
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+def write_atomic_copy(
+    path: Path, source: Path, splices: Sequence[tuple[int, int, bytes]] = ()
+) -> str:
+    """Copy ``source`` to ``path`` as :func:`write_atomic` does, streamed, with ``splices``
+    applied: ``(offset, bytes removed, bytes inserted)`` in file order (see
+    :class:`runner.provenance.Splice`). Return the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with _atomic_file(path) as out, open(source, "rb") as src:
+
+        def put(data: bytes) -> None:
+            digest.update(data)
+            out.write(data)
+
+        pos = 0
+        for offset, remove, insert in splices:
+            _copy(src, put, offset - pos)
+            put(insert)
+            src.seek(remove, os.SEEK_CUR)
+            pos = offset + remove
+        _copy(src, put, None)
+    return digest.hexdigest()
+
+
+def _copy(src: BinaryIO, put: Callable[[bytes], None], size_bytes: int | None) -> None:
+    """Pass the next ``size_bytes`` of ``src`` (all that is left: None) to ``put``."""
+    left = size_bytes
+    while left is None or left > 0:
+        chunk = src.read(COPY_CHUNK_BYTES if left is None else min(left, COPY_CHUNK_BYTES))
+        if not chunk:
+            if left is not None:
+                raise OSError(f"{getattr(src, 'name', 'the file')} shrank while it was copied")
+            return
+        put(chunk)
+        if left is not None:
+            left -= len(chunk)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     tmp = path.with_name(f"{path.name}{TMP_MARKER}{secrets.token_hex(6)}")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)

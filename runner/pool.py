@@ -2,8 +2,9 @@
 verifies and saves its image, and records every step in the checkpoint.
 
 ``concurrency`` workers pull from one iterator, so memory grows with the number of workers, not
-with the manifest. Every attempt follows the crash-safe order: intent committed, request sent,
-image verified and written atomically, outcome committed. The pool never prints: it reports
+with the manifest; and only by a few chunks per worker, as images are streamed to temp files
+and verified from there. Every attempt follows the crash-safe order: intent committed, request
+sent, image verified and written atomically, outcome committed. The pool never prints: it reports
 through ``on_progress``.
 
 Admission: before each attempt the circuit breaker must let it through and the budget must
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -35,11 +35,13 @@ from runner.errors import (
     ConfirmedJobFailedError,
     RetryableError,
     RunStoppedError,
+    ServerError,
 )
-from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic
+from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
 from runner.jobs import Job
 from runner.limits import BreakerConfig, Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
-from runner.provenance import add_provenance
+from runner.provenance import Splice, provenance_splices
+from runner.ratelimit import PacerConfig, RateLimiter
 from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.store import Outcome, Store
 
@@ -47,7 +49,9 @@ log = logging.getLogger(__name__)
 
 
 class ImageSource(Protocol):
-    async def create(self, job: Job) -> ImageResult: ...
+    async def create(self, job: Job, folder: Path) -> ImageResult:
+        """The image for ``job`` as a new temp file in ``folder`` (named with
+        :data:`runner.images.TMP_MARKER`), which the pool then owns."""
 
 
 @dataclass
@@ -69,6 +73,8 @@ class PoolResult:
     stop_reason: str | None = None  # why the run stopped early, if it did
     stop_error: ApiError | None = None
     failures: dict[str, int] = field(default_factory=dict)  # cause -> count
+    # endpoint -> (429s seen, the pace it ended at in requests/min), for endpoints that met one
+    rate_limits: dict[str, tuple[int, float | None]] = field(default_factory=dict)
 
 
 class _Halt(Exception):
@@ -89,6 +95,7 @@ class Pool:
         retry: RetryConfig | None = None,
         budget: Budget | None = None,
         breaker: BreakerConfig | None = None,
+        pacer: PacerConfig | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
@@ -99,6 +106,7 @@ class Pool:
         self.retry = retry or RetryConfig()
         self.budget = budget or Budget(None, 0)
         self.breaker = CircuitBreaker(breaker, sleep=self._sleep_unless_stopped)
+        self.limiter = RateLimiter(pacer, sleep=self._sleep_unless_stopped)
         self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = Progress()
@@ -138,6 +146,11 @@ class Pool:
     def result(self) -> PoolResult:
         """The outcome so far (also of a run cut short)."""
         self._result.progress = dataclasses.replace(self._counters)
+        self._result.rate_limits = {
+            name: (lane.limited_count, lane.rate * 60 if lane.rate else None)
+            for name, lane in self.limiter.lanes.items()
+            if lane.limited_count
+        }
         return self._result
 
     async def _worker(self, todo: Iterator[Job]) -> None:
@@ -194,7 +207,7 @@ class Pool:
             self._report()
 
     async def _attempt(self, job: Job) -> None:
-        probe = await self._admit()
+        probe, sent_at = await self._admit(job)
         attempt = self.store.next_attempt(job.id)
         self.store.begin_attempt(job, attempt)
         c = self._counters
@@ -203,17 +216,17 @@ class Pool:
         self._report()
         try:
             result = await self._fetch(job)
-            info, sha256, relative = await asyncio.to_thread(self._save, job, result.data)
+            info, sha256, relative = await asyncio.to_thread(self._save, job, result.path)
         except ImageInvalid as exc:
             error: ApiError = (
                 ConfirmedJobFailedError(f"the image {exc}", job_id=job.id, code="wrong_size")
                 if isinstance(exc, WrongSize)
                 else AmbiguousError(f"the image {exc}", job_id=job.id)
             )
-            self._record_failure(job, attempt, error, probe)
+            self._record_failure(job, attempt, error, probe, sent_at)
             raise error from None
         except ApiError as exc:
-            self._record_failure(job, attempt, exc, probe)
+            self._record_failure(job, attempt, exc, probe, sent_at)
             raise
         except OSError as exc:  # from _save: an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
@@ -226,6 +239,7 @@ class Pool:
             c.in_flight -= 1
         self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
         self.breaker.record(provider_up=True, probe=bool(probe))
+        self.limiter.observe(job.endpoint, sent_at, limited=False, headers=result.rate_limit)
         usage = result.usage
         self.store.record_success(
             job.id,
@@ -248,19 +262,21 @@ class Pool:
 
     async def _fetch(self, job: Job) -> ImageResult:
         """The source's answer; an error nobody foresaw becomes a possible charge for this one
-        attempt (it may have been sent) instead of bringing the whole run down."""
+        attempt (it may have been sent) instead of bringing the whole run down. An ``OSError``
+        is the disk refusing the image as it came in: handled as one from :meth:`_save`."""
         try:
-            return await self.source.create(job)
-        except ApiError:
+            return await self.source.create(job, self.images_dir)
+        except (ApiError, OSError):
             raise
         except Exception as exc:
             log.exception("unexpected error in a request for %s", job.id)
             message = f"unexpected {type(exc).__name__}: {exc}"
             raise AmbiguousError(message, job_id=job.id) from None
 
-    async def _admit(self) -> bool:
-        """Wait until an attempt may be sent and reserve its price, or raise :class:`_Halt`.
-        Return whether the attempt is the circuit breaker's probe."""
+    async def _admit(self, job: Job) -> tuple[bool, float]:
+        """Wait until an attempt may be sent (the circuit breaker, then the rate limiter) and
+        reserve its price, or raise :class:`_Halt`. Return whether the attempt is the circuit
+        breaker's probe, and the rate limiter's send time."""
         if self.stopping:
             raise _Halt
         try:
@@ -268,12 +284,15 @@ class Pool:
         except OutageTooLong as exc:
             raise _Halt(f"{exc}; the provider seems down") from None
         try:
+            if probe is None:
+                raise _Halt
+            sent_at = await self.limiter.acquire(job.endpoint, lambda: not self.stopping)
             while True:
-                if self.stopping or probe is None:
+                if self.stopping or sent_at is None:
                     raise _Halt
                 try:
                     self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
-                    return probe
+                    return probe, sent_at
                 except BudgetExhausted:
                     if not self.budget.reserved_micro_usd:
                         cap = (self.budget.cap_micro_usd or 0) / MICRO
@@ -289,10 +308,22 @@ class Pool:
         self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
         self._budget_settled.set()
 
-    def _record_failure(self, job: Job, attempt: int, error: ApiError, probe: bool) -> None:
+    def _record_failure(
+        self, job: Job, attempt: int, error: ApiError, probe: bool, sent_at: float
+    ) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
         self._settle_budget(cost)
-        self.breaker.record(provider_up=not isinstance(error, RetryableError), probe=probe)
+        limited = isinstance(error, ServerError) and error.status == 429
+        self.limiter.observe(
+            job.endpoint,
+            sent_at,
+            limited=limited,
+            retry_after_s=error.retry_after_s if limited else None,
+            headers=error.rate_limit,
+        )
+        # A rate limit is the limiter's business: the provider is up, only busy.
+        provider_up = limited or not isinstance(error, RetryableError)
+        self.breaker.record(provider_up=provider_up, probe=probe)
         self.store.record_attempt(
             job.id, attempt, Outcome(error.billing, cost, error=error.describe())
         )
@@ -301,19 +332,25 @@ class Pool:
         elif error.billing == "possible":
             self._counters.possible_micro_usd += cost
 
-    def _save(self, job: Job, data: bytes) -> tuple[ImageInfo, str, str]:
-        """Verify, tag with provenance and durably write one image (in a worker thread)."""
-        info = inspect_image(data, job.expected_size)
-        provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
-        provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
+    def _save(self, job: Job, tmp: Path) -> tuple[ImageInfo, str, str]:
+        """Verify, tag with provenance and durably write one image from the source's temp file,
+        which is removed whatever happens (in a worker thread)."""
         try:
-            data = add_provenance(data, info.format, provenance)
-        except (ValueError, struct.error) as exc:  # an odd container: keep the image untagged
-            log.warning("no provenance written into %s: %s", job.id, exc)
-        path = self.images_dir / f"{job.id}.{info.extension}"
-        write_atomic(path, data)
+            info = inspect_image(tmp, job.expected_size)
+            provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
+            provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
+            splices: list[Splice] = []
+            try:
+                with open(tmp, "rb") as f:
+                    splices = provenance_splices(f, info.format, provenance)
+            except (ValueError, struct.error) as exc:  # an odd container: keep it untagged
+                log.warning("no provenance written into %s: %s", job.id, exc)
+            path = self.images_dir / f"{job.id}.{info.extension}"
+            sha256 = write_atomic_copy(path, tmp, splices)
+        finally:
+            tmp.unlink(missing_ok=True)
         relative = path.relative_to(self.store.folder).as_posix()
-        return info, hashlib.sha256(data).hexdigest(), relative
+        return info, sha256, relative
 
     def _report(self) -> None:
         self._on_progress(dataclasses.replace(self._counters))

@@ -8,14 +8,20 @@ The metadata is added to the container without re-encoding the pixels:
 - JPEG: a ``COM`` segment after SOI holding the fields as JSON; Pillow: ``info["comment"]``.
 - WebP: an ``XMP `` chunk (the container is promoted to the extended ``VP8X`` form when it is a
   simple one); Pillow: ``info["xmp"]``.
+
+A 4K image is tens of MB, so the edit is worked out from a few headers read from the file
+(:func:`provenance_splices`) as a short list of :class:`Splice` s, which
+:func:`runner.images.write_atomic_copy` applies while it streams the file to its final place.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import BinaryIO, NamedTuple
 from xml.sax.saxutils import quoteattr
 
 from runner.api import ImageFormat
@@ -25,22 +31,45 @@ XMP_NAMESPACE = "https://image-runner.invalid/ns/1.0/"
 _JPEG_COMMENT_MAX = 65533
 
 
+class Splice(NamedTuple):
+    """One edit of a file: at ``offset``, ``remove`` bytes of it are replaced by ``insert``."""
+
+    offset: int
+    remove: int
+    insert: bytes
+
+
+def provenance_splices(f: BinaryIO, fmt: ImageFormat, fields: Mapping[str, str]) -> list[Splice]:
+    """The edits, in file order, that embed ``fields`` into the verified image open as ``f``
+    (seekable); raise ``ValueError`` or ``struct.error`` for a container they cannot handle."""
+    if fmt == "png":
+        return _png(f, {**fields, "Software": SOFTWARE})
+    if fmt == "jpeg":
+        return _jpeg({**fields, "software": SOFTWARE})
+    return _webp(f, fields)
+
+
 def add_provenance(data: bytes, fmt: ImageFormat, fields: Mapping[str, str]) -> bytes:
     """``data`` with ``fields`` embedded as metadata; ``data`` must be a verified image."""
-    if fmt == "png":
-        return _png(data, {**fields, "Software": SOFTWARE})
-    if fmt == "jpeg":
-        return _jpeg(data, {**fields, "software": SOFTWARE})
-    return _webp(data, fields)
+    return apply_splices(data, provenance_splices(io.BytesIO(data), fmt, fields))
 
 
-def _png(data: bytes, fields: Mapping[str, str]) -> bytes:
+def apply_splices(data: bytes, splices: Sequence[Splice]) -> bytes:
+    out, pos = bytearray(), 0
+    for offset, remove, insert in splices:
+        out += data[pos:offset]
+        out += insert
+        pos = offset + remove
+    out += data[pos:]
+    return bytes(out)
+
+
+def _png(f: BinaryIO, fields: Mapping[str, str]) -> list[Splice]:
     chunks = b"".join(
         _png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
         for key, value in fields.items()
     )
-    iend = _png_iend_offset(data)
-    return data[:iend] + chunks + data[iend:]
+    return [Splice(_png_iend_offset(f), 0, chunks)]
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -48,26 +77,29 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
-def _png_iend_offset(data: bytes) -> int:
+def _png_iend_offset(f: BinaryIO) -> int:
     offset = 8  # the signature
-    while offset + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[offset : offset + 4])
-        if data[offset + 4 : offset + 8] == b"IEND":
+    while True:  # chunk headers only: the walk reads 8 bytes per chunk, never the pixels
+        f.seek(offset)
+        header = f.read(8)
+        if len(header) < 8:
+            raise ValueError("a PNG without an IEND chunk")
+        (length,) = struct.unpack(">I", header[:4])
+        if header[4:] == b"IEND":
             return offset
         offset += 12 + length
-    raise ValueError("a PNG without an IEND chunk")
 
 
-def _jpeg(data: bytes, fields: Mapping[str, str]) -> bytes:
+def _jpeg(fields: Mapping[str, str]) -> list[Splice]:
     text = json.dumps(dict(fields), ensure_ascii=False).encode("utf-8")
     if len(text) > _JPEG_COMMENT_MAX:
         short = {**fields, "prompt": fields.get("prompt", "")[:8000] + "..."}
         text = json.dumps(short, ensure_ascii=False).encode("utf-8")[:_JPEG_COMMENT_MAX]
     segment = b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text
-    return data[:2] + segment + data[2:]  # right after SOI
+    return [Splice(2, 0, segment)]  # right after SOI
 
 
-def _webp(data: bytes, fields: Mapping[str, str]) -> bytes:
+def _webp(f: BinaryIO, fields: Mapping[str, str]) -> list[Splice]:
     attributes = " ".join(f"ir:{key}={quoteattr(value)}" for key, value in fields.items())
     xmp = (
         '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
@@ -75,18 +107,24 @@ def _webp(data: bytes, fields: Mapping[str, str]) -> bytes:
         f'<rdf:Description xmlns:ir="{XMP_NAMESPACE}" ir:software="{SOFTWARE}" {attributes}/>'
         "</rdf:RDF></x:xmpmeta>"
     ).encode()
-    body = data[12:]  # after "RIFF" size "WEBP"
-    kind = body[:4]
+    file_size = f.seek(0, io.SEEK_END)
+    f.seek(12)  # after "RIFF" size "WEBP": the first chunk, its header and enough of its payload
+    first = f.read(30)
+    kind = first[:4]
+    splices = []
     if kind == b"VP8X":
-        flags = body[8] | 0x04  # XMP present
-        body = body[:8] + bytes([flags]) + body[9:]
+        flags = first[8] | 0x04  # XMP present
+        splices.append(Splice(20, 1, bytes([flags])))
     else:
-        width, height, alpha = _webp_canvas(kind, body[8:])
+        width, height, alpha = _webp_canvas(kind, first[8:])
         flags = 0x04 | (0x10 if alpha else 0)
         header = bytes([flags, 0, 0, 0]) + _u24(width - 1) + _u24(height - 1)
-        body = b"VP8X" + struct.pack("<I", len(header)) + header + body
-    body += b"XMP " + struct.pack("<I", len(xmp)) + xmp + (b"\0" if len(xmp) % 2 else b"")
-    return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body
+        splices.append(Splice(12, 0, b"VP8X" + struct.pack("<I", len(header)) + header))
+    tail = b"XMP " + struct.pack("<I", len(xmp)) + xmp + (b"\0" if len(xmp) % 2 else b"")
+    splices.append(Splice(file_size, 0, tail))
+    grown = sum(len(s.insert) - s.remove for s in splices)
+    riff_size = struct.pack("<I", file_size + grown - 8)
+    return [Splice(4, 4, riff_size), *splices]
 
 
 def _webp_canvas(kind: bytes, payload: bytes) -> tuple[int, int, bool]:

@@ -1,20 +1,28 @@
 """The client against a small fault server of its own: what it does with ``url`` images that
-redirect, are too big, too slow or not http(s), and that the key never goes to the CDN."""
+redirect, are too big, too slow or not http(s), and that the key never goes to the CDN; and
+``b64_json`` answers, streamed into a temp file: cut short, over the cap, malformed (no file is
+left), and never held whole in memory."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
 import io
+import json
+import os
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 from PIL import Image
 
-from runner.client import ClientConfig, ImagesClient
+from runner.client import ClientConfig, ImageResult, ImagesClient, Usage
 from runner.errors import AmbiguousError, JobFailedError, ServerError
-from runner.images import ImageInvalid, inspect_image
+from runner.images import TMP_MARKER, ImageInvalid, inspect_image
 from runner.jobs import Job
 from tests.conftest import TEST_KEY, serve_app
 
@@ -66,6 +74,10 @@ async def server() -> AsyncIterator[FaultServer]:
         yield fault
 
 
+def files_in(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir())
+
+
 def job() -> Job:
     return Job(id="j", prompt="p", model="gpt-image-2-vip", size="1280x544", response_format="url")
 
@@ -81,10 +93,12 @@ def client(server: FaultServer) -> ImagesClient:
     )
 
 
-async def test_url_image_is_fetched_without_the_key(server: FaultServer) -> None:
+async def test_url_image_is_fetched_without_the_key(server: FaultServer, tmp_path: Path) -> None:
     async with client(server) as c:
-        result = await c.create(job())
-    assert inspect_image(result.data, (1280, 544)).format == "png"
+        result = await c.create(job(), tmp_path)
+    assert result.path.parent == tmp_path and TMP_MARKER in result.path.name
+    assert result.path.read_bytes() == png() and result.size_bytes == len(png())
+    assert inspect_image(result.path, (1280, 544)).format == "png"
     assert "Authorization" not in server.cdn_headers["/img"]
 
 
@@ -100,17 +114,18 @@ async def test_url_image_is_fetched_without_the_key(server: FaultServer) -> None
     ],
 )
 async def test_unsafe_or_failed_url_downloads_are_possible_charges(
-    server: FaultServer, path: str, message: str
+    server: FaultServer, tmp_path: Path, path: str, message: str
 ) -> None:
     server.image_url = path
     async with client(server) as c:
         with pytest.raises(AmbiguousError, match=message) as info:
-            await c.create(job())
+            await c.create(job(), tmp_path)
     assert info.value.billing == "possible"
     assert "/img" not in server.cdn_headers  # a redirect is never followed
+    assert files_in(tmp_path) == []  # the temp file is gone
 
 
-async def test_error_bodies_that_are_not_json_still_classify() -> None:
+async def test_error_bodies_that_are_not_json_still_classify(tmp_path: Path) -> None:
     async def html_502(request: web.Request) -> web.Response:
         return web.Response(status=502, text="<html>Bad gateway</html>", content_type="text/html")
 
@@ -123,11 +138,12 @@ async def test_error_bodies_that_are_not_json_still_classify() -> None:
     async with serve_app(app) as base:
         async with ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c:
             with pytest.raises(ServerError) as info:
-                await c.create(job())
+                await c.create(job(), tmp_path)
             assert info.value.status == 502
         async with ImagesClient(ClientConfig(base_url=f"{base}/v2", api_key=TEST_KEY)) as c:
             with pytest.raises(JobFailedError):
-                await c.create(job())
+                await c.create(job(), tmp_path)
+    assert files_in(tmp_path) == []
 
 
 def test_decompression_bomb_in_a_response_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,17 +156,7 @@ def test_decompression_bomb_in_a_response_is_refused(monkeypatch: pytest.MonkeyP
         inspect_image(data)
 
 
-def test_b64_with_and_without_the_data_prefix_decode_alike() -> None:
-    from runner.client import _decode_b64
-
-    raw = png((32, 32))
-    plain = base64.b64encode(raw).decode()
-    assert _decode_b64(plain, "j") == _decode_b64("data:image/png;base64," + plain, "j") == raw
-    with pytest.raises(AmbiguousError):
-        _decode_b64("data:image/png;base64,not*base64", "j")
-
-
-async def test_odd_success_statuses_and_absurd_json_are_possible_charges() -> None:
+async def test_odd_success_statuses_and_absurd_json_are_possible_charges(tmp_path: Path) -> None:
     async def accepted(request: web.Request) -> web.Response:
         return web.json_response({"data": []}, status=202)
 
@@ -164,4 +170,122 @@ async def test_odd_success_statuses_and_absurd_json_are_possible_charges() -> No
         for path in ("/a", "/n"):
             async with ImagesClient(ClientConfig(base_url=base + path, api_key=TEST_KEY)) as c:
                 with pytest.raises(AmbiguousError):
-                    await c.create(job())
+                    await c.create(job(), tmp_path)
+    assert files_in(tmp_path) == []
+
+
+# --- b64_json answers, streamed into a temp file ------------------------------------------------
+
+
+CAP = ClientConfig.max_response_bytes
+
+
+def b64_body(raw: bytes, prefix: str = "data:image/png;base64,", **extra: object) -> bytes:
+    item = {"b64_json": prefix + base64.b64encode(raw).decode()}
+    return json.dumps({"created": 1, "data": [item], **extra}).encode()
+
+
+async def answer(
+    body: bytes, tmp_path: Path, *, cut_at: int | None = None, max_bytes: int = CAP
+) -> ImageResult:
+    """``create()`` against a server whose every generation answers ``body``, sent in small
+    pieces (cut off after ``cut_at`` bytes, with the full Content-Length announced)."""
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        end = len(body) if cut_at is None else cut_at
+        for offset in range(0, end, 1 << 16):  # pieces, so neither side buffers it whole
+            await response.write(body[offset : min(end, offset + (1 << 16))])
+        if cut_at is not None:
+            assert request.transport is not None
+            request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generate)
+    async with serve_app(app) as base:
+        b64_job = dataclasses.replace(job(), response_format="b64_json")
+        config = ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY, max_response_bytes=max_bytes)
+        async with ImagesClient(config) as c:
+            return await c.create(b64_job, tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["data:image/png;base64,", ""])
+async def test_b64_image_is_streamed_to_a_temp_file(tmp_path: Path, prefix: str) -> None:
+    body = b64_body(png(), prefix, usage={"input_tokens": 7, "output_tokens": 9})
+    result = await answer(body, tmp_path)
+    assert files_in(tmp_path) == [result.path]
+    assert result.path.name.startswith("j.") and TMP_MARKER in result.path.name
+    assert result.path.read_bytes() == png() and result.size_bytes == len(png())
+    assert result.usage == Usage(7, 9, None)
+
+
+@pytest.mark.parametrize(
+    ("body", "cut_at", "max_bytes", "message"),
+    [
+        (b64_body(png()), 3000, CAP, "sent, then"),  # the connection closes mid-body
+        (b64_body(png())[:-2], None, CAP, "truncated"),  # the body itself ends early
+        (b64_body(png()), None, 2000, "over the cap"),
+        (b64_body(png()).replace(b",iVBOR", b",iV*BOR"), None, CAP, "malformed base64"),
+        (b64_body(png()).replace(b'"}]', b'A"}]'), None, CAP, "multiple of 4"),
+        (b64_body(png()) + b"}", None, CAP, "malformed JSON"),
+        (b64_body(png(), revised_prompt="x" * 2_000_000), None, CAP, "besides the image"),
+        (b'{"data": []}', None, CAP, "without data"),
+        (b'{"data": [{"b64_json": null}]}', None, CAP, "neither b64_json nor url"),
+        (b"[1, 2]", None, CAP, "not a JSON object"),
+    ],
+)
+async def test_bad_b64_answers_are_possible_charges_and_leave_no_file(
+    tmp_path: Path, body: bytes, cut_at: int | None, max_bytes: int, message: str
+) -> None:
+    with pytest.raises(AmbiguousError, match=message) as info:
+        await answer(body, tmp_path, cut_at=cut_at, max_bytes=max_bytes)
+    assert info.value.billing == "possible"
+    assert files_in(tmp_path) == []
+
+
+async def test_the_cap_holds_without_a_content_length(tmp_path: Path) -> None:
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b64_body(png()))
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", chunked)
+    async with serve_app(app) as base:
+        config = ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY, max_response_bytes=2000)
+        async with ImagesClient(config) as c:
+            with pytest.raises(AmbiguousError, match="over the cap of 2000 bytes"):
+                await c.create(job(), tmp_path)
+    assert files_in(tmp_path) == []
+
+
+async def test_a_disk_that_refuses_the_image_is_an_os_error(tmp_path: Path) -> None:
+    """The pool books an ``OSError`` as an image that came back but could not be kept; an error
+    answer never touches the disk, so it stays an API error."""
+    with pytest.raises(FileNotFoundError):
+        await answer(b64_body(png()), tmp_path / "missing")
+    async with (
+        serve_app(web.Application()) as base,  # every path answers 404
+        ImagesClient(ClientConfig(base_url=base, api_key=TEST_KEY)) as c,
+    ):
+        with pytest.raises(JobFailedError):
+            await c.create(job(), tmp_path / "missing")
+
+
+async def test_a_large_answer_is_never_held_whole(tmp_path: Path) -> None:
+    raw = os.urandom(20_000_000)
+    body = b64_body(raw)  # ~27 MB of JSON
+    tracemalloc.start()
+    try:
+        result = await answer(body, tmp_path)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 4_000_000, f"{peak_bytes / 1e6:.1f} MB traced"
+    assert result.size_bytes == len(raw)
+    assert hashlib.sha256(result.path.read_bytes()).digest() == hashlib.sha256(raw).digest()

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from runner.emulator import Emulator
+from runner.images import TMP_MARKER
 from runner.manifest import load_manifest
 from runner.run import Run, RunReport
 from tests.conftest import MakeEmulator, db_rows, run_manifest, write_manifest
@@ -25,6 +26,11 @@ def one_job(tmp_path: Path, faults: str, **fields: str) -> Path:
 def ledger_billing(out: Path) -> list[str]:
     ledger = pd.read_csv(out / "ledger.csv").sort_values("attempt")
     return list(ledger["billing"])
+
+
+def temp_files(out: Path) -> list[str]:
+    """What an attempt left in the images folder besides finished images: nothing, ever."""
+    return [p.name for p in (out / "images").iterdir() if TMP_MARKER in p.name]
 
 
 def job_row(out: Path) -> tuple[str, str | None, int]:
@@ -83,6 +89,7 @@ async def test_ambiguous_outcomes_are_possible_charges_then_retried(
     totals = report.ledger.totals
     assert (totals.confirmed_usd, totals.possible_usd) == (0.03, 0.03)
     assert emulator.billed_usd == (0.06 if billed_by_server else 0.03)
+    assert temp_files(out) == []
     assert totals.confirmed_usd <= emulator.billed_usd <= totals.confirmed_usd + totals.possible_usd
 
 
@@ -137,6 +144,7 @@ async def test_wrong_size_image_is_a_confirmed_charge_and_a_failure(
     status, _, _ = job_row(out)
     assert status == "failed"
     assert not (out / "images" / "job.png").exists()
+    assert temp_files(out) == []
 
 
 async def test_retryable_failures_exhaust_attempts_then_a_rerun_retries(

@@ -3,6 +3,7 @@ decodes to the same pixels, and runs write it."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 from PIL import Image
 
 from runner.emulator import Emulator
-from runner.images import inspect_image
-from runner.provenance import add_provenance
+from runner.images import inspect_image, write_atomic_copy
+from runner.provenance import add_provenance, provenance_splices
 from tests.conftest import run_manifest, write_manifest
 
 FIELDS = {
@@ -81,3 +82,37 @@ async def test_runs_write_provenance(tmp_path: Path, emulator: Emulator) -> None
         text = image.text  # type: ignore[attr-defined]
     assert text["job_id"] == "lamp" and text["prompt"] == "a lamp"
     assert text["model"] == "gpt-image-2-vip" and text["size"] == "1280x544"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "options"),
+    [
+        ("PNG", "RGB", {}),
+        ("JPEG", "RGB", {"quality": 90}),
+        ("WEBP", "RGB", {"quality": 80}),
+        ("WEBP", "RGBA", {"lossless": True}),
+    ],
+)
+def test_a_file_is_tagged_as_it_is_copied(
+    tmp_path: Path, fmt: str, mode: str, options: dict[str, object]
+) -> None:
+    """The pool's path: edits worked out from the file's headers, applied while streaming it to
+    its final place, give the same bytes as tagging it in memory."""
+    data = encode(fmt, mode, **options)
+    source = tmp_path / "in.part.tmp-1"
+    source.write_bytes(data)
+    kind = inspect_image(source).format
+    with open(source, "rb") as f:
+        splices = provenance_splices(f, kind, FIELDS)
+    target = tmp_path / "out.img"
+    sha256 = write_atomic_copy(target, source, splices)
+    assert target.read_bytes() == add_provenance(data, kind, FIELDS)
+    assert sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.part.tmp-1", "out.img"]
+
+
+def test_an_odd_png_cannot_be_tagged(tmp_path: Path) -> None:
+    data = encode("PNG")
+    iend = data.rindex(b"IEND") - 4
+    with pytest.raises(ValueError, match="without an IEND"):
+        provenance_splices(io.BytesIO(data[:iend]), "png", FIELDS)

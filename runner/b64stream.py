@@ -1,0 +1,271 @@
+"""Streaming decode of an images API answer: the base64 image goes to a file as it arrives.
+
+A 4K image comes back as ~33 MB of JSON, nearly all of it one string, ``data[0].b64_json``.
+Reading the body whole, parsing it and decoding it costs several copies of that per request in
+flight. :class:`B64JsonScanner` is fed the body chunk by chunk instead and splits it in two:
+
+- the image string is unescaped, stripped of its optional ``data:<mime>;base64,`` prefix and
+  decoded with ``binascii.a2b_base64(strict_mode=True)`` in 4-aligned pieces straight into a
+  binary sink (a temp file);
+- everything else, the *skeleton* (the same JSON with that string replaced by ``""``), is kept
+  and parsed with :func:`json.loads` at the end, for ``usage`` or ``data[0].url``. It is small,
+  so it is capped (:data:`SKELETON_MAX_BYTES`): other long strings count against it.
+
+The scanner does not validate JSON itself: it follows only what it needs to find the image
+string (strings, brackets, commas, the keys on the path ``data`` / ``0`` / ``b64_json``), and
+leaves validation to :func:`json.loads` on the skeleton. Emptying one string cannot make invalid
+JSON valid, so nothing malformed slips through. String boundaries are found with ``bytes.find``
+and regular expressions, never a Python loop per character, and no buffer grows beyond about one
+chunk. Any problem is a :class:`B64StreamError`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+from typing import Any, Final, Literal, Protocol
+
+SKELETON_MAX_BYTES: Final = 1 << 20
+MAX_DEPTH: Final = 64  # API answers nest 3 deep; refuse absurd nesting before it costs memory
+PREFIX_MAX_BYTES: Final = 256
+
+_STRUCTURAL: Final = re.compile(rb'[{}\[\]:,"]')
+# The body of a JSON string up to its closing quote, a lone trailing backslash or the end.
+_STRING_BODY: Final = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
+_PATH: Final = ("data", 0, "b64_json")
+
+
+class B64StreamError(ValueError):
+    """The body is not a JSON answer whose ``data[0].b64_json`` is valid base64."""
+
+
+class Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+class _Frame:
+    """One open container: an object (with the key whose value comes next) or an array."""
+
+    __slots__ = ("expect_key", "index", "is_object", "key")
+
+    def __init__(self, is_object: bool) -> None:
+        self.is_object = is_object
+        self.expect_key = is_object
+        self.key: str | None = None
+        self.index = 0
+
+
+class B64JsonScanner:
+    """Feed with :meth:`feed`, then call :meth:`finish` for the parsed skeleton.
+
+    ``image_bytes`` counts what went to the sink; ``found`` says whether the body had a
+    ``data[0].b64_json`` string at all (a ``url`` answer has none).
+    """
+
+    def __init__(self, sink: Sink, *, skeleton_max_bytes: int = SKELETON_MAX_BYTES) -> None:
+        self.sink = sink
+        self.skeleton_max_bytes = skeleton_max_bytes
+        self.image_bytes = 0
+        self.found = False
+        self._skeleton = bytearray()
+        self._stack: list[_Frame] = []
+        self._string: Literal["key", "value", "image"] | None = None  # inside a string
+        self._escape = False  # a key or value string's chunk ended right after a backslash
+        self._key_raw = bytearray()
+        # The image string, stage by stage: a held-back backslash, the undecided start (None
+        # once the prefix question is settled), the base64 characters short of a group of 4.
+        self._carry = b""
+        self._head: bytearray | None = None
+        self._tail = b""
+        self._padded = False
+
+    def feed(self, chunk: bytes) -> None:
+        pos, end = 0, len(chunk)
+        while pos < end:
+            if self._string == "image":
+                pos = self._feed_image(chunk, pos)
+            elif self._string is not None:
+                pos = self._feed_string(chunk, pos)
+            else:
+                pos = self._feed_structure(chunk, pos)
+
+    def finish(self) -> Any:
+        """The skeleton, parsed; raise :class:`B64StreamError` if the body was cut short or is
+        not JSON."""
+        if self._string is not None or self._stack:
+            raise B64StreamError("the JSON body is truncated")
+        if not self._skeleton.strip():
+            raise B64StreamError("the body is empty")
+        try:
+            return json.loads(self._skeleton)
+        except (ValueError, RecursionError):
+            raise B64StreamError("malformed JSON") from None
+
+    # --- outside strings ----------------------------------------------------------------------
+
+    def _feed_structure(self, chunk: bytes, pos: int) -> int:
+        match = _STRUCTURAL.search(chunk, pos)
+        if match is None:
+            self._keep(chunk[pos:])
+            return len(chunk)
+        at = match.start()
+        self._keep(chunk[pos : at + 1])
+        char = chunk[at]
+        stack = self._stack
+        if char in b"{[":
+            if len(stack) >= MAX_DEPTH:
+                raise B64StreamError("JSON nested too deeply")
+            stack.append(_Frame(char == ord("{")))
+        elif char in b"}]":
+            if not stack:
+                raise B64StreamError("malformed JSON")
+            stack.pop()
+        elif char == ord(","):
+            if stack and stack[-1].is_object:
+                stack[-1].expect_key, stack[-1].key = True, None
+            elif stack:
+                stack[-1].index += 1
+        elif char == ord('"'):
+            if stack and stack[-1].expect_key:
+                self._string = "key"
+                self._key_raw.clear()
+            elif self._at_image():
+                if self.found:
+                    raise B64StreamError("more than one data[0].b64_json")
+                self._string = "image"
+                self._head = bytearray()
+            else:
+                self._string = "value"
+        return at + 1  # ":" changes nothing: a key already turned its object to "value next"
+
+    def _at_image(self) -> bool:
+        stack = self._stack
+        return (
+            len(stack) == 3
+            and stack[0].is_object
+            and stack[0].key == _PATH[0]
+            and not stack[1].is_object
+            and stack[1].index == _PATH[1]
+            and stack[2].is_object
+            and stack[2].key == _PATH[2]
+        )
+
+    def _keep(self, data: bytes) -> None:
+        self._skeleton += data
+        if len(self._skeleton) > self.skeleton_max_bytes:
+            raise B64StreamError(
+                f"the JSON besides the image is over {self.skeleton_max_bytes} bytes"
+            )
+
+    # --- keys and other strings: kept in the skeleton -----------------------------------------
+
+    def _feed_string(self, chunk: bytes, pos: int) -> int:
+        start = pos
+        if self._escape:  # the character after a backslash that ended the previous chunk
+            self._escape = False
+            pos += 1
+        match = _STRING_BODY.match(chunk, pos)
+        assert match is not None  # the pattern matches the empty string
+        at = match.end()
+        closed = at < len(chunk) and chunk[at] == ord('"')
+        if at < len(chunk) and not closed:  # a backslash, the last byte of the chunk
+            self._escape = True
+            at += 1
+        piece = chunk[start : at + 1 if closed else at]
+        self._keep(piece)
+        if self._string == "key":
+            self._key_raw += piece
+        if closed:
+            if self._string == "key":
+                self._end_key()
+            self._string = None
+        return at + 1 if closed else at
+
+    def _end_key(self) -> None:
+        try:
+            key = json.loads(b'"' + self._key_raw)  # the closing quote is in _key_raw
+        except ValueError:
+            raise B64StreamError("malformed JSON: a bad key") from None
+        frame = self._stack[-1]
+        frame.key, frame.expect_key = key, False
+
+    # --- the image string: streamed to the sink -----------------------------------------------
+
+    def _feed_image(self, chunk: bytes, pos: int) -> int:
+        quote = chunk.find(b'"', pos)
+        stop = len(chunk) if quote < 0 else quote
+        piece = chunk[pos:stop]
+        if self._carry:
+            piece, self._carry = self._carry + piece, b""
+        if quote < 0 and piece.endswith(b"\\"):  # an escape cut by the chunk boundary
+            piece, self._carry = piece[:-1], piece[-1:]
+        if b"\\" in piece:
+            piece = _unescape(piece)
+        self._text(piece)
+        if quote < 0:
+            return len(chunk)
+        self._end_image()
+        self._keep(b'"')
+        self._string = None
+        return quote + 1
+
+    def _text(self, text: bytes) -> None:
+        """Unescaped characters of the image string: settle the prefix, then decode."""
+        if self._head is not None:
+            self._head += text
+            head = self._head
+            if len(head) < 5 and b"data:".startswith(head):
+                return  # too short to tell yet
+            if head.startswith(b"data:"):
+                comma = head.find(b",")
+                if comma < 0:
+                    if len(head) > PREFIX_MAX_BYTES:
+                        raise B64StreamError("a data: prefix without a comma")
+                    return
+                if not head[:comma].endswith(b";base64"):
+                    raise B64StreamError("a data: prefix that is not ;base64")
+                text = bytes(head[comma + 1 :])
+            else:
+                text = bytes(head)
+            self._head = None
+        self._decode(text)
+
+    def _decode(self, text: bytes) -> None:
+        if not text:
+            return
+        if self._padded:
+            raise B64StreamError("malformed base64: data after its padding")
+        if self._tail:
+            text = self._tail + text
+        cut = len(text) - len(text) % 4
+        if cut:
+            try:
+                data = binascii.a2b_base64(memoryview(text)[:cut], strict_mode=True)
+            except binascii.Error as exc:
+                raise B64StreamError(f"malformed base64: {exc}") from None
+            self._padded = text[cut - 1] == ord("=")
+            self.sink.write(data)
+            self.image_bytes += len(data)
+        self._tail = text[cut:]
+
+    def _end_image(self) -> None:
+        if self._head is not None:  # a string too short to have settled the prefix
+            head, self._head = bytes(self._head), None
+            if head.startswith(b"data:"):
+                raise B64StreamError("a data: prefix without base64 after it")
+            self._decode(head)
+        if self._tail:
+            raise B64StreamError("malformed base64: its length is not a multiple of 4")
+        self.found = True
+
+
+def _unescape(piece: bytes) -> bytes:
+    # Inside base64 only "\/" (an escaped slash) and "\n", "\r" (line breaks, ignored) can
+    # occur. Two backslashes in a row always hold an escaped backslash: refused first, so that
+    # every backslash left starts an escape and the replacements cannot pair up new ones.
+    if b"\\\\" not in piece:
+        piece = piece.replace(b"\\/", b"/").replace(b"\\n", b"").replace(b"\\r", b"")
+        if b"\\" not in piece:
+            return piece
+    raise B64StreamError("malformed base64: an escape that is not base64")
