@@ -33,6 +33,7 @@ from runner.limits import BreakerConfig, Budget
 from runner.manifest import load_manifest
 from runner.plan import Plan
 from runner.pool import Progress
+from runner.ratelimit import PacerConfig
 from runner.redact import RedactingFilter, redact
 from runner.retry import RetryConfig
 from runner.run import Run, RunOptions, RunReport
@@ -127,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --retry-failed: only jobs that failed with this cause (as in the results' "
         "error_cause column, e.g. server_error); may be repeated",
     )
+    run.add_argument(
+        "--rpm",
+        type=_positive_float,
+        metavar="N",
+        help="at most N requests a minute per endpoint; below that the runner adapts to the "
+        "provider's rate limit by itself (429s, x-ratelimit headers)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_cmd_run)
 
@@ -140,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
         "emulate", parents=[common], help="serve the built-in API emulator"
     )
     emulate.add_argument("--host", default="127.0.0.1")
-    emulate.add_argument("--port", type=int, default=8000)
+    emulate.add_argument(
+        "--port", type=int, default=8000, help="0: a free one; the URL is printed once listening"
+    )
     emulate.add_argument("--latency", type=float, default=0.0, help="seconds per response")
     emulate.add_argument(
         "--fault-rate", type=float, default=0.0, help="share of requests that get a fault"
@@ -151,6 +161,33 @@ def _parser() -> argparse.ArgumentParser:
         help=f"fault kinds to draw from (known: {', '.join(FAULT_KINDS)})",
     )
     emulate.add_argument("--seed", type=int, help="seed for reproducible faults")
+    emulate.add_argument(
+        "--rate-limit",
+        type=_positive_float,
+        metavar="RPM",
+        help="answer 429 past this many requests a minute (a token bucket; default: no limit)",
+    )
+    emulate.add_argument(
+        "--burst", type=_positive_int, default=10, help="the rate limit's bucket size (default 10)"
+    )
+    emulate.add_argument(
+        "--limit-scope",
+        choices=("shared", "per_endpoint"),
+        default="shared",
+        help="one bucket for both endpoints (default) or one each",
+    )
+    emulate.add_argument(
+        "--announce-limits",
+        action="store_true",
+        help="send x-ratelimit-* headers, and retry-after on a 429 (default: a bare 429)",
+    )
+    emulate.add_argument(
+        "--payload",
+        choices=("flat", "noise"),
+        default="flat",
+        help="flat: tiny two-colour PNGs (default); noise: incompressible, real-sized "
+        "(~25 MB at 3840x2160)",
+    )
     emulate.set_defaults(handler=_cmd_emulate)
 
     report = commands.add_parser(
@@ -202,7 +239,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if args.emulate:
         api_key = api_key or EMULATOR_KEY
-    elif not api_key:
+    elif not api_key and not args.dry_run:  # a dry run sends nothing: it needs no key
         _err(
             "error: no API key: set IMAGE_RUNNER_API_KEY (or OPENAI_API_KEY), "
             "or add --emulate to rehearse on the built-in emulator"
@@ -221,6 +258,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_retry_after_s=args.max_retry_after,
         ),
         breaker=BreakerConfig(max_outage_s=args.max_outage),
+        pacer=PacerConfig(ceiling_rpm=args.rpm),
         concurrency=args.concurrency,
         max_cost_usd=args.max_cost,
         dry_run=args.dry_run,
@@ -239,8 +277,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _exit_code(report)
 
 
-async def _run(jobs: list[Job], options: RunOptions, args: argparse.Namespace) -> RunReport:
-    async with _maybe_emulator(args.emulate) as emulated_url:
+async def _run(jobs: Sequence[Job], options: RunOptions, args: argparse.Namespace) -> RunReport:
+    async with _maybe_emulator(args.emulate and not args.dry_run) as emulated_url:
         if emulated_url is not None:
             options = dataclasses.replace(
                 options, client=dataclasses.replace(options.client, base_url=emulated_url)
@@ -346,6 +384,7 @@ class _ProgressBar:
 
 
 def _print_summary(report: RunReport, out_dir: Path) -> None:
+    assert report.ledger is not None  # written by every run but a dry run
     t = report.ledger.totals
     progress = report.pool.progress if report.pool else None
     requests = progress.requests if progress else 0
@@ -357,6 +396,9 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
         f"(all runs in this folder); {requests} requests this run",
         f"wall time: {report.wall_s:.1f} s",
     ]
+    for lane, (limited, rpm) in sorted((report.pool.rate_limits if report.pool else {}).items()):
+        pace = f"; paced at {rpm:.0f} requests/min" if rpm else ""
+        lines.append(f"rate limit: {lane}: {limited} requests answered 429{pace}")
     if report.pool and report.pool.failures:
         causes = ", ".join(f"{n} {cause}" for cause, n in sorted(report.pool.failures.items()))
         lines.append(f"failures:  {causes}")
@@ -382,9 +424,9 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
 
 
 def _print_plan(report: RunReport, manifest: Path, out_dir: Path, cap_usd: float | None) -> None:
-    plan, t = report.plan, report.ledger.totals
-    edits = sum(1 for job in plan.todo if job.endpoint == "edits")
-    spent = t.confirmed_usd + t.possible_usd
+    plan, edits = report.plan, report.plan.todo_edits
+    confirmed, possible = (micro_usd / MICRO for micro_usd in plan.spent_micro_usd)
+    spent = confirmed + possible
     lines = [
         f"plan for {manifest} -> {out_dir} (dry run: nothing was sent)",
         f"  to do:     {len(plan.todo)} jobs ({len(plan.todo) - edits} generations, {edits} "
@@ -392,8 +434,7 @@ def _print_plan(report: RunReport, manifest: Path, out_dir: Path, cap_usd: float
         f"  estimated: {_usd(len(plan.todo))} at $0.03 an image, before retries",
         f"  done:      {plan.done} (verified on disk); failed before and not retried: "
         f"{plan.failed}",
-        f"  spent:     ${t.confirmed_usd:.2f} confirmed + ${t.possible_usd:.2f} possible "
-        "in this folder",
+        f"  spent:     ${confirmed:.2f} confirmed + ${possible:.2f} possible in this folder",
     ]
     if cap_usd is not None:
         budget = Budget(round(cap_usd * MICRO), round(spent * MICRO))
@@ -426,6 +467,7 @@ def _stop_hint(report: RunReport) -> str | None:
 
 
 def _exit_code(report: RunReport) -> int:
+    assert report.ledger is not None  # written by every run but a dry run
     if report.stop_reason:
         return EXIT_STOPPED
     if report.ledger.totals.failed:
@@ -466,16 +508,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     try:
-        jobs = load_manifest(args.manifest)
+        manifest = load_manifest(args.manifest)
     except ManifestError as exc:
         _err(str(exc))
         return EXIT_INVALID
-    edits = sum(1 for job in jobs if job.endpoint == "edits")
-    rows = len({job.row for job in jobs})
-    expanded = f", from {rows} manifest rows" if rows != len(jobs) else ""
+    jobs, edits, rows = len(manifest), manifest.edits, manifest.rows
+    expanded = f", from {rows} manifest rows" if rows != jobs else ""
     print(
-        f"{args.manifest}: {len(jobs)} jobs ({len(jobs) - edits} generations, {edits} edits"
-        f"{expanded}), {_usd(len(jobs))} at $0.03 an image, before retries"
+        f"{args.manifest}: {jobs} jobs ({jobs - edits} generations, {edits} edits"
+        f"{expanded}), {_usd(jobs)} at $0.03 an image, before retries"
     )
     return EXIT_OK
 
@@ -487,6 +528,11 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
             fault_rate=args.fault_rate,
             fault_kinds=tuple(k for k in args.faults.split(",") if k),
             seed=args.seed,
+            payload=args.payload,
+            rate_limit_rpm=args.rate_limit,
+            rate_limit_burst=args.burst,
+            rate_limit_headers=args.announce_limits,
+            rate_limit_scope=args.limit_scope,
         )
     except ValueError as exc:
         _err(f"error: {exc}")

@@ -1,27 +1,39 @@
-"""The results table and the cost ledger, built with pandas from the checkpoint.
+"""The results table and the cost ledger, built from the checkpoint.
 
 - ``results.parquet`` / ``results.csv``: one row per job of the manifest, in manifest order.
 - ``ledger.csv``: one row per billed or possibly billed request, over the folder's whole history
   (money spent on a job stays spent even if the job leaves the manifest).
 
 Both are written atomically (temp file, rename), at the end of every run and on interruption,
-and can always be rebuilt from the checkpoint alone.
+and can always be rebuilt from the checkpoint and the manifest. They are written a batch of
+:data:`RESULTS_BATCH_JOBS` rows at a time (a Parquet row group, CSV lines), each batch's state
+read with a few queries, so a manifest of a million jobs costs no more memory than a thousand.
+The CSV files read back in pandas as if pandas had written them (``True``/``False``, empty
+cells for missing values); the Parquet file carries pandas' metadata, so ``width`` and
+``height`` come back as nullable integers.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from runner.api import MICRO
 from runner.images import TMP_MARKER
 from runner.jobs import Job
 from runner.store import Store
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+RESULTS_BATCH_JOBS: Final = 5000
 
 RESULTS_COLUMNS = [
     "job_id",
@@ -56,6 +68,31 @@ LEDGER_COLUMNS = [
     "finished_at",
 ]
 
+# The columns that are not text: their Arrow type, and the dtype pandas reads them back as.
+_TYPED_COLUMNS: Final = {
+    "width": ("int64", "Int64"),
+    "height": ("int64", "Int64"),
+    "attempts": ("int64", "int64"),
+    "cost_usd": ("float64", "float64"),
+    "possible_cost_usd": ("float64", "float64"),
+    "retry_on_rerun": ("bool", "bool"),
+}
+
+
+def _results_schema() -> pa.Schema:
+    """The results' Arrow schema, carrying the pandas metadata of a frame with those dtypes."""
+    # Imported here: a dry run, which writes no results, starts faster without them.
+    import pandas as pd
+    import pyarrow as pa
+
+    arrow_types, pandas_dtypes = {}, {}
+    for name in RESULTS_COLUMNS:
+        arrow_type, pandas_dtype = _TYPED_COLUMNS.get(name, ("string", "object"))
+        arrow_types[name], pandas_dtypes[name] = pa.type_for_alias(arrow_type), pandas_dtype
+    empty = pd.DataFrame({name: pd.Series([], dtype=t) for name, t in pandas_dtypes.items()})
+    metadata = pa.Schema.from_pandas(empty, preserve_index=False).metadata
+    return pa.schema(list(arrow_types.items()), metadata=metadata)
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -79,98 +116,116 @@ class LedgerFiles:
     totals: Totals
 
 
-def results_frame(jobs: list[Job], store: Store) -> pd.DataFrame:
-    """One row per manifest job, joined with its state and spend in the checkpoint."""
-    state = {r["job_id"]: r for r in store.query("SELECT * FROM jobs")}
-    spend = {
-        r["job_id"]: r
-        for r in store.query(
-            "SELECT job_id, COUNT(*) AS attempts, "
-            "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
-            "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) AS possible "
-            "FROM attempts GROUP BY job_id"
-        )
-    }
+def write_ledger(jobs: Iterable[Job], store: Store) -> LedgerFiles:
+    """Write results and ledger into the output folder; return their paths and the totals."""
+    folder = store.folder
+    parquet_path, csv_path = folder / "results.parquet", folder / "results.csv"
+    ledger_path = folder / "ledger.csv"
+    import pyarrow.parquet as pq
+
+    counts = {"succeeded": 0, "failed": 0, "pending": 0, "retry": 0}
+    schema = _results_schema()
+    with ExitStack() as stack:
+        parquet_tmp = stack.enter_context(_atomic(parquet_path))
+        results_csv = stack.enter_context(_atomic_text(csv_path))
+        parquet = stack.enter_context(pq.ParquetWriter(parquet_tmp, schema))
+        lines = _csv_writer(results_csv)
+        lines.writerow(RESULTS_COLUMNS)
+        iterator = iter(jobs)
+        wrote = False
+        while batch := list(islice(iterator, RESULTS_BATCH_JOBS)):
+            rows = _result_rows(batch, store)
+            for row in rows:
+                counts[row[1]] += 1
+                counts["retry"] += row[16]
+            lines.writerows(rows)
+            parquet.write_table(_table(rows, schema))
+            wrote = True
+        if not wrote:  # still a file with the columns
+            parquet.write_table(_table([], schema))
+    with _atomic_text(ledger_path) as ledger_csv:
+        _write_ledger_rows(store, _csv_writer(ledger_csv))
+    confirmed, possible = store.spend_micro_usd()
+    totals = Totals(
+        succeeded=counts["succeeded"],
+        failed=counts["failed"],
+        pending=counts["pending"],
+        confirmed_usd=confirmed / MICRO,
+        possible_usd=possible / MICRO,
+        failed_retry_on_rerun=counts["retry"],
+    )
+    return LedgerFiles(parquet_path, csv_path, ledger_path, totals)
+
+
+def _result_rows(jobs: list[Job], store: Store) -> list[tuple[Any, ...]]:
+    """One results row per job, joined with its state and spend in the checkpoint."""
+    ids = [job.id for job in jobs]
+    state = store.job_states(ids)
+    spend = store.job_spend(ids)
     rows = []
     for job in jobs:
         s, m = state.get(job.id), spend.get(job.id)
+        status = s[0] if s else "pending"
+        attempts, confirmed, possible = m or (0, 0, 0)
+        done = status == "succeeded"
         rows.append(
-            {
-                "job_id": job.id,
-                "status": s["status"] if s else "pending",
-                "endpoint": job.endpoint,
-                "model": job.model,
-                "size": job.size,
-                "prompt": job.prompt,
-                "images": "|".join(str(p) for p in job.images),
-                "image_path": s["image_path"] if s else None,
-                "width": s["width"] if s else None,
-                "height": s["height"] if s else None,
-                "sha256": s["sha256"] if s else None,
-                "attempts": m["attempts"] if m else 0,
-                "cost_usd": (m["confirmed"] if m else 0) / MICRO,
-                "possible_cost_usd": (m["possible"] if m else 0) / MICRO,
-                "error": s["error"] if s and s["status"] != "succeeded" else None,
-                "error_cause": s["error_cause"] if s and s["status"] != "succeeded" else None,
+            (
+                job.id,
+                status,
+                job.endpoint,
+                job.model,
+                job.size,
+                job.prompt,
+                "|".join(str(p) for p in job.images),
+                s[1] if s else None,  # image_path
+                s[2] if s else None,  # width
+                s[3] if s else None,  # height
+                s[4] if s else None,  # sha256
+                attempts,
+                confirmed / MICRO,
+                possible / MICRO,
+                s[5] if s and not done else None,  # error
+                s[6] if s and not done else None,  # error_cause
                 # A failure that may clear (server error, timeout): the next run tries again.
-                "retry_on_rerun": bool(s and s["status"] == "failed" and s["retryable"]),
-            }
+                bool(s and status == "failed" and s[7]),
+            )
         )
-    frame = pd.DataFrame(rows, columns=RESULTS_COLUMNS)
-    for column in ("width", "height"):
-        frame[column] = frame[column].astype("Int64")
-    return frame
+    return rows
 
 
-def ledger_frame(store: Store) -> pd.DataFrame:
-    rows = store.query(
-        "SELECT job_id, attempt, endpoint, model, size, cost_micro_usd, state AS billing, "
-        "input_tokens, output_tokens, total_tokens, finished_at FROM attempts "
-        "WHERE state IN ('confirmed', 'possible') ORDER BY finished_at, job_id, attempt"
-    )
-    frame = pd.DataFrame([dict(r) for r in rows], columns=[*LEDGER_COLUMNS, "cost_micro_usd"])
-    frame["cost_usd"] = frame["cost_micro_usd"] / MICRO
-    for column in ("input_tokens", "output_tokens", "total_tokens"):
-        frame[column] = frame[column].astype("Int64")
-    return frame[LEDGER_COLUMNS]
+def _table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa
+
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(schema)
+    arrays = [pa.array(values, type=f.type) for values, f in zip(columns, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def totals_of(results: pd.DataFrame, store: Store) -> Totals:
-    counts = results["status"].value_counts()
-    confirmed, possible = store.spend_micro_usd()
-    return Totals(
-        succeeded=int(counts.get("succeeded", 0)),
-        failed=int(counts.get("failed", 0)),
-        pending=int(counts.get("pending", 0)),
-        confirmed_usd=confirmed / MICRO,
-        possible_usd=possible / MICRO,
-        failed_retry_on_rerun=int(results["retry_on_rerun"].sum()),
-    )
+def _write_ledger_rows(store: Store, lines: Any) -> None:
+    lines.writerow(LEDGER_COLUMNS)
+    for job_id, attempt, endpoint, model, size, cost, billing, *rest in store.billed_attempts():
+        lines.writerow((job_id, attempt, endpoint, model, size, cost / MICRO, billing, *rest))
 
 
-def write_ledger(jobs: list[Job], store: Store) -> LedgerFiles:
-    """Write results and ledger into the output folder; return their paths and the totals."""
-    folder = store.folder
-    results = results_frame(jobs, store)
-    ledger = ledger_frame(store)
-    files = LedgerFiles(
-        folder / "results.parquet",
-        folder / "results.csv",
-        folder / "ledger.csv",
-        totals_of(results, store),
-    )
-    _atomic(files.results_parquet, lambda p: results.to_parquet(p, index=False))
-    _atomic(files.results_csv, lambda p: results.to_csv(p, index=False))
-    _atomic(files.ledger_csv, lambda p: ledger.to_csv(p, index=False))
-    return files
+def _csv_writer(f: TextIO) -> Any:
+    # As pandas writes: minimal quoting, "\n", None as an empty cell, floats by repr.
+    return csv.writer(f, lineterminator="\n")
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temp path beside ``path``, renamed onto it (after an fsync) if the block succeeds."""
     tmp = path.with_name(f".{path.name}{TMP_MARKER}{secrets.token_hex(4)}")
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic_text(path: Path) -> Iterator[TextIO]:
+    with _atomic(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        yield f

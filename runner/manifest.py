@@ -7,16 +7,22 @@ YAML: a mapping with ``jobs`` (a list of mappings) and optional ``defaults`` (an
 ``id``). CSV: a header row naming some of ``id,prompt,size,model,response_format,images``
 (``prompt`` required), reference images separated by ``|``. Reference image paths are relative to
 the manifest's folder.
+
+Scale: a CSV manifest is read row by row, with no size limit; what it keeps in memory besides
+the current row is one small entry per id, to find duplicates. A YAML manifest is parsed whole
+(by libyaml), so it is limited to :data:`YAML_MAX_BYTES`. The validated jobs are packed into a
+:class:`~runner.spool.JobSpool`: :func:`load_manifest` returns a :class:`Manifest`, a read-only
+sequence of jobs that a run walks again (to plan, to send, to write the results) without a
+million objects in memory and without reading the file again.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 import yaml
 
@@ -30,22 +36,43 @@ from runner.api import (
     REJECTED_FIELDS,
     RESPONSE_FORMATS,
     SIZE_SET,
+    SIZES,
 )
 from runner.errors import ManifestError, ManifestIssue
 from runner.images import ImageInvalid, inspect_image
 from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
+from runner.spool import JobSpool, Packed
 
 JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images", "vars", "repeat")
 CSV_COLUMNS = ("id", "prompt", "size", "model", "response_format", "images", "repeat")
 JOB_RESPONSE_FORMAT = "b64_json"  # the runner's default: no CDN expiry, no second download
-MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+YAML_MAX_BYTES: Final = 64 * 1024 * 1024  # parsed whole; a larger manifest can be a CSV
+
+_KNOWN_KEYS: Final = frozenset(JOB_FIELDS)
+# One object per model, size and format: rows then share them, in memory and in the spool.
+_CANONICAL: Final = {text: text for text in (*MODELS, *SIZES, AUTO_SIZE, *RESPONSE_FORMATS)}
 
 
-@dataclass
-class _RawJob:
+class Manifest(JobSpool):
+    """The validated jobs of a manifest, in manifest order: a read-only sequence of jobs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.rows = 0  # manifest rows with jobs (a matrix row or a ``repeat`` stands for many)
+        self.edits = 0  # jobs with reference images
+
+
+class _RawJob(NamedTuple):
     row: str
-    fields: dict[str, Any]
-    explicit: set[object] = field(default_factory=set)  # keys the row set, not the defaults
+    fields: dict[Any, Any]
+    # The keys the row set itself (YAML: not those from the defaults), still to be checked;
+    # None for a CSV row, whose every key is a column the header check already accepted.
+    own_keys: Collection[object] | None
+
+    def sets(self, key: str) -> bool:
+        """Whether the row itself gives ``key``, rather than the defaults."""
+        return key in (self.fields if self.own_keys is None else self.own_keys)
 
 
 class _LineMap(dict[Any, Any]):
@@ -74,44 +101,62 @@ class _Loader(yaml.CSafeLoader):
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
 
 
-def load_manifest(path: Path) -> list[Job]:
+def load_manifest(path: Path) -> Manifest:
     """Read and validate a manifest; raise :class:`ManifestError` listing every problem."""
-    source = str(path)
     issues: list[ManifestIssue] = []
-    raw_jobs = _read(path, issues)
-    checker = _ReferenceChecker()
-    jobs: list[Job] = []
-    for raw in raw_jobs:
-        jobs += _validate(raw, path.parent, checker, issues)
-    _check_unique_ids(raw_jobs, jobs, issues)
+    manifest = Manifest(path)
+    checker = _ReferenceChecker(path.parent)
+    ids = _UniqueIds(manifest)
+    try:
+        for raw in _read(path, issues):
+            position = len(manifest)
+            plain = _plain_job(raw)
+            if plain is not None:  # most rows of a large manifest
+                manifest.append_packed(plain)
+                manifest.rows += 1
+                ids.add_one(raw, plain[0], position)
+                continue
+            jobs = _validate(raw, checker, issues)
+            for job in jobs:
+                manifest.append(job)
+                manifest.edits += bool(job.images)
+            manifest.rows += bool(jobs)
+            ids.add(raw, jobs, position)
+    except OSError as exc:  # from the spool: its temporary file
+        issues.append(ManifestIssue("file", "", f"cannot hold its jobs in a temporary file: {exc}"))
+    issues += ids.issues  # after the rows' own problems, as a second round
     if issues:
-        raise ManifestError(source, issues)
-    return jobs
+        manifest.close()
+        raise ManifestError(str(path), issues)
+    return manifest
 
 
-def _read(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
+def _read(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
     try:
         size_bytes = path.stat().st_size
     except OSError as exc:
         issues.append(ManifestIssue("file", "", f"cannot read: {exc.strerror}"))
-        return []
-    if size_bytes > MANIFEST_MAX_BYTES:
-        issues.append(ManifestIssue("file", "", f"is {size_bytes} bytes, over the 64 MiB limit"))
-        return []
+        return
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            return _read_yaml(path, issues)
+            if size_bytes > YAML_MAX_BYTES:
+                limit = f"{YAML_MAX_BYTES / 2**20:g} MiB"
+                message = f"is {size_bytes} bytes, over the {limit} limit for YAML (use a CSV)"
+                issues.append(ManifestIssue("file", "", message))
+                return
+            yield from _read_yaml(path, issues)
+            return
         if suffix == ".csv":
-            return _read_csv(path, issues)
+            yield from _read_csv(path, issues)
+            return
     except (OSError, UnicodeDecodeError) as exc:
         issues.append(ManifestIssue("file", "", f"cannot read: {exc}"))
-        return []
+        return
     issues.append(ManifestIssue("file", "", "must end in .yaml, .yml or .csv"))
-    return []
 
 
-def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
+def _read_yaml(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
     with open(path, encoding="utf-8") as f:
         loader = _Loader(f)  # a (C) SafeLoader subclass: no tags
         loader.duplicate_keys = []
@@ -119,14 +164,14 @@ def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
             doc = loader.get_single_data()
         except yaml.YAMLError as exc:
             issues.append(ManifestIssue("file", "", f"is not valid YAML: {exc}"))
-            return []
+            return
         finally:
             loader.dispose()
     for line, key in loader.duplicate_keys:
         issues.append(ManifestIssue(f"line {line}", key, "is given twice in one mapping"))
     if not isinstance(doc, Mapping):
         issues.append(ManifestIssue("file", "", "must be a mapping with a 'jobs' list"))
-        return []
+        return
     for key in doc:
         if key not in ("jobs", "defaults"):
             issues.append(ManifestIssue("top level", str(key), "unknown key"))
@@ -142,31 +187,30 @@ def _read_yaml(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
     jobs = doc.get("jobs")
     if not isinstance(jobs, list) or not jobs:
         issues.append(ManifestIssue("top level", "jobs", "must be a non-empty list of jobs"))
-        return []
-    raw_jobs = []
+        return
+    inherited = {k: v for k, v in defaults.items() if k != "id"}
     for index, entry in enumerate(jobs, start=1):
         line = getattr(entry, "line", 0)
         row = f"job {index} (line {line})" if line else f"job {index}"
         if not isinstance(entry, Mapping):
             issues.append(ManifestIssue(row, "", "must be a mapping with at least a prompt"))
             continue
-        merged = {k: v for k, v in defaults.items() if k != "id"}
+        merged = dict(inherited)
         merged.update(entry)
-        raw_jobs.append(_RawJob(row, merged, set(entry)))
-    return raw_jobs
+        yield _RawJob(row, merged, entry.keys())
 
 
-def _read_csv(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
+def _read_csv(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, skipinitialspace=True)
         try:
             header = next(reader)
         except StopIteration:
             issues.append(ManifestIssue("header", "", "the file is empty"))
-            return []
+            return
         except csv.Error as exc:
             issues.append(ManifestIssue("header", "", f"is not valid CSV: {exc}"))
-            return []
+            return
         columns = [name.strip() for name in header]
         for name in columns:
             if name not in CSV_COLUMNS:
@@ -176,23 +220,39 @@ def _read_csv(path: Path, issues: list[ManifestIssue]) -> list[_RawJob]:
         if len(set(columns)) != len(columns):
             issues.append(ManifestIssue("header", "", "a column is named twice"))
         if any(i.row == "header" for i in issues):
-            return []
-        raw_jobs = []
-        for number, cells in enumerate(_csv_rows(reader, issues), start=1):
-            line, values = cells
-            row = f"row {number} (line {line})"
-            if len(values) > len(columns):
-                issues.append(ManifestIssue(row, "", "has more cells than the header has columns"))
+            return
+        # The loop below runs once a row, up to millions of times: kept lean.
+        width = len(columns)
+        text_only = _CSV_LISTS.isdisjoint(columns)
+        number = 0  # rows that are not blank
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                issues.append(ManifestIssue("file", "", f"is not valid CSV: {exc}"))
+                break
+            fields: dict[str, Any] = {
+                name: value if text_only else _csv_cell(name, value)
+                for name, value in zip(columns, values, strict=False)
+                if value and not value.isspace()  # an empty cell means "not set"
+            }
+            if len(values) > width:
+                if fields or any(v and not v.isspace() for v in values[width:]):
+                    number += 1
+                    row = f"row {number} (line {reader.line_num})"
+                    message = "has more cells than the header has columns"
+                    issues.append(ManifestIssue(row, "", message))
                 continue
-            fields: dict[str, Any] = {}
-            for name, value in zip(columns, values, strict=False):
-                if value.strip() == "":
-                    continue
-                fields[name] = _csv_cell(name, value)
-            raw_jobs.append(_RawJob(row, fields, set(fields)))
-    if not raw_jobs and not issues:
+            if fields:
+                number += 1
+                yield _RawJob(f"row {number} (line {reader.line_num})", fields, None)
+    if not number and not issues:
         issues.append(ManifestIssue("file", "", "has a header but no jobs"))
-    return raw_jobs
+
+
+_CSV_LISTS: Final = frozenset({"images", "repeat"})  # the cells that are not plain text
 
 
 def _csv_cell(column: str, value: str) -> object:
@@ -201,21 +261,6 @@ def _csv_cell(column: str, value: str) -> object:
     if column == "repeat":
         return int(value) if value.strip().isdigit() else value
     return value
-
-
-def _csv_rows(
-    reader: Iterator[list[str]], issues: list[ManifestIssue]
-) -> Iterator[tuple[int, list[str]]]:
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            issues.append(ManifestIssue("file", "", f"is not valid CSV: {exc}"))
-            return
-        if any(v.strip() for v in values):
-            yield reader.line_num, values  # type: ignore[attr-defined]
 
 
 def _check_key(issues: list[ManifestIssue], row: str, key: object) -> None:
@@ -230,10 +275,24 @@ def _check_key(issues: list[ManifestIssue], row: str, key: object) -> None:
 
 
 class _ReferenceChecker:
-    """Checks each distinct reference image once and remembers its sha256 or its problem."""
+    """Resolves each distinct reference path and checks each distinct image once, remembering
+    its sha256 or its problem: a catalog of a million rows may name the same few images."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path) -> None:
+        self._base = base
+        self._resolved: dict[str, Path | str] = {}  # as written -> resolved path, or a problem
         self._seen: dict[Path, tuple[str | None, str | None]] = {}
+
+    def resolve(self, ref: str) -> Path | str:
+        """The absolute path of ``ref`` (relative to the manifest), or why it is unusable."""
+        resolved = self._resolved.get(ref)
+        if resolved is None:
+            try:
+                resolved = (self._base / ref).resolve()
+            except (OSError, ValueError, RuntimeError) as exc:  # NUL, symlink loop
+                resolved = f"{_show(ref)} is not a usable path: {exc}"
+            self._resolved[ref] = resolved
+        return resolved
 
     def check(self, path: Path) -> tuple[str | None, str | None]:
         """Return ``(sha256, None)`` for a good image, ``(None, problem)`` otherwise."""
@@ -263,9 +322,7 @@ class _ReferenceChecker:
         return hashlib.sha256(data).hexdigest(), None
 
 
-def _validate(
-    raw: _RawJob, base: Path, checker: _ReferenceChecker, issues: list[ManifestIssue]
-) -> list[Job]:
+def _validate(raw: _RawJob, checker: _ReferenceChecker, issues: list[ManifestIssue]) -> list[Job]:
     """The jobs one row stands for (several for a matrix or ``repeat``), or none if invalid."""
     row, fields = raw.row, raw.fields
     before = len(issues)
@@ -273,9 +330,10 @@ def _validate(
     def problem(name: str, message: str) -> None:
         issues.append(ManifestIssue(row, name, message))
 
-    for key in fields:
-        if key in raw.explicit:
-            _check_key(issues, row, key)
+    if raw.own_keys is not None:
+        for key in fields:
+            if key in raw.own_keys:
+                _check_key(issues, row, key)
 
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -299,10 +357,9 @@ def _validate(
         problem("images", "must be a list of file paths")
         refs = []
     for ref in refs:
-        try:
-            path = (base / ref).resolve()
-        except (OSError, ValueError, RuntimeError) as exc:  # NUL, symlink loop
-            problem("images", f"{_show(ref)} is not a usable path: {exc}")
+        path = checker.resolve(ref)
+        if isinstance(path, str):
+            problem("images", path)
             continue
         digest, error = checker.check(path)
         if error is not None:
@@ -341,7 +398,9 @@ def _validate(
 
     if len(issues) > before:
         return []
-    assert isinstance(prompt, str)
+    assert isinstance(prompt, str) and isinstance(response_format, str)
+    model, response_format = _CANONICAL[model], _CANONICAL[response_format]
+    size = _CANONICAL.get(size, size) if isinstance(size, str) else None
     jobs = []
     for variant in matrix.expand(prompt, vars_, repeat):
         digest = content_hash(
@@ -376,6 +435,101 @@ def _validate(
     return jobs
 
 
+def _plain_job(raw: _RawJob) -> Packed | None:
+    """The job of a row that is certainly valid and stands for one job without references
+    (most rows of a large manifest), made without the checks' bookkeeping, and packed for the
+    spool; None for any other row, which :func:`_validate` then checks field by field. Must
+    agree with it."""
+    fields = raw.fields
+    if raw.own_keys is None:  # CSV: every cell is text, but for these two
+        if "images" in fields or "repeat" in fields:
+            return None
+    elif (
+        "images" in fields
+        or "vars" in fields
+        or "repeat" in fields
+        or not _KNOWN_KEYS.issuperset(raw.own_keys)
+        or not all(type(value) is str for value in fields.values())
+    ):
+        return None
+    prompt = fields.get("prompt")
+    model = _PLAIN_MODELS.get(fields.get("model", DEFAULT_MODEL))
+    response_format = _PLAIN_FORMATS.get(fields.get("response_format", JOB_RESPONSE_FORMAT))
+    size = fields.get("size")
+    job_id = fields.get("id")
+    if not prompt or prompt.isspace() or model is None or response_format is None:
+        return None
+    if size is not None:
+        size = _PLAIN_SIZES.get(size)  # not "auto": a job without references has no use for it
+        if size is None or model in MODELS_WITHOUT_SIZE:
+            return None
+    if job_id is None:
+        digest = _plain_content_hash(model, prompt, size, response_format)
+        job_id = derive_job_id(prompt, digest)
+    elif JOB_ID_RE.fullmatch(job_id):
+        digest = _plain_content_hash(model, prompt, size, response_format)
+    else:
+        return None
+    return (job_id, prompt, model, size, response_format, (), raw.row, digest, "")
+
+
+def _plain_content_hash(model: str, prompt: str, size: str | None, response_format: str) -> str:
+    return content_hash(
+        model=model, prompt=prompt, size=size, response_format=response_format, image_sha256s=[]
+    )
+
+
+_PLAIN_MODELS: Final = {model: model for model in MODELS}
+_PLAIN_FORMATS: Final = {response_format: response_format for response_format in RESPONSE_FORMATS}
+_PLAIN_SIZES: Final = {size: size for size in SIZES}
+
+
+class _UniqueIds:
+    """Finds every id used twice (case-insensitively: on macOS and Windows "Mug.png" and
+    "mug.png" are one file), explicit ones even on rows that failed other checks.
+
+    One entry per id, small: the lowercased id and the job's position in the spool (the first
+    user of an id is looked up there only when a second one turns up)."""
+
+    def __init__(self, spooled: JobSpool) -> None:
+        self.issues: list[ManifestIssue] = []
+        self._spooled = spooled
+        self._first: dict[str, int] = {}  # lowercased id -> position, or ~index in _unspooled
+        self._unspooled: list[tuple[str, str]] = []  # (where, id) of rows without jobs
+
+    def add_one(self, raw: _RawJob, job_id: str, position: int) -> None:
+        """The one job of a row, spooled at ``position``."""
+        if self._first.setdefault(job_id.lower(), position) != position:
+            self.add(raw, [self._spooled[position]], position)
+
+    def add(self, raw: _RawJob, jobs: list[Job], position: int) -> None:
+        """The jobs of one row, spooled from ``position`` on; or, for a row that failed, the
+        id it names."""
+        explicit = raw.sets("id")
+        for offset, job in enumerate(jobs):
+            self._check(job.id, position + offset, job.where, explicit)
+        row_id = raw.fields.get("id")
+        if not jobs and explicit and isinstance(row_id, str):
+            self._unspooled.append((raw.row, row_id))
+            self._check(row_id, ~(len(self._unspooled) - 1), raw.row, True)
+
+    def _check(self, job_id: str, ref: int, where: str, explicit: bool) -> None:
+        first = self._first.setdefault(job_id.lower(), ref)
+        if first == ref:
+            return
+        if first >= 0:
+            job = self._spooled[first]
+            first_where, first_id = job.where, job.id
+        else:
+            first_where, first_id = self._unspooled[~first]
+        message = f"{job_id!r} is already used by {first_where}"
+        if job_id != first_id:
+            message += " (ids differ only in case)"
+        elif not explicit:
+            message += "; the two jobs are identical, give one an explicit id"
+        self.issues.append(ManifestIssue(where, "id", message))
+
+
 def _show(value: object) -> str:
     """A short rendering of a manifest value for a message: never the whole of a nested value,
     which a YAML alias bomb makes enormous."""
@@ -385,35 +539,3 @@ def _show(value: object) -> str:
     if value is None or isinstance(value, bool | int | float):
         return repr(value)
     return f"a {type(value).__name__}"
-
-
-def _check_unique_ids(
-    raw_jobs: list[_RawJob], jobs: list[Job], issues: list[ManifestIssue]
-) -> None:
-    """Every id used twice, explicit ones even on rows that failed other checks."""
-    explicit = {raw.row: "id" in raw.explicit for raw in raw_jobs}
-    valid_rows = {job.row for job in jobs}
-    ids: list[tuple[str, str, str, bool]] = [  # (row, where, id, explicit)
-        (job.row, job.where, job.id, explicit[job.row]) for job in jobs
-    ]
-    ids += [
-        (raw.row, raw.row, raw.fields["id"], True)
-        for raw in raw_jobs
-        if raw.row not in valid_rows and explicit[raw.row] and isinstance(raw.fields["id"], str)
-    ]
-    order = {raw.row: index for index, raw in enumerate(raw_jobs)}
-    ids.sort(key=lambda entry: order[entry[0]])  # stable: expansions keep their order
-    # Case-insensitive: on macOS and Windows "Mug.png" and "mug.png" are one file.
-    first: dict[str, tuple[str, str]] = {}
-    for _, where, job_id, is_explicit in ids:
-        key = job_id.lower()
-        if key not in first:
-            first[key] = (where, job_id)
-            continue
-        first_where, first_id = first[key]
-        message = f"{job_id!r} is already used by {first_where}"
-        if job_id != first_id:
-            message += " (ids differ only in case)"
-        elif not is_explicit:
-            message += "; the two jobs are identical, give one an explicit id"
-        issues.append(ManifestIssue(where, "id", message))

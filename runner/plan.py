@@ -12,26 +12,83 @@ Run once at the start of every run, before any request, in this order:
    verified and adopted, with no new request;
 6. everything else that is pending, or failed in a way a later run may retry, is to do; jobs
    that failed for good only with ``--retry-failed`` (``--only CAUSE`` narrows it).
+
+At scale: steps 3-6 go through the manifest in batches of ``batch_size`` jobs, each looked up in
+the checkpoint with a few queries and settled in one transaction, so memory does not grow with
+the manifest and a million jobs cost a few hundred commits, not a million. A batch commits
+before the next starts, and the plan is handed on only when all have: nothing is counted done
+before it is durably recorded. Step 4 hashes an image only when its size, mtime or ctime
+differ from those recorded with its success (like git's index); an image found intact that way
+has its new stat recorded, so the next run does not hash it again. The images on disk are
+listed once, for step 5, and only those no success accounts for are kept. What is to do is kept
+as positions in the manifest (:class:`TodoJobs`), not as jobs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final, overload
 
+from runner.api import EXTENSIONS
 from runner.errors import StoreError
-from runner.images import ImageInvalid, find_image, inspect_image, remove_temp_files, sha256_file
+from runner.images import (
+    TMP_MARKER,
+    ImageInvalid,
+    find_image,
+    inspect_image,
+    remove_temp_files,
+    sha256_file,
+)
 from runner.jobs import Job
-from runner.store import Store
+from runner.store import ImageStat, JobRecord, Store
 
-IMAGES_DIR = "images"
-REPLACED_DIR = "replaced"
+IMAGES_DIR: Final = "images"
+REPLACED_DIR: Final = "replaced"
+PLAN_BATCH_JOBS: Final = 5000
+
+# Image file extensions in the order find_image() tries them.
+_EXTENSION_ORDER: Final = {ext: rank for rank, ext in enumerate(EXTENSIONS.values())}
+
+
+class TodoJobs(Sequence[Job]):
+    """The jobs left to do: positions in the manifest's sequence of jobs, 8 bytes each, read
+    from it as the pool takes them."""
+
+    def __init__(self, jobs: Sequence[Job], positions: array[int] | None = None) -> None:
+        self._jobs = jobs
+        self._positions = positions if positions is not None else array("L")
+
+    def add(self, position: int) -> None:
+        self._positions.append(position)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        if isinstance(index, slice):
+            return [self._jobs[p] for p in self._positions[index]]
+        return self._jobs[self._positions[index]]
+
+    def __iter__(self) -> Iterator[Job]:
+        for position in self._positions:
+            yield self._jobs[position]
 
 
 @dataclass
 class Plan:
-    todo: list[Job]
+    todo: Sequence[Job]
+    todo_edits: int = 0  # of ``todo``, the jobs with reference images
     done: int = 0  # succeeded before, image verified on disk
     failed: int = 0  # failed finally before; not retried
     adopted: int = 0
@@ -40,87 +97,183 @@ class Plan:
     retried_failed: list[str] = field(default_factory=list)  # failed for good, retried on request
     temp_files_removed: int = 0
     in_flight_settled: int = 0
+    # (confirmed, possible) spend recorded in the folder before this run's requests, in
+    # micro-dollars (an adopted image's attempt counts as confirmed)
+    spent_micro_usd: tuple[int, int] = (0, 0)
+    rehashed: int = 0  # finished images hashed because their stat changed or was not recorded
 
 
 def make_plan(
-    jobs: list[Job], store: Store, *, retry_failed: bool = False, only: frozenset[str] = frozenset()
+    jobs: Sequence[Job],
+    store: Store,
+    *,
+    retry_failed: bool = False,
+    only: frozenset[str] = frozenset(),
+    batch_size: int = PLAN_BATCH_JOBS,
 ) -> Plan:
     """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
     refusal, a bad request), or with ``only`` just those whose cause is in it."""
     images_dir = store.folder / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
-    plan = Plan(todo=[])
+    todo = TodoJobs(jobs)
+    plan = Plan(todo=todo)
     plan.temp_files_removed = remove_temp_files(images_dir) + remove_temp_files(store.folder)
     plan.in_flight_settled = store.settle_in_flight()
-
-    before = store.job_records()
+    planner = _Planner(store, plan, todo, retry_failed=retry_failed, only=only)
+    planner.find_unrecorded_images(batch_size)
+    batch: list[Job] = []
+    start = 0
     for job in jobs:
-        old = before.get(job.id)
-        if old is not None and old.content_hash != job.content_hash:
-            plan.changed.append(job.id)
-            _move_aside(store.folder, job.id)
-    store.upsert_jobs(jobs)
-
-    records = store.job_records()
-    for job in jobs:
-        record = records[job.id]
-        if record.status == "succeeded":
-            if record.image_path and _intact(store.folder / record.image_path, record.sha256):
-                plan.done += 1
-                continue
-            store.mark_pending(job.id)
-            plan.redo.append(job.id)
-            _move_aside(store.folder, job.id)  # an altered file is not ours to adopt
-            plan.todo.append(job)
-            continue
-        elif record.status == "failed" and not record.retryable:
-            if not retry_failed or (only and record.error_cause not in only):
-                plan.failed += 1
-                continue
-            plan.retried_failed.append(job.id)
-        if _adopt(job, store, images_dir):
-            plan.adopted += 1
-            plan.done += 1
-        else:
-            plan.todo.append(job)
+        batch.append(job)
+        if len(batch) == batch_size:
+            planner.plan_batch(start, batch)
+            start += len(batch)
+            batch = []
+    if batch:
+        planner.plan_batch(start, batch)
+    plan.spent_micro_usd = store.spend_micro_usd()
     return plan
 
 
-def _intact(path: Path, sha256: str | None) -> bool:
-    try:
-        return sha256 is not None and sha256_file(path) == sha256
-    except FileNotFoundError:
+class _Planner:
+    def __init__(
+        self,
+        store: Store,
+        plan: Plan,
+        todo: TodoJobs,
+        *,
+        retry_failed: bool,
+        only: frozenset[str],
+    ) -> None:
+        self.store = store
+        self.folder = store.folder
+        self.images_dir = store.folder / IMAGES_DIR
+        self.plan = plan
+        self.todo = todo
+        self.retry_failed = retry_failed
+        self.only = only
+        # job id -> names of its image files that no recorded success accounts for
+        self.unrecorded: dict[str, list[str]] = {}
+
+    def find_unrecorded_images(self, batch_size: int) -> None:
+        """List ``images/`` once; keep the image files no success accounts for (step 5)."""
+        found: list[tuple[str, str]] = []  # (job id, file name)
+        with os.scandir(self.images_dir) as entries:
+            for entry in entries:
+                stem, dot, ext = entry.name.rpartition(".")
+                if dot and ext in _EXTENSION_ORDER and TMP_MARKER not in entry.name:
+                    found.append((stem, entry.name))
+                    if len(found) == batch_size:
+                        self._keep_unrecorded(found)
+                        found = []
+        self._keep_unrecorded(found)
+        for names in self.unrecorded.values():
+            names.sort(key=lambda name: _EXTENSION_ORDER[name.rpartition(".")[2]])
+
+    def _keep_unrecorded(self, found: list[tuple[str, str]]) -> None:
+        recorded = self.store.finished_images([job_id for job_id, _ in found])
+        for job_id, name in found:
+            if f"{IMAGES_DIR}/{name}" not in recorded:
+                self.unrecorded.setdefault(job_id, []).append(name)
+
+    def plan_batch(self, start: int, jobs: list[Job]) -> None:
+        """Steps 3-6 for the jobs at ``start`` and on, in one transaction."""
+        plan = self.plan
+        records = self.store.job_records([job.id for job in jobs])
+        with self.store.transaction():
+            fresh = []  # new, or changed under the same id: recorded as pending
+            for job in jobs:
+                old = records.get(job.id)
+                if old is None:
+                    fresh.append(job)
+                elif old.content_hash != job.content_hash:
+                    plan.changed.append(job.id)
+                    self._move_aside(job.id)
+                    fresh.append(job)
+                    del records[job.id]
+            self.store.upsert_jobs(fresh)
+            for position, job in enumerate(jobs, start):
+                record = records.get(job.id)
+                # Most jobs of a first run: new, and no image on disk to adopt.
+                if (record is not None or self.unrecorded) and self._settled(job, record):
+                    continue
+                self.todo.add(position)
+                plan.todo_edits += bool(job.images)
+
+    def _settled(self, job: Job, record: JobRecord | None) -> bool:
+        """Whether ``job`` needs no request (done, or failed and not retried); ``record`` is
+        None for a job just recorded as pending."""
+        plan = self.plan
+        if record is not None and record.status == "succeeded":
+            if record.image_path and self._intact(record, self.folder / record.image_path):
+                plan.done += 1
+                return True
+            self.store.mark_pending(job.id)
+            plan.redo.append(job.id)
+            self._move_aside(job.id)  # an altered file is not ours to adopt
+            return False
+        if record is not None and record.status == "failed" and not record.retryable:
+            if not self.retry_failed or (self.only and record.error_cause not in self.only):
+                plan.failed += 1
+                return True
+            plan.retried_failed.append(job.id)
+        if self._adopt(job):
+            plan.adopted += 1
+            plan.done += 1
+            return True
         return False
-    except OSError as exc:  # unreadable is not gone: never pay again for a permission problem
-        raise StoreError(f"cannot read {path} to check it: {exc.strerror}; fix it, rerun") from None
 
+    def _intact(self, record: JobRecord, path: Path) -> bool:
+        """Whether the image of a success is still the one recorded: by its stat when that is
+        unchanged, else by its sha256."""
+        if record.sha256 is None:
+            return False
+        try:
+            stat = ImageStat.of(path.stat())
+            if stat == record.image_stat:
+                return True
+            self.plan.rehashed += 1
+            if sha256_file(path) != record.sha256:
+                return False
+        except FileNotFoundError:
+            return False
+        except OSError as exc:  # unreadable is not gone: never pay again for a permission problem
+            raise StoreError(
+                f"cannot read {path} to check it: {exc.strerror}; fix it, rerun"
+            ) from None
+        self.store.record_image_stat(record.job_id, stat)
+        return True
 
-def _adopt(job: Job, store: Store, images_dir: Path) -> bool:
-    path = find_image(images_dir, job.id)
-    if path is None:
-        return False
-    data = path.read_bytes()
-    try:
-        info = inspect_image(data, job.expected_size)
-    except ImageInvalid:
-        path.unlink()  # not a finished image of this job: it will be made again
-        return False
-    store.adopt(
-        job.id,
-        image_path=path.relative_to(store.folder).as_posix(),
-        width=info.width,
-        height=info.height,
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
-    return True
+    def _adopt(self, job: Job) -> bool:
+        names = self.unrecorded.pop(job.id, None)
+        if names is None:
+            return False
+        path = next((p for p in (self.images_dir / name for name in names) if p.is_file()), None)
+        if path is None:
+            return False
+        stat = ImageStat.of(path.stat())
+        data = path.read_bytes()
+        try:
+            info = inspect_image(data, job.expected_size)
+        except ImageInvalid:
+            path.unlink()  # not a finished image of this job: it will be made again
+            return False
+        self.store.adopt(
+            job.id,
+            image_path=path.relative_to(self.folder).as_posix(),
+            width=info.width,
+            height=info.height,
+            sha256=hashlib.sha256(data).hexdigest(),
+            stat=stat,
+        )
+        return True
 
-
-def _move_aside(folder: Path, job_id: str) -> None:
-    old = find_image(folder / IMAGES_DIR, job_id)
-    if old is not None:
-        aside = folder / REPLACED_DIR
-        aside.mkdir(exist_ok=True)
-        target, n = aside / old.name, 1
-        while target.exists():  # every earlier version was paid for: keep them all
-            target, n = aside / f"{old.stem}.{n}{old.suffix}", n + 1
-        old.replace(target)
+    def _move_aside(self, job_id: str) -> None:
+        old = find_image(self.images_dir, job_id)
+        if old is not None:
+            aside = self.folder / REPLACED_DIR
+            aside.mkdir(exist_ok=True)
+            target, n = aside / old.name, 1
+            while target.exists():  # every earlier version was paid for: keep them all
+                target, n = aside / f"{old.stem}.{n}{old.suffix}", n + 1
+            old.replace(target)

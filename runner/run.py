@@ -2,7 +2,9 @@
 
 manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoint -> ledger
 and report. Results and ledger are written whatever happens: at the end, on a stop, on a
-cancel; the HTML report too, except after an immediate stop (second Ctrl-C).
+cancel; the HTML report too, except after an immediate stop (second Ctrl-C). A dry run plans
+(resume's repairs included) and stops there: it sends nothing and leaves results, ledger and
+report as they were, so that it stays quick on a manifest of a million jobs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from runner.ledger import LedgerFiles, write_ledger
 from runner.limits import BreakerConfig, Budget
 from runner.plan import IMAGES_DIR, Plan, make_plan
 from runner.pool import Pool, PoolResult, Progress
+from runner.ratelimit import PacerConfig
 from runner.report import write_report
 from runner.retry import RetryConfig
 from runner.store import Store
@@ -36,6 +39,7 @@ class RunOptions:
     client: ClientConfig
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    pacer: PacerConfig = field(default_factory=PacerConfig)  # --rpm, adaptive rate limiting
     concurrency: int = 8
     max_cost_usd: float | None = None  # over the folder's whole history: see runner.limits
     dry_run: bool = False  # plan (and resume's repairs), send nothing
@@ -46,7 +50,7 @@ class RunOptions:
 @dataclass
 class RunReport:
     plan: Plan
-    ledger: LedgerFiles
+    ledger: LedgerFiles | None  # None after a dry run, which writes none
     pool: PoolResult | None
     wall_s: float
     cancelled: bool = False
@@ -68,7 +72,7 @@ class Run:
 
     def __init__(
         self,
-        jobs: list[Job],
+        jobs: Sequence[Job],  # a list, or a Manifest: walked again for the results
         options: RunOptions,
         *,
         on_plan: Callable[[Plan], None] | None = None,
@@ -116,6 +120,7 @@ class Run:
                             _micro(self.options.max_cost_usd), sum(store.spend_micro_usd())
                         ),
                         breaker=self.options.breaker,
+                        pacer=self.options.pacer,
                         on_progress=self._on_progress,
                     )
                     pool_result = await self._pool.run(plan.todo)
@@ -128,7 +133,7 @@ class Run:
         finally:
             # Also on cancel: nothing is in flight any more, so what was is a possible charge.
             store.settle_in_flight()
-            ledger = write_ledger(self.jobs, store)
+            ledger = None if self.options.dry_run else write_ledger(self.jobs, store)
             store.finish_run(run_id, outcome)
             # Thumbnails take time: not on a dry run, and not when told to stop at once.
             if outcome != "cancelled" and not self.options.dry_run:

@@ -12,7 +12,11 @@ Design, after the crash-safe recipe in RELIABILITY.md:
   or the server answered with an error). An attempt found ``in_flight`` on open was cut off by
   a crash, so it becomes ``possible``.
 - ``jobs`` holds one row per job ever planned here: its status, and for a success the image's
-  path, size and sha256, committed only after the image file is durably in place.
+  path, size and sha256, committed only after the image file is durably in place, with the
+  file's size, mtime and ctime at that moment: as in git's index, a later run re-hashes the
+  image only when they differ (see :mod:`runner.plan`).
+- Several writes can share one transaction (:meth:`Store.transaction`), as planning does for
+  thousands of jobs at a time: they commit together, durably, or not at all.
 - Schema changes are ordered migrations recorded in ``migrations``.
 
 Money is stored as integer micro-dollars so that sums are exact to the cent.
@@ -24,12 +28,12 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from runner.api import PRICE_PER_IMAGE_MICRO_USD
 from runner.errors import ApiError, Billing, OutputLockedError, StoreError
@@ -90,22 +94,59 @@ _MIGRATIONS = (
     """
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     """,
+    # 3: the stat of each finished image, so a rerun re-hashes only images whose stat changed.
+    """
+    ALTER TABLE jobs ADD COLUMN image_size_bytes INTEGER;
+    ALTER TABLE jobs ADD COLUMN image_mtime_ns INTEGER;
+    ALTER TABLE jobs ADD COLUMN image_ctime_ns INTEGER;
+    """,
 )
+
+# Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
+# parameters a statement.
+_IDS_PER_QUERY = 500
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-@dataclass(frozen=True)
-class JobRecord:
+class ImageStat(NamedTuple):
+    """What ``stat`` says of a finished image. Any change of content changes the ctime, even
+    when a tool puts the old mtime back; a change within the same clock tick as the image's
+    own write, keeping its size, would go unseen (git's "racy" case), a risk taken for files
+    nobody but the runner writes."""
+
+    size_bytes: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> ImageStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class JobRecord(NamedTuple):
+    """A job's row, as planning needs it (a named tuple: planning reads a million of them)."""
+
     job_id: str
     content_hash: str
     status: JobStatus
     image_path: str | None
     sha256: str | None
-    retryable: bool
+    retryable: int  # 0 or 1
     error_cause: str | None
+    image_size_bytes: int | None = None
+    image_mtime_ns: int | None = None
+    image_ctime_ns: int | None = None
+
+    @property
+    def image_stat(self) -> ImageStat | None:
+        """The finished image's stat recorded with its success; None if not recorded (by a
+        version before migration 3): then only its sha256 tells."""
+        if self.image_size_bytes is None or self.image_mtime_ns is None:
+            return None
+        return ImageStat(self.image_size_bytes, self.image_mtime_ns, self.image_ctime_ns or 0)
 
 
 @dataclass(frozen=True)
@@ -127,6 +168,7 @@ class Store:
         self.db = db
         self.folder = folder
         self._lock_fd = lock_fd
+        self._depth = 0  # of nested transaction() blocks
 
     @classmethod
     def open(cls, folder: Path) -> Store:
@@ -172,34 +214,85 @@ class Store:
             self._lock_fd = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) around several writes:
+        they commit together, durably, or not at all. The writes of this class made inside
+        join it, and so do nested blocks; an exception leaving the outermost block rolls
+        everything back. Count nothing as done before the outermost block has ended."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
         self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite ends it itself on some errors (disk full)
+                self.db.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         self.db.execute("COMMIT")
+
+    _write = transaction
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def job_records(self) -> dict[str, JobRecord]:
-        rows = self.db.execute(
-            "SELECT job_id, content_hash, status, image_path, sha256, retryable, error_cause "
-            "FROM jobs"
+    def job_records(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        """The records of those of ``job_ids`` the checkpoint has."""
+        rows = self._by_ids(
+            "SELECT job_id, content_hash, status, image_path, sha256, retryable, error_cause, "
+            "image_size_bytes, image_mtime_ns, image_ctime_ns FROM jobs WHERE job_id IN ({ids})",
+            job_ids,
         )
-        return {
-            r["job_id"]: JobRecord(
-                r["job_id"],
-                r["content_hash"],
-                r["status"],
-                r["image_path"],
-                r["sha256"],
-                bool(r["retryable"]),
-                r["error_cause"],
-            )
-            for r in rows
-        }
+        make = JobRecord._make
+        return {row[0]: make(row) for row in rows}
+
+    def finished_images(self, job_ids: Sequence[str]) -> set[str]:
+        """The image paths recorded for those of ``job_ids`` that succeeded."""
+        rows = self._by_ids(
+            "SELECT image_path FROM jobs WHERE status = 'succeeded' AND image_path IS NOT NULL "
+            "AND job_id IN ({ids})",
+            job_ids,
+        )
+        return {row[0] for row in rows}
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        """For the results: job id -> ``(status, image_path, width, height, sha256, error,
+        error_cause, retryable)`` of those of ``job_ids`` the checkpoint has."""
+        rows = self._by_ids(
+            "SELECT job_id, status, image_path, width, height, sha256, error, error_cause, "
+            "retryable FROM jobs WHERE job_id IN ({ids})",
+            job_ids,
+        )
+        return {row[0]: row[1:] for row in rows}
+
+    def job_spend(self, job_ids: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+        """Job id -> ``(attempts, confirmed, possible)``, in micro-dollars, of those of
+        ``job_ids`` with attempts."""
+        rows = self._by_ids(
+            "SELECT job_id, COUNT(*), "
+            "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END), "
+            "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) "
+            "FROM attempts WHERE job_id IN ({ids}) GROUP BY job_id",
+            job_ids,
+        )
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+    def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids
+        at a time, as plain tuples: these read up to millions of rows."""
+        cursor = self.db.cursor()
+        cursor.row_factory = None
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(job_ids), _IDS_PER_QUERY):
+            chunk = job_ids[start : start + _IDS_PER_QUERY]
+            rows += cursor.execute(sql.format(ids=",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
 
     def upsert_jobs(self, jobs: Iterable[Job]) -> None:
         """Record the manifest's jobs; a job whose content changed starts over as pending."""
@@ -215,6 +308,7 @@ class Store:
                     endpoint = excluded.endpoint, model = excluded.model, size = excluded.size,
                     prompt = excluded.prompt, images = excluded.images,
                     image_path = NULL, width = NULL, height = NULL, sha256 = NULL,
+                    image_size_bytes = NULL, image_mtime_ns = NULL, image_ctime_ns = NULL,
                     error = NULL, error_cause = NULL, retryable = 0,
                     updated_at = excluded.updated_at
                 WHERE jobs.content_hash != excluded.content_hash
@@ -227,7 +321,7 @@ class Store:
                         job.model,
                         job.size,
                         job.prompt,
-                        json.dumps([str(p) for p in job.images]),
+                        json.dumps([str(p) for p in job.images]) if job.images else "[]",
                         stamp,
                     )
                     for job in jobs
@@ -239,8 +333,19 @@ class Store:
         with self._write() as db:
             db.execute(
                 "UPDATE jobs SET status = 'pending', image_path = NULL, sha256 = NULL, "
-                "width = NULL, height = NULL, updated_at = ? WHERE job_id = ?",
+                "width = NULL, height = NULL, image_size_bytes = NULL, image_mtime_ns = NULL, "
+                "image_ctime_ns = NULL, updated_at = ? WHERE job_id = ?",
                 (now_iso(), job_id),
+            )
+
+    def record_image_stat(self, job_id: str, stat: ImageStat) -> None:
+        """Note the stat of a finished image found intact by its sha256 after its stat had
+        changed (a copy of the folder, a ``touch``), so the next run need not hash it."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET image_size_bytes = ?, image_mtime_ns = ?, image_ctime_ns = ? "
+                "WHERE job_id = ?",
+                (*stat, job_id),
             )
 
     # --- attempts ---------------------------------------------------------------------------
@@ -293,14 +398,22 @@ class Store:
         sha256: str,
     ) -> None:
         """Commit a finished job; its image must already be durably on disk."""
+        stat = self._image_stat(image_path)
         with self._write() as db:
             self._finish_attempt(db, job_id, attempt, outcome)
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', image_path = ?, width = ?, height = ?, "
-                "sha256 = ?, error = NULL, error_cause = NULL, retryable = 0, updated_at = ? "
+                "sha256 = ?, image_size_bytes = ?, image_mtime_ns = ?, image_ctime_ns = ?, "
+                "error = NULL, error_cause = NULL, retryable = 0, updated_at = ? "
                 "WHERE job_id = ?",
-                (image_path, width, height, sha256, now_iso(), job_id),
+                (image_path, width, height, sha256, *stat, now_iso(), job_id),
             )
+
+    def _image_stat(self, image_path: str) -> ImageStat | tuple[None, None, None]:
+        try:
+            return ImageStat.of((self.folder / image_path).stat())
+        except OSError:  # then the next run hashes it, or finds it gone and makes it again
+            return None, None, None
 
     def record_attempt(self, job_id: str, attempt: int, outcome: Outcome) -> None:
         """Commit how an attempt that brought no image ended."""
@@ -316,9 +429,20 @@ class Store:
                 (redact(error.describe()), error.cause, int(retry_later), now_iso(), job_id),
             )
 
-    def adopt(self, job_id: str, *, image_path: str, width: int, height: int, sha256: str) -> None:
+    def adopt(
+        self,
+        job_id: str,
+        *,
+        image_path: str,
+        width: int,
+        height: int,
+        sha256: str,
+        stat: ImageStat | None = None,
+    ) -> None:
         """Take an image found on disk without its outcome row (a crash between the rename
-        and the commit): the job is done, and the attempt that made it was billed."""
+        and the commit): the job is done, and the attempt that made it was billed. ``stat``
+        is the file's, taken before it was read and hashed."""
+        image_stat = stat or self._image_stat(image_path)
         with self._write() as db:
             db.execute(
                 "UPDATE attempts SET state = 'confirmed', cost_micro_usd = ?, "
@@ -329,9 +453,10 @@ class Store:
             )
             db.execute(
                 "UPDATE jobs SET status = 'succeeded', image_path = ?, width = ?, height = ?, "
-                "sha256 = ?, error = NULL, error_cause = NULL, retryable = 0, updated_at = ? "
+                "sha256 = ?, image_size_bytes = ?, image_mtime_ns = ?, image_ctime_ns = ?, "
+                "error = NULL, error_cause = NULL, retryable = 0, updated_at = ? "
                 "WHERE job_id = ?",
-                (image_path, width, height, sha256, now_iso(), job_id),
+                (image_path, width, height, sha256, *image_stat, now_iso(), job_id),
             )
 
     def settle_in_flight(self) -> int:
@@ -363,6 +488,18 @@ class Store:
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         return list(self.db.execute(sql, params))
+
+    def billed_attempts(self) -> Iterator[tuple[Any, ...]]:
+        """For the ledger: every confirmed or possible attempt as ``(job_id, attempt, endpoint,
+        model, size, cost_micro_usd, billing, input_tokens, output_tokens, total_tokens,
+        finished_at)``, in the order they finished."""
+        cursor = self.db.cursor()
+        cursor.row_factory = None
+        yield from cursor.execute(
+            "SELECT job_id, attempt, endpoint, model, size, cost_micro_usd, state, "
+            "input_tokens, output_tokens, total_tokens, finished_at FROM attempts "
+            "WHERE state IN ('confirmed', 'possible') ORDER BY finished_at, job_id, attempt"
+        )
 
     def spend_micro_usd(self) -> tuple[int, int]:
         """(confirmed, possible) spend recorded in this folder, in micro-dollars."""

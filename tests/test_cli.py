@@ -367,3 +367,19 @@ def test_a_key_with_a_stray_newline_is_refused_before_sending(
     )
     assert done.returncode == 2 and "control characters" in done.stderr
     assert server.emulator.requests == []
+
+
+def test_a_dry_run_needs_no_key_and_writes_only_the_checkpoint(tmp_path: Path) -> None:
+    """A dry run sends nothing, so it needs no key (and no --emulate); it records the plan in
+    the checkpoint and leaves results, ledger and report alone."""
+    out = tmp_path / "out"
+    planned = run_cli("run", small_manifest(tmp_path, 4), "--out", out, "--dry-run", key=None)
+    assert planned.returncode == 0, planned.stderr
+    assert "to do:     4 jobs (4 generations, 0 edits) = 4 images" in planned.stdout
+    assert "spent:     $0.00 confirmed + $0.00 possible in this folder" in planned.stdout
+    assert f"samples:   {out / 'images' / 'img-0'}.png" in planned.stdout
+    assert (out / "checkpoint.sqlite").is_file()
+    for name in ("results.parquet", "results.csv", "ledger.csv", "report.html"):
+        assert not (out / name).exists()
+    status = run_cli("status", out, "--json", key=None)
+    assert '"pending": 4' in status.stdout

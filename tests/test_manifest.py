@@ -6,7 +6,9 @@ example manifests in ``jobs/`` are only read.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -20,10 +22,11 @@ import yaml
 from PIL import Image
 
 from runner import manifest as manifest_module
+from runner import spool as spool_module
 from runner.api import REFERENCE_MAX_BYTES
 from runner.errors import ManifestError, ManifestIssue
-from runner.jobs import JOB_ID_RE, Job, derive_job_id
-from runner.manifest import MANIFEST_MAX_BYTES, load_manifest
+from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
+from runner.manifest import YAML_MAX_BYTES, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = REPO / "jobs"
@@ -957,22 +960,26 @@ def test_job_entry_that_is_not_a_mapping(tmp_path: Path) -> None:
     assert all("must be a mapping" in i.message for i in issues)
 
 
-def test_manifest_over_64_mib_is_refused_unread(tmp_path: Path) -> None:
+def test_yaml_over_64_mib_is_refused_unread(tmp_path: Path) -> None:
     path = tmp_path / "huge.yaml"
     with open(path, "wb") as f:
         f.write(b"jobs:\n  - prompt: a\n")
-        f.truncate(MANIFEST_MAX_BYTES + 1)  # sparse: nothing is actually written
+        f.truncate(YAML_MAX_BYTES + 1)  # sparse: nothing is actually written
     issues = issues_of(path)
     assert where(issues) == {("file", "")}
-    assert "over the 64 MiB limit" in issues[0].message
+    assert "over the 64 MiB limit for YAML" in issues[0].message
 
 
-def test_csv_over_64_mib_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "huge.csv"
-    with open(path, "wb") as f:
-        f.write(b"prompt\na\n")
-        f.truncate(MANIFEST_MAX_BYTES + 1)
-    assert "over the 64 MiB limit" in issues_of(path)[0].message
+def test_csv_has_no_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV is read row by row, so its size is not limited; YAML is parsed whole, so it is."""
+    monkeypatch.setattr(manifest_module, "YAML_MAX_BYTES", 100)
+    rows = "".join(f"img-{i},a prompt number {i}\n" for i in range(20))
+    csv_path = write_text(tmp_path / "m.csv", "id,prompt\n" + rows)
+    assert csv_path.stat().st_size > 100
+    assert len(load_manifest(csv_path)) == 20
+    yaml_doc = {"jobs": [{"id": f"img-{i}", "prompt": f"a prompt {i}"} for i in range(20)]}
+    (issue,) = issues_of(write_yaml_doc(tmp_path / "m.yaml", yaml_doc))
+    assert "limit for YAML" in issue.message
 
 
 def _alias_bomb(levels: int) -> str:
@@ -1248,3 +1255,112 @@ def test_a_key_given_twice_in_a_job_is_refused(tmp_path: Path) -> None:
         'jobs:\n  - prompt: "first"\n    size: 1280x720\n    prompt: "second"\n',
     )
     assert where(issues_of(path)) == {("line 4", "prompt")}
+
+
+# --- scale: streaming, the spool, the content hash ----------------------------------------
+
+
+def test_a_big_csv_is_streamed_and_every_problem_still_reported(tmp_path: Path) -> None:
+    """900,000 rows, a bad size on row 1 and an id used again on row 900,000: both reported,
+    with rows and lines, in one go; memory stays far below what the jobs as objects take."""
+    rows = ["id,prompt,size", "img-1,the first row,2048X2048"]
+    rows += [f"img-{i},picture number {i},1280x1280" for i in range(2, 900_000)]
+    rows.append("IMG-3,the last row,1280x1280")
+    path = tmp_path / "big.csv"
+    path.write_text("\n".join(rows) + "\n")
+    # The peak is the process's own (VmHWM): ru_maxrss would count the parent's, from vfork.
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from runner.cli import main\n"
+        "code = main(['validate', sys.argv[1]])\n"
+        "status = Path('/proc/self/status')\n"
+        "peak = [l for l in status.read_text().splitlines() if l.startswith('VmHWM')]\n"
+        "print(*peak or ['VmHWM: 0 kB'], file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"{path}: 2 problems, nothing was sent:"
+    assert lines[1] == (
+        "  row 1 (line 2), field size: '2048X2048' is not one of the 30 sizes "
+        "(use a lowercase ASCII x)"
+    )
+    assert lines[2] == (
+        "  row 900000 (line 900001), field id: 'IMG-3' is already used by row 3 (line 4) "
+        "(ids differ only in case)"
+    )
+    if sys.platform == "linux":  # in kB; the jobs as objects alone would take ~400 MB
+        assert int(lines[3].split()[1]) < 350 * 1024
+
+
+def test_a_duplicate_far_behind_is_named_with_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first user of an id is looked up in the spool, chunks behind, only when needed."""
+    monkeypatch.setattr(spool_module, "CHUNK_JOBS", 3)
+    jobs = [{"id": f"j{i}", "prompt": f"p{i}"} for i in range(10)]
+    jobs += [{"id": "j1", "prompt": "again"}, {"prompt": "p5"}, {"prompt": "p5"}]
+    issues = issues_of(write_yaml_doc(tmp_path / "m.yaml", {"jobs": jobs}))
+    assert [(i.row, i.message) for i in issues] == [
+        ("job 11 (line 22)", "'j1' is already used by job 2 (line 4)"),
+        (
+            "job 13 (line 25)",
+            f"{issues[1].message.split()[0]} is already used by job 12 (line 24); "
+            "the two jobs are identical, give one an explicit id",
+        ),
+    ]
+
+
+def test_the_manifest_is_a_sequence_read_back_from_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "CHUNK_JOBS", 2)
+    make_image(tmp_path / "refs" / "a.png")
+    path = write_text(
+        tmp_path / "m.csv",
+        """\
+        id,prompt,images,repeat
+        a,plain,,
+        b,edit image1,refs/a.png,
+        c,three copies,,3
+        """,
+    )
+    manifest = load_manifest(path)
+    assert [j.id for j in manifest] == ["a", "b", "c-1", "c-2", "c-3"]
+    assert (len(manifest), manifest.rows, manifest.edits) == (5, 3, 1)
+    assert manifest[1].images == ((tmp_path / "refs" / "a.png").resolve(),)
+    assert manifest[-1].variant == "#3" and manifest[2:4] == list(manifest)[2:4]
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a", 'q"uo\\te', "tab\tnl\n\x00\x1f\x7f", "\u6c34\u58a8 caf\u00e9", "\U0001f600"]
+)
+@pytest.mark.parametrize("size", [None, "auto", "1280x1280"])
+@pytest.mark.parametrize("repeat_index", [None, 1, 12])
+@pytest.mark.parametrize("images", [[], ["ab" * 32], ["ab" * 32, "cd" * 32]])
+def test_content_hash_is_the_sha256_of_the_sorted_json(
+    prompt: str, size: str | None, repeat_index: int | None, images: list[str]
+) -> None:
+    """Derived ids and resume depend on these bytes: the fast path must never drift."""
+    fields: dict[str, Any] = {
+        "model": "gpt-image-2-vip",
+        "prompt": prompt,
+        "size": size,
+        "response_format": "url",
+        "image_sha256s": images,
+    }
+    content = {**fields, "images": images}
+    del content["image_sha256s"]
+    if repeat_index is not None:
+        content["repeat"] = repeat_index
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
+    expected = hashlib.sha256(canonical.encode()).hexdigest()
+    assert content_hash(**fields, repeat_index=repeat_index) == expected

@@ -14,6 +14,7 @@ from PIL import Image
 from runner.client import ImageResult
 from runner.emulator import Emulator
 from runner.errors import OutputLockedError, StoreError
+from runner.images import TMP_MARKER
 from runner.jobs import Job
 from runner.manifest import load_manifest
 from runner.pool import Pool
@@ -242,13 +243,15 @@ async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path)
     calls: list[str] = []
 
     class Flaky:
-        async def create(self, job: Job) -> ImageResult:
+        async def create(self, job: Job, folder: Path) -> ImageResult:
             calls.append(job.id)
             if job.id == "j1" and calls.count("j1") == 1:
                 raise RecursionError("maximum recursion depth exceeded")
             buffer = io.BytesIO()
             Image.new("RGB", (1280, 544), "navy").save(buffer, format="PNG")
-            return ImageResult(buffer.getvalue(), None)
+            tmp = folder / f"{job.id}.part{TMP_MARKER}{len(calls)}"
+            tmp.write_bytes(buffer.getvalue())
+            return ImageResult(tmp, len(buffer.getvalue()), None)
 
     store = Store.open(out)
     try:
@@ -264,6 +267,7 @@ async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path)
     finally:
         store.close()
     assert result.stop_reason is None and result.progress.succeeded == 3
+    assert not [p for p in (out / "images").iterdir() if TMP_MARKER in p.name]
     assert [tuple(r) for r in rows if r[0] == "j1"] == [
         ("j1", 1, "possible"),
         ("j1", 2, "confirmed"),

@@ -1,0 +1,129 @@
+"""A read-only sequence of jobs kept packed, not as objects: how a manifest of a million rows
+is held between validation and the end of a run.
+
+Validation reads a manifest once; planning, the pool and the results file then walk its jobs
+again, in order. Holding them as :class:`~runner.jobs.Job` objects costs about 450 bytes a job
+(450 MB for a million), and parsing the file again costs more time than the rest of planning.
+So the validated jobs are appended here as tuples, packed with :mod:`marshal` in chunks of
+:data:`CHUNK_JOBS` (strings shared by the rows of a chunk, such as the model and the size, are
+stored once per chunk) into a temporary file that stays in memory while it is small and moves
+to disk past :data:`IN_MEMORY_BYTES`. Reading unpacks one chunk at a time and caches the last
+one, so walking the sequence in order, or by increasing indexes, unpacks each chunk once.
+
+The temporary file is anonymous: it disappears with the process, however that ends. The jobs
+read back are those appended, whatever happens to the manifest file in the meantime.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Final, overload
+
+from runner.jobs import Job
+
+CHUNK_JOBS: Final = 2048
+IN_MEMORY_BYTES: Final = 16 * 1024 * 1024
+
+# A job's fields in constructor order, its images as strings: what the spool stores.
+Packed = tuple[str, str, str, str | None, str, tuple[str, ...], str, str, str]
+
+
+class JobSpool(Sequence[Job]):
+    """Append jobs with :meth:`append`, then read them like a list (``len``, ``[i]``, slices,
+    iteration). Not thread-safe; close it (or let it be collected) to free the file."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BYTES)  # noqa: SIM115
+        self._chunks: list[tuple[int, int]] = []  # (offset, length) of each packed chunk
+        self._pending: list[Packed] = []  # the last, unfinished chunk
+        self._count = 0
+        self._cached_index = -1
+        self._cached: list[Packed] = []
+        self._paths: dict[str, Path] = {}  # reference images are few: one Path object each
+
+    def append(self, job: Job) -> None:
+        images = tuple(map(str, job.images)) if job.images else ()  # Path objects do not marshal
+        self.append_packed(
+            (
+                job.id,
+                job.prompt,
+                job.model,
+                job.size,
+                job.response_format,
+                images,
+                job.row,
+                job.content_hash,
+                job.variant,
+            )
+        )
+
+    def append_packed(self, packed: Packed) -> None:
+        """Append a job given as its fields in order, its images as strings."""
+        self._pending.append(packed)
+        self._count += 1
+        if len(self._pending) == CHUNK_JOBS:
+            self._flush()
+
+    def extend(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.append(job)
+
+    def _flush(self) -> None:
+        data = marshal.dumps(self._pending)
+        offset = self._file.seek(0, os.SEEK_END)  # reads may have moved the position
+        self._file.write(data)
+        self._chunks.append((offset, len(data)))
+        self._pending = []
+
+    def close(self) -> None:
+        self._file.close()
+        self._cached = []
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("job index out of range")
+        chunk, offset = divmod(index, CHUNK_JOBS)
+        return self._job(self._chunk(chunk)[offset])
+
+    def __iter__(self) -> Iterator[Job]:
+        for chunk in range(len(self._chunks) + 1):
+            for packed in self._chunk(chunk):
+                yield self._job(packed)
+
+    def _chunk(self, index: int) -> list[Packed]:
+        if index == len(self._chunks):
+            return self._pending
+        if index != self._cached_index:
+            offset, length = self._chunks[index]
+            self._file.seek(offset)
+            self._cached = marshal.loads(self._file.read(length))
+            self._cached_index = index
+        return self._cached
+
+    def _job(self, packed: Packed) -> Job:
+        job_id, prompt, model, size, response_format, images, row, digest, variant = packed
+        paths = tuple(map(self._path, images)) if images else ()
+        return Job(job_id, prompt, model, size, response_format, paths, row, digest, variant)
+
+    def _path(self, text: str) -> Path:
+        path = self._paths.get(text)
+        if path is None:
+            path = self._paths[text] = Path(text)
+        return path

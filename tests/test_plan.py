@@ -1,0 +1,341 @@
+"""runner.plan against a real checkpoint and real files, without a server: batches, the stat
+check that spares re-hashing finished images, and what a rerun finds intact or not.
+
+Successes are recorded as the pool records them (an intent, the image written, the outcome), so
+the plan sees exactly what a run leaves behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from runner import plan as plan_module
+from runner.errors import JobFailedError, ServerError, StoreError
+from runner.jobs import Job, content_hash
+from runner.plan import IMAGES_DIR, Plan, make_plan
+from runner.store import Outcome, Store
+
+
+def job(n: int, prompt: str = "") -> Job:
+    prompt = prompt or f"picture {n}"
+    digest = content_hash(
+        model="gpt-image-2-vip",
+        prompt=prompt,
+        size="1280x544",
+        response_format="b64_json",
+        image_sha256s=[],
+    )
+    return Job(f"j{n:02d}", prompt, "gpt-image-2-vip", "1280x544", "b64_json", (), "", digest)
+
+
+def png(color: str = "navy") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (1280, 544), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def finish(store: Store, j: Job, data: bytes | None = None) -> Path:
+    """Record ``j`` as the pool does: intent, image durably written, then the outcome."""
+    data = data or png()
+    attempt = store.next_attempt(j.id)
+    store.begin_attempt(j, attempt)
+    path = store.folder / IMAGES_DIR / f"{j.id}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    store.record_success(
+        j.id,
+        attempt,
+        Outcome("confirmed", 30_000),
+        image_path=f"{IMAGES_DIR}/{j.id}.png",
+        width=1280,
+        height=544,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return path
+
+
+def fail(store: Store, j: Job, *, for_good: bool) -> None:
+    attempt = store.next_attempt(j.id)
+    store.begin_attempt(j, attempt)
+    store.record_attempt(j.id, attempt, Outcome("none"))
+    error = (
+        JobFailedError("refused", job_id=j.id, status=400, code="content_policy_violation")
+        if for_good
+        else ServerError("down", job_id=j.id, status=503)
+    )
+    store.mark_failed(j.id, error, retry_later=not for_good)
+
+
+def plan_of(out: Path, jobs: list[Job], **kwargs: object) -> Plan:
+    with Store.open(out) as store:
+        return make_plan(jobs, store, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files the plan hashes, in order."""
+    calls: list[Path] = []
+    real = plan_module.sha256_file
+
+    def counting(path: Path) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(plan_module, "sha256_file", counting)
+    return calls
+
+
+def a_folder_in_every_state(out: Path) -> list[Job]:
+    """Ten jobs: done, done then deleted, done then altered, failed for good, failed for now,
+    an image written but not recorded (to adopt), pending, and three never planned."""
+    jobs = [job(n) for n in range(10)]
+    with Store.open(out) as store:
+        make_plan(jobs[:7], store)
+        for n in (0, 1, 2):
+            finish(store, jobs[n])
+        fail(store, jobs[3], for_good=True)
+        fail(store, jobs[4], for_good=False)
+        (out / IMAGES_DIR / f"{jobs[5].id}.png").write_bytes(png("olive"))  # crash before commit
+    (out / IMAGES_DIR / f"{jobs[1].id}.png").unlink()
+    altered = out / IMAGES_DIR / f"{jobs[2].id}.png"
+    altered.write_bytes(altered.read_bytes() + b"\0")
+    return jobs
+
+
+def summary(plan: Plan) -> tuple[object, ...]:
+    return (
+        [j.id for j in plan.todo],
+        plan.todo_edits,
+        plan.done,
+        plan.failed,
+        plan.adopted,
+        sorted(plan.redo),
+        plan.changed,
+        plan.rehashed,
+    )
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_batches_of_any_size_plan_the_same(tmp_path: Path, batch_size: int) -> None:
+    reference, batched = tmp_path / "one-batch", tmp_path / "batched"
+    jobs = a_folder_in_every_state(tmp_path / "made")
+    for folder in (reference, batched):  # copies alike: their files' ctimes are new
+        shutil.copytree(tmp_path / "made", folder)
+
+    whole = plan_of(reference, jobs, batch_size=1000)
+    small = plan_of(batched, jobs, batch_size=batch_size)
+
+    assert summary(small) == summary(whole)
+    assert [j.id for j in whole.todo] == ["j01", "j02", "j04", "j06", "j07", "j08", "j09"]
+    assert (whole.done, whole.failed, whole.adopted) == (2, 1, 1)  # j00, j05 adopted; j03
+    assert sorted(whole.redo) == ["j01", "j02"]
+    assert whole.rehashed == 2  # j00 (intact, copied) and j02 (altered); j01 is gone
+    assert (batched / "replaced" / "j02.png").is_file()  # altered: kept aside, not adopted
+    for folder in (reference, batched):
+        with Store.open(folder) as store:
+            rows = store.query("SELECT job_id, status FROM jobs ORDER BY job_id")
+        assert [tuple(r) for r in rows] == [
+            ("j00", "succeeded"),
+            ("j01", "pending"),
+            ("j02", "pending"),
+            ("j03", "failed"),
+            ("j04", "failed"),
+            ("j05", "succeeded"),
+            ("j06", "pending"),
+            ("j07", "pending"),
+            ("j08", "pending"),
+            ("j09", "pending"),
+        ]
+
+
+def test_each_batch_is_one_transaction(tmp_path: Path) -> None:
+    jobs = [job(n) for n in range(10)]
+    with Store.open(tmp_path / "out") as store:
+        statements: list[str] = []
+        store.db.set_trace_callback(statements.append)
+        make_plan(jobs, store, batch_size=4)
+        store.db.set_trace_callback(None)
+        assert len(store.query("SELECT * FROM jobs")) == 10
+    # Settling attempts left in flight, then 3 batches (4 + 4 + 2 jobs).
+    assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 1 + 3
+
+
+def test_a_failing_batch_rolls_back_whole_and_earlier_batches_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(6)]
+    with Store.open(out) as store:
+        make_plan(jobs[:4], store)
+        finish(store, jobs[3])
+    (out / IMAGES_DIR / "j03.png").unlink()
+    (out / IMAGES_DIR / "j03.png").mkdir()  # unreadable, not missing: the plan must stop
+
+    with pytest.raises(StoreError, match="cannot read"), Store.open(out) as store:
+        make_plan(jobs, store, batch_size=3)
+    with Store.open(out) as store:
+        ids = [r[0] for r in store.query("SELECT job_id FROM jobs ORDER BY job_id")]
+    assert ids == ["j00", "j01", "j02", "j03"]  # the second batch (j03-j05) left no trace
+
+
+def test_a_rerun_hashes_no_intact_image(tmp_path: Path, hashed: list[Path]) -> None:
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(5)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        for j in jobs:
+            finish(store, j)
+    again = plan_of(out, jobs, batch_size=2)
+    assert (again.done, len(again.todo), again.rehashed) == (5, 0, 0)
+    assert hashed == []
+
+
+def test_a_touched_image_is_hashed_once_then_trusted_again(
+    tmp_path: Path, hashed: list[Path]
+) -> None:
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(3)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        touched = [finish(store, j) for j in jobs][1]
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+
+    first = plan_of(out, jobs)
+    assert (first.done, first.rehashed, first.redo) == (3, 1, [])
+    assert hashed == [touched]
+    second = plan_of(out, jobs)  # its new stat was recorded: no second hash
+    assert (second.done, second.rehashed) == (3, 0)
+    assert hashed == [touched]
+
+
+def test_an_altered_image_of_the_same_size_and_mtime_is_made_again(
+    tmp_path: Path, hashed: list[Path]
+) -> None:
+    """A tool that rewrites a file in place and puts its mtime back (``touch -r``, ``cp -p``,
+    ``exiftool -P``) cannot put back its ctime: the image is hashed, found altered, redone."""
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(2)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        image, _ = (finish(store, j) for j in jobs)
+    before = image.stat()
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = image.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    again = plan_of(out, jobs)
+    assert again.redo == ["j00"] and [j.id for j in again.todo] == ["j00"]
+    assert again.done == 1
+    assert hashed == [image]
+    assert (out / "replaced" / "j00.png").read_bytes() == bytes(data)
+
+
+def test_a_deleted_image_is_made_again_without_hashing(tmp_path: Path, hashed: list[Path]) -> None:
+    out = tmp_path / "out"
+    jobs = [job(0)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        finish(store, jobs[0]).unlink()
+    again = plan_of(out, jobs)
+    assert again.redo == ["j00"] and len(again.todo) == 1
+    assert hashed == []
+
+
+def test_images_recorded_before_the_stat_columns_are_hashed_once(
+    tmp_path: Path, hashed: list[Path]
+) -> None:
+    """A checkpoint from before migration 3 has no stat: the first run hashes every finished
+    image (as every run used to) and records its stat; the next run hashes none."""
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(3)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        for j in jobs:
+            finish(store, j)
+    db = sqlite3.connect(out / "checkpoint.sqlite")
+    with db:  # back to the schema of migration 2
+        for column in ("image_size_bytes", "image_mtime_ns", "image_ctime_ns"):
+            db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        db.execute("DELETE FROM migrations WHERE version = 3")
+    db.close()
+
+    assert plan_of(out, jobs).rehashed == 3
+    assert len(hashed) == 3
+    assert plan_of(out, jobs).rehashed == 0
+    assert len(hashed) == 3
+
+
+def test_an_adopted_image_gets_its_stat_recorded(tmp_path: Path, hashed: list[Path]) -> None:
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(4)]
+    plan_of(out, jobs)
+    (out / IMAGES_DIR / "j03.png").write_bytes(png())  # crash between rename and commit
+    adopted = plan_of(out, jobs, batch_size=2)  # in the second batch
+    assert adopted.adopted == 1 and [j.id for j in adopted.todo] == ["j00", "j01", "j02"]
+    again = plan_of(out, jobs)
+    assert (again.done, again.rehashed) == (1, 0)
+    assert hashed == []
+
+
+def test_an_image_of_a_job_not_in_the_manifest_is_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stray = out / IMAGES_DIR / "someone-else.png"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(png())
+    result = plan_of(out, [job(0)])
+    assert result.adopted == 0 and stray.is_file()
+
+
+def test_changed_content_in_a_later_batch_starts_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(5)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        for j in jobs:
+            finish(store, j)
+    edited = [*jobs[:4], job(4, "a different picture")]
+    again = plan_of(out, edited, batch_size=2)
+    assert again.changed == ["j04"] and [j.prompt for j in again.todo] == ["a different picture"]
+    assert (out / "replaced" / "j04.png").is_file()
+    assert again.done == 4
+
+
+def test_failed_for_good_are_skipped_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    jobs = [job(n) for n in range(4)]
+    with Store.open(out) as store:
+        make_plan(jobs, store)
+        fail(store, jobs[1], for_good=True)
+        fail(store, jobs[2], for_good=False)
+    skipped = plan_of(out, jobs, batch_size=3)
+    assert [j.id for j in skipped.todo] == ["j00", "j02", "j03"] and skipped.failed == 1
+    retried = plan_of(out, jobs, batch_size=3, retry_failed=True)
+    assert [j.id for j in retried.todo] == ["j00", "j01", "j02", "j03"]
+    assert retried.retried_failed == ["j01"]
+    narrowed = plan_of(out, jobs, retry_failed=True, only=frozenset({"server_error"}))
+    assert narrowed.failed == 1 and narrowed.retried_failed == []
+
+
+def test_the_todo_list_reads_jobs_from_the_manifest_as_needed(tmp_path: Path) -> None:
+    jobs = [job(n, f"with an image {n}") if n % 2 else job(n) for n in range(7)]
+    jobs = [
+        dataclasses.replace(j, images=(tmp_path / "ref.png",)) if n % 3 == 0 else j
+        for n, j in enumerate(jobs)
+    ]
+    result = plan_of(tmp_path / "out", jobs, batch_size=2)
+    assert len(result.todo) == 7 and result.todo_edits == 3
+    assert list(result.todo) == jobs
+    assert result.todo[2] == jobs[2] and result.todo[-1] == jobs[-1]
+    assert result.todo[1:3] == jobs[1:3]

@@ -1,0 +1,78 @@
+"""runner.spool: jobs packed in chunks, read back like a list, in memory or spilled to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner import spool as spool_module
+from runner.jobs import Job
+from runner.spool import JobSpool
+
+
+def job(n: int, images: tuple[Path, ...] = ()) -> Job:
+    return Job(
+        f"j{n}",
+        f'prompt {n} \u6c34\u58a8 "quoted"\n',
+        "gpt-image-2-vip",
+        None if n % 5 == 0 else "1280x544",
+        "url" if n % 2 else "b64_json",
+        images,
+        f"row {n} (line {n + 1})",
+        f"{n:064x}",
+        f"style=ink #{n}" if n % 3 == 0 else "",
+    )
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "CHUNK_JOBS", 4)
+
+
+def test_reads_back_what_was_appended(tmp_path: Path, small_chunks: None) -> None:
+    refs = (tmp_path / "a.png", tmp_path / "b.jpg")
+    jobs = [job(n, refs if n % 4 == 1 else ()) for n in range(11)]  # 2 chunks and 3 pending
+    spool = JobSpool()
+    spool.extend(jobs)
+
+    assert len(spool) == 11
+    assert list(spool) == jobs
+    assert list(spool) == jobs  # again: a sequence, not an iterator
+    assert spool[0] == jobs[0] and spool[5] == jobs[5] and spool[10] == jobs[10]
+    assert spool[-1] == jobs[-1]
+    assert spool[3:9] == jobs[3:9] and spool[::4] == jobs[::4]
+    assert all(isinstance(p, Path) for p in spool[1].images)
+    assert spool[1].images is spool[5].images or spool[1].images == spool[5].images
+    with pytest.raises(IndexError):
+        spool[11]
+
+
+def test_random_access_between_reads_in_order(small_chunks: None) -> None:
+    jobs = [job(n) for n in range(12)]
+    spool = JobSpool()
+    spool.extend(jobs)
+    walked = []
+    for n, item in enumerate(spool):
+        assert spool[(n * 7) % 12] == jobs[(n * 7) % 12]  # moves the file and the cache
+        walked.append(item)
+    assert walked == jobs
+
+
+def test_appending_after_reading(small_chunks: None) -> None:
+    spool = JobSpool()
+    spool.extend(job(n) for n in range(6))
+    assert spool[1] == job(1)  # reads chunk 0: the file position moves
+    spool.extend(job(n) for n in range(6, 13))
+    assert list(spool) == [job(n) for n in range(13)]
+
+
+def test_spills_to_disk_past_its_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "IN_MEMORY_BYTES", 10_000)
+    monkeypatch.setattr(spool_module, "CHUNK_JOBS", 16)
+    spool = JobSpool()
+    spool.extend(job(n) for n in range(500))
+    assert spool._file._rolled  # type: ignore[attr-defined]
+    assert list(spool) == [job(n) for n in range(500)]
+    assert spool[257] == job(257)
+    spool.close()
