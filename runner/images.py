@@ -95,13 +95,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old state or the new file.
 
     A leftover ``*.tmp-*`` file is the only trace a crash can leave; :func:`remove_temp_files`
-    deletes those on the next start.
+    deletes those on the next start. ``durable=False`` skips the fsyncs, for caches that are
+    checked when read (a power cut may then leave the file empty, never half of another).
     """
-    with _atomic_file(path) as f:
+    with _atomic_file(path, durable=durable) as f:
         f.write(data)
 
 
@@ -143,18 +144,20 @@ def _copy(src: BinaryIO, put: Callable[[bytes], None], size_bytes: int | None) -
 
 
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+def _atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
     tmp = path.with_name(f"{path.name}{TMP_MARKER}{secrets.token_hex(6)}")
     try:
         with open(tmp, "xb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

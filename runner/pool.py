@@ -198,7 +198,10 @@ class Pool:
             retry_later = is_retryable(exc, self.retry.on_ambiguous)
             if retry_later and self.stopping:
                 return  # stopped between attempts: the job stays pending
-            self.store.mark_failed(job.id, exc, retry_later=retry_later)
+            failure = exc
+            await self.store.write(
+                lambda s: s.mark_failed(job.id, failure, retry_later=retry_later)
+            )
             c.failed += 1
             self._result.failures[exc.cause] = self._result.failures.get(exc.cause, 0) + 1
         finally:
@@ -208,8 +211,11 @@ class Pool:
 
     async def _attempt(self, job: Job) -> None:
         probe, sent_at = await self._admit(job)
-        attempt = self.store.next_attempt(job.id)
-        self.store.begin_attempt(job, attempt)
+        try:
+            attempt = await self.store.write(lambda s: s.begin_next_attempt(job))
+        except BaseException:
+            self._release_admission(probe)
+            raise
         c = self._counters
         c.requests += 1
         c.in_flight += 1
@@ -223,14 +229,14 @@ class Pool:
                 if isinstance(exc, WrongSize)
                 else AmbiguousError(f"the image {exc}", job_id=job.id)
             )
-            self._record_failure(job, attempt, error, probe, sent_at)
+            await self._record_failure(job, attempt, error, probe, sent_at)
             raise error from None
         except ApiError as exc:
-            self._record_failure(job, attempt, exc, probe, sent_at)
+            await self._record_failure(job, attempt, exc, probe, sent_at)
             raise
         except OSError as exc:  # from _save: an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
-            self.store.record_attempt(job.id, attempt, outcome)
+            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
             self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
             self.breaker.record(provider_up=True, probe=bool(probe))
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
@@ -241,20 +247,23 @@ class Pool:
         self.breaker.record(provider_up=True, probe=bool(probe))
         self.limiter.observe(job.endpoint, sent_at, limited=False, headers=result.rate_limit)
         usage = result.usage
-        self.store.record_success(
-            job.id,
-            attempt,
-            Outcome(
-                "confirmed",
-                PRICE_PER_IMAGE_MICRO_USD,
-                usage.input_tokens if usage else None,
-                usage.output_tokens if usage else None,
-                usage.total_tokens if usage else None,
-            ),
-            image_path=relative,
-            width=info.width,
-            height=info.height,
-            sha256=sha256,
+        success = Outcome(
+            "confirmed",
+            PRICE_PER_IMAGE_MICRO_USD,
+            usage.input_tokens if usage else None,
+            usage.output_tokens if usage else None,
+            usage.total_tokens if usage else None,
+        )
+        await self.store.write(
+            lambda s: s.record_success(
+                job.id,
+                attempt,
+                success,
+                image_path=relative,
+                width=info.width,
+                height=info.height,
+                sha256=sha256,
+            )
         )
         c.succeeded += 1
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
@@ -304,11 +313,16 @@ class Pool:
             self.breaker.release_probe(probe)
             raise
 
+    def _release_admission(self, probe: bool) -> None:
+        """An admitted attempt will not be sent after all: free its price and probe slot."""
+        self._settle_budget(0)
+        self.breaker.release_probe(probe)
+
     def _settle_budget(self, charged_micro_usd: int) -> None:
         self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
         self._budget_settled.set()
 
-    def _record_failure(
+    async def _record_failure(
         self, job: Job, attempt: int, error: ApiError, probe: bool, sent_at: float
     ) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
@@ -324,9 +338,8 @@ class Pool:
         # A rate limit is the limiter's business: the provider is up, only busy.
         provider_up = limited or not isinstance(error, RetryableError)
         self.breaker.record(provider_up=provider_up, probe=probe)
-        self.store.record_attempt(
-            job.id, attempt, Outcome(error.billing, cost, error=error.describe())
-        )
+        outcome = Outcome(error.billing, cost, error=error.describe())
+        await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
         if error.billing == "confirmed":
             self._counters.confirmed_micro_usd += cost
         elif error.billing == "possible":

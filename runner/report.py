@@ -17,9 +17,11 @@ import base64
 import hashlib
 import html
 import io
+import os
 import re
 import sqlite3
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -164,7 +166,11 @@ def write_report(store: Store) -> Path:
     thumbs.mkdir(exist_ok=True)
     remove_temp_files(thumbs)
     kept: set[str] = set()
-    cards = [_card(i, row, folder, thumbs, kept) for i, row in enumerate(snap.jobs)]
+    # Decoding and shrinking images release the GIL: make the thumbnails on every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        cards = list(
+            pool.map(lambda job: _card(job[0], job[1], folder, thumbs, kept), enumerate(snap.jobs))
+        )
     unshown = sum(1 for _, shown in cards if not shown)
     for entry in thumbs.iterdir():
         if _THUMB_NAME.fullmatch(entry.name) and entry.name not in kept:
@@ -341,7 +347,7 @@ def _thumbnail(
     except _THUMB_ERRORS as exc:
         return None, None, f"image unreadable: {image_path} ({exc})"
     name = f"{job_id}-{digest[:12]}.webp"
-    write_atomic(thumbs / name, data)
+    write_atomic(thumbs / name, data, durable=False)  # a cache, checked when read
     note = None if digest == sha256 else "the image file changed since the run; rerun to redo it"
     return name, data, note
 

@@ -131,7 +131,9 @@ class Run:
             cancelled = True
             pool_result = self._pool.result() if self._pool else None
         finally:
-            # Also on cancel: nothing is in flight any more, so what was is a possible charge.
+            # Also on cancel: the writes handed to the group commit land first; then nothing
+            # is in flight any more, so what was is a possible charge.
+            await store.drain()
             store.settle_in_flight()
             ledger = None if self.options.dry_run else write_ledger(self.jobs, store)
             store.finish_run(run_id, outcome)

@@ -28,17 +28,20 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from runner.api import PRICE_PER_IMAGE_MICRO_USD
 from runner.errors import ApiError, Billing, OutputLockedError, StoreError
+from runner.groupcommit import GroupCommit
 from runner.jobs import Job, JobStatus
 from runner.redact import redact
+
+T = TypeVar("T")
 
 DB_NAME = "checkpoint.sqlite"
 LOCK_NAME = ".lock"
@@ -169,6 +172,7 @@ class Store:
         self.folder = folder
         self._lock_fd = lock_fd
         self._depth = 0  # of nested transaction() blocks
+        self._commits = GroupCommit(db, self.transaction)
 
     @classmethod
     def open(cls, folder: Path) -> Store:
@@ -239,6 +243,24 @@ class Store:
         self.db.execute("COMMIT")
 
     _write = transaction
+
+    async def write(self, change: Callable[[Store], T]) -> T:
+        """Run ``change(self)``, which calls this class's write methods, in a group commit
+        with the writes of other workers (see :mod:`runner.groupcommit`); return its result
+        once it is durably committed. While such writes may be pending, use only this from
+        the event loop, and :meth:`drain` before any other call."""
+        return await self._commits.run(lambda _: change(self))
+
+    async def drain(self) -> None:
+        """Wait until every :meth:`write` handed over so far is committed."""
+        await self._commits.drain()
+
+    def begin_next_attempt(self, job: Job) -> int:
+        """Commit the intent to send the next attempt of ``job``; return its number."""
+        with self._write():
+            attempt = self.next_attempt(job.id)
+            self.begin_attempt(job, attempt)
+            return attempt
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -513,7 +535,8 @@ class Store:
 
 def _connect(path: Path) -> sqlite3.Connection:
     try:
-        db = sqlite3.connect(path, isolation_level=None)
+        # Not same-thread: the pool's group commit writes from a worker thread, one at a time.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA busy_timeout = 10000")
         db.execute("PRAGMA journal_mode = WAL")
