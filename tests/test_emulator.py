@@ -8,10 +8,14 @@ import binascii
 import errno
 import io
 import json
+import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,10 +27,12 @@ from runner.api import PRICE_PER_IMAGE_USD, SPEND_LIMIT_CODES
 from runner.emulator import (
     BILLED_FAULTS,
     FAULT_KINDS,
+    RATE_LIMITED,
     Emulator,
     EmulatorConfig,
     EmulatorThread,
 )
+from runner.emulator.bucket import TokenBucket, format_duration
 from tests.conftest import MakeEmulator
 
 MODEL = "gpt-image-2-vip"
@@ -574,6 +580,10 @@ async def test_stats_endpoint_reports_the_books(
     assert stats["bill_records"][0]["outcome"] == "ok"
     assert [r["fault"] for r in stats["request_records"]] == [None, "429"]
     assert stats["request_records"][0]["image_part_names"] == []
+    async with session.get(stats_url, params={"since": "1"}) as response:
+        later = await response.json()
+    assert (later["requests"], later["last_seq"], later["bill_records"]) == (2, 2, [])
+    assert [r["seq"] for r in later["request_records"]] == [2]
 
 
 def test_emulator_thread_serves_a_synchronous_client() -> None:
@@ -591,6 +601,263 @@ def test_emulator_thread_serves_a_synchronous_client() -> None:
     assert [bill.outcome for bill in server.emulator.bills] == ["ok"]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=5)
+
+
+# --- the rate limit -------------------------------------------------------------------------
+
+LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests")
+LIMIT_HEADERS += ("x-ratelimit-reset-requests",)
+RETRY_HEADERS = ("retry-after", "retry-after-ms")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.25, "250ms"),
+        (0.0101, "11ms"),
+        (1, "1s"),
+        (8.64, "8.64s"),
+        (59.9995, "1m0s"),
+        (90.5, "1m30.5s"),
+        (360, "6m0s"),
+        (3725.5, "1h2m5.5s"),
+    ],
+)
+def test_durations_are_written_like_openai_headers(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_token_bucket_admits_the_burst_then_refills_at_the_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate_per_min=60, burst=3, clock=clock)
+
+    admitted = [bucket.take() for _ in range(4)]
+    assert [a.admitted for a in admitted] == [True, True, True, False]
+    assert [a.remaining for a in admitted] == [2, 1, 0, 0]
+    assert admitted[2].reset_s == pytest.approx(3.0)
+    assert admitted[3].retry_after_s == pytest.approx(1.0)
+    assert admitted[3].headers() == {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "3s",
+        "retry-after-ms": "1000",
+        "retry-after": "1",
+    }
+    clock.now_s += 0.75
+    refused = bucket.take()
+    assert not refused.admitted
+    assert refused.headers()["retry-after-ms"] == "250"
+    clock.now_s += 0.25
+    assert bucket.take().admitted
+    clock.now_s += 3600  # never more than the burst
+    assert [bucket.take().admitted for _ in range(4)] == [True, True, True, False]
+
+
+def test_admitted_requests_get_no_retry_after() -> None:
+    headers = TokenBucket(rate_per_min=300, burst=10).take().headers()
+    assert set(headers) == set(LIMIT_HEADERS)
+    assert headers["x-ratelimit-limit-requests"] == "300"
+    assert headers["x-ratelimit-remaining-requests"] == "9"
+
+
+async def test_rate_limit_answers_a_bare_429_at_once_and_bills_nothing(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(rate_limit_rpm=6, rate_limit_burst=2, latency_s=0.3)
+    statuses = []
+    for _ in range(2):
+        async with session.post(gen_url(emulator), json=gen_body()) as response:
+            statuses.append(response.status)
+            assert not any(name in response.headers for name in LIMIT_HEADERS + RETRY_HEADERS)
+    started = time.monotonic()
+    async with session.post(gen_url(emulator), json=gen_body()) as response:
+        assert response.status == 429
+        error = (await response.json())["error"]
+        assert not any(name in response.headers for name in LIMIT_HEADERS + RETRY_HEADERS)
+    assert time.monotonic() - started < 0.3  # refused on arrival, before the latency
+
+    assert statuses == [200, 200]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert "try again" not in error["message"]
+    assert [(r.fault, r.status) for r in emulator.requests] == [
+        (None, 200),
+        (None, 200),
+        (RATE_LIMITED, 429),
+    ]
+    assert len(emulator.bills) == 2
+
+
+async def test_announced_limits_are_on_every_answer_and_retry_after_on_the_429(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(
+        rate_limit_rpm=60, rate_limit_burst=2, rate_limit_headers=True, script=("500",)
+    )
+    answers = []
+    for _ in range(3):
+        async with session.post(gen_url(emulator), json=gen_body()) as response:
+            answers.append((response.status, response.headers.copy()))
+
+    assert [status for status, _ in answers] == [500, 200, 429]
+    for _, headers in answers:
+        assert headers["x-ratelimit-limit-requests"] == "60"
+    assert [h["x-ratelimit-remaining-requests"] for _, h in answers] == ["1", "0", "0"]
+    assert re.fullmatch(r"\d+(\.\d+)?s|\d+ms", answers[0][1]["x-ratelimit-reset-requests"])
+    assert not any(name in answers[1][1] for name in RETRY_HEADERS)
+    refused = answers[2][1]
+    assert 900 <= int(refused["retry-after-ms"]) <= 1000
+    assert refused["retry-after"] == "1"
+
+
+async def test_a_429_clears_once_the_bucket_refills(session: aiohttp.ClientSession) -> None:
+    clock = FakeClock()
+    emulator = Emulator(EmulatorConfig(rate_limit_rpm=30, rate_limit_burst=1), clock=clock)
+    await emulator.start()
+    try:
+        statuses = []
+        for advance_s in (0, 0, 1.9, 0.1):
+            clock.now_s += advance_s
+            statuses.append((await post_json(session, gen_url(emulator), gen_body()))[0])
+    finally:
+        await emulator.stop()
+    assert statuses == [200, 429, 429, 200]
+
+
+@pytest.mark.parametrize(("scope", "edit_status"), [("shared", 429), ("per_endpoint", 200)])
+async def test_rate_limit_scope(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession, scope: str, edit_status: int
+) -> None:
+    emulator = await make_emulator(rate_limit_rpm=1, rate_limit_burst=1, rate_limit_scope=scope)
+    assert (await post_json(session, gen_url(emulator), gen_body()))[0] == 200
+    form = edit_form("modify image1", [image_bytes(8, 8)], size=SMALL)
+    async with session.post(edit_url(emulator), data=form) as response:
+        assert response.status == edit_status
+    assert (await post_json(session, gen_url(emulator), gen_body()))[0] == 429
+
+
+async def test_records_carry_when_a_request_arrived_and_was_answered(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(latency_s=0.2)
+    before = time.time()
+    await post_json(session, gen_url(emulator), gen_body())
+    after = time.time()
+
+    [record] = emulator.requests
+    assert before <= record.received_at <= record.answered_at <= after
+    assert record.answered_at - record.received_at >= 0.2
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"rate_limit_rpm": 0},
+        {"rate_limit_rpm": 60, "rate_limit_burst": 0},
+        {"rate_limit_headers": True},
+        {"rate_limit_rpm": 60, "rate_limit_scope": "global"},
+        {"payload": "photo"},
+    ],
+)
+def test_config_rejects_bad_limits_and_payloads(changes: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        EmulatorConfig(**changes)
+
+
+# --- big payloads ---------------------------------------------------------------------------
+
+
+async def test_noise_payload_is_incompressible_cached_and_the_right_size(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(payload="noise")
+    bodies = [gen_body(prompt=p, response_format="b64_json") for p in ("red", "blue")]
+    values = [(await post_json(session, gen_url(emulator), b))[1]["data"][0] for b in bodies]
+    _, url_payload = await post_json(session, gen_url(emulator), gen_body())
+    async with session.get(url_payload["data"][0]["url"]) as response:
+        served = await response.read()
+
+    assert values[0] == values[1]  # rendered once for the size, whatever the prompt
+    png = base64.b64decode(values[0]["b64_json"].removeprefix(PREFIX))
+    assert served == png
+    assert len(png) > 1280 * 544 * 3  # noise: no smaller than its raw pixels
+    image = open_image(png)
+    assert (image.format, image.mode, image.size) == ("PNG", "RGB", (1280, 544))
+
+
+async def test_sixteen_concurrent_4k_noise_answers(make_emulator: MakeEmulator) -> None:
+    emulator = await make_emulator(payload="noise")
+    body = gen_body(size="3840x2160", response_format="b64_json")
+
+    async def fetch(session: aiohttp.ClientSession) -> bytes:
+        async with session.post(gen_url(emulator), json=body) as response:
+            assert response.status == 200
+            return await response.read()
+
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        answers = await asyncio.gather(*(fetch(session) for _ in range(16)))
+
+    assert len({len(answer) for answer in answers}) == 1
+    assert len(answers[0]) > 30_000_000
+    payload = json.loads(answers[-1])
+    png = base64.b64decode(payload["data"][0]["b64_json"].removeprefix(PREFIX))
+    assert 24_000_000 < len(png) < 27_000_000
+    assert open_image(png).size == (3840, 2160)
+    assert len(emulator.bills) == 16
+
+
+async def test_faults_still_cut_a_noise_body(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(payload="noise", script=("truncate", "malformed"))
+    body = gen_body(response_format="b64_json")
+    async with session.post(gen_url(emulator), json=body) as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    async with session.post(gen_url(emulator), json=body) as response:
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(await response.read())
+
+
+# --- image-runner emulate -------------------------------------------------------------------
+
+
+def test_emulate_command_prints_its_url_and_applies_its_flags() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "runner", "emulate", "--port", "0", "--rate-limit", "60"]
+    command += ["--burst", "1", "--announce-limits", "--payload", "noise"]
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line
+        request = urllib.request.Request(
+            f"{match.group(1)}/images/generations",
+            json.dumps(gen_body(response_format="b64_json")).encode(),
+            {**AUTH, "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            payload = json.load(response)
+            assert response.headers["x-ratelimit-limit-requests"] == "60"
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        caught.value.close()
+        assert caught.value.code == 429
+        assert caught.value.headers["retry-after"] == "1"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    png = base64.b64decode(payload["data"][0]["b64_json"].removeprefix(PREFIX))
+    assert len(png) > 1280 * 544 * 3
 
 
 # --- the official openai SDK as a client -----------------------------------------------------

@@ -22,23 +22,35 @@ no fault), by ``EmulatorConfig.script`` (the Nth valid request overall), or at r
 books are exact under any concurrency. Everything a test may assert on is kept in
 ``Emulator.requests`` and ``Emulator.bills`` and served as JSON from ``GET /_emulator/stats``.
 
+Two settings make it a stand-in for load tests: ``rate_limit_rpm`` puts a token bucket in front
+of the endpoints (a refused request is answered 429 at once, recorded with the fault
+:data:`RATE_LIMITED`, never billed; whether the answers carry OpenAI's ``x-ratelimit-*`` and
+``retry-after`` headers is ``rate_limit_headers``), and ``payload="noise"`` makes every image as
+big as a real one. Each request record carries ``received_at`` and ``answered_at``
+(``time.time()``), so a benchmark in another process can time the request phase of a run.
+
 The submodules, one subject each:
 
 * :mod:`~runner.emulator.server`: :class:`EmulatorConfig`, the books (:class:`Bill`,
-  :class:`RequestRecord`), :class:`Emulator` (request validation, the handlers, fault choice,
-  the CDN, the stats), :class:`EmulatorThread` and :func:`serve`;
+  :class:`RequestRecord`), :class:`Emulator` (the handlers, the rate limit, fault choice, the
+  CDN, the stats), :class:`EmulatorThread` and :func:`serve`;
+* :mod:`~runner.emulator.incoming`: a request as received: its body parsed, its key checked,
+  its fields validated into the job to render;
 * :mod:`~runner.emulator.faults`: the fault kinds, the error reply of each error fault, and the
   parsing of the ``[[faults:...]]`` directive;
-* :mod:`~runner.emulator.render`: the PNGs, the closest size for ``size=auto`` and the edit
-  target, the usage numbers of an edits reply, the dimensions of uploaded references;
+* :mod:`~runner.emulator.render`: the PNGs (flat or noise), the closest size for ``size=auto``
+  and the edit target, the usage numbers of an edits reply, the dimensions of uploaded
+  references;
+* :mod:`~runner.emulator.bucket`: the rate limit's token bucket and its headers;
 * :mod:`~runner.emulator.errors`: the OpenAI-shaped error reply they all raise.
 """
 
 from __future__ import annotations
 
 from runner.emulator.faults import BILLED_FAULTS, DEFAULT_FAULT_MIX, FAULT_KINDS, NO_FAULT
+from runner.emulator.incoming import DEFAULT_GENERATION_SIZE
 from runner.emulator.server import (
-    DEFAULT_GENERATION_SIZE,
+    RATE_LIMITED,
     Bill,
     Emulator,
     EmulatorConfig,
@@ -53,6 +65,7 @@ __all__ = [
     "DEFAULT_GENERATION_SIZE",
     "FAULT_KINDS",
     "NO_FAULT",
+    "RATE_LIMITED",
     "Bill",
     "Emulator",
     "EmulatorConfig",

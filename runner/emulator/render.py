@@ -1,16 +1,23 @@
 """The emulator's pictures: the PNGs it renders, the sizes it picks, the usage it reports.
 
 It owns reading the dimensions of uploaded references, choosing the edit target and the closest
-of the 30 sizes for ``size=auto``, rendering a cheap PNG of exactly the requested size, and the
-token usage numbers an edits reply carries.
+of the 30 sizes for ``size=auto``, rendering a PNG of exactly the requested size, and the token
+usage numbers an edits reply carries.
+
+Two kinds of picture (``EmulatorConfig.payload``): ``"flat"``, two colours taken from the prompt,
+a few KB even at 4K; and ``"noise"``, random pixels that no encoder can shrink, as big as a real
+provider's images (a 3840x2160 PNG is ~25 MB, ~33 MB as base64). Noise costs ~0.7 s to render at
+4K, so each size is rendered once and its PNG and base64 kept for every later request.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import io
 import math
+import random
 import re
 
 from PIL import Image, ImageDraw
@@ -79,6 +86,17 @@ def _render_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4)  # 4 sizes x (25 MB PNG + 33 MB base64) at 4K
+def _noise_png_b64(width: int, height: int) -> tuple[bytes, bytes]:
+    """A PNG of random pixels, and its base64: the same for every request of that size."""
+    pixels = random.Random(width * 100_000 + height).randbytes(width * height * 3)
+    buffer = io.BytesIO()
+    # Noise does not compress anyway; level 0 only stores it, twice as fast as level 1.
+    Image.frombytes("RGB", (width, height), pixels).save(buffer, format="PNG", compress_level=0)
+    png = buffer.getvalue()
+    return png, base64.b64encode(png)
 
 
 def _usage(prompt: str, image_count: int, width: int, height: int) -> dict[str, int]:

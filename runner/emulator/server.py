@@ -1,9 +1,13 @@
-"""The emulator's HTTP server: validation, the handlers, the books, the CDN and the stats.
+"""The emulator's HTTP server: the handlers, the rate limit, the books, the CDN and the stats.
 
-It owns :class:`Emulator` (the aiohttp app that answers both endpoints, decides each request's
-fault, records it in ``requests`` and bills it in ``bills``), its configuration
-(:class:`EmulatorConfig`), :class:`EmulatorThread` for tests that need the server on its own
-thread, and :func:`serve` behind ``image-runner emulate``.
+It owns :class:`Emulator` (the aiohttp app that answers both endpoints, applies the rate limit,
+decides each request's fault, records it in ``requests`` and bills it in ``bills``), its
+configuration (:class:`EmulatorConfig`), :class:`EmulatorThread` for tests that need the server
+on its own thread, and :func:`serve` behind ``image-runner emulate``.
+
+A success's body is sent as the chunks :meth:`Emulator._generate` returns: the JSON around the
+image, and the image's base64, which for ``payload="noise"`` is the one cached copy of that
+size's. Sixteen 33 MB answers in flight thus cost no 33 MB copy each, only the socket buffers.
 """
 
 from __future__ import annotations
@@ -20,23 +24,14 @@ import time
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, Literal
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from runner.api import (
-    AUTO_SIZE,
-    DEFAULT_RESPONSE_FORMAT,
-    MODELS,
-    PRICE_PER_IMAGE_USD,
-    REJECTED_FIELDS,
-    RESPONSE_FORMATS,
-    SIZE_SET,
-    Endpoint,
-    parse_size,
-)
+from runner.api import PRICE_PER_IMAGE_USD, Endpoint
+from runner.emulator.bucket import Admission, TokenBucket
 from runner.emulator.errors import _ApiError
 from runner.emulator.faults import (
     _ERROR_FAULTS,
@@ -44,27 +39,21 @@ from runner.emulator.faults import (
     FAULT_KINDS,
     NO_FAULT,
     _ErrorFault,
-    _parse_directive,
 )
-from runner.emulator.render import (
-    _closest_size,
-    _colour,
-    _edit_target,
-    _image_dimensions,
-    _render_png,
-    _size_label,
-    _usage,
-)
+from runner.emulator.incoming import _check_auth, _Incoming, _Job, _read_body, _validate
+from runner.emulator.render import _colour, _noise_png_b64, _render_png, _size_label, _usage
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GENERATION_SIZE: Final = "1280x1280"
-_IMAGE_PART_NAMES: Final = ("image", "image[]")
 _B64_PREFIX: Final = "data:image/png;base64,"
 _BAD_B64: Final = "iVBORw0KGgo*not*base64*"
 _BAD_CDN_BYTES: Final = b"<html><body>this is not an image</body></html>"
 _CDN_MAX_ENTRIES: Final = 1024
 _CLIENT_MAX_SIZE_BYTES: Final = 128 * 1024 * 1024
+_WRITE_SLICE_BYTES: Final = 1024 * 1024  # what one write hands the socket buffer, at most
+_B64_PLACEHOLDER: Final = "@@b64@@"
+RATE_LIMITED: Final = "rate_limited"  # the fault of a request the rate limit refused
+_RATE_LIMITED_CODE: Final = ("rate_limit_exceeded", "requests")  # OpenAI's code and type
 
 
 @dataclass(frozen=True)
@@ -82,6 +71,12 @@ class EmulatorConfig:
     b64_prefix: bool = True  # the provider's "data:image/png;base64,"; False: plain OpenAI
     cdn_ttl_s: float = 3600
     script: tuple[str, ...] = ()  # faults for the 1st, 2nd, ... valid request; "ok" for none
+    payload: Literal["flat", "noise"] = "flat"  # noise: incompressible, ~25 MB at 3840x2160
+    # A token bucket checked when a request arrives (before the latency); refusals are 429s.
+    rate_limit_rpm: float | None = None  # None: no limit
+    rate_limit_burst: int = 10  # the bucket's size
+    rate_limit_headers: bool = False  # False: the 429 says nothing about when to come back
+    rate_limit_scope: Literal["shared", "per_endpoint"] = "shared"  # one bucket, or one each
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.fault_kinds if k not in FAULT_KINDS]
@@ -92,6 +87,18 @@ class EmulatorConfig:
             raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
         if self.fault_rate > 0 and not self.fault_kinds:
             raise ValueError("fault_rate > 0 needs at least one fault kind")
+        if self.payload not in ("flat", "noise"):
+            raise ValueError(f"payload must be flat or noise, got {self.payload!r}")
+        if self.rate_limit_rpm is not None and self.rate_limit_rpm <= 0:
+            raise ValueError(f"rate_limit_rpm must be more than 0, got {self.rate_limit_rpm}")
+        if self.rate_limit_burst < 1:
+            raise ValueError(f"rate_limit_burst must be at least 1, got {self.rate_limit_burst}")
+        if self.rate_limit_headers and self.rate_limit_rpm is None:
+            raise ValueError("rate_limit_headers announces a limit: set rate_limit_rpm too")
+        if self.rate_limit_scope not in ("shared", "per_endpoint"):
+            raise ValueError(
+                f"rate_limit_scope must be shared or per_endpoint, got {self.rate_limit_scope!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,12 @@ class Bill:
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One request to an API endpoint, as received; ``status`` 0 means no response was sent."""
+    """One request to an API endpoint, as received; ``status`` 0 means no response was sent.
+
+    ``received_at`` and ``answered_at`` are ``time.time()`` (so another process can compare
+    them): when the request arrived, and when its answer was decided, after the latency but
+    before a ``slow`` fault's delay and before the body was sent.
+    """
 
     seq: int
     endpoint: str
@@ -122,108 +134,40 @@ class RequestRecord:
     fault: str | None
     status: int
     image_sizes: tuple[str, ...] = ()  # "WxH" of each reference in upload order, or "invalid"
+    received_at: float = 0.0
+    answered_at: float = 0.0
 
 
-@dataclass
-class _Incoming:
-    """A request body, parsed but not yet validated."""
+async def _send(
+    request: web.Request,
+    chunks: tuple[bytes, ...],
+    headers: Mapping[str, str],
+    *,
+    cut_after_bytes: int | None = None,
+) -> web.StreamResponse:
+    """Send a JSON body given in chunks, a slice at a time, so no chunk is copied whole.
 
-    fields: dict[str, object] = field(default_factory=dict)
-    images: list[tuple[str, bytes]] = field(default_factory=list)
-    error: _ApiError | None = None
-
-
-@dataclass(frozen=True)
-class _Job:
-    model: str
-    prompt: str
-    width: int
-    height: int
-    response_format: str
-    image_count: int
-    directive: tuple[str, ...] | None
-
-    @property
-    def size(self) -> str:
-        return f"{self.width}x{self.height}"
-
-
-async def _read_body(request: web.Request, endpoint: Endpoint) -> _Incoming:
-    incoming = _Incoming()
+    ``cut_after_bytes``: announce the full length, send that many bytes, close the connection.
+    """
+    total_bytes = sum(map(len, chunks))
+    response = web.StreamResponse(headers=headers)
+    response.content_type = "application/json"
+    response.content_length = total_bytes
+    await response.prepare(request)
+    left_bytes = total_bytes if cut_after_bytes is None else cut_after_bytes
     try:
-        if endpoint == "generations":
-            body = json.loads(await request.read())
-            if not isinstance(body, dict):
-                raise _ApiError(400, "The body must be a JSON object.", None, "invalid_json")
-            incoming.fields = body
-            return incoming
-        if not request.content_type.startswith("multipart/"):
-            raise _ApiError(400, "Edits take multipart/form-data.", None, "invalid_content_type")
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                continue
-            if part.name in _IMAGE_PART_NAMES:
-                incoming.images.append((part.name, bytes(await part.read(decode=True))))
-            else:
-                incoming.fields[part.name] = await part.text()
-    except _ApiError as exc:
-        incoming.error = exc
-    except ValueError as exc:  # bad JSON, bad UTF-8, a broken multipart boundary
-        incoming.error = _ApiError(400, f"Could not parse the body: {exc}", None, "invalid_body")
-    return incoming
-
-
-def _check_auth(request: web.Request, api_key: str | None) -> None:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise _ApiError(401, "You didn't provide an API key.", None, "invalid_api_key")
-    if api_key is not None and key.strip() != api_key:
-        # Echoed in full, worse than OpenAI's partial mask, so redaction is tested hard.
-        message = f"Incorrect API key provided: {key.strip()}."
-        raise _ApiError(401, message, None, "invalid_api_key")
-
-
-def _string_field(fields: Mapping[str, object], name: str) -> str | None:
-    value = fields.get(name)
-    if value is None or isinstance(value, str):
-        return value
-    raise _ApiError(400, f"'{name}' must be a string.", name, "invalid_type")
-
-
-def _validate(endpoint: Endpoint, incoming: _Incoming) -> _Job:
-    fields = incoming.fields
-    for name in REJECTED_FIELDS:
-        if name in fields:
-            raise _ApiError(400, f"'{name}' is not supported.", name, "unsupported_parameter")
-    model = _string_field(fields, "model")
-    if not model:
-        raise _ApiError(400, "You must provide a model.", "model", "missing_required_parameter")
-    if model not in MODELS:
-        message = f"The model '{model}' does not exist or you do not have access to it."
-        raise _ApiError(404, message, "model", "model_not_found")
-    prompt = _string_field(fields, "prompt")
-    if prompt is None or not prompt.strip():
-        raise _ApiError(400, "You must provide a prompt.", "prompt", "missing_required_parameter")
-    response_format = _string_field(fields, "response_format") or DEFAULT_RESPONSE_FORMAT[endpoint]
-    if response_format not in RESPONSE_FORMATS:
-        message = f"Invalid response_format '{response_format}'; use url or b64_json."
-        raise _ApiError(400, message, "response_format", "invalid_value")
-    dimensions = [_image_dimensions(data) for _, data in incoming.images]
-    if endpoint == "edits" and not dimensions:
-        message = "Edits need at least one image."
-        raise _ApiError(400, message, "image", "missing_required_parameter")
-    size = _string_field(fields, "size")
-    if size is None:
-        size = DEFAULT_GENERATION_SIZE if endpoint == "generations" else AUTO_SIZE
-    if size == AUTO_SIZE and endpoint == "edits":
-        size = _closest_size(*dimensions[_edit_target(prompt, len(dimensions))])
-    if size not in SIZE_SET:
-        message = f"Invalid size '{size}'; use one of the 30 sizes, e.g. 2048x2048."
-        raise _ApiError(400, message, "size", "invalid_size")
-    width, height = parse_size(size)
-    directive = _parse_directive(prompt)
-    return _Job(model, prompt, width, height, response_format, len(dimensions), directive)
+        for chunk in chunks:
+            view = memoryview(chunk)[:left_bytes]
+            left_bytes -= len(view)
+            for start in range(0, len(view), _WRITE_SLICE_BYTES):
+                await response.write(view[start : start + _WRITE_SLICE_BYTES])
+        if cut_after_bytes is None:
+            await response.write_eof()
+    except ConnectionResetError:  # the client went away; nothing left to tell it
+        return response
+    if cut_after_bytes is not None:
+        _close_connection(request, reset=False)
+    return response
 
 
 def _close_connection(request: web.Request, *, reset: bool) -> None:
@@ -242,8 +186,11 @@ def _close_connection(request: web.Request, *, reset: bool) -> None:
 class Emulator:
     """The images API on a loopback port, with its books (``requests``, ``bills``)."""
 
-    def __init__(self, config: EmulatorConfig | None = None) -> None:
+    def __init__(
+        self, config: EmulatorConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config or EmulatorConfig()
+        self._clock = clock  # of the rate limit's buckets
         self.requests: list[RequestRecord] = []
         self.bills: list[Bill] = []
         self._seq = 0
@@ -252,6 +199,7 @@ class Emulator:
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(self.config.seed)
         self._cdn: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._buckets: dict[str, TokenBucket] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
 
@@ -303,8 +251,16 @@ class Emulator:
 
     async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         self._seq += 1
-        seq = self._seq
+        seq, received_at = self._seq, time.time()
+        admission = self._admit(endpoint)
+        headers: dict[str, str] = {}  # what the answer tells of the rate limit, if anything
+        if admission is not None and self.config.rate_limit_headers:
+            headers = admission.headers()
         incoming = await _read_body(request, endpoint)
+        if admission is not None and not admission.admitted:
+            self._record(seq, endpoint, incoming, RATE_LIMITED, 429, received_at)
+            error = _ApiError(429, "Rate limit reached for requests.", None, *_RATE_LIMITED_CODE)
+            return error.response(headers)
         latency_s = self.config.latency_s
         latency_s += self._latency_rng.uniform(0, self.config.latency_jitter_s)
         if latency_s > 0:
@@ -316,36 +272,43 @@ class Emulator:
                 raise incoming.error
             job = _validate(endpoint, incoming)
         except _ApiError as exc:
-            self._record(seq, endpoint, incoming, None, exc.status)
-            return exc.response()
+            self._record(seq, endpoint, incoming, None, exc.status, received_at)
+            return exc.response(headers)
         fault = self._decide_fault(job)
         error_fault = _ERROR_FAULTS.get(fault or NO_FAULT)
         if error_fault is not None:
-            self._record(seq, endpoint, incoming, fault, error_fault.status)
-            return self._error_fault_response(fault or NO_FAULT, error_fault)
+            self._record(seq, endpoint, incoming, fault, error_fault.status, received_at)
+            return self._error_fault_response(fault or NO_FAULT, error_fault, headers)
         if fault == "drop":
-            self._record(seq, endpoint, incoming, fault, 0)
+            self._record(seq, endpoint, incoming, fault, 0, received_at)
             _close_connection(request, reset=False)
             raise asyncio.CancelledError
         status = 0 if fault == "reset" else 200
-        self._record(seq, endpoint, incoming, fault, status)
-        body = self._generate(request, seq, endpoint, job, fault)
+        self._record(seq, endpoint, incoming, fault, status, received_at)
+        chunks = self._generate(request, seq, endpoint, job, fault)
         logger.debug("request %d %s: fault %s", seq, endpoint, fault)
         if fault == "reset":
             _close_connection(request, reset=True)
             raise asyncio.CancelledError
+        half_bytes = sum(map(len, chunks)) // 2
         if fault == "truncate":
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
-            response.content_length = len(body)
-            await response.prepare(request)
-            await response.write(body[: len(body) // 2])
-            _close_connection(request, reset=False)
-            return response
+            return await _send(request, chunks, headers, cut_after_bytes=half_bytes)
         if fault == "malformed":
-            body = body[: len(body) // 2]
+            chunks = (b"".join(chunks)[:half_bytes],)
         elif fault == "slow":
             await asyncio.sleep(self.config.slow_s)
-        return web.Response(body=body, content_type="application/json")
+        return await _send(request, chunks, headers)
+
+    def _admit(self, endpoint: Endpoint) -> Admission | None:
+        """Take a token from the endpoint's bucket; None when there is no rate limit."""
+        if self.config.rate_limit_rpm is None:
+            return None
+        scope = endpoint if self.config.rate_limit_scope == "per_endpoint" else "shared"
+        bucket = self._buckets.get(scope)
+        if bucket is None:
+            rpm, burst = self.config.rate_limit_rpm, self.config.rate_limit_burst
+            bucket = self._buckets[scope] = TokenBucket(rpm, burst, self._clock)
+        return bucket.take()
 
     def _decide_fault(self, job: _Job) -> str | None:
         self._valid_count += 1
@@ -361,7 +324,13 @@ class Emulator:
         return None if kind == NO_FAULT else kind
 
     def _record(
-        self, seq: int, endpoint: str, incoming: _Incoming, fault: str | None, status: int
+        self,
+        seq: int,
+        endpoint: str,
+        incoming: _Incoming,
+        fault: str | None,
+        status: int,
+        received_at: float,
     ) -> None:
         def text(name: str) -> str | None:
             value = incoming.fields.get(name)
@@ -372,24 +341,27 @@ class Emulator:
         size, response_format = text("size"), text("response_format")
         record = RequestRecord(
             seq, endpoint, model, prompt, size, response_format, names, len(names), fault, status,
-            tuple(_size_label(data) for _, data in incoming.images),
+            tuple(_size_label(data) for _, data in incoming.images), received_at, time.time(),
         )  # fmt: skip
         self.requests.append(record)
 
     def _generate(
         self, request: web.Request, seq: int, endpoint: Endpoint, job: _Job, fault: str | None
-    ) -> bytes:
-        """Render, store and bill the image; return the JSON body that carries it."""
+    ) -> tuple[bytes, ...]:
+        """Render, store and bill the image; return the JSON body that carries it, in chunks."""
         width = job.width + 16 if fault == "badsize" else job.width
-        png = _render_png(width, job.height, _colour(job.prompt))
+        if self.config.payload == "noise":
+            png, b64 = _noise_png_b64(width, job.height)
+        else:
+            png = _render_png(width, job.height, _colour(job.prompt))
+            b64 = base64.b64encode(png)
         item: dict[str, str]
         if job.response_format == "url":
             name = uuid.uuid4().hex
             self._store_cdn(name, _BAD_CDN_BYTES if fault == "badb64" else png)
             item = {"url": f"{request.scheme}://{request.host}/cdn/{name}.png"}
         else:
-            b64 = _BAD_B64 if fault == "badb64" else base64.b64encode(png).decode("ascii")
-            item = {"b64_json": (_B64_PREFIX if self.config.b64_prefix else "") + b64}
+            item = {"b64_json": _B64_PLACEHOLDER}
         payload: dict[str, object] = {"created": int(time.time()), "data": [item]}
         if endpoint == "edits":
             payload["usage"] = _usage(job.prompt, job.image_count, job.width, job.height)
@@ -397,10 +369,22 @@ class Emulator:
             seq, endpoint, job.model, job.size, job.prompt, PRICE_PER_IMAGE_USD, fault or "ok"
         )
         self.bills.append(bill)
-        return json.dumps(payload).encode()
+        text = json.dumps(payload)
+        if job.response_format == "url":
+            return (text.encode(),)
+        # Base64 needs no JSON escaping, so the image goes in as it is, never copied.
+        head, tail = text.split(_B64_PLACEHOLDER)
+        prefix = _B64_PREFIX if self.config.b64_prefix else ""
+        return (
+            (head + prefix).encode(),
+            _BAD_B64.encode() if fault == "badb64" else b64,
+            tail.encode(),
+        )
 
-    def _error_fault_response(self, kind: str, fault: _ErrorFault) -> web.Response:
-        headers: dict[str, str] = {}
+    def _error_fault_response(
+        self, kind: str, fault: _ErrorFault, limit_headers: Mapping[str, str]
+    ) -> web.Response:
+        headers = dict(limit_headers)
         if fault.retry_after:
             headers["retry-after"] = f"{self.config.retry_after_s:g}"
             headers["retry-after-ms"] = f"{self.config.retry_after_s * 1000:g}"
@@ -424,13 +408,20 @@ class Emulator:
         return web.Response(body=entry[1], content_type="image/png")
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
+        """The books; ``?since=SEQ`` lists only the records of requests that arrived after the
+        SEQth (the totals still count all), so a long benchmark reads each run's alone."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return web.json_response({"error": "since must be an integer"}, status=400)
         return web.json_response(
             {
                 "requests": len(self.requests),
+                "last_seq": self._seq,
                 "bills": len(self.bills),
                 "billed_usd": self.billed_usd,
-                "bill_records": [asdict(bill) for bill in self.bills],
-                "request_records": [asdict(record) for record in self.requests],
+                "bill_records": [asdict(bill) for bill in self.bills if bill.seq > since],
+                "request_records": [asdict(r) for r in self.requests if r.seq > since],
             }
         )
 
