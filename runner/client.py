@@ -16,6 +16,7 @@ with no redirects followed and bounded in bytes and time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import secrets
@@ -146,6 +147,7 @@ class ImagesClient:
             payload, scanner, sink, limits = await self._send(request, job, tmp, files)
             usage = _usage(payload.get("usage"))
             if scanner.found:  # data[0].b64_json, already decoded into the sink
+                await asyncio.to_thread(sink.close)  # flushing may wait on the disk
                 return ImageResult(tmp, scanner.image_bytes, usage, limits)
             data = payload.get("data")
             item = data[0] if isinstance(data, list) and data else None
@@ -154,6 +156,7 @@ class ImagesClient:
             if not isinstance(item.get("url"), str):
                 raise AmbiguousError("data[0] has neither b64_json nor url", job_id=job.id)
             size_bytes = await self._download(item["url"], job.id, sink)
+            await asyncio.to_thread(sink.close)
             return ImageResult(tmp, size_bytes, usage, limits)
 
     async def _send(
@@ -169,9 +172,10 @@ class ImagesClient:
                     raise await error_from_response(response, job.id)
                 limits = rate_limit_headers(response.headers)
                 # Only now: an image is coming back, so a disk error from here on is an
-                # OSError the pool books as a charge. Writes are a chunk at a time and local:
-                # they stay on the event loop.
-                sink = files.enter_context(open(tmp, "xb"))  # noqa: ASYNC230, SIM115
+                # OSError the pool books as a charge. Creating the file may wait on the
+                # folder (other threads fsync it), so not on the event loop; the writes are a
+                # chunk at a time and local: they stay on it.
+                sink = files.enter_context(await asyncio.to_thread(open, tmp, "xb"))
                 scanner = B64JsonScanner(sink)
                 limit = self.config.max_response_bytes
                 await _stream_capped(response, limit, job.id, scanner.feed)

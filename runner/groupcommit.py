@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
@@ -38,6 +39,8 @@ class GroupCommit:
         self.batches = 0  # transactions committed, for tests and benchmarks
         self.writes = 0
         self._pending: list[tuple[Write, asyncio.Future[Any]]] = []
+        # Its own thread: commits never queue behind other work in the default executor.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
         self._writer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -53,6 +56,10 @@ class GroupCommit:
         # writer half done; the write still lands, and the caller's cancel goes on.
         return await asyncio.shield(future)
 
+    def close(self) -> None:
+        """Let the writer thread go; call after :meth:`drain`."""
+        self._thread.shutdown(wait=False)
+
     async def drain(self) -> None:
         """Wait until every write handed over so far is committed."""
         while self._writer is not None and not self._writer.done():
@@ -62,7 +69,9 @@ class GroupCommit:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                results = await asyncio.to_thread(self._commit, [w for w, _ in batch])
+                loop = asyncio.get_running_loop()
+                writes = [w for w, _ in batch]
+                results = await loop.run_in_executor(self._thread, self._commit, writes)
             except BaseException as exc:  # the transaction itself failed: every write did
                 for _, future in batch:
                     if not future.done():

@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -77,6 +79,23 @@ class PoolResult:
     rate_limits: dict[str, tuple[int, float | None]] = field(default_factory=dict)
 
 
+class _Slot:
+    """A request slot, given back at most once."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = False
+
+    async def take(self) -> None:
+        await self._semaphore.acquire()
+        self._held = True
+
+    def give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
 class _Halt(Exception):
     """No attempt may be sent: the pool is stopping (``reason`` None) or must stop now."""
 
@@ -107,6 +126,11 @@ class Pool:
         self.budget = budget or Budget(None, 0)
         self.breaker = CircuitBreaker(breaker, sleep=self._sleep_unless_stopped)
         self.limiter = RateLimiter(pacer, sleep=self._sleep_unless_stopped)
+        # Saving an image mostly waits on fsync: a thread per worker, so that when answers
+        # come back together none waits for another's fsync (full decodes are capped apart).
+        self._savers = ThreadPoolExecutor(min(8, self.concurrency), "image-save")
+        self._requests = asyncio.Semaphore(self.concurrency)
+        self._rng = random.Random()  # backoff jitter; one for all jobs (seeding one costs)
         self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = Progress()
@@ -133,14 +157,32 @@ class Pool:
             self._budget_settled.set()  # wake admissions waiting for budget
 
     async def run(self, jobs: Iterable[Job]) -> PoolResult:
+        """Run ``jobs``, taken from the iterable one at a time as room frees up."""
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        todo = iter(jobs)
-        workers = [asyncio.create_task(self._worker(todo)) for _ in range(self.concurrency)]
+        # At most `concurrency` requests in flight; up to as many jobs again past their
+        # request, verifying and saving their image, so that the next requests need not wait
+        # for that (and memory stays bounded by the concurrency, not the manifest).
+        live = asyncio.Semaphore(2 * self.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            live.release()
+
         try:
-            await asyncio.gather(*workers)
+            for job in jobs:
+                await live.acquire()
+                if self.stopping:
+                    break
+                task = asyncio.create_task(self._run_job(job))
+                tasks.add(task)
+                task.add_done_callback(done)
+            while tasks:
+                await asyncio.gather(*tasks)
         finally:
-            for worker in workers:
-                worker.cancel()
+            for task in tasks:
+                task.cancel()
+            self._savers.shutdown(wait=False)
         return self.result()
 
     def result(self) -> PoolResult:
@@ -153,16 +195,9 @@ class Pool:
         }
         return self._result
 
-    async def _worker(self, todo: Iterator[Job]) -> None:
-        while not self.stopping:
-            job = next(todo, None)
-            if job is None:
-                return
-            await self._run_job(job)
-
     async def _run_job(self, job: Job) -> None:
         retrying = make_retrying(
-            self.retry, sleep=self._sleep, keep_going=lambda: not self.stopping
+            self.retry, sleep=self._sleep, keep_going=lambda: not self.stopping, rng=self._rng
         )
         c = self._counters
         waiting = False  # between a failed attempt and the next: counted in c.retrying
@@ -210,6 +245,16 @@ class Pool:
             self._report()
 
     async def _attempt(self, job: Job) -> None:
+        """One attempt: holds one of the ``concurrency`` request slots from admission until
+        the answer is in, not while the image is verified and saved."""
+        slot = _Slot(self._requests)
+        await slot.take()
+        try:
+            await self._attempt_in_slot(job, slot)
+        finally:
+            slot.give_back()
+
+    async def _attempt_in_slot(self, job: Job, slot: _Slot) -> None:
         probe, sent_at = await self._admit(job)
         try:
             attempt = await self.store.write(lambda s: s.begin_next_attempt(job))
@@ -220,9 +265,16 @@ class Pool:
         c.requests += 1
         c.in_flight += 1
         self._report()
+        answered = False
         try:
             result = await self._fetch(job)
-            info, sha256, relative = await asyncio.to_thread(self._save, job, result.path)
+            answered = True
+            c.in_flight -= 1
+            slot.give_back()  # the answer is in: the next request may go
+            loop = asyncio.get_running_loop()
+            info, sha256, relative = await loop.run_in_executor(
+                self._savers, self._save, job, result.path
+            )
         except ImageInvalid as exc:
             error: ApiError = (
                 ConfirmedJobFailedError(f"the image {exc}", job_id=job.id, code="wrong_size")
@@ -242,7 +294,8 @@ class Pool:
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
             raise _Halt(f"cannot write images to {self.images_dir}: {exc}") from None
         finally:
-            c.in_flight -= 1
+            if not answered:
+                c.in_flight -= 1
         self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
         self.breaker.record(provider_up=True, probe=bool(probe))
         self.limiter.observe(job.endpoint, sent_at, limited=False, headers=result.rate_limit)

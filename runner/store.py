@@ -212,6 +212,7 @@ class Store:
         self.close()
 
     def close(self) -> None:
+        self._commits.close()
         self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -129,7 +129,8 @@ def test_status_while_a_run_is_live_does_not_disturb_it(tmp_path: Path) -> None:
     busy = [s for s in live if 0 < s["jobs"]["succeeded"] < count and s["jobs"]["pending"] > 0]
     assert busy, live
     assert any(s["in_flight"] > 0 for s in busy), busy
-    assert all(0 <= s["in_flight"] <= 2 for s in live)
+    # Attempts not yet settled: at most 2 requests, plus as many answers being saved.
+    assert all(0 <= s["in_flight"] <= 2 * 2 for s in live)
     assert all(s["jobs"]["total"] in (0, count) for s in live)
     assert len(list((out / "images").iterdir())) == count
 
