@@ -15,11 +15,13 @@ A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
     After the first 429. The estimator rests on one fact about a token bucket: a 429 means the
     bucket was empty when that request arrived, so between two 429'd requests sent at ``t0`` and
     ``t1`` the provider accepted exactly what it refilled, ``rate * (t1 - t0)``, give or take
-    one request (as long as the bucket never overflowed, which pacing just above the limit
-    prevents). So the lane sends at ``measure_gain`` times the rate it saw accepted lately
-    (saturated, but barely), and once ``measure_min_s`` have passed since the first 429, the
-    next 429 closes the measurement: accepted requests sent between the two, divided by the
-    time between them.
+    one request (as long as the bucket never overflowed meanwhile). The lane starts at half the
+    rate accepted before the first 429. If most requests still get 429s it slows down
+    (``measure_slow``); if none comes for a while it grows (``measure_grow``), and since the
+    bucket may then have overflowed, the count starts over from the next 429, at that pace.
+    Once ``measure_min_s`` have passed and ``measure_min_accepted`` requests went through,
+    the next 429 closes the measurement: accepted requests sent between the two 429s, divided
+    by the time between them.
 ``cruise``
     Paced at ``cruise_gain`` (0.97) of that estimate. Now and then, while the pacer is what
     holds requests back, the rate creeps up by ``probe_step``; a 429 takes it down by
