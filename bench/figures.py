@@ -8,7 +8,7 @@ target: the median over its repeats, the target, and whether the one meets the o
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,3 +60,21 @@ def warn(problems: Sequence[str]) -> str:
 
 def no_complete_run(figure: str, target: str, problems: Sequence[str]) -> Row:
     return Row(figure, f"no complete run: {problems[-1]}"[:160], target, None)
+
+
+def median_row(
+    figure: str,
+    target: str,
+    values: Sequence[float],
+    problems: Sequence[str],
+    *,
+    describe: Callable[[float], str],
+    meets: Callable[[float], bool],
+) -> Row:
+    """The row of a figure measured once per complete run: ``describe`` and ``meets`` get the
+    median; runs left out are noted, and no complete run at all is said so."""
+    note = warn(problems)
+    if not values:
+        return no_complete_run(figure, target, problems)
+    value = median(values)
+    return Row(figure, describe(value) + note, target, meets(value))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 
 from bench.emulator import EmulatorProcess, phase
-from bench.figures import Options, Row, median, no_complete_run, runs_text, say, warn
+from bench.figures import Options, Row, median_row, runs_text, say
 from bench.manifests import write_csv
 from bench.procs import run_bare, run_runner
 
@@ -56,13 +56,14 @@ def measure(options: Options) -> list[Row]:
                 shares.append(got.ok_per_s / ideal_per_s)
             else:
                 problems.append(f"{got.ok} of {jobs} images, {runner.failure()}")
+
+    def describe(share: float) -> str:
+        return (
+            f"{share:.3f} ({share * ideal_per_s:.1f} of {ideal_per_s:.0f} img/s, bare loop "
+            f"{bare_share:.3f}; {runs_text(shares, '.3f')})"
+        )
+
     figure, target = "latency hiding: throughput / (C/L)", f">= {TARGET}"
-    note = warn(problems)
-    if not shares:
-        return [no_complete_run(figure, target, problems)]
-    share = median(shares)
-    measured = (
-        f"{share:.3f} ({share * ideal_per_s:.1f} of {ideal_per_s:.0f} img/s, bare loop "
-        f"{bare_share:.3f}; {runs_text(shares, '.3f')}){note}"
-    )
-    return [Row(figure, measured, target, share >= TARGET)]
+    return [
+        median_row(figure, target, shares, problems, describe=describe, meets=lambda s: s >= TARGET)
+    ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 
 from bench.emulator import EmulatorProcess, phase
-from bench.figures import MB, Options, Row, median, no_complete_run, runs_text, say, warn
+from bench.figures import MB, Options, Row, median_row, runs_text, say
 from bench.manifests import write_csv
 from bench.procs import run_runner
 
@@ -48,9 +48,13 @@ def measure(options: Options) -> list[Row]:
                 f"{runner.wall_s:.1f} s in all"
             )
     figure, target = "memory: peak RSS, 4K noise at C=16", f"< {TARGET_MB} MB"
-    note = warn(problems)
-    if not peaks_mb:
-        return [no_complete_run(figure, target, problems)]
-    peak_mb = median(peaks_mb)
-    measured = f"{peak_mb:.0f} MB ({runs_text(peaks_mb, '.0f')}){note}"
-    return [Row(figure, measured, target, peak_mb < TARGET_MB)]
+    return [
+        median_row(
+            figure,
+            target,
+            peaks_mb,
+            problems,
+            describe=lambda mb: f"{mb:.0f} MB ({runs_text(peaks_mb, '.0f')})",
+            meets=lambda mb: mb < TARGET_MB,
+        )
+    ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 
 from bench.emulator import EmulatorProcess, phase
-from bench.figures import Options, Row, median, no_complete_run, runs_text, say, warn
+from bench.figures import Options, Row, median, median_row, runs_text, say
 from bench.manifests import write_csv
 from bench.procs import run_bare, run_runner
 
@@ -73,13 +73,14 @@ def measure(options: Options) -> list[Row]:
                 f"bare {bare_phase.ok_per_s:.0f} img/s ({bare_phase.span_s:.2f} s of requests), "
                 f"ratio {ratio:.2f}"
             )
+
+    def describe(ratio: float) -> str:
+        return (
+            f"{ratio:.2f} ({median(runner_rates):.0f} vs {median(bare_rates):.0f} img/s; "
+            f"{runs_text(ratios, '.2f')})"
+        )
+
     figure, target = "overhead: runner / bare throughput", f">= {TARGET}"
-    note = warn(problems)
-    if not ratios:
-        return [no_complete_run(figure, target, problems)]
-    ratio = median(ratios)
-    measured = (
-        f"{ratio:.2f} ({median(runner_rates):.0f} vs {median(bare_rates):.0f} img/s; "
-        f"{runs_text(ratios, '.2f')}){note}"
-    )
-    return [Row(figure, measured, target, ratio >= TARGET)]
+    return [
+        median_row(figure, target, ratios, problems, describe=describe, meets=lambda r: r >= TARGET)
+    ]

@@ -72,13 +72,15 @@ class GroupCommit:
                 loop = asyncio.get_running_loop()
                 writes = [w for w, _ in batch]
                 results = await loop.run_in_executor(self._thread, self._commit, writes)
-            except BaseException as exc:  # the transaction itself failed: every write did
+            except Exception as exc:  # the transaction itself failed: every write did
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError())
-                if not isinstance(exc, Exception):
-                    raise
+                        future.set_exception(exc)
                 continue
+            except BaseException:  # the writer itself is cancelled: nobody is answered
+                for _, future in batch:
+                    future.cancel()
+                raise
             for (_, future), (ok, value) in zip(batch, results, strict=True):
                 if future.done():
                     continue
