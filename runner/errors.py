@@ -5,20 +5,27 @@
     RunnerError
      +-- ManifestError          the manifest is invalid; carries every problem found (exit 2)
      +-- OutputLockedError      another run holds the output folder (exit 2)
+     +-- CredentialsError       no API key, or none that may go to the base URL (exit 2)
      +-- StoreError             the checkpoint database cannot be trusted
+     +-- ImageWriteError        an image came back but the disk refused it (never a network
+     |                          error: the client raises this only around its own file writes)
      +-- ApiError               one request's outcome; carries job_id, status, code, billing
           +-- RetryableError    worth another attempt, after a wait
           |    +-- NotSentError      the request never reached the server: billing "none"
           |    +-- ServerError       408, 409, 429, 5xx, x-should-retry: true: billing "none"
           |    +-- AmbiguousError    sent, outcome unknown (read timeout, reset, truncated or
-          |                          malformed body): billing "possible"
+          |    |                     malformed body): billing "possible"
+          |    +-- UnfetchedImageError   the API answered 200 with a url (so it billed), but the
+          |                              image could not be fetched from it: billing "confirmed"
           +-- JobFailedError    final for this job (400, 404, 413, 422, content policy)
           |    +-- ConfirmedJobFailedError   an image came back but is not the one asked for
           |                                  (wrong size): billing "confirmed"
-          +-- RunStoppedError   final for the whole run (401, 403, spend limit): stop admitting work
+          +-- RunStoppedError   final for the whole run (401, 403, spend limit, an endpoint that
+                                does not exist): stop admitting work
 
 "Retry or not" is one ``isinstance(err, RetryableError)``; the pool may still refuse to retry an
-``AmbiguousError`` when the user asked for ``--on-ambiguous fail``.
+error that was (or may have been) billed without bringing an image, ``AmbiguousError`` and
+``UnfetchedImageError``, when the user asked for ``--on-ambiguous fail``.
 """
 
 from __future__ import annotations
@@ -61,8 +68,16 @@ class OutputLockedError(RunnerError):
     pass
 
 
+class CredentialsError(RunnerError):
+    """No API key, or none that may be sent to the base URL; names what to set. Nothing sent."""
+
+
 class StoreError(RunnerError):
     pass
+
+
+class ImageWriteError(RunnerError):
+    """The disk refused an image that came back (so it was billed): final for the run."""
 
 
 class ApiError(RunnerError):
@@ -118,6 +133,13 @@ class ServerError(RetryableError):
 
 class AmbiguousError(RetryableError):
     billing = "possible"
+
+
+class UnfetchedImageError(RetryableError):
+    """The API answered 200 with an image url, so it billed the generation, but the image could
+    not be downloaded (after the download's own retries) or is not an image."""
+
+    billing = "confirmed"
 
 
 class JobFailedError(ApiError):

@@ -10,9 +10,13 @@ through ``on_progress``.
 Admission: before each attempt the circuit breaker must let it through and the budget must
 hold its price (see :mod:`runner.limits`).
 
+Failing: an attempt's outcome and, when it ends the job (an error final for the job, or the
+last attempt of this run), the job's failed status are committed in one transaction, so a crash
+can never leave a billed, failed job pending (and paid for again by the next run).
+
 Stopping: :meth:`Pool.stop` (a signal, an error final for the run such as a 401, the budget, a
-long outage) stops admitting jobs and retries at once; attempts in flight finish and are
-recorded.
+long outage, an API that answers 404 to every request of a fresh run) stops admitting jobs and
+retries at once; attempts in flight finish and are recorded.
 """
 
 from __future__ import annotations
@@ -29,15 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
 from runner.client import ImageResult
 from runner.errors import (
     AmbiguousError,
     ApiError,
     ConfirmedJobFailedError,
+    ImageWriteError,
     RetryableError,
     RunStoppedError,
     ServerError,
+    UnfetchedImageError,
 )
 from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
 from runner.jobs import Job
@@ -67,6 +73,9 @@ class Progress:
     requests: int = 0
     confirmed_micro_usd: int = 0
     possible_micro_usd: int = 0
+    # The cause and message of the latest failed attempt ("not_sent", "connection refused to
+    # 127.0.0.1:9"), so that a run going wrong says why while it goes on.
+    last_error: tuple[str, str] | None = None
 
 
 @dataclass
@@ -75,6 +84,7 @@ class PoolResult:
     stop_reason: str | None = None  # why the run stopped early, if it did
     stop_error: ApiError | None = None
     failures: dict[str, int] = field(default_factory=dict)  # cause -> count
+    failure_messages: dict[str, str] = field(default_factory=dict)  # cause -> latest message
     # endpoint -> (429s seen, the pace it ended at in requests/min), for endpoints that met one
     rate_limits: dict[str, tuple[int, float | None]] = field(default_factory=dict)
 
@@ -94,6 +104,14 @@ class _Slot:
         if self._held:
             self._held = False
             self._semaphore.release()
+
+
+@dataclass
+class _JobTries:
+    """One job's attempts in this run, as its attempts and its retry loop share them."""
+
+    count: int = 0
+    failed: bool = False  # recorded as failed, with its last attempt's outcome
 
 
 class _Halt(Exception):
@@ -134,6 +152,9 @@ class Pool:
         self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = Progress()
+        # Whether the API has answered anything but 404/405 in this run: until it has, a 404 is
+        # taken for a wrong base URL, which stops the run instead of failing every job.
+        self._endpoint_found = False
         self._stop_event = asyncio.Event()
         self._budget_settled = asyncio.Event()
         self._result = PoolResult(Progress())
@@ -152,6 +173,7 @@ class Pool:
     def stop(self, reason: str = "interrupted") -> None:
         """Stop admitting jobs and retries; attempts in flight finish and are recorded."""
         if not self.stopping:
+            log.info("stopping: %s", reason, extra={"stop_reason": reason})
             self._result.stop_reason = reason
             self._stop_event.set()
             self._budget_settled.set()  # wake admissions waiting for budget
@@ -201,13 +223,14 @@ class Pool:
         )
         c = self._counters
         waiting = False  # between a failed attempt and the next: counted in c.retrying
+        tries = _JobTries()
 
         async def attempt() -> None:
             nonlocal waiting
             if waiting:
                 c.retrying, waiting = c.retrying - 1, False
             try:
-                await self._attempt(job)
+                await self._attempt(job, tries)
             except ApiError as exc:
                 if is_retryable(exc, self.retry.on_ambiguous):
                     c.retrying, waiting = c.retrying + 1, True
@@ -230,37 +253,34 @@ class Pool:
             self._result.stop_error = exc
             self.stop(exc.describe())
         except ApiError as exc:
-            retry_later = is_retryable(exc, self.retry.on_ambiguous)
-            if retry_later and self.stopping:
+            if not tries.failed:
                 return  # stopped between attempts: the job stays pending
-            failure = exc
-            await self.store.write(
-                lambda s: s.mark_failed(job.id, failure, retry_later=retry_later)
-            )
             c.failed += 1
             self._result.failures[exc.cause] = self._result.failures.get(exc.cause, 0) + 1
+            self._result.failure_messages[exc.cause] = exc.message
         finally:
             if waiting:
                 c.retrying -= 1
             self._report()
 
-    async def _attempt(self, job: Job) -> None:
+    async def _attempt(self, job: Job, tries: _JobTries) -> None:
         """One attempt: holds one of the ``concurrency`` request slots from admission until
         the answer is in, not while the image is verified and saved."""
         slot = _Slot(self._requests)
         await slot.take()
         try:
-            await self._attempt_in_slot(job, slot)
+            await self._attempt_in_slot(job, slot, tries)
         finally:
             slot.give_back()
 
-    async def _attempt_in_slot(self, job: Job, slot: _Slot) -> None:
+    async def _attempt_in_slot(self, job: Job, slot: _Slot, tries: _JobTries) -> None:
         probe, sent_at = await self._admit(job)
         try:
             attempt = await self.store.write(lambda s: s.begin_next_attempt(job))
         except BaseException:
             self._release_admission(probe)
             raise
+        tries.count += 1
         c = self._counters
         c.requests += 1
         c.in_flight += 1
@@ -276,17 +296,24 @@ class Pool:
                 self._savers, self._save, job, result.path
             )
         except ImageInvalid as exc:
-            error: ApiError = (
-                ConfirmedJobFailedError(f"the image {exc}", job_id=job.id, code="wrong_size")
-                if isinstance(exc, WrongSize)
-                else AmbiguousError(f"the image {exc}", job_id=job.id)
-            )
-            await self._record_failure(job, attempt, error, probe, sent_at)
+            error: ApiError
+            if isinstance(exc, WrongSize):
+                error = ConfirmedJobFailedError(
+                    f"the image {exc}", job_id=job.id, code="wrong_size"
+                )
+            elif job.response_format == "url":  # the API answered 200: it billed
+                error = UnfetchedImageError(f"the downloaded image {exc}", job_id=job.id)
+            else:
+                error = AmbiguousError(f"the image {exc}", job_id=job.id)
+            await self._record_failure(job, attempt, error, probe, sent_at, tries)
             raise error from None
         except ApiError as exc:
-            await self._record_failure(job, attempt, exc, probe, sent_at)
-            raise
-        except OSError as exc:  # from _save: an image came back, but the disk refused it
+            error = self._setup_mistake(exc) or exc
+            await self._record_failure(job, attempt, error, probe, sent_at, tries)
+            if error is exc:
+                raise
+            raise error from None
+        except ImageWriteError as exc:  # an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
             await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
             self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
@@ -296,6 +323,7 @@ class Pool:
         finally:
             if not answered:
                 c.in_flight -= 1
+        self._endpoint_found = True
         self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
         self.breaker.record(provider_up=True, probe=bool(probe))
         self.limiter.observe(job.endpoint, sent_at, limited=False, headers=result.rate_limit)
@@ -324,11 +352,12 @@ class Pool:
 
     async def _fetch(self, job: Job) -> ImageResult:
         """The source's answer; an error nobody foresaw becomes a possible charge for this one
-        attempt (it may have been sent) instead of bringing the whole run down. An ``OSError``
-        is the disk refusing the image as it came in: handled as one from :meth:`_save`."""
+        attempt (it may have been sent) instead of bringing the whole run down. Only an
+        :class:`ImageWriteError` means the disk refused the image as it came in (handled as one
+        from :meth:`_save`): any other ``OSError`` is the network's, a possible charge."""
         try:
             return await self.source.create(job, self.images_dir)
-        except (ApiError, OSError):
+        except (ApiError, ImageWriteError):
             raise
         except Exception as exc:
             log.exception("unexpected error in a request for %s", job.id)
@@ -344,7 +373,9 @@ class Pool:
         try:
             probe = await self.breaker.admit(keep_going=lambda: not self.stopping)
         except OutageTooLong as exc:
-            raise _Halt(f"{exc}; the provider seems down") from None
+            last = self._counters.last_error
+            seen = f" (last error: {last[1]})" if last else ""
+            raise _Halt(f"{exc}{seen}; the provider seems down") from None
         try:
             if probe is None:
                 raise _Halt
@@ -375,8 +406,38 @@ class Pool:
         self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
         self._budget_settled.set()
 
+    def _setup_mistake(self, error: ApiError) -> RunStoppedError | None:
+        """A 404 or 405 before the API answered anything else in this run says the base URL is
+        wrong (no ``/v1``, say), not that every job is: stop the run and fail no job. Any
+        other answer shows the endpoint exists; after it, a 404 is the job's own failure."""
+        if error.status is None:
+            return None
+        if error.status not in (404, 405) or self._endpoint_found:
+            self._endpoint_found = True
+            return None
+        message = f"the API answered HTTP {error.status} ({error.message}): wrong base URL?"
+        return RunStoppedError(
+            message, job_id=error.job_id, status=error.status, code=error.code or "not_found"
+        )
+
+    def _failure_verdict(self, error: ApiError, tries: _JobTries) -> bool | None:
+        """Whether this failed attempt ends the job: None if the job stays pending (retried
+        now, or left to the next run as the run stops), else ``retry_later`` for the record."""
+        if isinstance(error, RunStoppedError):
+            return None
+        retry_later = is_retryable(error, self.retry.on_ambiguous)
+        if retry_later and (tries.count < self.retry.max_attempts or self.stopping):
+            return None
+        return retry_later
+
     async def _record_failure(
-        self, job: Job, attempt: int, error: ApiError, probe: bool, sent_at: float
+        self,
+        job: Job,
+        attempt: int,
+        error: ApiError,
+        probe: bool,
+        sent_at: float,
+        tries: _JobTries,
     ) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
         self._settle_budget(cost)
@@ -388,21 +449,43 @@ class Pool:
             retry_after_s=error.retry_after_s if limited else None,
             headers=error.rate_limit,
         )
-        # A rate limit is the limiter's business: the provider is up, only busy.
-        provider_up = limited or not isinstance(error, RetryableError)
+        # A rate limit is the limiter's business: the provider is up, only busy; and one that
+        # billed (a url it served but the CDN did not) answered.
+        provider_up = limited or error.billing == "confirmed"
+        provider_up = provider_up or not isinstance(error, RetryableError)
         self.breaker.record(provider_up=provider_up, probe=probe)
         outcome = Outcome(error.billing, cost, error=error.describe())
-        await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+        retry_later = self._failure_verdict(error, tries)
+        tries.failed = retry_later is not None
+        if retry_later is None:
+            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+        else:
+            final = retry_later
+            await self.store.write(
+                lambda s: s.record_failure(job.id, attempt, outcome, error, retry_later=final)
+            )
+        c = self._counters
+        c.last_error = (error.cause, error.message)
         if error.billing == "confirmed":
-            self._counters.confirmed_micro_usd += cost
+            c.confirmed_micro_usd += cost
         elif error.billing == "possible":
-            self._counters.possible_micro_usd += cost
+            c.possible_micro_usd += cost
+            log.info(
+                "job %s attempt %d: possible charge of $%.2f (%s)",
+                job.id,
+                attempt,
+                cost / MICRO,
+                error.message,
+                extra={"job_id": job.id, "attempt": attempt, "billing": "possible"},
+            )
 
     def _save(self, job: Job, tmp: Path) -> tuple[ImageInfo, str, str]:
         """Verify, tag with provenance and durably write one image from the source's temp file,
         which is removed whatever happens (in a worker thread)."""
         try:
             info = inspect_image(tmp, job.expected_size)
+            if job.expected_size is None and f"{info.width}x{info.height}" not in SIZE_SET:
+                raise WrongSize(f"is {info.width}x{info.height}, not one of the 30 sizes")
             provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
             provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
             splices: list[Splice] = []
@@ -413,6 +496,8 @@ class Pool:
                 log.warning("no provenance written into %s: %s", job.id, exc)
             path = self.images_dir / f"{job.id}.{info.extension}"
             sha256 = write_atomic_copy(path, tmp, splices)
+        except OSError as exc:
+            raise ImageWriteError(f"{exc.strerror or exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
         relative = path.relative_to(self.store.folder).as_posix()

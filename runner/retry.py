@@ -10,6 +10,7 @@ random())``), and a server's Retry-After wins when it asks for longer. A Retry-A
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from runner.errors import AmbiguousError, ApiError, RetryableError
+from runner.errors import AmbiguousError, ApiError, RetryableError, UnfetchedImageError
+
+log = logging.getLogger(__name__)
 
 OnAmbiguous = Literal["retry", "fail"]
 
@@ -45,7 +48,7 @@ class RetryAfterTooLong(Exception):
 
 
 def is_retryable(error: BaseException, on_ambiguous: OnAmbiguous) -> bool:
-    if isinstance(error, AmbiguousError):
+    if isinstance(error, AmbiguousError | UnfetchedImageError):  # billed, or maybe, no image
         return on_ambiguous == "retry"
     return isinstance(error, RetryableError)
 
@@ -85,5 +88,28 @@ def make_retrying(
             lambda error: keep_going() and is_retryable(error, config.on_ambiguous)
         ),
         sleep=sleep,
+        before_sleep=_log_retry,
         reraise=True,
+    )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    if not isinstance(error, ApiError):
+        return
+    delay_s = state.next_action.sleep if state.next_action else 0.0
+    log.info(
+        "job %s: attempt %d of this run failed (%s: %s); retrying in %.2f s",
+        error.job_id,
+        state.attempt_number,
+        error.cause,
+        error.message,
+        delay_s,
+        extra={
+            "job_id": error.job_id,
+            "attempt_of_run": state.attempt_number,
+            "cause": error.cause,
+            "billing": error.billing,
+            "delay_s": round(delay_s, 3),
+        },
     )

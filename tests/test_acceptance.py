@@ -58,7 +58,11 @@ async def test_200_jobs_with_20_percent_faults(tmp_path: Path, make_emulator: Ma
     ledger = pd.read_csv(out / "ledger.csv")
     confirmed = round(ledger.loc[ledger["billing"] == "confirmed", "cost_usd"].sum(), 2)
     possible = round(ledger.loc[ledger["billing"] == "possible", "cost_usd"].sum(), 2)
-    assert confirmed == totals.confirmed_usd == round(0.03 * JOBS, 2)
+    # Confirmed: every image delivered, and every url answer (billed) whose CDN served none.
+    unfetched = sum(
+        1 for r in emulator.requests if r.fault == "badb64" and r.response_format == "url"
+    )
+    assert confirmed == totals.confirmed_usd == round(0.03 * (JOBS + unfetched), 2)
     assert possible == totals.possible_usd > 0
     assert confirmed <= emulator.billed_usd <= round(confirmed + possible, 2)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from runner.api import SIZES
-from runner.emulator import EmulatorConfig, EmulatorThread
+from runner.emulator import EmulatorConfig, EmulatorThread, RequestRecord
 from runner.images import inspect_image
 from tests.conftest import db_rows, make_ref, write_manifest
 from tests.test_cli import cli, env
@@ -114,18 +114,26 @@ def test_sigkill_at_random_moments_loses_nothing_and_never_pays_twice(tmp_path: 
     prompt_of = dict(zip(results["job_id"], results["prompt"], strict=True))
     sent = Counter(r.prompt for r in requests)
     billed = Counter(b.prompt for b in bills)
+    # A url answer whose CDN served no image was billed: a confirmed charge (or a possible
+    # one, when the runner was killed while it downloaded), never a free one.
+    unfetched = Counter(r.prompt for r in requests if _unfetched(r))
     for job_id, rows in by_job.items():
         rows.sort()
         states = [state for _, state in rows]
-        assert states.count("confirmed") == 1, (job_id, rows)
+        prompt = prompt_of[job_id]
+        assert 1 <= states.count("confirmed") <= 1 + unfetched[prompt], (job_id, rows)
         assert states[-1] == "confirmed", (job_id, rows)
-        assert sent[prompt_of[job_id]] <= len(rows), job_id
-        # Every charge beyond the one confirmed image is flagged possible.
-        assert billed[prompt_of[job_id]] <= 1 + states.count("possible"), job_id
+        assert sent[prompt] <= len(rows), job_id
+        # Every charge beyond the confirmed ones is flagged possible.
+        assert billed[prompt] <= states.count("confirmed") + states.count("possible"), job_id
 
     ledger = pd.read_csv(out / "ledger.csv")
     confirmed = round(ledger.loc[ledger["billing"] == "confirmed", "cost_usd"].sum(), 2)
     possible = round(ledger.loc[ledger["billing"] == "possible", "cost_usd"].sum(), 2)
     billed_usd = round(sum(b.cost_usd for b in bills), 2)
-    assert confirmed == round(0.03 * JOBS, 2)
+    assert round(0.03 * JOBS, 2) <= confirmed <= round(0.03 * (JOBS + unfetched.total()), 2)
     assert confirmed <= billed_usd <= round(confirmed + possible, 2)
+
+
+def _unfetched(request: RequestRecord) -> bool:
+    return request.fault == "badb64" and request.response_format == "url"

@@ -93,10 +93,16 @@ async def test_ambiguous_outcomes_are_possible_charges_then_retried(
     assert totals.confirmed_usd <= emulator.billed_usd <= totals.confirmed_usd + totals.possible_usd
 
 
-async def test_badb64_in_url_mode_is_possible(tmp_path: Path, emulator: Emulator) -> None:
+async def test_a_url_that_serves_no_image_is_a_confirmed_charge(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    # The API answered 200 with a url: it billed, whatever the CDN then serves.
     out = tmp_path / "out"
-    await run_manifest(one_job(tmp_path, "badb64", response_format="url"), out, emulator.base_url)
-    assert ledger_billing(out) == ["possible", "confirmed"]
+    report = await run_manifest(
+        one_job(tmp_path, "badb64", response_format="url"), out, emulator.base_url
+    )
+    assert ledger_billing(out) == ["confirmed", "confirmed"]
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.06
 
 
 async def test_on_ambiguous_fail_records_and_stops_retrying(
