@@ -443,6 +443,15 @@ class Store:
         with self._write() as db:
             self._finish_attempt(db, job_id, attempt, outcome)
 
+    def record_failure(
+        self, job_id: str, attempt: int, outcome: Outcome, error: ApiError, *, retry_later: bool
+    ) -> None:
+        """Commit how the attempt that ends a job ended, and the job as failed, together: a
+        crash between the two would leave a billed job pending, to be paid for again."""
+        with self._write() as db:
+            self._finish_attempt(db, job_id, attempt, outcome)
+            self.mark_failed(job_id, error, retry_later=retry_later)
+
     def mark_failed(self, job_id: str, error: ApiError, *, retry_later: bool) -> None:
         """Commit a job as failed; ``retry_later`` lets the next run of the manifest try again."""
         with self._write() as db:
