@@ -5,10 +5,20 @@ in ``folder`` (see :mod:`runner.b64stream`: the body is never held whole, so mem
 bounded per request in flight), or raises one of the :mod:`runner.errors` classes, sorted by
 what the outcome means for billing and retrying:
 
-- nothing reached the server (connect failed or timed out): :class:`NotSentError`;
-- the server answered with an error: by status and code, see :func:`error_from_response`;
+- nothing reached the server (connect failed or timed out): :class:`NotSentError`, saying
+  where it could not connect (``connection refused to HOST:PORT``);
+- the server answered with an error: by status and code, see :func:`error_from_response`. The
+  error body is read whole (bounded) before it is sorted, however many chunks it comes in: a
+  quota error cut after its first chunk would pass for a rate limit. An error object inside a
+  200 (some gateways send one) is sorted by its code as if it had come with its own status;
 - the request was sent but the answer is unknown or unusable (read timeout, reset, truncated or
-  malformed body, a url that cannot be fetched): :class:`AmbiguousError`, possibly billed.
+  malformed body, a 200 with no image in it): :class:`AmbiguousError`, possibly billed;
+- a 200 with a ``url`` was billed: the download is retried on its own (bounded attempts with
+  backoff, well within the url's lifetime), never by a new generation; if it still fails,
+  :class:`UnfetchedImageError`, a confirmed charge.
+
+Only the client's own writes of the image to disk raise :class:`ImageWriteError`: an ``OSError``
+of the network (a reset during the upload, say) is never mistaken for a full disk.
 
 The API key goes only to the API's host: ``url`` images are fetched from the CDN without it,
 with no redirects followed and bounded in bytes and time.
@@ -18,10 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
-import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -37,19 +47,41 @@ from runner.b64stream import B64JsonScanner, B64StreamError
 from runner.errors import (
     AmbiguousError,
     ApiError,
+    ImageWriteError,
     JobFailedError,
     NotSentError,
     RunStoppedError,
     ServerError,
+    UnfetchedImageError,
 )
-from runner.images import TMP_MARKER
+from runner.images import temp_path_for
 from runner.jobs import Job
 from runner.ratelimit import RateLimitHeaders, rate_limit_headers
 from runner.redact import redact, register_secret
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BASE_URL = "https://api.apiyi.com/v1"
 ERROR_BODY_MAX_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 18  # what one request in flight holds of its body at a time
+
+# What an error object's code or type says its status would have been, for an error that came
+# inside a 200: the class follows from the status, as for any error answer.
+_STATUS_OF_CODE = {
+    "invalid_api_key": 401,
+    "authentication_error": 401,
+    "permission_denied": 403,
+    "permission_error": 403,
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "requests": 429,
+    "tokens": 429,
+    "server_error": 500,
+    "api_error": 500,
+    "overloaded_error": 503,
+    "service_unavailable": 503,
+    "timeout": 408,
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +93,11 @@ class ClientConfig:
     download_timeout_s: float = 120.0
     max_response_bytes: int = 256 * 1024 * 1024  # a 4K image as base64 JSON is tens of MB
     max_download_bytes: int = 128 * 1024 * 1024
+    # A url answer was billed: its download is retried on its own, this many times in all,
+    # waiting download_backoff_s, doubled each time (capped at 8 s), all well within the url's
+    # lifetime (OpenAI's last about an hour).
+    download_attempts: int = 4
+    download_backoff_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -72,7 +109,7 @@ class Usage:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """An image that came back: a temp file (``<job id>.part.tmp-*``) the caller now owns."""
+    """An image that came back: a temp file (``.tmp-*-<job id>.part``) the caller now owns."""
 
     path: Path
     size_bytes: int
@@ -83,10 +120,17 @@ class ImageResult:
 class ImagesClient:
     """One session for the whole run; use as ``async with ImagesClient(config) as client``."""
 
-    def __init__(self, config: ClientConfig, *, max_connections: int = 16) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        max_connections: int = 16,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.config = config
         self.max_connections = max(1, max_connections)
         register_secret(config.api_key)
+        self._sleep = sleep  # between download attempts
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ImagesClient:
@@ -113,7 +157,7 @@ class ImagesClient:
     async def create(self, job: Job, folder: Path) -> ImageResult:
         """Send one request for ``job`` and stream its image (not yet verified) into a temp file
         in ``folder``; the caller owns that file. On any error no file is left behind."""
-        tmp = folder / f"{job.id}.part{TMP_MARKER}{secrets.token_hex(6)}"
+        tmp = temp_path_for(folder / f"{job.id}.part")
         try:
             return await self._create(job, tmp)
         except BaseException:
@@ -144,23 +188,29 @@ class ImagesClient:
                 request = self.session.post(url, data=form, headers=headers)
             else:
                 request = self.session.post(url, json=_fields(job), headers=headers)
-            payload, scanner, sink, limits = await self._send(request, job, tmp, files)
+            payload, scanner, sink, limits = await self._send(request, url, job, tmp, files)
             usage = _usage(payload.get("usage"))
             if scanner.found:  # data[0].b64_json, already decoded into the sink
-                await asyncio.to_thread(sink.close)  # flushing may wait on the disk
+                await _close(sink)  # flushing may wait on the disk
                 return ImageResult(tmp, scanner.image_bytes, usage, limits)
+            error = payload.get("error")
+            if isinstance(error, dict):
+                raise error_in_200(error, job.id)
             data = payload.get("data")
-            item = data[0] if isinstance(data, list) and data else None
+            if isinstance(data, list) and not data:
+                message = "a 200 response with an empty data list: no image, maybe billed"
+                raise AmbiguousError(message, job_id=job.id)
+            item = data[0] if isinstance(data, list) else None
             if not isinstance(item, dict):
                 raise AmbiguousError("a 200 response without data[0]", job_id=job.id)
             if not isinstance(item.get("url"), str):
                 raise AmbiguousError("data[0] has neither b64_json nor url", job_id=job.id)
             size_bytes = await self._download(item["url"], job.id, sink)
-            await asyncio.to_thread(sink.close)
+            await _close(sink)
             return ImageResult(tmp, size_bytes, usage, limits)
 
     async def _send(
-        self, request: Any, job: Job, tmp: Path, files: ExitStack
+        self, request: Any, url: str, job: Job, tmp: Path, files: ExitStack
     ) -> tuple[dict[str, Any], B64JsonScanner, BinaryIO, RateLimitHeaders | None]:
         """Send ``request``; stream a 200's image into ``tmp``, return the rest of its JSON."""
         try:
@@ -175,26 +225,55 @@ class ImagesClient:
                 # OSError the pool books as a charge. Creating the file may wait on the
                 # folder (other threads fsync it), so not on the event loop; the writes are a
                 # chunk at a time and local: they stay on it.
-                sink = files.enter_context(await asyncio.to_thread(open, tmp, "xb"))
-                scanner = B64JsonScanner(sink)
+                try:
+                    file = await asyncio.to_thread(open, tmp, "xb")
+                except OSError as exc:
+                    raise ImageWriteError(f"cannot create {tmp}: {exc.strerror}") from exc
+                sink = files.enter_context(file)
+                scanner = B64JsonScanner(_DiskSink(sink))
                 limit = self.config.max_response_bytes
                 await _stream_capped(response, limit, job.id, scanner.feed)
             payload = scanner.finish()
-        except ApiError:
+        except (ApiError, ImageWriteError):
             raise
         except B64StreamError as exc:
             raise AmbiguousError(f"{exc} in a 200 response", job_id=job.id) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise NotSentError(_describe(exc), job_id=job.id) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise NotSentError(_not_sent(exc, url), job_id=job.id) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # OSError: a reset the HTTP library did not wrap (aiohttp before 3.10.6 let a
+            # ConnectionResetError out of an upload); the disk's errors are ImageWriteError.
             raise AmbiguousError(f"sent, then {_describe(exc)}", job_id=job.id) from None
         if not isinstance(payload, dict):
             raise AmbiguousError("a 200 response that is not a JSON object", job_id=job.id)
         return payload, scanner, sink, limits
 
     async def _download(self, url: str, job_id: str, sink: BinaryIO) -> int:
+        """Fetch a billed generation's image from its url into ``sink``, retrying the download
+        alone; raise :class:`UnfetchedImageError` (a confirmed charge) if it cannot be had."""
         if urlsplit(url).scheme not in ("http", "https"):
-            raise AmbiguousError(f"image url is not http(s): {url[:80]!r}", job_id=job_id)
+            raise UnfetchedImageError(f"image url is not http(s): {url[:80]!r}", job_id=job_id)
+        attempts = max(1, self.config.download_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._download_once(url, job_id, _DiskSink(sink))
+            except _DownloadFailed as exc:
+                if not exc.retryable or attempt == attempts:
+                    message = f"image download failed ({attempt} tries): {exc}"
+                    raise UnfetchedImageError(message, job_id=job_id) from None
+                delay_s = min(self.config.download_backoff_s * 2 ** (attempt - 1), 8.0)
+                log.info(
+                    "job %s: image download failed (%s); retrying it in %.2f s",
+                    job_id,
+                    exc,
+                    delay_s,
+                    extra={"job_id": job_id, "cause": "download", "delay_s": delay_s},
+                )
+                await _truncate(sink)
+                await self._sleep(delay_s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _download_once(self, url: str, job_id: str, sink: _DiskSink) -> int:
         try:
             async with self.session.get(
                 url,
@@ -202,17 +281,51 @@ class ImagesClient:
                 timeout=aiohttp.ClientTimeout(total=self.config.download_timeout_s),
             ) as response:
                 if response.status != 200:
-                    raise AmbiguousError(
-                        f"image url answered HTTP {response.status}", job_id=job_id
-                    )
+                    raise _DownloadFailed(f"the image url answered HTTP {response.status}")
                 limit = self.config.max_download_bytes
-                return await _stream_capped(response, limit, job_id, sink.write)
-        except ApiError:
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AmbiguousError(
-                f"image download failed: {_describe(exc)}", job_id=job_id
-            ) from None
+                try:
+                    return await _stream_capped(response, limit, job_id, sink.write)
+                except AmbiguousError as exc:  # over the cap: another try would be too
+                    raise _DownloadFailed(exc.message, retryable=False) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _DownloadFailed(_describe(exc)) from None
+
+
+class _DownloadFailed(Exception):
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class _DiskSink:
+    """The temp file an image streams into: its errors are the disk's, never the network's."""
+
+    __slots__ = ("_file",)
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def write(self, data: bytes, /) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise ImageWriteError(f"cannot write {self._file.name}: {exc.strerror}") from exc
+
+
+async def _close(file: BinaryIO) -> None:
+    try:
+        await asyncio.to_thread(file.close)
+    except OSError as exc:
+        raise ImageWriteError(f"cannot write {file.name}: {exc.strerror}") from exc
+
+
+async def _truncate(file: BinaryIO) -> None:
+    """Empty the temp file for another download attempt."""
+    try:
+        file.seek(0)
+        file.truncate()
+    except OSError as exc:
+        raise ImageWriteError(f"cannot write {file.name}: {exc.strerror}") from exc
 
 
 def _fields(job: Job) -> dict[str, str]:
@@ -257,22 +370,59 @@ async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> 
     status = response.status
     message, code = f"HTTP {status}", None
     try:
-        body = await response.content.read(ERROR_BODY_MAX_BYTES)
+        body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
         error = json.loads(body).get("error")
         if isinstance(error, dict):
             message = str(error.get("message") or message)
-            code = str(error.get("code") or error.get("type") or "") or None
+            code = _code(error)
     except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, RecursionError):
         pass
-    message = redact(message)
-    retry_after_s = retry_after_from(response.headers)
-    should_retry = response.headers.get("x-should-retry", "").lower()
+    return _classify(
+        status,
+        message,
+        code,
+        job_id=job_id,
+        retry_after_s=retry_after_from(response.headers),
+        should_retry=response.headers.get("x-should-retry", "").lower(),
+        rate_limit=rate_limit_headers(response.headers),
+    )
+
+
+def error_in_200(error: dict[str, Any], job_id: str) -> ApiError:
+    """Sort an error object that came inside a 200 by its code (or type), as if it had come
+    with the status that code goes with (400 when it names none): it is not an unknown
+    outcome, and a content refusal in a 200 is as final as one in a 400."""
+    code = _code(error)
+    kind = str(error.get("type") or "")
+    if code in SPEND_LIMIT_CODES or kind in SPEND_LIMIT_CODES:
+        status = 429
+    else:
+        status = _STATUS_OF_CODE.get(code or "", _STATUS_OF_CODE.get(kind, 400))
+    message = f"{error.get('message') or 'an error'} (an error object inside a 200 response)"
+    return _classify(status, message, code, job_id=job_id)
+
+
+def _code(error: dict[str, Any]) -> str | None:
+    return str(error.get("code") or error.get("type") or "") or None
+
+
+def _classify(
+    status: int,
+    message: str,
+    code: str | None,
+    *,
+    job_id: str,
+    retry_after_s: float | None = None,
+    should_retry: str = "",
+    rate_limit: RateLimitHeaders | None = None,
+) -> ApiError:
     kwargs: dict[str, Any] = {
         "job_id": job_id,
         "status": status,
         "code": code,
-        "rate_limit": rate_limit_headers(response.headers),
+        "rate_limit": rate_limit,
     }
+    message = redact(message)
     if status in (401, 403):
         return RunStoppedError(message, **kwargs)
     if status == 429 and code in SPEND_LIMIT_CODES:
@@ -282,6 +432,16 @@ async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> 
     ):
         return ServerError(message, retry_after_s=retry_after_s, **kwargs)
     return JobFailedError(message, **kwargs)
+
+
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, however many chunks it comes in, up to ``max_bytes``."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        body += chunk[: max_bytes - len(body)]
+        if len(body) >= max_bytes:
+            break
+    return bytes(body)
 
 
 def retry_after_from(headers: CIMultiDictProxy[str]) -> float | None:
@@ -307,6 +467,20 @@ def retry_after_from(headers: CIMultiDictProxy[str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _not_sent(exc: aiohttp.ClientError, url: str) -> str:
+    """What a user needs to fix a request that never reached the server: where it went."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return redact(f"cannot resolve the host {parts.hostname}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return redact(f"connection refused to {where}")
+        return redact(f"cannot connect to {where}: {os_error.strerror or os_error}")
+    return redact(f"connecting to {where} timed out")
 
 
 def _describe(exc: BaseException) -> str:

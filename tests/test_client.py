@@ -21,10 +21,19 @@ from aiohttp import web
 from PIL import Image
 
 from runner.client import ClientConfig, ImageResult, ImagesClient, Usage
-from runner.errors import AmbiguousError, JobFailedError, ServerError
-from runner.images import TMP_MARKER, ImageInvalid, inspect_image
+from runner.errors import (
+    AmbiguousError,
+    ApiError,
+    ImageWriteError,
+    JobFailedError,
+    NotSentError,
+    RunStoppedError,
+    ServerError,
+    UnfetchedImageError,
+)
+from runner.images import ImageInvalid, inspect_image, is_temp_name
 from runner.jobs import Job
-from tests.conftest import TEST_KEY, serve_app
+from tests.conftest import TEST_KEY, closed_port_url, serve_app
 
 
 def png(size: tuple[int, int] = (1280, 544)) -> bytes:
@@ -40,9 +49,12 @@ class FaultServer:
     def __init__(self) -> None:
         self.image_url = "/img"
         self.cdn_headers: dict[str, dict[str, str]] = {}
+        self.cdn_gets: dict[str, int] = {}
         self.base = ""
+        self.generations = 0
 
     async def generate(self, request: web.Request) -> web.Response:
+        self.generations += 1
         url = self.image_url if "://" in self.image_url else self.base + self.image_url
         return web.json_response({"data": [{"url": url}]})
 
@@ -51,6 +63,7 @@ class FaultServer:
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
             self.cdn_headers[request.path] = dict(request.headers)
+            self.cdn_gets[request.path] = self.cdn_gets.get(request.path, 0) + 1
             await asyncio.sleep(delay_s)
             if status == 302:
                 raise web.HTTPFound("/img")
@@ -69,6 +82,15 @@ async def server() -> AsyncIterator[FaultServer]:
     app.router.add_get("/huge", fault.cdn(b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000))
     app.router.add_get("/slow", fault.cdn(png(), delay_s=2.0))
     app.router.add_get("/gone", fault.cdn(b"expired", status=404))
+    flaky = fault.cdn(png())
+
+    async def flaky_twice(request: web.Request) -> web.StreamResponse:
+        if fault.cdn_gets.get(request.path, 0) < 2:
+            fault.cdn_gets[request.path] = fault.cdn_gets.get(request.path, 0) + 1
+            return web.Response(status=503, text="busy")
+        return await flaky(request)
+
+    app.router.add_get("/flaky", flaky_twice)
     async with serve_app(app) as base:
         fault.base = base
         yield fault
@@ -89,6 +111,8 @@ def client(server: FaultServer) -> ImagesClient:
             api_key=TEST_KEY,
             max_download_bytes=100_000,
             download_timeout_s=0.5,
+            download_attempts=3,
+            download_backoff_s=0.001,
         )
     )
 
@@ -96,7 +120,7 @@ def client(server: FaultServer) -> ImagesClient:
 async def test_url_image_is_fetched_without_the_key(server: FaultServer, tmp_path: Path) -> None:
     async with client(server) as c:
         result = await c.create(job(), tmp_path)
-    assert result.path.parent == tmp_path and TMP_MARKER in result.path.name
+    assert result.path.parent == tmp_path and is_temp_name(result.path.name)
     assert result.path.read_bytes() == png() and result.size_bytes == len(png())
     assert inspect_image(result.path, (1280, 544)).format == "png"
     assert "Authorization" not in server.cdn_headers["/img"]
@@ -113,16 +137,114 @@ async def test_url_image_is_fetched_without_the_key(server: FaultServer, tmp_pat
         ("ftp://127.0.0.1/x.png", r"not http\(s\)"),
     ],
 )
-async def test_unsafe_or_failed_url_downloads_are_possible_charges(
+async def test_unsafe_or_failed_url_downloads_are_confirmed_charges(
     server: FaultServer, tmp_path: Path, path: str, message: str
+) -> None:
+    """The API answered 200 with a url: it billed the generation, whatever the CDN does."""
+    server.image_url = path
+    async with client(server) as c:
+        with pytest.raises(UnfetchedImageError, match=message) as info:
+            await c.create(job(), tmp_path)
+    assert info.value.billing == "confirmed"
+    assert server.generations == 1
+    assert "/img" not in server.cdn_headers  # a redirect is never followed
+    assert files_in(tmp_path) == []  # the temp file is gone
+
+
+@pytest.mark.parametrize(("path", "tries"), [("/gone", 3), ("/slow", 3), ("/huge", 1)])
+async def test_a_failed_download_is_retried_as_a_download(
+    server: FaultServer, tmp_path: Path, path: str, tries: int
 ) -> None:
     server.image_url = path
     async with client(server) as c:
-        with pytest.raises(AmbiguousError, match=message) as info:
+        with pytest.raises(UnfetchedImageError, match=f"{tries} tries"):
+            await c.create(job(), tmp_path)
+    assert server.generations == 1
+    assert server.cdn_gets[path] == tries  # over the cap: another try would be too
+
+
+async def test_a_flaky_cdn_costs_no_new_generation(server: FaultServer, tmp_path: Path) -> None:
+    server.image_url = "/flaky"
+    async with client(server) as c:
+        result = await c.create(job(), tmp_path)
+    assert result.path.read_bytes() == png()  # the failed tries left nothing in the file
+    assert server.generations == 1 and server.cdn_gets["/flaky"] == 3
+
+
+def chunked(status: int, body: dict[str, object]) -> Callable[[web.Request], Awaitable[object]]:
+    """A handler that sends ``body`` as JSON in three chunks, pausing between them."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        data = json.dumps(body).encode()
+        response = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        third = len(data) // 3
+        for piece in (data[:third], data[third : 2 * third], data[2 * third :]):
+            await response.write(piece)
+            await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def error_body(code: str, type_: str = "invalid_request_error") -> dict[str, object]:
+    message = "A long enough message, so that the code comes in the last chunk of three."
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (429, "insufficient_quota", RunStoppedError),
+        (429, "rate_limit_exceeded", ServerError),
+        (400, "content_policy_violation", JobFailedError),
+        (200, "content_policy_violation", JobFailedError),
+        (200, "insufficient_quota", RunStoppedError),
+        (200, "invalid_api_key", RunStoppedError),
+        (200, "rate_limit_exceeded", ServerError),
+        (200, "server_error", ServerError),
+        (200, "something_new", JobFailedError),
+    ],
+)
+async def test_error_bodies_in_chunks_and_errors_inside_a_200_are_sorted_by_code(
+    tmp_path: Path, status: int, code: str, expected: type[ApiError]
+) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", chunked(status, error_body(code)))
+    async with (
+        serve_app(app) as base,
+        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
+    ):
+        with pytest.raises(ApiError) as info:
+            await c.create(job(), tmp_path)
+    assert type(info.value) is expected
+    assert info.value.code == code and info.value.billing == "none"
+    if status == 200:
+        assert "inside a 200" in info.value.message
+    assert files_in(tmp_path) == []
+
+
+async def test_a_200_with_empty_data_is_a_possible_charge_that_says_so(tmp_path: Path) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", chunked(200, {"created": 1, "data": []}))
+    async with (
+        serve_app(app) as base,
+        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
+    ):
+        with pytest.raises(AmbiguousError, match="empty data list") as info:
             await c.create(job(), tmp_path)
     assert info.value.billing == "possible"
-    assert "/img" not in server.cdn_headers  # a redirect is never followed
-    assert files_in(tmp_path) == []  # the temp file is gone
+
+
+async def test_a_dead_host_says_where_it_could_not_connect(tmp_path: Path) -> None:
+    base_url = closed_port_url()
+    port = base_url.split(":")[2].split("/")[0]
+    async with ImagesClient(ClientConfig(base_url=base_url, api_key=TEST_KEY)) as c:
+        with pytest.raises(NotSentError) as info:
+            await c.create(job(), tmp_path)
+    assert info.value.message == f"connection refused to 127.0.0.1:{port}"
 
 
 async def test_error_bodies_that_are_not_json_still_classify(tmp_path: Path) -> None:
@@ -217,7 +339,7 @@ async def test_b64_image_is_streamed_to_a_temp_file(tmp_path: Path, prefix: str)
     body = b64_body(png(), prefix, usage={"input_tokens": 7, "output_tokens": 9})
     result = await answer(body, tmp_path)
     assert files_in(tmp_path) == [result.path]
-    assert result.path.name.startswith("j.") and TMP_MARKER in result.path.name
+    assert result.path.name.endswith("-j.part") and is_temp_name(result.path.name)
     assert result.path.read_bytes() == png() and result.size_bytes == len(png())
     assert result.usage == Usage(7, 9, None)
 
@@ -232,7 +354,7 @@ async def test_b64_image_is_streamed_to_a_temp_file(tmp_path: Path, prefix: str)
         (b64_body(png()).replace(b'"}]', b'A"}]'), None, CAP, "multiple of 4"),
         (b64_body(png()) + b"}", None, CAP, "malformed JSON"),
         (b64_body(png(), revised_prompt="x" * 2_000_000), None, CAP, "besides the image"),
-        (b'{"data": []}', None, CAP, "without data"),
+        (b'{"data": []}', None, CAP, "empty data list"),
         (b'{"data": [{"b64_json": null}]}', None, CAP, "neither b64_json nor url"),
         (b"[1, 2]", None, CAP, "not a JSON object"),
     ],
@@ -264,10 +386,10 @@ async def test_the_cap_holds_without_a_content_length(tmp_path: Path) -> None:
     assert files_in(tmp_path) == []
 
 
-async def test_a_disk_that_refuses_the_image_is_an_os_error(tmp_path: Path) -> None:
-    """The pool books an ``OSError`` as an image that came back but could not be kept; an error
-    answer never touches the disk, so it stays an API error."""
-    with pytest.raises(FileNotFoundError):
+async def test_a_disk_that_refuses_the_image_is_an_image_write_error(tmp_path: Path) -> None:
+    """The pool books an :class:`ImageWriteError` as an image that came back but could not be
+    kept; an error answer never touches the disk, so it stays an API error."""
+    with pytest.raises(ImageWriteError, match="No such file"):
         await answer(b64_body(png()), tmp_path / "missing")
     async with (
         serve_app(web.Application()) as base,  # every path answers 404

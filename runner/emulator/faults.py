@@ -1,8 +1,13 @@
 """The faults the emulator can inject: their kinds, the error replies, the prompt directive.
 
-Error replies (:data:`_ERROR_FAULTS`) and ``"drop"`` are never billed; :data:`BILLED_FAULTS`
-strike after the server did the work. A ``[[faults:K1,K2,...]]`` directive in a prompt scripts
-the faults of the requests that carry that exact prompt.
+Error replies (:data:`_ERROR_FAULTS`, the ``*_chunked`` ones sent in several chunks with a
+pause between them, ``"policy200"`` a content refusal inside a 200) and ``"drop"`` are never
+billed; :data:`BILLED_FAULTS` strike after the server did the work. Some of those are not even
+failures for a careful client: ``"escaped_b64"`` writes the base64 with JSON escapes (a plus as
+a backslash-u escape, an escaped slash) and spaces, ``"cdn_flaky"`` serves a ``url`` image only
+on the third try; ``"cdn_dead"`` never serves it, ``"empty200"`` answers ``"data": []``. A
+``[[faults:K1,K2,...]]`` directive in a prompt scripts the faults of the requests that carry
+that exact prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class _ErrorFault(NamedTuple):
     code: str | None
     retry_after: bool  # sends retry-after and retry-after-ms
     should_retry: str | None  # the x-should-retry header the OpenAI SDK obeys
+    chunked: bool = False  # the body in several chunks, a pause between them
 
 
 _SERVER = "server_error"
@@ -35,8 +41,20 @@ _ERROR_FAULTS: Final[Mapping[str, _ErrorFault]] = {
     "500_noretry": _ErrorFault(500, _SERVER, None, False, "false"),
     "400_retry": _ErrorFault(400, _INVALID, None, False, "true"),
     "policy": _ErrorFault(400, _INVALID, "content_policy_violation", False, None),
+    "quota_chunked": _ErrorFault(
+        429, "insufficient_quota", "insufficient_quota", False, None, chunked=True
+    ),
+    "policy_chunked": _ErrorFault(
+        400, _INVALID, "content_policy_violation", False, None, chunked=True
+    ),
+    # A gateway's content refusal, wrapped in a 200.
+    "policy200": _ErrorFault(200, _INVALID, "content_policy_violation", False, None),
 }
-BILLED_FAULTS: Final = ("reset", "truncate", "malformed", "badb64", "slow", "badsize")
+BILLED_FAULTS: Final = (
+    "reset", "truncate", "malformed", "badb64", "slow", "badsize",
+    "empty200", "escaped_b64", "cdn_flaky", "cdn_dead",
+)  # fmt: skip
+CDN_FLAKY_FAILURES: Final = 2  # "cdn_flaky": the url fails this many downloads, then serves
 FAULT_KINDS: Final = (*_ERROR_FAULTS, "drop", *BILLED_FAULTS)
 DEFAULT_FAULT_MIX: Final = (
     "429", "500", "502", "503", "reset", "drop", "truncate", "malformed", "badb64", "slow",

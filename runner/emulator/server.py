@@ -26,7 +26,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from aiohttp import web
 
@@ -35,6 +35,7 @@ from runner.emulator.bucket import Admission, TokenBucket
 from runner.emulator.errors import _ApiError
 from runner.emulator.faults import (
     _ERROR_FAULTS,
+    CDN_FLAKY_FAILURES,
     DEFAULT_FAULT_MIX,
     FAULT_KINDS,
     NO_FAULT,
@@ -49,6 +50,8 @@ _B64_PREFIX: Final = "data:image/png;base64,"
 _BAD_B64: Final = "iVBORw0KGgo*not*base64*"
 _BAD_CDN_BYTES: Final = b"<html><body>this is not an image</body></html>"
 _CDN_MAX_ENTRIES: Final = 1024
+_CDN_DEAD: Final = 1 << 30  # "cdn_dead": downloads that fail before one is served
+_CHUNK_PAUSE_S: Final = 0.02  # between the chunks of a "*_chunked" error body
 _CLIENT_MAX_SIZE_BYTES: Final = 128 * 1024 * 1024
 _WRITE_SLICE_BYTES: Final = 1024 * 1024  # what one write hands the socket buffer, at most
 _B64_PLACEHOLDER: Final = "@@b64@@"
@@ -198,7 +201,8 @@ class Emulator:
         self._prompt_counts: defaultdict[str, int] = defaultdict(int)
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(self.config.seed)
-        self._cdn: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # name -> (expires at, the image, downloads left to fail)
+        self._cdn: OrderedDict[str, list[Any]] = OrderedDict()
         self._buckets: dict[str, TokenBucket] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
@@ -278,6 +282,8 @@ class Emulator:
         error_fault = _ERROR_FAULTS.get(fault or NO_FAULT)
         if error_fault is not None:
             self._record(seq, endpoint, incoming, fault, error_fault.status, received_at)
+            if error_fault.chunked:
+                return await self._chunked_error(request, fault or NO_FAULT, error_fault, headers)
             return self._error_fault_response(fault or NO_FAULT, error_fault, headers)
         if fault == "drop":
             self._record(seq, endpoint, incoming, fault, 0, received_at)
@@ -358,11 +364,15 @@ class Emulator:
         item: dict[str, str]
         if job.response_format == "url":
             name = uuid.uuid4().hex
-            self._store_cdn(name, _BAD_CDN_BYTES if fault == "badb64" else png)
+            failures = {"cdn_flaky": CDN_FLAKY_FAILURES, "cdn_dead": _CDN_DEAD}.get(fault or "", 0)
+            self._store_cdn(name, _BAD_CDN_BYTES if fault == "badb64" else png, failures)
             item = {"url": f"{request.scheme}://{request.host}/cdn/{name}.png"}
         else:
             item = {"b64_json": _B64_PLACEHOLDER}
-        payload: dict[str, object] = {"created": int(time.time()), "data": [item]}
+        payload: dict[str, object] = {
+            "created": int(time.time()),
+            "data": [] if fault == "empty200" else [item],
+        }
         if endpoint == "edits":
             payload["usage"] = _usage(job.prompt, job.image_count, job.width, job.height)
         bill = Bill(
@@ -370,16 +380,16 @@ class Emulator:
         )
         self.bills.append(bill)
         text = json.dumps(payload)
-        if job.response_format == "url":
+        if job.response_format == "url" or fault == "empty200":
             return (text.encode(),)
         # Base64 needs no JSON escaping, so the image goes in as it is, never copied.
         head, tail = text.split(_B64_PLACEHOLDER)
         prefix = _B64_PREFIX if self.config.b64_prefix else ""
-        return (
-            (head + prefix).encode(),
-            _BAD_B64.encode() if fault == "badb64" else b64,
-            tail.encode(),
-        )
+        if fault == "badb64":
+            b64 = _BAD_B64.encode()
+        elif fault == "escaped_b64":
+            prefix, b64 = _escaped(prefix.encode()).decode(), _escaped(b64)
+        return ((head + prefix).encode(), b64, tail.encode())
 
     def _error_fault_response(
         self, kind: str, fault: _ErrorFault, limit_headers: Mapping[str, str]
@@ -396,8 +406,27 @@ class Emulator:
         message = f"Emulated fault {kind!r}."
         return _ApiError(fault.status, message, None, fault.code, fault.type).response(headers)
 
-    def _store_cdn(self, name: str, data: bytes) -> None:
-        self._cdn[name] = (time.monotonic() + self.config.cdn_ttl_s, data)
+    async def _chunked_error(
+        self, request: web.Request, kind: str, fault: _ErrorFault, headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        """The error reply of ``fault``, its body in three chunks with a pause between them, as
+        a gateway that streams its answers sends it: the code comes only in the last."""
+        reply = _ApiError(fault.status, f"Emulated fault {kind!r}.", None, fault.code, fault.type)
+        body = reply.response().body
+        assert isinstance(body, bytes)
+        response = web.StreamResponse(status=fault.status, headers=headers)
+        response.content_type = "application/json"
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        third = len(body) // 3
+        for piece in (body[:third], body[third : 2 * third], body[2 * third :]):
+            await response.write(piece)
+            await asyncio.sleep(_CHUNK_PAUSE_S)
+        await response.write_eof()
+        return response
+
+    def _store_cdn(self, name: str, data: bytes, failures: int = 0) -> None:
+        self._cdn[name] = [time.monotonic() + self.config.cdn_ttl_s, data, failures]
         while len(self._cdn) > _CDN_MAX_ENTRIES:
             self._cdn.popitem(last=False)
 
@@ -405,6 +434,9 @@ class Emulator:
         entry = self._cdn.get(request.match_info["name"])
         if entry is None or entry[0] < time.monotonic():
             return web.Response(status=404, text="not found or expired")
+        if entry[2] > 0:  # "cdn_flaky", "cdn_dead": this download fails
+            entry[2] -= 1
+            return web.Response(status=503, text="the CDN is having a moment")
         return web.Response(body=entry[1], content_type="image/png")
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
@@ -424,6 +456,15 @@ class Emulator:
                 "request_records": [asdict(r) for r in self.requests if r.seq > since],
             }
         )
+
+
+def _escaped(b64: bytes) -> bytes:
+    """The same base64 as a .NET serializer or a gateway may write it: ``+`` as ``\\u002B``,
+    ``/`` as ``\\/`` or ``\\u002F``, and a space every 76 characters. Valid JSON, and the same
+    base64 to a decoder that follows JSON and the base64 spec."""
+    lines = [b64[i : i + 76] for i in range(0, len(b64), 76)]
+    text = b" ".join(lines).replace(b"+", b"\\u002B").replace(b"/", b"\\/")
+    return text.replace(b"\\/", b"\\u002F", 3)
 
 
 class EmulatorThread:
