@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 class ImageSource(Protocol):
     async def create(self, job: Job, folder: Path) -> ImageResult:
-        """The image for ``job`` as a new temp file in ``folder`` (named with
-        :data:`runner.images.TMP_MARKER`), which the pool then owns."""
+        """The image for ``job`` as a new temp file in ``folder`` (named by
+        :func:`runner.images.temp_path_for`), which the pool then owns."""
 
 
 @dataclass
@@ -288,7 +288,7 @@ class Pool:
         answered = False
         try:
             result = await self._fetch(job)
-            answered = True
+            answered = self._endpoint_found = True
             c.in_flight -= 1
             slot.give_back()  # the answer is in: the next request may go
             loop = asyncio.get_running_loop()
@@ -323,7 +323,6 @@ class Pool:
         finally:
             if not answered:
                 c.in_flight -= 1
-        self._endpoint_found = True
         self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
         self.breaker.record(provider_up=True, probe=bool(probe))
         self.limiter.observe(job.endpoint, sent_at, limited=False, headers=result.rate_limit)

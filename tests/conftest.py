@@ -4,8 +4,10 @@ and a helper that runs the core exactly as the CLI does."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,7 @@ def options(out: Path, base_url: str, **overrides: Any) -> RunOptions:
         base_url=base_url,
         api_key=TEST_KEY,
         timeout_s=overrides.pop("timeout_s", 10.0),
+        download_backoff_s=0.001,
     )
     assert not overrides, overrides
     return RunOptions(out_dir=out, client=client, retry=retry, concurrency=concurrency)
@@ -123,3 +126,29 @@ def db_exec(out: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
             db.execute(sql, params)
     finally:
         db.close()
+
+
+def folder_state(out: Path) -> dict[str, Any]:
+    """Everything on disk under ``out``: each file and folder with its size and mtime, and the
+    schema and rows of its checkpoint, dumped from a copy (opening the checkpoint in place may
+    create its -wal and -shm files)."""
+    files = {
+        path.relative_to(out).as_posix(): (
+            path.is_dir(),
+            0 if path.is_dir() else path.stat().st_size,
+            path.stat().st_mtime_ns,
+        )
+        for path in out.rglob("*")
+    }
+    dump: list[str] = []
+    if (out / "checkpoint.sqlite").is_file():
+        with tempfile.TemporaryDirectory() as copy:
+            for name in ("checkpoint.sqlite", "checkpoint.sqlite-wal"):
+                if (out / name).is_file():
+                    shutil.copyfile(out / name, Path(copy) / name)
+            db = sqlite3.connect(Path(copy) / "checkpoint.sqlite")
+            try:
+                dump = list(db.iterdump())
+            finally:
+                db.close()
+    return {"files": files, "checkpoint": dump}

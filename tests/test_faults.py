@@ -4,17 +4,35 @@ ledger rows, what the job and the run end as. Faults are chosen per prompt with 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from aiohttp import web
+from PIL import Image
 
+from runner.client import ClientConfig, ImageResult, ImagesClient
 from runner.emulator import Emulator
-from runner.images import TMP_MARKER
+from runner.images import is_temp_name, temp_path_for
+from runner.jobs import Job
 from runner.manifest import load_manifest
+from runner.pool import Pool
+from runner.retry import RetryConfig
 from runner.run import Run, RunReport
-from tests.conftest import MakeEmulator, db_rows, run_manifest, write_manifest
+from runner.store import Store
+from tests.conftest import (
+    TEST_KEY,
+    MakeEmulator,
+    closed_port_url,
+    db_rows,
+    make_ref,
+    run_manifest,
+    serve_app,
+    write_manifest,
+)
 from tests.conftest import options as _options
 
 
@@ -30,7 +48,7 @@ def ledger_billing(out: Path) -> list[str]:
 
 def temp_files(out: Path) -> list[str]:
     """What an attempt left in the images folder besides finished images: nothing, ever."""
-    return [p.name for p in (out / "images").iterdir() if TMP_MARKER in p.name]
+    return [p.name for p in (out / "images").iterdir() if is_temp_name(p.name)]
 
 
 def job_row(out: Path) -> tuple[str, str | None, int]:
@@ -76,6 +94,7 @@ async def test_answered_retryable_errors_are_retried_unbilled(
         ("badb64", True),
         ("slow", True),
         ("drop", False),
+        ("empty200", True),
     ],
 )
 async def test_ambiguous_outcomes_are_possible_charges_then_retried(
@@ -123,7 +142,12 @@ async def test_on_ambiguous_fail_records_and_stops_retrying(
 
 @pytest.mark.parametrize(
     ("faults", "cause"),
-    [("policy", "content_policy_violation"), ("500_noretry", "server_error")],
+    [
+        ("policy", "content_policy_violation"),
+        ("500_noretry", "server_error"),
+        ("policy_chunked", "content_policy_violation"),  # its code only in the last chunk
+        ("policy200", "content_policy_violation"),  # an error object inside a 200
+    ],
 )
 async def test_final_errors_fail_the_job_after_one_attempt(
     tmp_path: Path, emulator: Emulator, faults: str, cause: str
@@ -168,7 +192,9 @@ async def test_retryable_failures_exhaust_attempts_then_a_rerun_retries(
     assert db_rows(out, "SELECT MAX(attempt) FROM attempts") == [(4,)]
 
 
-@pytest.mark.parametrize(("faults", "status"), [("401", 401), ("403", 403), ("quota", 429)])
+@pytest.mark.parametrize(
+    ("faults", "status"), [("401", 401), ("403", 403), ("quota", 429), ("quota_chunked", 429)]
+)
 async def test_run_final_errors_stop_admitting_work(
     tmp_path: Path, emulator: Emulator, faults: str, status: int
 ) -> None:
@@ -249,3 +275,160 @@ async def test_results_say_which_failures_a_rerun_retries(
     assert bool(results.loc["busy", "retry_on_rerun"]) is True
     assert bool(results.loc["refused", "retry_on_rerun"]) is False
     assert report.ledger.totals.failed_retry_on_rerun == 1
+
+
+@pytest.mark.parametrize(("faults", "format_"), [("escaped_b64", "b64_json"), ("cdn_flaky", "url")])
+async def test_answers_a_careful_client_takes_cost_one_request(
+    tmp_path: Path, emulator: Emulator, faults: str, format_: str
+) -> None:
+    """JSON escapes and spaces in the base64; a CDN that fails twice before it serves."""
+    out = tmp_path / "out"
+    report = await run_manifest(
+        one_job(tmp_path, faults, response_format=format_), out, emulator.base_url
+    )
+    assert len(emulator.requests) == 1
+    assert report.ledger.totals.succeeded == 1
+    assert ledger_billing(out) == ["confirmed"]
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.03
+
+
+async def test_a_url_that_never_serves_is_booked_confirmed_then_made_again(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    report = await run_manifest(
+        one_job(tmp_path, "cdn_dead", response_format="url"), out, emulator.base_url
+    )
+    assert len(emulator.requests) == 2
+    assert ledger_billing(out) == ["confirmed", "confirmed"]
+    assert report.ledger.totals.succeeded == 1
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.06
+    assert report.ledger.totals.possible_usd == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"images": ["refs/a.png"], "size": "auto"}],
+    ids=["size omitted", "size auto"],
+)
+async def test_an_unpinned_size_must_still_be_one_of_the_30(
+    tmp_path: Path, emulator: Emulator, fields: dict[str, object]
+) -> None:
+    make_ref(tmp_path / "refs", "a.png")
+    out = tmp_path / "out"
+    job = {"id": "job", "prompt": "a lamp [[faults:badsize]]", **fields}
+    report = await run_manifest(write_manifest(tmp_path, [job]), out, emulator.base_url)
+    assert len(emulator.requests) == 1
+    assert job_row(out) == ("failed", "wrong_size", 0)
+    assert ledger_billing(out) == ["confirmed"]
+    assert "not one of the 30 sizes" in str(pd.read_csv(out / "results.csv")["error"][0])
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.03
+
+
+async def test_a_failure_that_ends_a_job_is_one_commit(tmp_path: Path, emulator: Emulator) -> None:
+    """The attempt's outcome and the job's failed status: never a commit between the two, or a
+    crash there leaves a billed job pending, paid for again by the next run."""
+    out = tmp_path / "out"
+    store = Store.open(out)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    jobs = load_manifest(one_job(tmp_path, "badsize"))
+    try:
+        store.upsert_jobs(jobs)
+        async with ImagesClient(ClientConfig(emulator.base_url, TEST_KEY)) as client:
+            await Pool(client, store, out / "images").run(jobs)
+    finally:
+        store.close()
+    outcome = next(i for i, sql in enumerate(statements) if "UPDATE attempts SET state" in sql)
+    failed = next(i for i, sql in enumerate(statements) if "SET status = 'failed'" in sql)
+    assert outcome < failed
+    assert "COMMIT" not in statements[outcome:failed]
+    assert job_row(out) == ("failed", "wrong_size", 0)
+    assert db_rows(out, "SELECT attempt, state FROM attempts") == [(1, "confirmed")]
+
+
+async def test_a_network_os_error_is_a_possible_charge_not_a_full_disk(tmp_path: Path) -> None:
+    """An ``OSError`` out of a request (a reset during the upload, as aiohttp before 3.10.6 let
+    one through) may have been billed; only the client's own disk errors halt the run."""
+    out = tmp_path / "out"
+    calls: list[str] = []
+
+    class ResetOnce:
+        async def create(self, job: Job, folder: Path) -> ImageResult:
+            calls.append(job.id)
+            if len(calls) == 1:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            tmp = temp_path_for(folder / f"{job.id}.part")
+            buffer = io.BytesIO()
+            Image.new("RGB", (1280, 544), "navy").save(buffer, format="PNG")
+            tmp.write_bytes(buffer.getvalue())
+            return ImageResult(tmp, len(buffer.getvalue()), None)
+
+    jobs = load_manifest(one_job(tmp_path, "ok"))
+    store = Store.open(out)
+    try:
+        store.upsert_jobs(jobs)
+        pool = Pool(ResetOnce(), store, out / "images", retry=RetryConfig(backoff_initial_s=0.001))
+        result = await pool.run(jobs)
+    finally:
+        store.close()
+    assert result.stop_reason is None and result.progress.succeeded == 1
+    assert db_rows(out, "SELECT attempt, state FROM attempts ORDER BY attempt") == [
+        (1, "possible"),
+        (2, "confirmed"),
+    ]
+
+
+async def test_a_base_url_that_answers_404_stops_the_run_and_fails_no_job(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "out"
+    manifest = write_manifest(
+        tmp_path, [{"id": f"j{i}", "prompt": f"p{i}", "size": "1280x544"} for i in range(5)]
+    )
+    wrong = emulator.base_url.removesuffix("/v1")  # every request: 404
+    report = await run_manifest(manifest, out, wrong, concurrency=2)
+    assert report.stop_error is not None and report.stop_error.status == 404
+    assert report.stop_reason is not None and "wrong base URL" in report.stop_reason
+    assert report.ledger.totals.failed == 0 and report.ledger.totals.pending == 5
+    assert report.pool is not None and report.pool.progress.requests <= 2
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert report.ledger.totals.succeeded == 5
+
+
+async def test_a_404_after_the_api_answered_fails_only_its_job(tmp_path: Path) -> None:
+    async def generate(request: web.Request) -> web.Response:
+        if "missing" in (await request.json())["prompt"]:
+            error = {"message": "The model does not exist", "code": "model_not_found"}
+            return web.json_response({"error": error}, status=404)
+        return web.json_response({"data": [{"b64_json": base64.b64encode(png()).decode()}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", generate)
+    jobs = [
+        {"id": "good", "prompt": "good", "size": "1280x544", "response_format": "b64_json"},
+        {"id": "gone", "prompt": "missing", "size": "1280x544", "response_format": "b64_json"},
+    ]
+    out = tmp_path / "out"
+    async with serve_app(app) as base:
+        report = await run_manifest(
+            write_manifest(tmp_path, jobs), out, f"{base}/v1", concurrency=1
+        )
+    assert report.stop_reason is None
+    assert (report.ledger.totals.succeeded, report.ledger.totals.failed) == (1, 1)
+
+
+async def test_a_dead_host_says_where_in_the_failures(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base_url = closed_port_url()
+    report = await run_manifest(one_job(tmp_path, "ok"), out, base_url, max_attempts=2)
+    where = base_url.removeprefix("http://").removesuffix("/v1")
+    assert report.pool is not None
+    assert report.pool.failure_messages == {"not_sent": f"connection refused to {where}"}
+    assert report.pool.progress.last_error == ("not_sent", f"connection refused to {where}")
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (1280, 544), "teal").save(buffer, format="PNG")
+    return buffer.getvalue()
