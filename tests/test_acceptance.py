@@ -70,3 +70,68 @@ async def test_200_jobs_with_20_percent_faults(tmp_path: Path, make_emulator: Ma
     again = await run_manifest(manifest, out, emulator.base_url)
     assert len(emulator.requests) == sent
     assert again.plan.done == JOBS
+
+
+async def test_every_edge_fault_reconciles_and_a_rerun_sends_nothing(
+    tmp_path: Path, make_emulator: MakeEmulator
+) -> None:
+    """The edges of issue 9 in one folder: a quota error in chunks stops the first run, the
+    second finishes; on the way, errors inside a 200, empty data, escaped base64, a flaky and
+    a dead CDN, wrong sizes with and without a size, and the usual resets and truncations."""
+    kinds = (
+        "policy_chunked", "policy200", "empty200", "escaped_b64", "cdn_flaky", "cdn_dead",
+        "badb64", "badsize", "429", "503", "reset", "truncate", "malformed",
+    )  # fmt: skip
+    emulator = await make_emulator(fault_rate=0.3, fault_kinds=kinds, seed=9)
+    jobs: list[dict[str, object]] = [
+        {"id": "quota", "prompt": "first [[faults:quota_chunked]]", "size": "1280x544"}
+    ]
+    scripted = {
+        "cdn_dead": "url", "cdn_flaky": "url", "badb64": "url", "escaped_b64": "b64_json",
+        "policy200": "b64_json", "empty200": "b64_json", "badsize": "url",
+    }  # fmt: skip
+    for fault, format_ in scripted.items():
+        prompt = f"scripted [[faults:{fault}]]"
+        jobs.append({"id": fault, "prompt": prompt, "response_format": format_})
+    for i in range(90):
+        job: dict[str, object] = {
+            "id": f"job-{i:02d}",
+            "prompt": f"edge image {i}",
+            "response_format": "url" if i % 2 else "b64_json",
+        }
+        if i % 3:  # the rest: no size, the provider's default
+            job["size"] = SIZES[i % len(SIZES)]
+        jobs.append(job)
+    manifest, out = write_manifest(tmp_path, jobs), tmp_path / "out"
+
+    first = await run_manifest(manifest, out, emulator.base_url, concurrency=1, max_attempts=6)
+    assert first.stop_error is not None and first.stop_error.code == "insufficient_quota"
+    assert first.ledger.totals.pending == len(jobs)
+    second = await run_manifest(manifest, out, emulator.base_url, concurrency=8, max_attempts=6)
+    assert second.stop_reason is None
+    totals = second.ledger.totals
+    assert totals.pending == 0
+
+    results = pd.read_csv(out / "results.csv")
+    failed = results[results["status"] == "failed"]
+    assert set(failed["error_cause"]) <= {"content_policy_violation", "wrong_size"}
+    wrong_size = int((failed["error_cause"] == "wrong_size").sum())
+    unfetched = sum(
+        1
+        for r in emulator.requests
+        if r.fault in ("cdn_dead", "badb64") and r.response_format == "url"
+    )
+    assert wrong_size >= 1 and unfetched >= 2
+    # Confirmed: $0.03 an image delivered (kept, or refused for its size) and a generation
+    # whose url served none; the provider's bill lies between confirmed and confirmed + possible.
+    ledger = pd.read_csv(out / "ledger.csv")
+    confirmed = round(ledger.loc[ledger["billing"] == "confirmed", "cost_usd"].sum(), 2)
+    possible = round(ledger.loc[ledger["billing"] == "possible", "cost_usd"].sum(), 2)
+    assert confirmed == totals.confirmed_usd
+    assert confirmed == round(0.03 * (totals.succeeded + wrong_size + unfetched), 2)
+    assert confirmed <= emulator.billed_usd <= round(confirmed + possible, 2)
+
+    sent = len(emulator.requests)
+    again = await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == sent
+    assert again.plan.done == totals.succeeded
