@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
@@ -26,15 +25,17 @@ from tqdm import tqdm
 from runner import __version__
 from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.client import DEFAULT_BASE_URL, ClientConfig
+from runner.credentials import Credentials, resolve_credentials
 from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
-from runner.errors import ManifestError, RunnerError
+from runner.errors import CredentialsError, ManifestError, RunnerError
 from runner.jobs import Job
 from runner.limits import BreakerConfig, Budget
+from runner.logs import setup_logging
 from runner.manifest import load_manifest
 from runner.plan import Plan
 from runner.pool import Progress
 from runner.ratelimit import PacerConfig
-from runner.redact import RedactingFilter, redact
+from runner.redact import redact
 from runner.retry import RetryConfig
 from runner.run import Run, RunOptions, RunReport
 from runner.store import Store
@@ -45,7 +46,11 @@ EMULATOR_KEY = "sk-emulator-local"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    try:
+        setup_logging(args.verbose, args.log_file)
+    except OSError as exc:
+        _err(f"error: cannot open the log file {args.log_file}: {exc.strerror or exc}")
+        return EXIT_INVALID
     try:
         code: int = args.handler(args)
     except RunnerError as exc:
@@ -61,7 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"image-runner {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log to stderr: -v retries, stops and possible charges; -vv also debug records",
+    )
+    common.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="PATH",
+        help="append the log to PATH as JSON lines with timestamps (INFO, DEBUG with -vv), "
+        "for cron",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -76,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive_float, default=300.0, help="request timeout, s")
     run.add_argument(
         "--base-url",
-        help=f"API base URL (else $IMAGE_RUNNER_BASE_URL, else {DEFAULT_BASE_URL})",
+        help="API base URL (else $IMAGE_RUNNER_BASE_URL; else $OPENAI_BASE_URL with "
+        f"OPENAI_API_KEY, or {DEFAULT_BASE_URL} with IMAGE_RUNNER_API_KEY)",
     )
     run.add_argument(
         "--emulate", action="store_true", help="use the built-in emulator: no key, no network"
@@ -226,30 +245,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.only and not args.retry_failed:
         _err("error: --only narrows --retry-failed; add --retry-failed")
         return EXIT_INVALID
+    if args.emulate:  # the user's key is not needed, so not sent, even to the emulator
+        credentials = Credentials(DEFAULT_BASE_URL, EMULATOR_KEY, None)
+    else:
+        try:  # a dry run sends nothing: it needs no key
+            credentials = resolve_credentials(
+                os.environ, args.base_url, key_required=not args.dry_run
+            )
+        except CredentialsError as exc:
+            _err(f"error: {exc}\nnothing was sent; to rehearse without a key, add --emulate")
+            return EXIT_INVALID
     try:
         jobs = load_manifest(args.manifest)
     except ManifestError as exc:
         _err(str(exc))
         return EXIT_INVALID
     out_dir: Path = args.out or Path("output") / args.manifest.stem
-    base_url = args.base_url or os.environ.get("IMAGE_RUNNER_BASE_URL") or DEFAULT_BASE_URL
-    api_key = os.environ.get("IMAGE_RUNNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or ""
-    if api_key != api_key.strip() or not api_key.isprintable():
-        _err("error: the API key has spaces or control characters (a stray newline?); fix it")
-        return EXIT_INVALID
-    if args.emulate:
-        api_key = api_key or EMULATOR_KEY
-    elif not api_key and not args.dry_run:  # a dry run sends nothing: it needs no key
-        _err(
-            "error: no API key: set IMAGE_RUNNER_API_KEY (or OPENAI_API_KEY), "
-            "or add --emulate to rehearse on the built-in emulator"
-        )
-        return EXIT_INVALID
     options = RunOptions(
         out_dir=out_dir,
         client=ClientConfig(
-            base_url=base_url,
-            api_key=api_key,
+            base_url=credentials.base_url,
+            api_key=credentials.api_key,
             timeout_s=args.timeout,
         ),
         retry=RetryConfig(
@@ -344,6 +360,7 @@ class _ProgressBar:
         self.disable = disable
         self.bar: tqdm[Never] | None = None
         self.base_done = 0
+        self.causes_told: set[str] = set()  # each cause of failed attempts is told once
 
     def start(self, plan: Plan) -> None:
         parts = [f"{len(plan.todo)} to do", f"{plan.done} done before"]
@@ -367,6 +384,12 @@ class _ProgressBar:
     def update(self, p: Progress) -> None:
         if self.bar is None:
             return
+        if p.last_error is not None and p.last_error[0] not in self.causes_told:
+            cause, message = p.last_error
+            self.causes_told.add(cause)
+            self.bar.write(
+                redact(f"image-runner: a request failed ({cause}): {message}"), sys.stderr
+            )
         self.bar.n = p.succeeded + p.failed
         spent = (p.confirmed_micro_usd + p.possible_micro_usd) / MICRO
         self.bar.set_postfix(
@@ -400,7 +423,11 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
         pace = f"; paced at {rpm:.0f} requests/min" if rpm else ""
         lines.append(f"rate limit: {lane}: {limited} requests answered 429{pace}")
     if report.pool and report.pool.failures:
-        causes = ", ".join(f"{n} {cause}" for cause, n in sorted(report.pool.failures.items()))
+        messages = report.pool.failure_messages
+        causes = ", ".join(
+            f"{n} {cause} ({messages[cause]})" if cause in messages else f"{n} {cause}"
+            for cause, n in sorted(report.pool.failures.items())
+        )
         lines.append(f"failures:  {causes}")
     if report.cancelled:
         lines.append(
@@ -463,6 +490,11 @@ def _stop_hint(report: RunReport) -> str | None:
         return "the key may not use this model or endpoint: check the account's permissions"
     if error.status == 429:
         return "the account is out of quota or over its spend limit: top it up, then rerun"
+    if error.status in (404, 405):
+        return (
+            "check --base-url (or IMAGE_RUNNER_BASE_URL): it is the part before /images, "
+            f"usually ending in /v1, as in {DEFAULT_BASE_URL}; no job was marked failed"
+        )
     return None
 
 
@@ -551,15 +583,6 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
 
 def _err(message: str) -> None:
     print(redact(message), file=sys.stderr, flush=True)
-
-
-def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactingFilter())
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _positive_int(text: str) -> int:

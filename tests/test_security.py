@@ -4,6 +4,8 @@ cannot place files outside the output folder."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from runner.emulator import EmulatorConfig, EmulatorThread
 from runner.redact import RedactingFilter, redact, register_secret
 from tests.conftest import closed_port_url, write_manifest
-from tests.test_cli import run_cli
+from tests.test_cli import env, run_cli
 
 CANARY = f"sk-canary-{uuid.uuid4().hex}"
 
@@ -107,3 +109,82 @@ def test_images_stay_inside_the_output_folder(tmp_path: Path) -> None:
     done = run_cli("validate", write_manifest(tmp_path, jobs))
     assert done.returncode == 2
     assert done.stderr.count("field id") == len(hostile)
+
+
+def run_cli_with_default_provider(
+    default_url: str, *args: str | Path, key: str | None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """The real command, but with the built-in default provider at ``default_url`` (a loopback
+    emulator), so that a test sees whatever would have gone to the third-party host."""
+    script = (
+        "import sys\n"
+        "import runner.client\n"
+        "runner.client.DEFAULT_BASE_URL = sys.argv.pop(1)\n"
+        "from runner.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    environ = env(key)
+    environ.pop("OPENAI_BASE_URL", None)  # only what the test sets
+    return subprocess.run(
+        [sys.executable, "-c", script, default_url, *map(str, args)],
+        env={**environ, **extra},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_an_openai_key_alone_is_refused_and_sent_nowhere(tmp_path: Path) -> None:
+    with EmulatorThread() as default_provider:
+        done = run_cli_with_default_provider(
+            default_provider.base_url,
+            "run",
+            manifest(tmp_path),
+            "--out",
+            tmp_path / "out",
+            "--no-progress",
+            key=None,
+            OPENAI_API_KEY=CANARY,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "OPENAI_BASE_URL" in done.stderr and "IMAGE_RUNNER_API_KEY" in done.stderr
+        assert default_provider.emulator.requests == []
+        assert not (tmp_path / "out").exists()
+        assert CANARY not in done.stdout + done.stderr
+
+        # The same key as IMAGE_RUNNER_API_KEY does go to the default provider: the redirect
+        # above works, and the refusal is what kept the requests away.
+        allowed = run_cli_with_default_provider(
+            default_provider.base_url,
+            "run",
+            manifest(tmp_path),
+            "--out",
+            tmp_path / "out",
+            "--no-progress",
+            key=CANARY,
+        )
+        assert allowed.returncode == 0, allowed.stderr
+        assert len(default_provider.emulator.requests) == 3
+
+
+def test_an_openai_key_goes_to_openai_base_url(tmp_path: Path) -> None:
+    with (
+        EmulatorThread() as default_provider,
+        EmulatorThread(EmulatorConfig(api_key=CANARY)) as openai_url,  # 401 for any other key
+    ):
+        done = run_cli_with_default_provider(
+            default_provider.base_url,
+            "run",
+            manifest(tmp_path),
+            "--out",
+            tmp_path / "out",
+            "--no-progress",
+            key=None,
+            OPENAI_API_KEY=CANARY,
+            OPENAI_BASE_URL=openai_url.base_url,
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(openai_url.emulator.requests) == 3
+        assert all(r.status == 200 for r in openai_url.emulator.requests)  # the key was right
+        assert default_provider.emulator.requests == []
+    assert_nowhere(tmp_path / "out", done.stdout, done.stderr)

@@ -1,0 +1,112 @@
+"""Which key goes to which host: every combination of keys and base URLs the runner reads.
+
+End-to-end checks (the real command, a loopback emulator standing in for the default provider)
+are in ``tests/test_security.py``."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.client import DEFAULT_BASE_URL
+from runner.credentials import Credentials, resolve_credentials
+from runner.errors import CredentialsError, RunnerError
+
+FLAG = "https://flag.example/v1"
+RUNNER_URL = "https://runner-url.example/v1"
+OPENAI_URL = "https://openai-url.example/v1"
+RK, OK = "IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY"
+
+
+@pytest.mark.parametrize(
+    ("environ", "flag", "expected"),
+    [
+        # IMAGE_RUNNER_API_KEY: --base-url > IMAGE_RUNNER_BASE_URL > the default provider
+        ({RK: "kr"}, None, Credentials(DEFAULT_BASE_URL, "kr", RK)),
+        ({RK: "kr"}, FLAG, Credentials(FLAG, "kr", RK)),
+        ({RK: "kr", "IMAGE_RUNNER_BASE_URL": RUNNER_URL}, None, Credentials(RUNNER_URL, "kr", RK)),
+        ({RK: "kr", "IMAGE_RUNNER_BASE_URL": RUNNER_URL}, FLAG, Credentials(FLAG, "kr", RK)),
+        # ... and never to OPENAI_BASE_URL, which belongs to OPENAI_API_KEY
+        ({RK: "kr", "OPENAI_BASE_URL": OPENAI_URL}, None, Credentials(DEFAULT_BASE_URL, "kr", RK)),
+        # IMAGE_RUNNER_API_KEY wins over OPENAI_API_KEY, whatever OPENAI_BASE_URL says
+        ({RK: "kr", OK: "ko"}, None, Credentials(DEFAULT_BASE_URL, "kr", RK)),
+        (
+            {RK: "kr", OK: "ko", "OPENAI_BASE_URL": OPENAI_URL},
+            None,
+            Credentials(DEFAULT_BASE_URL, "kr", RK),
+        ),
+        # OPENAI_API_KEY: --base-url > IMAGE_RUNNER_BASE_URL > OPENAI_BASE_URL, never the default
+        ({OK: "ko", "OPENAI_BASE_URL": OPENAI_URL}, None, Credentials(OPENAI_URL, "ko", OK)),
+        ({OK: "ko"}, FLAG, Credentials(FLAG, "ko", OK)),
+        ({OK: "ko", "OPENAI_BASE_URL": OPENAI_URL}, FLAG, Credentials(FLAG, "ko", OK)),
+        ({OK: "ko", "IMAGE_RUNNER_BASE_URL": RUNNER_URL}, None, Credentials(RUNNER_URL, "ko", OK)),
+        (
+            {OK: "ko", "IMAGE_RUNNER_BASE_URL": RUNNER_URL, "OPENAI_BASE_URL": OPENAI_URL},
+            None,
+            Credentials(RUNNER_URL, "ko", OK),
+        ),
+        # an empty variable counts as unset
+        (
+            {RK: "", OK: "ko", "OPENAI_BASE_URL": OPENAI_URL},
+            None,
+            Credentials(OPENAI_URL, "ko", OK),
+        ),
+        ({RK: "kr", "IMAGE_RUNNER_BASE_URL": ""}, "", Credentials(DEFAULT_BASE_URL, "kr", RK)),
+    ],
+)
+def test_which_key_goes_to_which_url(
+    environ: dict[str, str], flag: str | None, expected: Credentials
+) -> None:
+    assert resolve_credentials(environ, flag) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "flag", "named"),
+    [
+        # an OpenAI key and no base URL: the default provider is a third party, refuse
+        ({OK: "sk-openai-0123456789"}, None, ("OPENAI_BASE_URL", "--base-url", RK)),
+        ({OK: "sk-openai-0123456789", "OPENAI_BASE_URL": ""}, None, ("OPENAI_BASE_URL", RK)),
+        ({OK: "sk-openai-0123456789", RK: ""}, "", ("OPENAI_BASE_URL", RK)),
+        # no key at all, whatever URL is set
+        ({}, None, (RK, OK)),
+        ({"OPENAI_BASE_URL": OPENAI_URL}, None, (RK, OK)),
+        ({}, FLAG, (RK, OK)),
+        # a key with a stray newline or space: name the variable it came from
+        ({RK: "sk-runner-0123456789\n"}, None, (RK, "spaces or control characters")),
+        (
+            {OK: " sk-openai-0123456789", "OPENAI_BASE_URL": OPENAI_URL},
+            None,
+            (OK, "spaces or control characters"),
+        ),
+    ],
+)
+def test_refused_with_a_message_naming_what_to_set(
+    environ: dict[str, str], flag: str | None, named: tuple[str, ...]
+) -> None:
+    with pytest.raises(CredentialsError) as refused:
+        resolve_credentials(environ, flag)
+    assert isinstance(refused.value, RunnerError)  # the CLI's usage error: exit 2
+    message = str(refused.value)
+    for name in named:
+        assert name in message
+    for key in ("sk-openai-0123456789", "sk-runner-0123456789"):
+        assert key not in message
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{}, {OK: "sk-openai-0123456789"}, {"OPENAI_BASE_URL": OPENAI_URL}],
+)
+def test_without_a_usable_key_a_run_that_sends_nothing_gets_an_empty_key(
+    environ: dict[str, str],
+) -> None:
+    """A dry run needs no key; an OpenAI key with no URL to pair it with is not handed on."""
+    credentials = resolve_credentials(environ, None, key_required=False)
+    assert credentials.api_key == ""
+    assert credentials.key_source is None
+
+
+def test_a_usable_key_is_kept_when_none_is_required() -> None:
+    environ = {OK: "ko", "OPENAI_BASE_URL": OPENAI_URL}
+    assert resolve_credentials(environ, None, key_required=False) == Credentials(
+        OPENAI_URL, "ko", OK
+    )
