@@ -4,9 +4,11 @@ A 4K image comes back as ~33 MB of JSON, nearly all of it one string, ``data[0].
 Reading the body whole, parsing it and decoding it costs several copies of that per request in
 flight. :class:`B64JsonScanner` is fed the body chunk by chunk instead and splits it in two:
 
-- the image string is unescaped, stripped of its optional ``data:<mime>;base64,`` prefix and
-  decoded with ``binascii.a2b_base64(strict_mode=True)`` in 4-aligned pieces straight into a
-  binary sink (a temp file);
+- the image string is unescaped (every JSON escape, ``\\u002B`` as .NET writes "+" too, even
+  one cut in two by a chunk boundary), stripped of its optional ``data:<mime>;base64,`` prefix
+  and of whitespace (space, tab, CR, LF: base64 decoders conventionally ignore it), and decoded
+  with ``binascii.a2b_base64(strict_mode=True)`` in 4-aligned pieces straight into a binary sink
+  (a temp file);
 - everything else, the *skeleton* (the same JSON with that string replaced by ``""``), is kept
   and parsed with :func:`json.loads` at the end, for ``usage`` or ``data[0].url``. It is small,
   so it is capped (:data:`SKELETON_MAX_BYTES`): other long strings count against it.
@@ -15,8 +17,11 @@ The scanner does not validate JSON itself: it follows only what it needs to find
 string (strings, brackets, commas, the keys on the path ``data`` / ``0`` / ``b64_json``), and
 leaves validation to :func:`json.loads` on the skeleton. Emptying one string cannot make invalid
 JSON valid, so nothing malformed slips through. String boundaries are found with ``bytes.find``
-and regular expressions, never a Python loop per character, and no buffer grows beyond about one
-chunk. Any problem is a :class:`B64StreamError`.
+and regular expressions, escapes are decoded by the :mod:`json` module's C string scanner (only
+in a piece that holds a backslash) and whitespace is removed with ``bytes.translate``, never a
+Python loop per character: plain base64 costs a scan for a backslash and for whitespace before
+it is decoded. No buffer grows beyond about one chunk. Any problem is a
+:class:`B64StreamError`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ _STRUCTURAL: Final = re.compile(rb'[{}\[\]:,"]')
 # The body of a JSON string up to its closing quote, a lone trailing backslash or the end.
 _STRING_BODY: Final = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
 _PATH: Final = ("data", 0, "b64_json")
+_WHITESPACE: Final = b" \t\r\n"
+# Decodes the escapes of a piece of the image string in C; literal control characters pass.
+_JSON_STRING: Final = json.JSONDecoder(strict=False)
+_LONGEST_ESCAPE: Final = len(b"\\u002B")
 
 
 class B64StreamError(ValueError):
@@ -73,8 +82,9 @@ class B64JsonScanner:
         self._string: Literal["key", "value", "image"] | None = None  # inside a string
         self._escape = False  # a key or value string's chunk ended right after a backslash
         self._key_raw = bytearray()
-        # The image string, stage by stage: a held-back backslash, the undecided start (None
-        # once the prefix question is settled), the base64 characters short of a group of 4.
+        # The image string, stage by stage: an escape cut by the chunk boundary, held back; the
+        # undecided start (None once the prefix question is settled); the base64 characters
+        # short of a group of 4.
         self._carry = b""
         self._head: bytearray | None = None
         self._tail = b""
@@ -193,17 +203,17 @@ class B64JsonScanner:
     # --- the image string: streamed to the sink -----------------------------------------------
 
     def _feed_image(self, chunk: bytes, pos: int) -> int:
+        # The first quote ends the string: an escaped one would not be base64 anyway, and
+        # _unescape refuses the backslash it leaves at the end.
         quote = chunk.find(b'"', pos)
-        stop = len(chunk) if quote < 0 else quote
-        piece = chunk[pos:stop]
+        final = quote >= 0
+        piece = chunk[pos:quote] if final else chunk[pos:]
         if self._carry:
             piece, self._carry = self._carry + piece, b""
-        if quote < 0 and piece.endswith(b"\\"):  # an escape cut by the chunk boundary
-            piece, self._carry = piece[:-1], piece[-1:]
         if b"\\" in piece:
-            piece = _unescape(piece)
+            piece, self._carry = _unescape(piece, final=final)
         self._text(piece)
-        if quote < 0:
+        if not final:
             return len(chunk)
         self._end_image()
         self._keep(b'"')
@@ -232,6 +242,8 @@ class B64JsonScanner:
         self._decode(text)
 
     def _decode(self, text: bytes) -> None:
+        if b" " in text or b"\n" in text or b"\r" in text or b"\t" in text:
+            text = text.translate(None, _WHITESPACE)
         if not text:
             return
         if self._padded:
@@ -260,12 +272,36 @@ class B64JsonScanner:
         self.found = True
 
 
-def _unescape(piece: bytes) -> bytes:
-    # Inside base64 only "\/" (an escaped slash) and "\n", "\r" (line breaks, ignored) can
-    # occur. Two backslashes in a row always hold an escaped backslash: refused first, so that
-    # every backslash left starts an escape and the replacements cannot pair up new ones.
-    if b"\\\\" not in piece:
-        piece = piece.replace(b"\\/", b"/").replace(b"\\n", b"").replace(b"\\r", b"")
-        if b"\\" not in piece:
-            return piece
-    raise B64StreamError("malformed base64: an escape that is not base64")
+def _unescape(piece: bytes, *, final: bool) -> tuple[bytes, bytes]:
+    """Decode the JSON escapes of a piece of the image string that starts outside any escape.
+
+    Return the text and the start of an escape cut off by the piece's end, to be completed by
+    the next chunk; at the end of the string (``final``) that is an error. What an escape
+    decodes to is judged like any other character: ``\\"`` and ``\\\\`` are not base64, and
+    neither is anything beyond ASCII.
+    """
+    last = piece.rfind(b"\\")
+    # Two backslashes in a row always hold an escaped backslash, never base64. Without them,
+    # the last backslash starts an escape (none has a backslash inside it).
+    if last > 0 and piece[last - 1] == ord("\\"):
+        raise _bad_escape()
+    rest = b""
+    if len(piece) - last < _LONGEST_ESCAPE and (
+        last == len(piece) - 1 or piece[last + 1] == ord("u")
+    ):
+        if final:
+            raise _bad_escape()
+        piece, rest = piece[:last], piece[last:]
+    try:
+        text = piece.decode("ascii")
+    except UnicodeDecodeError:
+        raise B64StreamError("malformed base64: a character that is not ASCII") from None
+    try:  # the piece holds no quote: it ends before the first one
+        decoded: str = _JSON_STRING.decode('"' + text + '"')
+        return decoded.encode("ascii"), rest
+    except ValueError:  # an unknown escape, or one of a character beyond ASCII
+        raise _bad_escape() from None
+
+
+def _bad_escape() -> B64StreamError:
+    return B64StreamError("malformed base64: an escape that is not base64")
