@@ -485,15 +485,16 @@ def _stop_hint(report: RunReport) -> str | None:
     if error is None or error.status is None:
         return None
     if error.status == 401:
-        return "the API key was refused: check IMAGE_RUNNER_API_KEY"
+        return "the API key was refused: check IMAGE_RUNNER_API_KEY (or OPENAI_API_KEY)"
     if error.status == 403:
         return "the key may not use this model or endpoint: check the account's permissions"
     if error.status == 429:
         return "the account is out of quota or over its spend limit: top it up, then rerun"
     if error.status in (404, 405):
         return (
-            "check --base-url (or IMAGE_RUNNER_BASE_URL): it is the part before /images, "
-            f"usually ending in /v1, as in {DEFAULT_BASE_URL}; no job was marked failed"
+            "check --base-url (or IMAGE_RUNNER_BASE_URL, OPENAI_BASE_URL): it is the part "
+            f"before /images, usually ending in /v1, as in {DEFAULT_BASE_URL}; no job was "
+            "marked failed"
         )
     return None
 
