@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runner.errors import RunnerError, StoreError
-from runner.images import TMP_MARKER
+from runner.images import temp_path_for
 from runner.store import Store
 
 ExportFormat = Literal["imagefolder", "parquet"]
@@ -92,7 +91,7 @@ def export_dataset(store: Store, dest: Path, fmt: ExportFormat) -> ExportResult:
     if not rows:
         raise RunnerError(f"{store.folder}: no succeeded job to export yet; nothing was written")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}{TMP_MARKER}{secrets.token_hex(4)}")
+    tmp = temp_path_for(dest)
     try:
         if fmt == "imagefolder":
             exported = _write_imagefolder(rows, tmp)

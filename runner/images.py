@@ -5,9 +5,14 @@ before it is trusted. Pillow's decompression-bomb warning is raised as an error 
 image is refused instead of filling memory. A 4K decode holds 25-33 MB of pixels, so decodes
 run on :data:`MAX_FULL_DECODES` threads of their own, whatever the concurrency: at most that many
 at once, and only those threads' malloc arenas ever hold pixels. Results are written as the
-crash-safe recipe asks: ``<final>.tmp-<random>`` in the same folder, fsync, ``os.replace``, fsync
-the folder; an image that came back as a temp file is streamed across with its edits
+crash-safe recipe asks: a temp file in the same folder, fsync, ``os.replace``, fsync the folder;
+an image that came back as a temp file is streamed across with its edits
 (:func:`write_atomic_copy`), never loaded whole.
+
+Every temp file the runner makes is named by :func:`temp_path_for`, ``.tmp-<random>-<final
+name>``: a name no final file can have, since a job id never starts with a dot. A marker inside
+the name would not do: ``shot.tmp-1`` is a valid id, and the start-up sweep would delete its
+image as a leftover, so that every run paid for it again.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,13 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from PIL import Image
 
 from runner.api import EXTENSIONS, ImageFormat, sniff_format
 
-TMP_MARKER = ".tmp-"
+TEMP_PREFIX: Final = ".tmp-"
+# What earlier versions named their temp files: ``<final name>.tmp-<12 or 8 hex digits>``. A final
+# image ends in its extension, and no other file of an output folder ends so, so these are
+# still safe to sweep.
+_OLD_TEMP_NAME: Final = re.compile(r"\.tmp-(?:[0-9a-f]{12}|[0-9a-f]{8})\Z")
 MAX_FULL_DECODES = 2
 COPY_CHUNK_BYTES = 1 << 20
 
@@ -98,9 +108,10 @@ def sha256_file(path: Path) -> str:
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old state or the new file.
 
-    A leftover ``*.tmp-*`` file is the only trace a crash can leave; :func:`remove_temp_files`
-    deletes those on the next start. ``durable=False`` skips the fsyncs, for caches that are
-    checked when read (a power cut may then leave the file empty, never half of another).
+    A leftover temp file (see :func:`temp_path_for`) is the only trace a crash can leave;
+    :func:`remove_temp_files` deletes those on the next start. ``durable=False`` skips the
+    fsyncs, for caches that are checked when read (a power cut may then leave the file empty,
+    never half of another).
     """
     with _atomic_file(path, durable=durable) as f:
         f.write(data)
@@ -145,7 +156,7 @@ def _copy(src: BinaryIO, put: Callable[[bytes], None], size_bytes: int | None) -
 
 @contextmanager
 def _atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
-    tmp = path.with_name(f"{path.name}{TMP_MARKER}{secrets.token_hex(6)}")
+    tmp = temp_path_for(path)
     try:
         with open(tmp, "xb") as f:
             yield f
@@ -168,12 +179,23 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temp_path_for(path: Path) -> Path:
+    """A new temp file's path beside ``path``, to be renamed onto it: ``.tmp-<random>-<name>``."""
+    return path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is that of a temp file of this version or an earlier one, never that of
+    a finished image or of another file the runner keeps."""
+    return name.startswith(TEMP_PREFIX) or _OLD_TEMP_NAME.search(name) is not None
+
+
 def remove_temp_files(folder: Path) -> int:
-    """Delete the temp files an interrupted :func:`write_atomic` left behind; return how many."""
+    """Delete the temp files an interrupted write left in ``folder``; return how many."""
     removed = 0
     if folder.is_dir():
         for entry in folder.iterdir():
-            if TMP_MARKER in entry.name and entry.is_file():
+            if is_temp_name(entry.name) and entry.is_file():
                 entry.unlink()
                 removed += 1
     return removed

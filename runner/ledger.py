@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from runner.api import MICRO
-from runner.images import TMP_MARKER
+from runner.images import temp_path_for
 from runner.jobs import Job
 from runner.store import Store
 
@@ -215,7 +214,7 @@ def _csv_writer(f: TextIO) -> Any:
 @contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """A temp path beside ``path``, renamed onto it (after an fsync) if the block succeeds."""
-    tmp = path.with_name(f".{path.name}{TMP_MARKER}{secrets.token_hex(4)}")
+    tmp = temp_path_for(path)
     try:
         yield tmp
         with open(tmp, "rb") as f:

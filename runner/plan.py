@@ -22,6 +22,13 @@ differ from those recorded with its success (like git's index); an image found i
 has its new stat recorded, so the next run does not hash it again. The images on disk are
 listed once, for step 5, and only those no success accounts for are kept. What is to do is kept
 as positions in the manifest (:class:`TodoJobs`), not as jobs.
+
+A dry run walks the same steps and changes nothing, on disk or in the checkpoint: a user asks
+"what would a run do?", often of a folder a night's run left stopped, and the answer must not
+turn that night into a finished one, settle its charges or move its images. Each repair is
+only counted, as the run that follows would find it: attempts in flight are counted as possible
+charges, an image to adopt as done (its attempt as confirmed), an image to move aside as gone.
+Temp files are left alone (a live run may be writing them) and not counted.
 """
 
 from __future__ import annotations
@@ -30,17 +37,18 @@ import hashlib
 import os
 from array import array
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, overload
 
-from runner.api import EXTENSIONS
+from runner.api import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
 from runner.errors import StoreError
 from runner.images import (
-    TMP_MARKER,
     ImageInvalid,
     find_image,
     inspect_image,
+    is_temp_name,
     remove_temp_files,
     sha256_file,
 )
@@ -95,8 +103,8 @@ class Plan:
     redo: list[str] = field(default_factory=list)  # succeeded, but the image is gone or altered
     changed: list[str] = field(default_factory=list)  # content changed under the same id
     retried_failed: list[str] = field(default_factory=list)  # failed for good, retried on request
-    temp_files_removed: int = 0
-    in_flight_settled: int = 0
+    temp_files_removed: int = 0  # none on a dry run
+    in_flight_settled: int = 0  # attempts found in flight, now possible charges
     # (confirmed, possible) spend recorded in the folder before this run's requests, in
     # micro-dollars (an adopted image's attempt counts as confirmed)
     spent_micro_usd: tuple[int, int] = (0, 0)
@@ -110,16 +118,21 @@ def make_plan(
     retry_failed: bool = False,
     only: frozenset[str] = frozenset(),
     batch_size: int = PLAN_BATCH_JOBS,
+    dry_run: bool = False,
 ) -> Plan:
     """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
-    refusal, a bad request), or with ``only`` just those whose cause is in it."""
+    refusal, a bad request), or with ``only`` just those whose cause is in it. ``dry_run``
+    changes nothing (open ``store`` with :meth:`Store.open_for_dry_run`) and plans the same."""
     images_dir = store.folder / IMAGES_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
     todo = TodoJobs(jobs)
     plan = Plan(todo=todo)
-    plan.temp_files_removed = remove_temp_files(images_dir) + remove_temp_files(store.folder)
-    plan.in_flight_settled = store.settle_in_flight()
-    planner = _Planner(store, plan, todo, retry_failed=retry_failed, only=only)
+    if dry_run:
+        plan.in_flight_settled = store.in_flight_count()
+    else:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        plan.temp_files_removed = remove_temp_files(images_dir) + remove_temp_files(store.folder)
+        plan.in_flight_settled = store.settle_in_flight()
+    planner = _Planner(store, plan, todo, retry_failed=retry_failed, only=only, dry_run=dry_run)
     planner.find_unrecorded_images(batch_size)
     batch: list[Job] = []
     start = 0
@@ -131,7 +144,12 @@ def make_plan(
             batch = []
     if batch:
         planner.plan_batch(start, batch)
-    plan.spent_micro_usd = store.spend_micro_usd()
+    confirmed, possible = store.spend_micro_usd()
+    if dry_run:  # as settling and adopting would have recorded it
+        confirmed += planner.adopted_confirmed_micro_usd
+        possible += plan.in_flight_settled * PRICE_PER_IMAGE_MICRO_USD
+        possible -= planner.adopted_possible_micro_usd
+    plan.spent_micro_usd = (confirmed, possible)
     return plan
 
 
@@ -144,6 +162,7 @@ class _Planner:
         *,
         retry_failed: bool,
         only: frozenset[str],
+        dry_run: bool,
     ) -> None:
         self.store = store
         self.folder = store.folder
@@ -154,14 +173,22 @@ class _Planner:
         self.only = only
         # job id -> names of its image files that no recorded success accounts for
         self.unrecorded: dict[str, list[str]] = {}
+        self.dry_run = dry_run
+        self.moved_aside: set[Path] = set()  # by a dry run, which only pretends to
+        # What a dry run's adoptions would book: their attempts, confirmed at the image price,
+        # and the possible charges those attempts were until then.
+        self.adopted_confirmed_micro_usd = 0
+        self.adopted_possible_micro_usd = 0
 
     def find_unrecorded_images(self, batch_size: int) -> None:
         """List ``images/`` once; keep the image files no success accounts for (step 5)."""
         found: list[tuple[str, str]] = []  # (job id, file name)
+        if not self.images_dir.is_dir():  # a dry run before the first run
+            return
         with os.scandir(self.images_dir) as entries:
             for entry in entries:
                 stem, dot, ext = entry.name.rpartition(".")
-                if dot and ext in _EXTENSION_ORDER and TMP_MARKER not in entry.name:
+                if dot and ext in _EXTENSION_ORDER and not is_temp_name(entry.name):
                     found.append((stem, entry.name))
                     if len(found) == batch_size:
                         self._keep_unrecorded(found)
@@ -180,7 +207,10 @@ class _Planner:
         """Steps 3-6 for the jobs at ``start`` and on, in one transaction."""
         plan = self.plan
         records = self.store.job_records([job.id for job in jobs])
-        with self.store.transaction():
+        transaction: AbstractContextManager[object] = (
+            nullcontext() if self.dry_run else self.store.transaction()
+        )
+        with transaction:
             fresh = []  # new, or changed under the same id: recorded as pending
             for job in jobs:
                 old = records.get(job.id)
@@ -191,7 +221,8 @@ class _Planner:
                     self._move_aside(job.id)
                     fresh.append(job)
                     del records[job.id]
-            self.store.upsert_jobs(fresh)
+            if not self.dry_run:
+                self.store.upsert_jobs(fresh)
             for position, job in enumerate(jobs, start):
                 record = records.get(job.id)
                 # Most jobs of a first run: new, and no image on disk to adopt.
@@ -208,7 +239,8 @@ class _Planner:
             if record.image_path and self._intact(record, self.folder / record.image_path):
                 plan.done += 1
                 return True
-            self.store.mark_pending(job.id)
+            if not self.dry_run:
+                self.store.mark_pending(job.id)
             plan.redo.append(job.id)
             self._move_aside(job.id)  # an altered file is not ours to adopt
             return False
@@ -241,14 +273,16 @@ class _Planner:
             raise StoreError(
                 f"cannot read {path} to check it: {exc.strerror}; fix it, rerun"
             ) from None
-        self.store.record_image_stat(record.job_id, stat)
+        if not self.dry_run:
+            self.store.record_image_stat(record.job_id, stat)
         return True
 
     def _adopt(self, job: Job) -> bool:
         names = self.unrecorded.pop(job.id, None)
         if names is None:
             return False
-        path = next((p for p in (self.images_dir / name for name in names) if p.is_file()), None)
+        paths = (self.images_dir / name for name in names)
+        path = next((p for p in paths if p.is_file() and p not in self.moved_aside), None)
         if path is None:
             return False
         stat = ImageStat.of(path.stat())
@@ -256,8 +290,12 @@ class _Planner:
         try:
             info = inspect_image(data, job.expected_size)
         except ImageInvalid:
-            path.unlink()  # not a finished image of this job: it will be made again
+            if not self.dry_run:
+                path.unlink()  # not a finished image of this job: it will be made again
             return False
+        if self.dry_run:
+            self._count_adoption_charge(job.id)
+            return True
         self.store.adopt(
             job.id,
             image_path=path.relative_to(self.folder).as_posix(),
@@ -268,12 +306,26 @@ class _Planner:
         )
         return True
 
+    def _count_adoption_charge(self, job_id: str) -> None:
+        """Book, as :meth:`Store.adopt` would, the attempt that made an adopted image."""
+        charge = self.store.adoption_charge(job_id)
+        if charge is not None:
+            state, cost_micro_usd = charge
+            self.adopted_confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
+            # settle_in_flight() would first have made one in flight a possible charge
+            was_possible = PRICE_PER_IMAGE_MICRO_USD if state == "in_flight" else cost_micro_usd
+            self.adopted_possible_micro_usd += was_possible
+
     def _move_aside(self, job_id: str) -> None:
         old = find_image(self.images_dir, job_id)
-        if old is not None:
-            aside = self.folder / REPLACED_DIR
-            aside.mkdir(exist_ok=True)
-            target, n = aside / old.name, 1
-            while target.exists():  # every earlier version was paid for: keep them all
-                target, n = aside / f"{old.stem}.{n}{old.suffix}", n + 1
-            old.replace(target)
+        if old is None:
+            return
+        if self.dry_run:
+            self.moved_aside.add(old)
+            return
+        aside = self.folder / REPLACED_DIR
+        aside.mkdir(exist_ok=True)
+        target, n = aside / old.name, 1
+        while target.exists():  # every earlier version was paid for: keep them all
+            target, n = aside / f"{old.stem}.{n}{old.suffix}", n + 1
+        old.replace(target)

@@ -2,24 +2,47 @@
 
 manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoint -> ledger
 and report. Results and ledger are written whatever happens: at the end, on a stop, on a
-cancel; the HTML report too, except after an immediate stop (second Ctrl-C). A dry run plans
-(resume's repairs included) and stops there: it sends nothing and leaves results, ledger and
-report as they were, so that it stays quick on a manifest of a million jobs.
+cancel; the HTML report too, except after an immediate stop (second Ctrl-C). A dry run only
+plans, and changes nothing: no request, no lock, no run recorded, no repair of the folder (see
+:mod:`runner.plan`), no results, ledger or report; a folder that does not exist is not created.
+
+A run's life is owned here; the CLI only wires signals to :meth:`Run.stop`.
+
+- First the folder is locked, and it, its ``images/`` and its checkpoint are checked writable:
+  a read-only folder fails here with a :class:`~runner.errors.StoreError`, before any request.
+- Planning runs in a worker thread, so that a stop is heard while a large manifest is planned:
+  it ends between two of planning's batches (those done stay recorded; planning again redoes
+  nothing they did).
+- The first stop is graceful: no new request goes out, and those in flight get ``grace_s`` to
+  finish. A second stop, or the end of the grace period, stops at once: requests in flight are
+  dropped, each a possible charge.
+- However the work ended (done, stopped, an error final for the run, a database error), the
+  books follow: the writes handed over land, attempts left in flight become possible charges,
+  results and ledger are written (in a thread: a stop is still heard, and one heard then skips
+  the report), the run is recorded, the report is made, the lock released. Each step is tried
+  even if one before failed: on a full disk the checkpoint may refuse what the results files
+  still take.
+- Errors: :meth:`Run.execute` raises a :class:`~runner.errors.RunnerError` only while nothing
+  has been sent (exit 2 in the CLI). After the first request, one (a database error above all)
+  ends the run like a stop, its message the stop reason (exit 3).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, overload
 
 from runner.api import MICRO
 from runner.client import ClientConfig, ImagesClient
-from runner.errors import ApiError
+from runner.errors import ApiError, RunnerError, StoreError
 from runner.jobs import Job
 from runner.ledger import LedgerFiles, write_ledger
 from runner.limits import BreakerConfig, Budget
@@ -28,9 +51,11 @@ from runner.pool import Pool, PoolResult, Progress
 from runner.ratelimit import PacerConfig
 from runner.report import write_report
 from runner.retry import RetryConfig
-from runner.store import Store
+from runner.store import Store, check_writable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,24 +67,21 @@ class RunOptions:
     pacer: PacerConfig = field(default_factory=PacerConfig)  # --rpm, adaptive rate limiting
     concurrency: int = 8
     max_cost_usd: float | None = None  # over the folder's whole history: see runner.limits
-    dry_run: bool = False  # plan (and resume's repairs), send nothing
+    dry_run: bool = False  # plan only: send nothing, change nothing
     retry_failed: bool = False  # also retry jobs that failed for good ...
     retry_only: frozenset[str] = frozenset()  # ... or only those with these causes
+    grace_s: float = 60.0  # after a first stop, how long requests in flight get to finish
 
 
 @dataclass
 class RunReport:
     plan: Plan
-    ledger: LedgerFiles | None  # None after a dry run, which writes none
+    ledger: LedgerFiles | None  # None after a dry run, or when they could not be written
     pool: PoolResult | None
     wall_s: float
-    cancelled: bool = False
-
-    @property
-    def stop_reason(self) -> str | None:
-        if self.cancelled:
-            return "cancelled"
-        return self.pool.stop_reason if self.pool else None
+    stop_reason: str | None = None  # why the run ended before its end, if it did
+    cancelled: bool = False  # stopped at once: requests in flight were dropped, no report
+    books_error: str | None = None  # why results and ledger could not be written, if so
 
     @property
     def stop_error(self) -> ApiError | None:
@@ -67,8 +89,8 @@ class RunReport:
 
 
 class Run:
-    """Use as: ``run = Run(jobs, options)``; ``report = await run.execute()``; ``run.stop()``
-    from a signal handler stops it gracefully."""
+    """Use as: ``run = Run(jobs, options)``; ``report = await run.execute()``; ``run.stop()``,
+    from a signal handler say, stops it: gracefully the first time, at once the next."""
 
     def __init__(
         self,
@@ -82,68 +104,175 @@ class Run:
         self.options = options
         self._on_plan = on_plan or (lambda _: None)
         self._on_progress = on_progress
+        self._plan: Plan | None = None
         self._pool: Pool | None = None
-        self._stop_reason: str | None = None
+        self._stop_reason: str | None = None  # what stop() was told
+        self._fatal: str | None = None  # an error that ended the run after requests were sent
+        self._at_once = False
+        self._stopping = threading.Event()  # what the planning thread sees of a stop
+        self._work: asyncio.Task[None] | None = None  # planning and requests, not the books
+        self._grace: asyncio.TimerHandle | None = None
 
     def stop(self, reason: str = "interrupted") -> None:
+        """Stop the run; call on the event loop's thread (a signal handler of the loop), at any
+        moment. The first call is graceful: planning ends after its current batch, no new
+        request goes out, and requests in flight get ``grace_s`` to finish. A second call, or
+        the end of the grace period, stops at once: requests in flight are dropped (possible
+        charges) and no report is made. Either way :meth:`execute` returns normally, with the
+        checkpoint settled and results and ledger written."""
+        if self._stop_reason is not None:
+            self._stop_at_once()
+            return
         self._stop_reason = reason
+        self._stopping.set()
         if self._pool is not None:
             self._pool.stop(reason)
+        if self._work is not None and not self._work.done():
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(self.options.grace_s, self._stop_at_once)
+
+    def _stop_at_once(self, reason: str = "cancelled") -> None:
+        self._stop_reason = self._stop_reason or reason
+        self._at_once = True
+        self._stopping.set()
+        if self._work is not None and not self._work.done():
+            self._work.cancel()
 
     async def execute(self) -> RunReport:
-        started = time.monotonic()
+        """Run to the end or to a stop, write the books, release the folder. Raises only while
+        nothing has been sent (:class:`~runner.errors.OutputLockedError`,
+        :class:`~runner.errors.StoreError`, a bug). Cancelling it stops the run at once; the
+        cancel is passed on once the books are written."""
+        if self.options.dry_run:
+            return self._plan_only()
         store = Store.open(self.options.out_dir)
-        run_id = store.start_run()
-        plan: Plan | None = None
-        pool_result: PoolResult | None = None
-        outcome = "cancelled"
-        cancelled = False
+        ending = asyncio.ensure_future(self._run_and_book(store))
+        return await _to_the_end(ending, on_cancel=self._stop_at_once)
+
+    async def _run_and_book(self, store: Store) -> RunReport:
+        started = time.monotonic()
         try:
+            check_writable(store.folder / IMAGES_DIR)
+            run_id = store.start_run()
+            work = self._work = asyncio.ensure_future(self._plan_and_send(store))
+            await asyncio.wait([work])  # this task is never cancelled: execute() shields it
+            if self._grace is not None:
+                self._grace.cancel()  # the work is over: the timer must not cut into the books
+            failure = None if work.cancelled() else work.exception()
+            # A refused write ends the run, whether the pool raised it or stopped on it.
+            failure = failure or store.write_failure
+            if isinstance(failure, RunnerError) and self._requests_sent():
+                # Too late for "nothing was sent": the run ends here, as on a stop.
+                self._fatal, failure = str(failure), None
+            reason = self._ending_reason()
+            ledger, books_error = await self._write_books(store, run_id, reason or "finished")
+        finally:
+            _close(store)
+        if failure is not None:
+            raise failure
+        return RunReport(
+            self._plan or Plan(todo=[]),
+            ledger,
+            self._pool.result() if self._pool else None,
+            time.monotonic() - started,
+            stop_reason=self._ending_reason(),  # also a stop heard while the books were written
+            cancelled=self._at_once,
+            books_error=books_error,
+        )
+
+    async def _plan_and_send(self, store: Store) -> None:
+        plan = await self._plan_in_thread(store)
+        if plan is None:
+            return
+        self._plan = plan
+        self._on_plan(plan)
+        if not plan.todo or self._stop_reason is not None:
+            return
+        # Twice the workers: url-mode downloads go to a second host.
+        connections = 2 * self.options.concurrency
+        async with ImagesClient(self.options.client, max_connections=connections) as client:
+            self._pool = Pool(
+                client,
+                store,
+                store.folder / IMAGES_DIR,
+                concurrency=self.options.concurrency,
+                retry=self.options.retry,
+                budget=Budget(_micro(self.options.max_cost_usd), sum(store.spend_micro_usd())),
+                breaker=self.options.breaker,
+                pacer=self.options.pacer,
+                on_progress=self._on_progress,
+            )
+            if self._stop_reason is None:  # else stopped while the client opened
+                await self._pool.run(plan.todo)
+
+    async def _plan_in_thread(self, store: Store) -> Plan | None:
+        """The plan, made in a worker thread so that the event loop, and a stop with it, is
+        heard while a large manifest is planned; None if a stop came first. The thread uses
+        the store: a cancel waits for it to end (at its next job) before it is passed on."""
+        plan = functools.partial(
+            make_plan,
+            _UntilStopped(self.jobs, self._stopping),
+            store,
+            retry_failed=self.options.retry_failed,
+            only=self.options.retry_only,
+        )
+        planning = asyncio.get_running_loop().run_in_executor(None, plan)
+        try:
+            return await _to_the_end(planning, on_cancel=self._stopping.set)
+        except _PlanningStopped:
+            return None
+
+    def _requests_sent(self) -> bool:
+        return self._pool is not None and self._pool.result().progress.requests > 0
+
+    def _ending_reason(self) -> str | None:
+        """Why the run ended early: an error that broke it (a database error), else what
+        stopped the pool (an error final for the run, the budget, an outage), else what
+        stopped the run (a signal)."""
+        pool_reason = self._pool.result().stop_reason if self._pool else None
+        return self._fatal or pool_reason or self._stop_reason
+
+    async def _write_books(
+        self, store: Store, run_id: int, outcome: str
+    ) -> tuple[LedgerFiles | None, str | None]:
+        """Settle the checkpoint, write results and ledger, record the run's end, make the
+        report: each step tried even if one before it failed. Returns the ledger's files, or
+        why they could not be written."""
+        # The writes handed to the group commit land first; then nothing is in flight any
+        # more, so what was is a possible charge.
+        await store.drain()
+        try:
+            store.settle_in_flight()
+        except StoreError as exc:  # the next run settles them
+            log.warning("could not count the requests left in flight as possible: %s", exc)
+        ledger, books_error = None, None
+        try:  # a million rows take seconds: in a thread, so that signals are still heard
+            ledger = await asyncio.to_thread(write_ledger, self.jobs, store)
+        except (OSError, sqlite3.Error) as exc:
+            books_error = f"could not write the results and ledger: {exc}"
+            log.warning("%s", books_error)
+        try:
+            store.finish_run(run_id, outcome)
+        except StoreError as exc:
+            log.warning("could not record the end of the run: %s", exc)
+        if not self._at_once:  # thumbnails take time: not when told to stop at once
+            await asyncio.to_thread(self._write_report, store)
+        return ledger, books_error
+
+    def _plan_only(self) -> RunReport:
+        """A dry run: the plan, read without the folder's lock (a live run goes on) and
+        without writing anything, a ``runs`` row included: the folder's history is of runs."""
+        started = time.monotonic()
+        with Store.open_for_dry_run(self.options.out_dir) as store:
             plan = make_plan(
                 self.jobs,
                 store,
                 retry_failed=self.options.retry_failed,
                 only=self.options.retry_only,
+                dry_run=True,
             )
-            self._on_plan(plan)
-            if plan.todo and self._stop_reason is None and not self.options.dry_run:
-                # Twice the workers: url-mode downloads go to a second host.
-                connections = 2 * self.options.concurrency
-                async with ImagesClient(self.options.client, max_connections=connections) as client:
-                    self._pool = Pool(
-                        client,
-                        store,
-                        store.folder / IMAGES_DIR,
-                        concurrency=self.options.concurrency,
-                        retry=self.options.retry,
-                        budget=Budget(
-                            _micro(self.options.max_cost_usd), sum(store.spend_micro_usd())
-                        ),
-                        breaker=self.options.breaker,
-                        pacer=self.options.pacer,
-                        on_progress=self._on_progress,
-                    )
-                    pool_result = await self._pool.run(plan.todo)
-            outcome = (pool_result.stop_reason if pool_result else None) or "finished"
-        except asyncio.CancelledError:
-            # Told to stop at once (a second Ctrl-C): requests in flight are dropped, and this
-            # run ends here with its books written, rather than with a traceback.
-            cancelled = True
-            pool_result = self._pool.result() if self._pool else None
-        finally:
-            # Also on cancel: the writes handed to the group commit land first; then nothing
-            # is in flight any more, so what was is a possible charge.
-            await store.drain()
-            store.settle_in_flight()
-            ledger = None if self.options.dry_run else write_ledger(self.jobs, store)
-            store.finish_run(run_id, outcome)
-            # Thumbnails take time: not on a dry run, and not when told to stop at once.
-            if outcome != "cancelled" and not self.options.dry_run:
-                self._write_report(store)
-            store.close()
-        return RunReport(
-            plan or Plan(todo=[]), ledger, pool_result, time.monotonic() - started, cancelled
-        )
+        self._on_plan(plan)
+        return RunReport(plan, None, None, time.monotonic() - started)
 
     @staticmethod
     def _write_report(store: Store) -> None:
@@ -155,3 +284,63 @@ class Run:
 
 def _micro(usd: float | None) -> int | None:
     return None if usd is None else round(usd * MICRO)
+
+
+def _close(store: Store) -> None:
+    """Close the store at the end of a run (its lock is released whatever this raises)."""
+    try:
+        store.close()
+    except sqlite3.Error as exc:
+        log.warning("could not close the checkpoint cleanly: %s", exc)
+
+
+async def _to_the_end(future: asyncio.Future[T], *, on_cancel: Callable[[], None]) -> T:
+    """``await future``, except that a cancel does not abandon it: ``on_cancel`` is called (to
+    make it end soon), the future is still awaited to its end, and only then is the cancel
+    passed on. For work that must be over before anything else touches what it uses: a
+    thread using the store, the books of a run."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+            on_cancel()
+    if cancelled:
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancel is what is passed on
+        raise asyncio.CancelledError
+    return future.result()
+
+
+class _PlanningStopped(Exception):
+    """Raised in the planning thread when the run is stopped."""
+
+
+class _UntilStopped(Sequence[Job]):
+    """The manifest's jobs as planning walks them: the walk ends with :class:`_PlanningStopped`
+    once ``stopping`` is set. Planning then stops within the batch it is collecting, which is
+    not recorded (each batch is one transaction, begun once its last job is taken). Reading a
+    job by its position, as the pool does later, is not checked."""
+
+    def __init__(self, jobs: Sequence[Job], stopping: threading.Event) -> None:
+        self._jobs = jobs
+        self._stopping = stopping
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | Sequence[Job]:
+        return self._jobs[index]
+
+    def __iter__(self) -> Iterator[Job]:
+        for job in self._jobs:
+            if self._stopping.is_set():
+                raise _PlanningStopped
+            yield job

@@ -17,17 +17,30 @@ Design, after the crash-safe recipe in RELIABILITY.md:
   image only when they differ (see :mod:`runner.plan`).
 - Several writes can share one transaction (:meth:`Store.transaction`), as planning does for
   thousands of jobs at a time: they commit together, durably, or not at all.
-- Schema changes are ordered migrations recorded in ``migrations``.
+- Schema changes are ordered migrations recorded in ``migrations``. Those a checkpoint lacks are
+  applied together, in one transaction, so nobody ever sees it half upgraded; a checkpoint from
+  a newer version is refused untouched, by a run and by the read-only commands, which also
+  refuse an older one (a run upgrades it).
+- Failing safely: a transaction that fails, its ``COMMIT`` included, is rolled back, so the
+  connection is ready for the next. A write SQLite refuses (disk full, I/O error, a read-only
+  file) raises :class:`~runner.errors.StoreWriteError`: once intents cannot be recorded nothing
+  more may be sent, so the run stops on it. The folder's lock and the database handle are
+  released on every path out, a failed open included.
+- Two threads write: the event loop's and the group commit's (see :mod:`runner.groupcommit`).
+  One transaction at a time: the outermost block holds a lock until it ends, and nested blocks
+  join only a transaction of their own thread.
 
 Money is stored as integer micro-dollars so that sums are exact to the cent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +49,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from runner.api import PRICE_PER_IMAGE_MICRO_USD
-from runner.errors import ApiError, Billing, OutputLockedError, StoreError
+from runner.errors import ApiError, Billing, OutputLockedError, StoreError, StoreWriteError
 from runner.groupcommit import GroupCommit
+from runner.images import temp_path_for
 from runner.jobs import Job, JobStatus
 from runner.redact import redact
 
@@ -171,14 +185,21 @@ class Store:
         self.db = db
         self.folder = folder
         self._lock_fd = lock_fd
-        self._depth = 0  # of nested transaction() blocks
+        self._transacting = threading.Lock()  # held by the outermost transaction() block
+        self._thread = threading.local()  # .depth: this thread's nested transaction() blocks
         self._commits = GroupCommit(db, self.transaction)
+        # The first write SQLite refused, if any: whoever caught it, the run must stop.
+        self.write_failure: StoreWriteError | None = None
 
     @classmethod
     def open(cls, folder: Path) -> Store:
-        """Lock ``folder`` for this process and open (or create) its checkpoint."""
-        folder.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        """Lock ``folder`` for this process and open (or create) its checkpoint. A folder or a
+        checkpoint this process may not write is refused here, before anything is sent."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _unwritable(folder, exc) from None
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -188,6 +209,7 @@ class Store:
                 "or pass --out to use another folder"
             ) from None
         try:
+            check_writable(folder)
             db = _connect(folder / DB_NAME)
         except BaseException:
             os.close(lock_fd)
@@ -196,13 +218,65 @@ class Store:
 
     @classmethod
     def open_read_only(cls, folder: Path) -> Store:
-        """Open the checkpoint for reading, without the lock, while a run may be writing it."""
+        """Open the checkpoint for reading, without the lock, while a run may be writing it.
+        One written by another version is refused with a message saying which way to go."""
         path = folder / DB_NAME
         if not path.is_file():
             raise StoreError(f"{folder} holds no image-runner checkpoint")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout = 10000")
+        try:
+            db = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 10000")
+            problem = _version_problem(db, folder)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+        if problem:
+            db.close()
+            raise StoreError(problem)
+        return cls(db, None, folder)
+
+    @classmethod
+    def open_for_dry_run(cls, folder: Path) -> Store:
+        """Open the checkpoint to plan from it while changing nothing on disk: no lock taken,
+        no file created, a live run undisturbed. With no checkpoint yet (nor folder), an empty
+        one in memory.
+
+        :meth:`open_read_only` would leave a ``-wal`` and a ``-shm`` behind in a folder no run
+        has open. So: when a ``-wal`` exists (a run is live, or one died leaving commits the
+        main file lacks), it is read through that WAL as usual (SQLite may rebuild its
+        ``-shm`` index, nothing else); otherwise the main file is whole, and is read as
+        immutable, which creates no file. A run starting while the dry run reads may then
+        make the dry run's figures stale; it never disturbs the run.
+        """
+        path = folder / DB_NAME
+        if not path.is_file():
+            db = sqlite3.connect(":memory:", isolation_level=None)
+            db.row_factory = sqlite3.Row
+            _migrate(db)
+            return cls(db, None, folder)
+        live = path.with_name(f"{DB_NAME}-wal").exists()
+        mode = "mode=ro" if live else "mode=ro&immutable=1"
+        try:
+            uri = f"{path.absolute().as_uri()}?{mode}"
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 10000")
+            problem = _version_problem(db, folder)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+        if problem:
+            db.close()
+            raise StoreError(problem)
         return cls(db, None, folder)
 
     def __enter__(self) -> Store:
@@ -212,45 +286,67 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self._commits.close()
-        self.db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Close the database, and release the folder's lock whatever that raises: an ended
+        run must never leave its folder locked."""
+        try:
+            try:
+                self._commits.close()
+            finally:
+                self.db.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) around several writes:
         they commit together, durably, or not at all. The writes of this class made inside
-        join it, and so do nested blocks; an exception leaving the outermost block rolls
-        everything back. Count nothing as done before the outermost block has ended."""
-        if self._depth:
-            self._depth += 1
+        join it, and so do nested blocks of the same thread; another thread's block waits for
+        it to end. An exception leaving the outermost block, or a failed ``COMMIT``, rolls
+        everything back; an error of SQLite's is raised as :class:`StoreWriteError`. Count
+        nothing as done before the outermost block has ended."""
+        depth: int = getattr(self._thread, "depth", 0)
+        if depth:
+            self._thread.depth = depth + 1
             try:
                 yield self.db
             finally:
-                self._depth -= 1
+                self._thread.depth = depth
             return
-        self.db.execute("BEGIN IMMEDIATE")
-        self._depth = 1
-        try:
-            yield self.db
-        except BaseException:
-            if self.db.in_transaction:  # SQLite ends it itself on some errors (disk full)
-                self.db.execute("ROLLBACK")
-            raise
-        finally:
-            self._depth = 0
-        self.db.execute("COMMIT")
+        with self._transacting:
+            self._thread.depth = 1
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException as exc:
+                if self.db.in_transaction:  # SQLite ends it itself on some errors (disk full)
+                    with contextlib.suppress(sqlite3.Error):  # the first error is the one to tell
+                        self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._write_error(exc) from exc
+                raise
+            finally:
+                self._thread.depth = 0
 
     _write = transaction
+
+    def _write_error(self, error: sqlite3.Error) -> StoreWriteError:
+        failure = StoreWriteError(f"cannot write the checkpoint {self.folder / DB_NAME}: {error}")
+        self.write_failure = self.write_failure or failure
+        return failure
 
     async def write(self, change: Callable[[Store], T]) -> T:
         """Run ``change(self)``, which calls this class's write methods, in a group commit
         with the writes of other workers (see :mod:`runner.groupcommit`); return its result
         once it is durably committed. While such writes may be pending, use only this from
-        the event loop, and :meth:`drain` before any other call."""
-        return await self._commits.run(lambda _: change(self))
+        the event loop, and :meth:`drain` before any other call. Raises
+        :class:`StoreWriteError` when SQLite refuses the write."""
+        try:
+            return await self._commits.run(lambda _: change(self))
+        except sqlite3.Error as exc:  # this write's own failure, under its savepoint
+            raise self._write_error(exc) from exc
 
     async def drain(self) -> None:
         """Wait until every :meth:`write` handed over so far is committed."""
@@ -491,6 +587,21 @@ class Store:
                 (image_path, width, height, sha256, *image_stat, now_iso(), job_id),
             )
 
+    def adoption_charge(self, job_id: str) -> tuple[AttemptState, int] | None:
+        """``(state, cost_micro_usd)`` of the attempt :meth:`adopt` would confirm, if any: what a
+        dry run moves from possible to confirmed spend."""
+        row = self.db.execute(
+            "SELECT state, cost_micro_usd FROM attempts WHERE job_id = ? "
+            "AND state IN ('in_flight', 'possible') ORDER BY attempt DESC LIMIT 1",
+            (job_id,),
+        ).fetchone()
+        return None if row is None else (row[0], int(row[1]))
+
+    def in_flight_count(self) -> int:
+        """Attempts in flight: :meth:`settle_in_flight` would make them possible charges."""
+        row = self.db.execute("SELECT COUNT(*) FROM attempts WHERE state = 'in_flight'").fetchone()
+        return int(row[0])
+
     def settle_in_flight(self) -> int:
         """Turn attempts left in flight (by a crash or an abrupt stop) into possible charges."""
         with self._write() as db:
@@ -543,39 +654,105 @@ class Store:
         return int(row[0]), int(row[1])
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if need be and check that a file can be made in it (a temp file, which
+    the next start sweeps away if a crash leaves it): a read-only output folder is then refused
+    before the first request, not met after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path_for(folder / "write-check")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
+
+
+def _unwritable(folder: Path, error: OSError) -> StoreError:
+    return StoreError(
+        f"cannot write to {folder}: {error.strerror or error}; make it writable, or pass --out "
+        "to use another folder (nothing was sent)"
+    )
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    """Open the checkpoint for writing, check it and bring it up to date; the handle is closed
+    again on every failure."""
     try:
         # Not same-thread: the pool's group commit writes from a worker thread, one at a time.
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    try:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA busy_timeout = 10000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            raise StoreError(f"{path} failed its integrity check: {check}")
+        _migrate(db, path)
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-    if check != "ok":
         db.close()
-        raise StoreError(f"{path} failed its integrity check: {check}")
-    _migrate(db)
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
-def _migrate(db: sqlite3.Connection) -> None:
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
-    )
-    done = {r[0] for r in db.execute("SELECT version FROM migrations")}
-    for version, script in enumerate(_MIGRATIONS, start=1):
-        if version in done:
-            continue
+def _migrate(db: sqlite3.Connection, path: Path | None = None) -> None:
+    """Apply the migrations ``db`` lacks, all in one transaction: a failure leaves it as it
+    was. The ``BEGIN IMMEDIATE`` also proves that the checkpoint can be written."""
+    try:
         db.execute("BEGIN IMMEDIATE")
-        try:
+    except sqlite3.Error as exc:
+        raise StoreWriteError(f"cannot write the checkpoint {path}: {exc}") from None
+    try:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+        )
+        done = {r[0] for r in db.execute("SELECT version FROM migrations")}
+        if done and max(done) > len(_MIGRATIONS):
+            folder = path.parent if path else Path()
+            raise StoreError(f"{_newer(folder, max(done))}; it was left as it is")
+        for version, script in enumerate(_MIGRATIONS, start=1):
+            if version in done:
+                continue
             for statement in script.split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute("INSERT INTO migrations VALUES (?, ?)", (version, now_iso()))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{path} could not be brought up to date: {exc}") from None
+        raise
+
+
+def _version_problem(db: sqlite3.Connection, folder: Path) -> str | None:
+    """Why a reader of this version cannot read the checkpoint in ``folder`` as it is, if it
+    cannot: its queries name the columns of every migration, and of no later one."""
+    known = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
+    ).fetchone()
+    if known is None:  # a first run is creating it this moment: there is nothing to read yet
+        return None
+    done = {r[0] for r in db.execute("SELECT version FROM migrations")}
+    if done and max(done) > len(_MIGRATIONS):
+        return _newer(folder, max(done))
+    if not done.issuperset(range(1, len(_MIGRATIONS) + 1)):
+        return (
+            f"{folder} was written by an older image-runner: run `image-runner run` on it once "
+            "to upgrade it"
+        )
+    return None
+
+
+def _newer(folder: Path, version: int) -> str:
+    return (
+        f"{folder} was written by a newer image-runner (its checkpoint is at version {version}, "
+        f"this one knows up to {len(_MIGRATIONS)}): use that version, or upgrade this one"
+    )

@@ -285,13 +285,14 @@ def test_exit_code_and_ledger_per_failure_class(
 
 def test_never_sent_requests_fail_the_job_with_exit_1(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    base_url = closed_port_url()
     done = run_cli(
         "run",
         small_manifest(tmp_path, 1),
         "--out",
         out,
         "--base-url",
-        closed_port_url(),
+        base_url,
         "--max-attempts",
         "2",
         "--no-progress",
@@ -299,6 +300,25 @@ def test_never_sent_requests_fail_the_job_with_exit_1(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert pd.read_csv(out / "ledger.csv").empty  # never sent: nothing billed
     assert "not_sent" in (out / "results.csv").read_text()
+    # Said where it went wrong, as it happened and at the end, not only in results.csv.
+    refused = "connection refused to " + base_url.removeprefix("http://").removesuffix("/v1")
+    assert f"a request failed (not_sent): {refused}" in done.stderr
+    assert f"failures:  1 not_sent ({refused})" in done.stdout
+
+
+def test_a_base_url_without_v1_stops_with_a_hint_and_fails_no_job(
+    tmp_path: Path, server: EmulatorThread
+) -> None:
+    out = tmp_path / "out"
+    manifest = small_manifest(tmp_path)
+    wrong = server.base_url.removesuffix("/v1")
+    done = run_cli("run", manifest, "--out", out, "--base-url", wrong, "--no-progress")
+    assert done.returncode == 3, done.stderr
+    assert "wrong base URL?" in done.stdout and "check --base-url" in done.stdout
+    assert "0 failed, 3 pending" in done.stdout
+    again = run_cli("run", manifest, "--out", out, "--base-url", server.base_url, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "3 succeeded, 0 failed, 0 pending" in again.stdout
 
 
 def test_second_run_on_a_busy_folder_is_refused(tmp_path: Path) -> None:
@@ -369,17 +389,13 @@ def test_a_key_with_a_stray_newline_is_refused_before_sending(
     assert server.emulator.requests == []
 
 
-def test_a_dry_run_needs_no_key_and_writes_only_the_checkpoint(tmp_path: Path) -> None:
-    """A dry run sends nothing, so it needs no key (and no --emulate); it records the plan in
-    the checkpoint and leaves results, ledger and report alone."""
+def test_a_dry_run_needs_no_key_and_writes_nothing(tmp_path: Path) -> None:
+    """A dry run sends nothing, so it needs no key (and no --emulate); it prints the plan and
+    writes nothing, not even the output folder or a checkpoint."""
     out = tmp_path / "out"
     planned = run_cli("run", small_manifest(tmp_path, 4), "--out", out, "--dry-run", key=None)
     assert planned.returncode == 0, planned.stderr
     assert "to do:     4 jobs (4 generations, 0 edits) = 4 images" in planned.stdout
     assert "spent:     $0.00 confirmed + $0.00 possible in this folder" in planned.stdout
     assert f"samples:   {out / 'images' / 'img-0'}.png" in planned.stdout
-    assert (out / "checkpoint.sqlite").is_file()
-    for name in ("results.parquet", "results.csv", "ledger.csv", "report.html"):
-        assert not (out / name).exists()
-    status = run_cli("status", out, "--json", key=None)
-    assert '"pending": 4' in status.stdout
+    assert not out.exists()

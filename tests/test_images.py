@@ -18,6 +18,7 @@ from runner.images import (
     ImageInvalid,
     WrongSize,
     inspect_image,
+    remove_temp_files,
     write_atomic_copy,
 )
 
@@ -87,3 +88,28 @@ def test_a_failed_copy_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
         write_atomic_copy(target, source, [(5000, 0, b"x")])
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
+def test_the_sweep_removes_leftovers_never_an_image_whose_id_has_tmp_in_it(
+    tmp_path: Path,
+) -> None:
+    """A job id may contain ``.tmp-``; its image is a final file. Temp files are named so that no
+    valid id can produce them: ``.tmp-<hex>-<name>`` (ids never start with a dot), and, left
+    by earlier versions, ``<name>.tmp-<hex>`` (a final image ends in its extension)."""
+    images = [
+        "shot.tmp-1.png",
+        "a.tmp-123456789abc.png",
+        "b.part.tmp-0123456789ab.webp",
+        "c.tmp-.jpg",
+    ]
+    leftovers = [
+        ".tmp-0123456789ab-shot.tmp-1.png",  # of write_atomic
+        ".tmp-0123456789ab-shot.tmp-1.part",  # of a download
+        "shot.png.tmp-0123456789ab",  # of write_atomic, by an earlier version
+        "shot.part.tmp-0123456789ab",  # of a download, by an earlier version
+        ".results.csv.tmp-01234567",  # of the results, by an earlier version
+    ]
+    for name in images + leftovers:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_temp_files(tmp_path) == len(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(images)

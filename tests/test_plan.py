@@ -22,6 +22,7 @@ from runner.errors import JobFailedError, ServerError, StoreError
 from runner.jobs import Job, content_hash
 from runner.plan import IMAGES_DIR, Plan, make_plan
 from runner.store import Outcome, Store
+from tests.conftest import folder_state
 
 
 def job(n: int, prompt: str = "") -> Job:
@@ -271,6 +272,8 @@ def test_images_recorded_before_the_stat_columns_are_hashed_once(
         db.execute("DELETE FROM migrations WHERE version = 3")
     db.close()
 
+    with pytest.raises(StoreError, match="older"), Store.open_for_dry_run(out) as store:
+        make_plan(jobs, store, dry_run=True)  # which cannot bring it up to date
     assert plan_of(out, jobs).rehashed == 3
     assert len(hashed) == 3
     assert plan_of(out, jobs).rehashed == 0
@@ -339,3 +342,77 @@ def test_the_todo_list_reads_jobs_from_the_manifest_as_needed(tmp_path: Path) ->
     assert list(result.todo) == jobs
     assert result.todo[2] == jobs[2] and result.todo[-1] == jobs[-1]
     assert result.todo[1:3] == jobs[1:3]
+
+
+def test_an_unrecorded_image_whose_id_has_tmp_in_it_is_adopted(tmp_path: Path) -> None:
+    """An id may contain ``.tmp-``: its image, written but not recorded, is adopted, not swept
+    away as a temp file and paid for again."""
+    out = tmp_path / "out"
+    jobs = [dataclasses.replace(job(0), id="shot.tmp-1"), job(1)]
+    plan_of(out, jobs)
+    (out / IMAGES_DIR / "shot.tmp-1.png").write_bytes(png())  # crash between rename and commit
+    again = plan_of(out, jobs)
+    assert (again.adopted, again.temp_files_removed) == (1, 0)
+    assert [j.id for j in again.todo] == ["j01"]
+    assert (out / IMAGES_DIR / "shot.tmp-1.png").is_file()
+
+
+def full_summary(plan: Plan) -> tuple[object, ...]:
+    return (
+        *summary(plan),
+        plan.retried_failed,
+        plan.in_flight_settled,
+        plan.spent_micro_usd,
+    )
+
+
+@pytest.mark.parametrize("batch_size", [2, 1000])
+def test_a_dry_run_plans_what_a_run_would_and_changes_nothing(
+    tmp_path: Path, batch_size: int
+) -> None:
+    made = tmp_path / "made"
+    jobs = a_folder_in_every_state(made)
+    with Store.open(made) as store:
+        store.begin_attempt(jobs[6], store.next_attempt(jobs[6].id))  # cut off in flight
+        attempt = store.next_attempt(jobs[5].id)  # j05's image was written, then the crash
+        store.begin_attempt(jobs[5], attempt)
+    (made / IMAGES_DIR / ".tmp-0123456789ab-j07.png").write_bytes(b"half an image")
+    (made / IMAGES_DIR / "j08.png.tmp-0123456789ab").write_bytes(b"half an image")
+    edited = [job(0, "a different picture"), *jobs[1:]]  # j00 changed under the same id
+    dry_folder, real_folder = tmp_path / "dry", tmp_path / "real"
+    for folder in (dry_folder, real_folder):  # copies alike: their files' ctimes are new
+        shutil.copytree(made, folder)
+    before = folder_state(dry_folder)
+
+    with Store.open_for_dry_run(dry_folder) as store:
+        dry = make_plan(edited, store, dry_run=True, batch_size=batch_size)
+    assert folder_state(dry_folder) == before
+    real = plan_of(real_folder, edited, batch_size=batch_size)
+
+    assert full_summary(dry) == full_summary(real)
+    assert [j.id for j in dry.todo] == ["j00", "j01", "j02", "j04", "j06", "j07", "j08", "j09"]
+    assert (dry.done, dry.failed, dry.adopted, dry.changed) == (1, 1, 1, ["j00"])
+    assert sorted(dry.redo) == ["j01", "j02"]
+    assert dry.in_flight_settled == 2
+    # j00-j02 confirmed, j05's attempt confirmed by its adoption, j06's possible
+    assert dry.spent_micro_usd == (4 * 30_000, 30_000)
+    assert (dry.temp_files_removed, real.temp_files_removed) == (0, 2)
+
+
+def test_a_dry_run_of_a_folder_without_checkpoint_creates_nothing(tmp_path: Path) -> None:
+    """With no checkpoint yet, every job is new, but an image found on disk would be adopted."""
+    out = tmp_path / "out"
+    (out / IMAGES_DIR).mkdir(parents=True)
+    (out / IMAGES_DIR / "j01.png").write_bytes(png())
+    jobs = [job(n) for n in range(3)]
+    before = folder_state(out)
+    with Store.open_for_dry_run(out) as store:
+        dry = make_plan(jobs, store, dry_run=True)
+    assert folder_state(out) == before
+    assert [j.id for j in dry.todo] == ["j00", "j02"] and dry.adopted == 1
+
+    nowhere = tmp_path / "nowhere"
+    with Store.open_for_dry_run(nowhere) as store:
+        dry = make_plan(jobs, store, dry_run=True)
+    assert not nowhere.exists()
+    assert len(dry.todo) == 3 and dry.spent_micro_usd == (0, 0)

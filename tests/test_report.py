@@ -19,7 +19,7 @@ from PIL import Image
 
 from runner import report
 from runner.emulator import Emulator, EmulatorConfig
-from runner.images import TMP_MARKER
+from runner.images import is_temp_name
 from runner.report import write_report
 from runner.store import Store
 from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
@@ -62,7 +62,7 @@ def report_of(out: Path) -> str:
     finally:
         store.close()
     assert path == out / "report.html"
-    assert not list(out.rglob(f"*{TMP_MARKER}*")), "temp files left behind"
+    assert not [p for p in out.rglob("*") if is_temp_name(p.name)], "temp files left behind"
     return path.read_text()
 
 

@@ -3,6 +3,8 @@ resume, and the ledger against the emulator's own billing record."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import io
 from pathlib import Path
@@ -11,25 +13,31 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from runner.client import ImageResult
+from runner.client import ImageResult, ImagesClient
 from runner.emulator import Emulator
 from runner.errors import OutputLockedError, StoreError
-from runner.images import TMP_MARKER
+from runner.images import is_temp_name, temp_path_for
 from runner.jobs import Job
 from runner.manifest import load_manifest
 from runner.pool import Pool
 from runner.retry import RetryConfig
-from runner.run import Run
+from runner.run import Run, RunReport
 from runner.store import Store
 from tests.conftest import (
     MakeEmulator,
     db_exec,
     db_rows,
+    folder_state,
     make_ref,
     options,
     run_manifest,
     write_manifest,
 )
+
+
+async def dry_run(manifest: Path, out: Path, base_url: str) -> RunReport:
+    dry = dataclasses.replace(options(out, base_url), dry_run=True)
+    return await Run(load_manifest(manifest), dry).execute()
 
 
 def mixed_manifest(tmp_path: Path) -> Path:
@@ -156,12 +164,12 @@ async def test_attempt_left_in_flight_becomes_possible_charge(
     db_exec(
         out, "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 WHERE job_id = 'gen-b64'"
     )
-    (out / "images" / "gen-b64.png.tmp-abc123").write_bytes(b"half an image")
+    temp_path_for(out / "images" / "gen-b64.png").write_bytes(b"half an image")
 
     report = await run_manifest(manifest, out, emulator.base_url)
     assert report.plan.in_flight_settled == 1
     assert report.plan.temp_files_removed == 1
-    assert not list((out / "images").glob("*.tmp-*"))
+    assert not [p for p in (out / "images").iterdir() if is_temp_name(p.name)]
     ledger = pd.read_csv(out / "ledger.csv")
     rows = ledger[ledger["job_id"] == "gen-b64"].sort_values("attempt")
     assert list(rows["billing"]) == ["possible", "confirmed"]
@@ -249,7 +257,7 @@ async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path)
                 raise RecursionError("maximum recursion depth exceeded")
             buffer = io.BytesIO()
             Image.new("RGB", (1280, 544), "navy").save(buffer, format="PNG")
-            tmp = folder / f"{job.id}.part{TMP_MARKER}{len(calls)}"
+            tmp = temp_path_for(folder / f"{job.id}.part")
             tmp.write_bytes(buffer.getvalue())
             return ImageResult(tmp, len(buffer.getvalue()), None)
 
@@ -267,7 +275,7 @@ async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path)
     finally:
         store.close()
     assert result.stop_reason is None and result.progress.succeeded == 3
-    assert not [p for p in (out / "images").iterdir() if TMP_MARKER in p.name]
+    assert not [p for p in (out / "images").iterdir() if is_temp_name(p.name)]
     assert [tuple(r) for r in rows if r[0] == "j1"] == [
         ("j1", 1, "possible"),
         ("j1", 2, "confirmed"),
@@ -319,3 +327,175 @@ async def test_an_unreadable_finished_image_stops_instead_of_paying_again(
     with pytest.raises(StoreError, match="cannot read"):
         await run_manifest(manifest, out, emulator.base_url)
     assert len(emulator.requests) == 1
+
+
+async def test_an_id_with_tmp_in_it_is_paid_for_once(tmp_path: Path, emulator: Emulator) -> None:
+    """The start-up sweep took ``images/shot.tmp-1.png`` for a temp file a crash left, so every
+    run, dry runs included, deleted the image and the next run paid for it again."""
+    ids = ["shot.tmp-1", "a.tmp-123456789abc", "b.part.tmp-0123456789ab"]
+    manifest = write_manifest(
+        tmp_path, [{"id": i, "prompt": f"a picture of {i}", "size": "1280x544"} for i in ids]
+    )
+    out = tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == 3
+
+    planned = await dry_run(manifest, out, emulator.base_url)
+    assert (planned.plan.done, len(planned.plan.todo)) == (3, 0)
+    again = await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == 3
+    assert (again.plan.done, again.plan.temp_files_removed) == (3, 0)
+    assert again.ledger.totals.confirmed_usd == emulator.billed_usd == 0.09
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in ids)
+
+
+async def test_temp_files_of_every_kind_are_swept_and_the_images_kept(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    manifest = write_manifest(tmp_path, [{"id": "shot.tmp-1", "prompt": "a", "size": "1280x544"}])
+    out, images = tmp_path / "out", tmp_path / "out" / "images"
+    await run_manifest(manifest, out, emulator.base_url)
+    # A download the crash cut off before it was saved, as the client names it ...
+    async with ImagesClient(options(out, emulator.base_url).client) as client:
+        crashed = await client.create(load_manifest(manifest)[0], images)
+    # ... and what write_atomic and the results leave, named now and by earlier versions.
+    written = [
+        images / ".tmp-0123456789ab-shot.tmp-1.png",
+        images / "shot.tmp-1.png.tmp-0123456789ab",
+        images / "shot.tmp-1.part.tmp-0123456789ab",
+        out / ".tmp-0123456789ab-results.csv",
+        out / ".results.csv.tmp-01234567",
+    ]
+    for path in written:
+        path.write_bytes(b"half a file")
+    sent = len(emulator.requests)
+
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert report.plan.temp_files_removed == 1 + len(written)
+    assert not [p for p in [crashed.path, *written] if p.exists()]
+    assert [p.name for p in images.iterdir()] == ["shot.tmp-1.png"]
+    assert len(emulator.requests) == sent and report.plan.done == 1
+
+
+async def test_a_dry_run_changes_nothing_and_plans_what_the_run_then_does(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A folder after a crash: a leftover temp file, an attempt cut off in flight, an image
+    written but not recorded, an altered image, a job changed in the manifest. The dry run
+    repairs none of it, yet plans exactly what the run that follows does."""
+    jobs = [
+        {"id": job_id, "prompt": f"a {job_id}", "size": "1280x544"}
+        for job_id in ("keep", "adopt", "alter", "change", "lost")
+    ]
+    out = tmp_path / "out"
+    await run_manifest(write_manifest(tmp_path, jobs), out, emulator.base_url)
+    for job_id in ("adopt", "lost"):  # crashes between the rename and the commit; in flight
+        db_exec(
+            out, "UPDATE jobs SET status = 'pending', sha256 = NULL WHERE job_id = ?", (job_id,)
+        )
+        db_exec(
+            out,
+            "UPDATE attempts SET state = 'in_flight', cost_micro_usd = 0 WHERE job_id = ?",
+            (job_id,),
+        )
+    (out / "images" / "lost.png").unlink()
+    altered = out / "images" / "alter.png"
+    altered.write_bytes(altered.read_bytes() + b"\0")
+    (out / "images" / ".tmp-0123456789ab-lost.png").write_bytes(b"half an image")
+    (out / "images" / "lost.png.tmp-0123456789ab").write_bytes(b"half an image")
+    jobs[3]["prompt"] = "a changed picture"
+    manifest = write_manifest(tmp_path, [*jobs, {"id": "new", "prompt": "a new one"}])
+    sent = len(emulator.requests)
+    before = folder_state(out)
+
+    planned = await dry_run(manifest, out, emulator.base_url)
+    assert folder_state(out) == before
+    assert len(emulator.requests) == sent
+    assert (planned.ledger, planned.pool) == (None, None)
+    dry = planned.plan
+    assert [j.id for j in dry.todo] == ["alter", "change", "lost", "new"]
+    assert (dry.done, dry.adopted, dry.redo, dry.changed) == (2, 1, ["alter"], ["change"])
+    assert dry.in_flight_settled == 2
+    # keep, alter and change, and adopt's attempt once its image is adopted; lost's possible
+    assert dry.spent_micro_usd == (4 * 30_000, 30_000)
+
+    report = await run_manifest(manifest, out, emulator.base_url)
+    real = report.plan
+    assert real.temp_files_removed == 2
+    figures = [
+        "todo_edits",
+        "done",
+        "failed",
+        "adopted",
+        "redo",
+        "changed",
+        "retried_failed",
+        "in_flight_settled",
+        "spent_micro_usd",
+        "rehashed",
+    ]
+    assert [getattr(dry, f) for f in figures] == [getattr(real, f) for f in figures]
+    assert list(dry.todo) == list(real.todo)
+    assert len(emulator.requests) == sent + 4
+
+
+async def test_a_dry_run_on_a_new_folder_creates_nothing(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    out = tmp_path / "new" / "out"
+    planned = await dry_run(mixed_manifest(tmp_path), out, emulator.base_url)
+    assert not (tmp_path / "new").exists()
+    assert (len(planned.plan.todo), planned.plan.todo_edits) == (5, 2)
+    assert emulator.requests == []
+
+
+async def test_a_dry_run_reads_a_folder_a_live_run_is_writing(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """It takes no lock, so a live run goes on undisturbed, and it reads what the run has
+    committed to the WAL: a request in flight counts as a possible charge."""
+    manifest = write_manifest(
+        tmp_path, [{"id": f"j{i}", "prompt": f"p{i}", "size": "1280x544"} for i in range(3)]
+    )
+    out = tmp_path / "out"
+    jobs = load_manifest(manifest)
+    live = Store.open(out)
+    try:
+        live.upsert_jobs(jobs)
+        live.begin_next_attempt(jobs[0])
+        assert (out / "checkpoint.sqlite-wal").stat().st_size > 0
+        before = folder_state(out)
+        planned = await dry_run(manifest, out, emulator.base_url)
+        after = folder_state(out)
+    finally:
+        live.close()
+    # A reader may write to SQLite's shared-memory index (its mtime), nothing else.
+    for state in (before, after):
+        is_dir, size_bytes, _ = state["files"]["checkpoint.sqlite-shm"]
+        state["files"]["checkpoint.sqlite-shm"] = (is_dir, size_bytes)
+    assert after == before
+    assert len(planned.plan.todo) == 3
+    assert (planned.plan.in_flight_settled, planned.plan.spent_micro_usd) == (1, (0, 30_000))
+    assert emulator.requests == []
+
+
+async def test_a_cancelled_run_writes_its_books_then_passes_the_cancel_on(
+    tmp_path: Path, make_emulator: MakeEmulator
+) -> None:
+    """Cancelling execute() (a timeout, a Ctrl-C under a bare asyncio.run) stops the run at
+    once, but only after its books are written and its folder released; and the cancel is
+    passed on, not swallowed, so that the timeout is seen."""
+    emulator = await make_emulator(latency_s=2.0)
+    out = tmp_path / "out"
+    jobs = [{"id": f"j{i}", "prompt": f"p{i}", "size": "1280x544"} for i in range(4)]
+    run = Run(
+        load_manifest(write_manifest(tmp_path, jobs)),
+        options(out, emulator.base_url, concurrency=2),
+    )
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await run.execute()
+    ledger = pd.read_csv(out / "ledger.csv")
+    assert list(ledger["billing"]) == ["possible", "possible"]  # the two dropped in flight
+    assert len(pd.read_csv(out / "results.csv")) == 4
+    Store.open(out).close()  # the folder is free again

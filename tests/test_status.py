@@ -17,7 +17,7 @@ from runner.manifest import load_manifest
 from runner.run import Run
 from runner.status import RunStatus, format_status, read_status
 from runner.store import Store
-from tests.conftest import options, run_manifest, write_manifest
+from tests.conftest import db_rows, options, run_manifest, write_manifest
 from tests.test_cli import cli, env, run_cli
 
 
@@ -52,7 +52,7 @@ async def test_a_finished_run(tmp_path: Path, emulator: Emulator) -> None:
     ]
     out = tmp_path / "out"
     await run_manifest(write_manifest(tmp_path, jobs), out, emulator.base_url, max_attempts=1)
-    # A dry run of a longer manifest records the new job as pending and sends nothing.
+    # A dry run of a longer manifest records nothing: neither the new job nor a run.
     longer = write_manifest(tmp_path, [*jobs, {"id": "new", "prompt": "one more"}])
     dry = dataclasses.replace(options(out, emulator.base_url), dry_run=True)
     await Run(load_manifest(longer), dry).execute()
@@ -65,33 +65,33 @@ async def test_a_finished_run(tmp_path: Path, emulator: Emulator) -> None:
         store.close()
 
     assert (status.state, status.live) == ("finished", False)
-    assert (status.jobs, status.succeeded, status.failed, status.pending) == (4, 1, 2, 1)
+    assert (status.jobs, status.succeeded, status.failed, status.pending) == (3, 1, 2, 0)
     assert status.failed_retryable == 1  # the 503: a rerun tries it again
     assert status.failures == {"content_policy_violation": 1, "server_error": 1}
     assert (status.confirmed_usd, status.possible_usd) == (0.03, 0.0)
     assert (status.in_flight, status.cut_off) == (0, 0)
-    assert status.last_run is not None and status.last_run.run_id == 2
+    assert status.last_run is not None and status.last_run.run_id == 1
     assert status.last_run.outcome == "finished"
     assert status.idle_s is not None and 5 * 60 - 5 < status.idle_s < 5 * 60 + 1
 
     as_dict = status.to_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert as_dict["jobs"] == {
-        "total": 4,
+        "total": 3,
         "succeeded": 1,
         "failed": 2,
         "failed_retryable": 1,
-        "pending": 1,
+        "pending": 0,
     }
     assert as_dict["spend_usd"] == {"confirmed": 0.03, "possible": 0.0}
     assert as_dict["live"] is False
 
     text = format_status(status)
-    assert "jobs:      4: 1 succeeded, 2 failed (1 retried by a rerun), 1 pending" in text
+    assert "jobs:      3: 1 succeeded, 2 failed (1 retried by a rerun), 0 pending" in text
     assert "spent:     $0.03 confirmed + $0.00 possible" in text
     assert "failures:  1 content_policy_violation, 1 server_error" in text
-    assert "state:     finished (run 2, " in text
-    assert "2 jobs left: rerun the same command to do them" in text
+    assert "state:     finished (run 1, " in text
+    assert "1 jobs left: rerun the same command to do them" in text
     assert "5 min ago" in text
 
 
@@ -199,3 +199,20 @@ def test_a_checkpoint_being_created_reads_as_no_run_yet(tmp_path: Path) -> None:
     )
     assert "state:     no run recorded yet" in format_status(status)
     assert json.loads(json.dumps(status.to_dict()))["jobs"]["total"] == 0
+
+
+async def test_a_dry_run_leaves_the_run_history_alone(tmp_path: Path, emulator: Emulator) -> None:
+    """After a night the provider stopped, a dry run records no run of its own: status still
+    says how the last real run ended, not "finished"."""
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path, [{"id": "a", "prompt": "a [[faults:401]]"}])
+    stopped = await run_manifest(manifest, out, emulator.base_url)
+    assert stopped.stop_reason is not None
+    dry = dataclasses.replace(options(out, emulator.base_url), dry_run=True)
+    await Run(load_manifest(manifest), dry).execute()
+
+    assert db_rows(out, "SELECT run_id, outcome FROM runs") == [(1, stopped.stop_reason)]
+    status = snapshot(out)
+    assert status is not None and status.last_run is not None
+    assert (status.last_run.run_id, status.last_run.outcome) == (1, stopped.stop_reason)
+    assert f"stopped: run 1: {stopped.stop_reason}" in format_status(status)
