@@ -2,8 +2,10 @@
 
 The only module that prints or owns a progress bar. Exit codes:
 0 all jobs succeeded; 1 finished with failed jobs; 2 invalid manifest or usage (or a folder in
-use), nothing sent; 3 stopped early and resumable (interrupt, key refused, out of quota, budget
-reached, provider down, a Retry-After too long).
+use, one that cannot be written, a checkpoint of another version), nothing sent; 3 stopped
+early and resumable (interrupt, key refused, out of quota, budget reached, provider down, a
+Retry-After too long, a database error once requests were sent). The run's core raises only
+while nothing has been sent, so an error caught here is always an exit 2.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Never
 
@@ -27,7 +30,7 @@ from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.client import DEFAULT_BASE_URL, ClientConfig
 from runner.credentials import Credentials, resolve_credentials
 from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
-from runner.errors import CredentialsError, ManifestError, RunnerError
+from runner.errors import CredentialsError, ManifestError, RunnerError, StoreError
 from runner.jobs import Job
 from runner.limits import BreakerConfig, Budget
 from runner.logs import setup_logging
@@ -280,6 +283,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         retry_failed=args.retry_failed,
         retry_only=frozenset(args.only or ()),
+        grace_s=args.grace,
     )
     try:
         report = asyncio.run(_run(jobs, options, args))
@@ -301,14 +305,13 @@ async def _run(jobs: Sequence[Job], options: RunOptions, args: argparse.Namespac
             )
         bar = _ProgressBar(disable=True if args.no_progress or args.dry_run else None)
         run = Run(jobs, options, on_plan=bar.start, on_progress=bar.update)
-        task = asyncio.current_task()
-        assert task is not None
-        signals = _SignalHandler(run, task, grace_s=args.grace)
-        signals.install()
+        if not args.dry_run:  # which changes nothing: a Ctrl-C may simply end it
+            # Not removed after the run: closing the loop does that, so that a signal while
+            # the emulator shuts down is heard too (and does nothing).
+            _SignalHandler(run, grace_s=options.grace_s).install()
         try:
             return await run.execute()
         finally:
-            signals.uninstall()
             bar.close()
 
 
@@ -325,11 +328,11 @@ async def _maybe_emulator(enabled: bool) -> AsyncIterator[str | None]:
 
 
 class _SignalHandler:
-    """First SIGINT/SIGTERM: stop gracefully, cancel after ``grace_s``. Second: cancel now.
-    A cancelled run still settles its checkpoint and writes results and ledger."""
+    """SIGINT and SIGTERM stop the run, gracefully the first time and at once the next (the run
+    owns what that means: :meth:`Run.stop`); this wires them and tells the user."""
 
-    def __init__(self, run: Run, task: asyncio.Task[object], *, grace_s: float) -> None:
-        self.run, self.task, self.grace_s = run, task, grace_s
+    def __init__(self, run: Run, *, grace_s: float) -> None:
+        self.run, self.grace_s = run, grace_s
         self.count = 0
 
     def install(self) -> None:
@@ -337,22 +340,16 @@ class _SignalHandler:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
-    def uninstall(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
     def _on_signal(self, sig: signal.Signals) -> None:
         self.count += 1
         if self.count == 1:
             _err(
-                f"\n{sig.name}: finishing requests in flight (up to {self.grace_s:.0f} s); "
+                f"\n{sig.name}: finishing requests in flight (up to {self.grace_s:g} s); "
                 "press Ctrl-C again to stop at once"
             )
-            self.run.stop(f"interrupted by {sig.name}")
-            asyncio.get_running_loop().call_later(self.grace_s, self.task.cancel)
-        else:
-            self.task.cancel()
+        elif self.count == 2:
+            _err(f"\n{sig.name}: stopping at once; writing results and ledger")
+        self.run.stop(f"interrupted by {sig.name}")
 
 
 class _ProgressBar:
@@ -407,7 +404,10 @@ class _ProgressBar:
 
 
 def _print_summary(report: RunReport, out_dir: Path) -> None:
-    assert report.ledger is not None  # written by every run but a dry run
+    if report.ledger is None:  # the disk refused them: say so, and what stopped the run
+        stopped = f"stopped:   {report.stop_reason}\n" if report.stop_reason else ""
+        print(redact(f"{stopped}results:   {report.books_error}; rerun the same command"))
+        return
     t = report.ledger.totals
     progress = report.pool.progress if report.pool else None
     requests = progress.requests if progress else 0
@@ -431,8 +431,8 @@ def _print_summary(report: RunReport, out_dir: Path) -> None:
         lines.append(f"failures:  {causes}")
     if report.cancelled:
         lines.append(
-            "stopped:   at once (second Ctrl-C); finished images are kept and requests that "
-            "were in flight are counted as possible; rerun the same command to resume"
+            f"stopped:   at once ({report.stop_reason}); finished images are kept and requests "
+            "that were in flight are counted as possible; rerun the same command to resume"
         )
     elif report.stop_reason:
         lines.append(f"stopped:   {report.stop_reason}; rerun the same command to resume")
@@ -500,8 +500,7 @@ def _stop_hint(report: RunReport) -> str | None:
 
 
 def _exit_code(report: RunReport) -> int:
-    assert report.ledger is not None  # written by every run but a dry run
-    if report.stop_reason:
+    if report.stop_reason or report.ledger is None:
         return EXIT_STOPPED
     if report.ledger.totals.failed:
         return EXIT_FAILED
@@ -511,10 +510,24 @@ def _exit_code(report: RunReport) -> int:
 # --- validate, emulate ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _reading(out: Path) -> Iterator[Store]:
+    """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
+    checkpoint of another version, a damaged one) or a file they cannot write becomes an error
+    message and exit 2, through :func:`main`, never a traceback."""
+    try:
+        with Store.open_read_only(out) as store:
+            yield store
+    except sqlite3.Error as exc:
+        raise StoreError(f"{out}: cannot read the checkpoint: {exc}") from None
+    except OSError as exc:
+        raise RunnerError(f"{exc.filename or out}: {exc.strerror or exc}") from None
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from runner.report import write_report
 
-    with Store.open_read_only(args.out) as store:
+    with _reading(args.out) as store:
         path = write_report(store)
     print(f"report: {path}")
     return EXIT_OK
@@ -523,7 +536,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from runner.status import format_status, read_status
 
-    with Store.open_read_only(args.out) as store:
+    with _reading(args.out) as store:
         status = read_status(store)
     print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status))
     return EXIT_OK
@@ -532,7 +545,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from runner.export import export_dataset
 
-    with Store.open_read_only(args.out) as store:
+    with _reading(args.out) as store:
         result = export_dataset(store, args.dest, args.format)
     skipped = f" ({result.skipped} skipped: image missing or altered)" if result.skipped else ""
     print(f"exported {result.images} images as {args.format} to {result.dest}{skipped}")

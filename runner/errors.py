@@ -6,7 +6,10 @@
      +-- ManifestError          the manifest is invalid; carries every problem found (exit 2)
      +-- OutputLockedError      another run holds the output folder (exit 2)
      +-- CredentialsError       no API key, or none that may go to the base URL (exit 2)
-     +-- StoreError             the checkpoint database cannot be trusted
+     +-- StoreError             the output folder or its checkpoint cannot be used: unwritable,
+     |    |                     untrustworthy, or written by another version (exit 2)
+     |    +-- StoreWriteError   a write to the checkpoint failed (disk full, I/O error): final
+     |                          for the run (exit 3 once a request was sent, else exit 2)
      +-- ImageWriteError        an image came back but the disk refused it (never a network
      |                          error: the client raises this only around its own file writes)
      +-- ApiError               one request's outcome; carries job_id, status, code, billing
@@ -74,6 +77,11 @@ class CredentialsError(RunnerError):
 
 class StoreError(RunnerError):
     pass
+
+
+class StoreWriteError(StoreError):
+    """SQLite refused a write (disk full, I/O error, a read-only file): nothing more can be
+    recorded, so nothing more may be sent."""
 
 
 class ImageWriteError(RunnerError):

@@ -9,7 +9,9 @@ promise stays whole (the worker goes on only after *its* write is committed) whi
 writes costs one fsync instead of N.
 
 Each write runs under its own savepoint, so one that fails is rolled back alone and raises in its
-own worker; the others commit.
+own worker; the others commit. When SQLite ends the whole transaction itself instead (it may, on
+a full disk or an I/O error), or the ``COMMIT`` fails, every write of the batch fails with that
+error, and the transaction is rolled back so that the next batch starts clean.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -98,6 +100,8 @@ class GroupCommit:
                 try:
                     value = write(db)
                 except Exception as exc:
+                    if not db.in_transaction:  # SQLite rolled back the batch: all of it failed
+                        raise
                     db.execute("ROLLBACK TO write")
                     db.execute("RELEASE write")
                     results.append((False, exc))
@@ -114,8 +118,9 @@ def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
+        if db.in_transaction:  # also after a failed COMMIT, which leaves it open
+            with suppress(sqlite3.Error):  # the first error is the one to tell
+                db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")

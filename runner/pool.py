@@ -43,6 +43,7 @@ from runner.errors import (
     RetryableError,
     RunStoppedError,
     ServerError,
+    StoreError,
     UnfetchedImageError,
 )
 from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
@@ -252,6 +253,8 @@ class Pool:
         except RunStoppedError as exc:
             self._result.stop_error = exc
             self.stop(exc.describe())
+        except StoreError as exc:  # the checkpoint refused a write: nothing more may be sent
+            self.stop(str(exc))
         except ApiError as exc:
             if not tries.failed:
                 return  # stopped between attempts: the job stays pending

@@ -84,3 +84,43 @@ async def test_cancelled_worker_still_lands_its_write(tmp_path: Path) -> None:
     await commits.drain()
     assert db.execute("SELECT k FROM t").fetchall() == [(7,)]
     db.close()
+
+
+async def test_a_failed_commit_is_rolled_back_and_the_next_batch_commits(tmp_path: Path) -> None:
+    """A COMMIT that SQLite refuses leaves the transaction open (as SQLITE_BUSY does); unless it
+    is rolled back, every later batch fails with "cannot start a transaction within a
+    transaction"."""
+    db = open_db(tmp_path / "e.sqlite")
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) "
+        "DEFERRABLE INITIALLY DEFERRED)"
+    )
+    commits = GroupCommit(db)
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        await commits.run(lambda d: d.execute("INSERT INTO child VALUES (1)"))
+    assert not db.in_transaction
+    await commits.run(lambda d: d.execute("INSERT INTO t VALUES (1, 'next')"))
+    assert db.execute("SELECT v FROM t").fetchall() == [("next",)]
+    db.close()
+
+
+async def test_a_write_that_ends_the_whole_transaction_fails_the_batch_with_its_error(
+    tmp_path: Path,
+) -> None:
+    """On a full disk SQLite may roll the whole transaction back itself: every write of the
+    batch then fails with that error, not with "no such savepoint"."""
+    db = open_db(tmp_path / "f.sqlite")
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+    commits = GroupCommit(db)
+    big = "x" * 100_000
+
+    async def insert(k: int) -> None:
+        await commits.run(lambda d: d.execute("INSERT INTO t VALUES (?, ?)", (k, big)))
+
+    results = await asyncio.gather(insert(1), insert(2), return_exceptions=True)
+    assert [str(r) for r in results] == ["database or disk is full"] * 2
+    assert not db.in_transaction
+    db.close()
