@@ -20,7 +20,7 @@ import pandas as pd
 
 from runner.api import SIZES
 from runner.emulator import EmulatorConfig, EmulatorThread, RequestRecord
-from runner.images import inspect_image
+from runner.images import inspect_image, is_temp_name
 from tests.conftest import db_rows, make_ref, write_manifest
 from tests.test_cli import cli, env
 
@@ -102,7 +102,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_never_pays_twice(tmp_path: 
         assert hashlib.sha256(data).hexdigest() == row.sha256
         expected = tuple(int(n) for n in str(row.size).split("x"))
         inspect_image(data, expected)
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in out.rglob("*") if is_temp_name(p.name)]
 
     # Per job: exactly one confirmed charge, and it is the job's last attempt: nothing was
     # sent after its success was recorded (every request is preceded by its intent row).

@@ -18,6 +18,7 @@ import runner.export
 from runner.emulator import Emulator
 from runner.errors import RunnerError, StoreError
 from runner.export import export_dataset
+from runner.images import is_temp_name
 from runner.store import Store
 from tests.conftest import make_ref, run_manifest, write_manifest
 from tests.test_cli import run_cli
@@ -184,7 +185,7 @@ def test_an_existing_destination_is_never_overwritten(out: Path, tmp_path: Path)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export(out, empty, "imagefolder").images == 4
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
 
 
 def test_nothing_to_export_is_an_error(out: Path, tmp_path: Path) -> None:
@@ -193,7 +194,7 @@ def test_nothing_to_export_is_an_error(out: Path, tmp_path: Path) -> None:
     with pytest.raises(RunnerError, match="none of the 4 succeeded jobs' images is intact"):
         export(out, tmp_path / "ds", "imagefolder")
     assert not (tmp_path / "ds").exists()
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
 
 
 def test_cli_export_and_refusal(out: Path, tmp_path: Path) -> None:

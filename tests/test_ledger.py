@@ -9,6 +9,7 @@ import pytest
 
 from runner import ledger as ledger_module
 from runner.errors import JobFailedError, ServerError
+from runner.images import is_temp_name
 from runner.jobs import Job
 from runner.ledger import RESULTS_COLUMNS, write_ledger
 from runner.store import Outcome, Store
@@ -94,4 +95,4 @@ def test_an_empty_manifest_still_gets_files_with_their_columns(tmp_path: Path) -
     assert pd.read_csv(files.results_csv).empty
     assert pd.read_csv(files.ledger_csv).empty
     assert files.totals.jobs == 0
-    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+    assert not [p for p in (tmp_path / "out").iterdir() if is_temp_name(p.name)]
