@@ -280,7 +280,9 @@ def test_two_quick_sigterms_during_a_slow_run(tmp_path: Path) -> None:
             "--concurrency",
             "4",
         )
+        # The emulator books a request after its latency: 4 booked means 4 more go out now.
         wait_for(lambda: len(server.emulator.requests) >= 4)
+        time.sleep(0.5)  # they are mid-flight, for another 1.5 s
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
