@@ -377,6 +377,9 @@ ERROR_FAULTS: dict[str, tuple[int, str | None, dict[str, str]]] = {
     "500_noretry": (500, None, {"x-should-retry": "false"}),
     "400_retry": (400, None, {"x-should-retry": "true"}),
     "policy": (400, "content_policy_violation", {}),
+    "quota_chunked": (429, "insufficient_quota", {}),
+    "policy_chunked": (400, "content_policy_violation", {}),
+    "policy200": (200, "content_policy_violation", {}),
 }
 
 
@@ -404,6 +407,19 @@ async def test_error_faults_answer_their_status_and_are_not_billed(
 
     assert [(r.fault, r.status) for r in emulator.requests] == [(kind, status), (None, 200)]
     assert [(bill.seq, bill.outcome) for bill in emulator.bills] == [(2, "ok")]
+
+
+@pytest.mark.parametrize("kind", ["quota_chunked", "policy_chunked"])
+async def test_chunked_error_faults_send_their_body_in_pieces(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession, kind: str
+) -> None:
+    emulator = await make_emulator(script=(kind,))
+    async with session.post(gen_url(emulator), json=gen_body()) as response:
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        first = await response.content.readany()  # what a read of "what is there" gets
+        rest = await response.content.read()
+    assert b'"code"' not in first  # the code comes only in a later chunk
+    assert json.loads(first + rest)["error"]["code"] == ERROR_FAULTS[kind][1]
 
 
 async def test_drop_closes_the_connection_before_the_work_and_is_not_billed(
@@ -483,6 +499,43 @@ async def test_badsize_returns_a_png_of_the_wrong_width_and_is_billed(
     _, payload = await post_json(session, gen_url(emulator), gen_body(response_format="b64_json"))
     assert decode_b64_json(payload["data"][0]["b64_json"]).size == (1280 + 16, 544)
     assert [(bill.outcome, bill.size) for bill in emulator.bills] == [("badsize", SMALL)]
+
+
+async def test_empty200_answers_no_image_and_is_billed(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(script=("empty200",))
+    _, payload = await post_json(session, gen_url(emulator), gen_body(response_format="b64_json"))
+    assert payload["data"] == []
+    assert [bill.outcome for bill in emulator.bills] == ["empty200"]
+
+
+async def test_escaped_b64_is_the_same_image_with_json_escapes_and_spaces(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    emulator = await make_emulator(script=("escaped_b64",))
+    async with session.post(gen_url(emulator), json=gen_body(response_format="b64_json")) as r:
+        raw = await r.read()
+    assert b"\\u002B" in raw or b"\\u002F" in raw
+    value = json.loads(raw)["data"][0]["b64_json"]
+    assert " " in value
+    assert decode_b64_json(value.replace(" ", "")).size == (1280, 544)
+    assert [bill.outcome for bill in emulator.bills] == ["escaped_b64"]
+
+
+@pytest.mark.parametrize(("kind", "failures"), [("cdn_flaky", 2), ("cdn_dead", 5)])
+async def test_cdn_faults_fail_the_download_and_are_billed(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession, kind: str, failures: int
+) -> None:
+    emulator = await make_emulator(script=(kind,))
+    _, payload = await post_json(session, gen_url(emulator), gen_body())
+    url = payload["data"][0]["url"]
+    for _ in range(failures):
+        async with session.get(url) as response:
+            assert response.status == 503
+    async with session.get(url) as response:
+        assert response.status == (200 if kind == "cdn_flaky" else 503)
+    assert [bill.outcome for bill in emulator.bills] == [kind]
 
 
 async def test_slow_times_the_client_out_after_billing(
