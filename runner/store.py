@@ -223,23 +223,7 @@ class Store:
         path = folder / DB_NAME
         if not path.is_file():
             raise StoreError(f"{folder} holds no image-runner checkpoint")
-        try:
-            db = sqlite3.connect(
-                f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout = 10000")
-            problem = _version_problem(db, folder)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-        if problem:
-            db.close()
-            raise StoreError(problem)
-        return cls(db, None, folder)
+        return cls(_connect_for_reading(path, "mode=ro"), None, folder)
 
     @classmethod
     def open_for_dry_run(cls, folder: Path) -> Store:
@@ -262,22 +246,7 @@ class Store:
             return cls(db, None, folder)
         live = path.with_name(f"{DB_NAME}-wal").exists()
         mode = "mode=ro" if live else "mode=ro&immutable=1"
-        try:
-            uri = f"{path.absolute().as_uri()}?{mode}"
-            db = sqlite3.connect(uri, uri=True, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout = 10000")
-            problem = _version_problem(db, folder)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-        if problem:
-            db.close()
-            raise StoreError(problem)
-        return cls(db, None, folder)
+        return cls(_connect_for_reading(path, mode), None, folder)
 
     def __enter__(self) -> Store:
         return self
@@ -730,6 +699,26 @@ def _migrate(db: sqlite3.Connection, path: Path | None = None) -> None:
         if isinstance(exc, sqlite3.Error):
             raise StoreError(f"{path} could not be brought up to date: {exc}") from None
         raise
+
+
+def _connect_for_reading(path: Path, mode: str) -> sqlite3.Connection:
+    """Open the checkpoint at ``path`` with the URI parameters ``mode``, for reading; one
+    written by another version is refused with a message saying which way to go."""
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 10000")
+        problem = _version_problem(db, path.parent)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    if problem:
+        db.close()
+        raise StoreError(problem)
+    return db
 
 
 def _version_problem(db: sqlite3.Connection, folder: Path) -> str | None:
