@@ -97,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive_float, default=300.0, help="request timeout, s")
     run.add_argument(
         "--base-url",
-        help="API base URL (else $IMAGE_RUNNER_BASE_URL; else $OPENAI_BASE_URL with "
-        f"OPENAI_API_KEY, or {DEFAULT_BASE_URL} with IMAGE_RUNNER_API_KEY)",
+        help="API base URL (else, with IMAGE_RUNNER_API_KEY: $IMAGE_RUNNER_BASE_URL or "
+        f"{DEFAULT_BASE_URL}; with OPENAI_API_KEY: $OPENAI_BASE_URL or $IMAGE_RUNNER_BASE_URL)",
     )
     run.add_argument(
         "--emulate", action="store_true", help="use the built-in emulator: no key, no network"

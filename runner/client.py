@@ -31,8 +31,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -66,8 +66,11 @@ ERROR_BODY_MAX_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 18  # what one request in flight holds of its body at a time
 
 # What an error object's code or type says its status would have been, for an error that came
-# inside a 200: the class follows from the status, as for any error answer.
+# inside a 200: the class follows from the status, as for any error answer. A request error
+# names its fault (400, final for the job); an error that names nothing known is taken for the
+# provider's (500: retried, unbilled).
 _STATUS_OF_CODE = {
+    "invalid_request_error": 400,
     "invalid_api_key": 401,
     "authentication_error": 401,
     "permission_denied": 403,
@@ -81,6 +84,8 @@ _STATUS_OF_CODE = {
     "overloaded_error": 503,
     "service_unavailable": 503,
     "timeout": 408,
+    "content_policy_violation": 400,
+    "model_not_found": 404,
 }
 
 
@@ -222,13 +227,11 @@ class ImagesClient:
                     raise await error_from_response(response, job.id)
                 limits = rate_limit_headers(response.headers)
                 # Only now: an image is coming back, so a disk error from here on is an
-                # OSError the pool books as a charge. Creating the file may wait on the
+                # ImageWriteError the pool books as a charge. Creating the file may wait on the
                 # folder (other threads fsync it), so not on the event loop; the writes are a
                 # chunk at a time and local: they stay on it.
-                try:
+                with _disk(tmp):
                     file = await asyncio.to_thread(open, tmp, "xb")
-                except OSError as exc:
-                    raise ImageWriteError(f"cannot create {tmp}: {exc.strerror}") from exc
                 sink = files.enter_context(file)
                 scanner = B64JsonScanner(_DiskSink(sink))
                 limit = self.config.max_response_bytes
@@ -284,9 +287,12 @@ class ImagesClient:
                     raise _DownloadFailed(f"the image url answered HTTP {response.status}")
                 limit = self.config.max_download_bytes
                 try:
-                    return await _stream_capped(response, limit, job_id, sink.write)
+                    size_bytes = await _stream_capped(response, limit, job_id, sink.write)
                 except AmbiguousError as exc:  # over the cap: another try would be too
                     raise _DownloadFailed(exc.message, retryable=False) from None
+                if sniff_format(sink.head) is None:  # an error page served with a 200, say
+                    raise _DownloadFailed("the image url served something that is not an image")
+                return size_bytes
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _DownloadFailed(_describe(exc)) from None
 
@@ -297,35 +303,42 @@ class _DownloadFailed(Exception):
         self.retryable = retryable
 
 
-class _DiskSink:
-    """The temp file an image streams into: its errors are the disk's, never the network's."""
+@contextmanager
+def _disk(path: object) -> Iterator[None]:
+    """Errors inside are the disk's refusing the image's temp file at ``path``, never the
+    network's: :class:`ImageWriteError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise ImageWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
-    __slots__ = ("_file",)
+
+class _DiskSink:
+    """The temp file an image streams into; it keeps the first bytes, to tell an image."""
+
+    __slots__ = ("_file", "head")
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
+        self.head = b""
 
     def write(self, data: bytes, /) -> int:
-        try:
+        if len(self.head) < 16:
+            self.head += data[: 16 - len(self.head)]
+        with _disk(self._file.name):
             return self._file.write(data)
-        except OSError as exc:
-            raise ImageWriteError(f"cannot write {self._file.name}: {exc.strerror}") from exc
 
 
 async def _close(file: BinaryIO) -> None:
-    try:
+    with _disk(file.name):
         await asyncio.to_thread(file.close)
-    except OSError as exc:
-        raise ImageWriteError(f"cannot write {file.name}: {exc.strerror}") from exc
 
 
 async def _truncate(file: BinaryIO) -> None:
     """Empty the temp file for another download attempt."""
-    try:
+    with _disk(file.name):
         file.seek(0)
         file.truncate()
-    except OSError as exc:
-        raise ImageWriteError(f"cannot write {file.name}: {exc.strerror}") from exc
 
 
 def _fields(job: Job) -> dict[str, str]:
@@ -368,13 +381,13 @@ def _usage(raw: object) -> Usage | None:
 async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> ApiError:
     """Sort a non-200 answer into the error class that says what to do next."""
     status = response.status
-    message, code = f"HTTP {status}", None
+    message, code, error_type = f"HTTP {status}", None, ""
     try:
         body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
         error = json.loads(body).get("error")
         if isinstance(error, dict):
             message = str(error.get("message") or message)
-            code = _code(error)
+            code, error_type = _code(error), str(error.get("type") or "")
     except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, RecursionError):
         pass
     return _classify(
@@ -382,6 +395,7 @@ async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> 
         message,
         code,
         job_id=job_id,
+        error_type=error_type,
         retry_after_s=retry_after_from(response.headers),
         should_retry=response.headers.get("x-should-retry", "").lower(),
         rate_limit=rate_limit_headers(response.headers),
@@ -389,21 +403,28 @@ async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> 
 
 
 def error_in_200(error: dict[str, Any], job_id: str) -> ApiError:
-    """Sort an error object that came inside a 200 by its code (or type), as if it had come
-    with the status that code goes with (400 when it names none): it is not an unknown
-    outcome, and a content refusal in a 200 is as final as one in a 400."""
-    code = _code(error)
-    kind = str(error.get("type") or "")
-    if code in SPEND_LIMIT_CODES or kind in SPEND_LIMIT_CODES:
+    """Sort an error object that came inside a 200 by its code or type, as if it had come with
+    the status they go with (a numeric code is that status): it is not an unknown outcome,
+    and a content refusal in a 200 is as final as one in a 400. One that names nothing known
+    is taken for a server error: retried, unbilled, never a job failed for good on a guess."""
+    code, kind = _code(error), str(error.get("type") or "")
+    raw = error.get("code")
+    if isinstance(raw, int | str) and str(raw).isdigit() and 400 <= int(raw) <= 599:
+        status = int(raw)
+    elif _spend_limit(code, kind):
         status = 429
     else:
-        status = _STATUS_OF_CODE.get(code or "", _STATUS_OF_CODE.get(kind, 400))
+        status = _STATUS_OF_CODE.get(code or "") or _STATUS_OF_CODE.get(kind) or 500
     message = f"{error.get('message') or 'an error'} (an error object inside a 200 response)"
-    return _classify(status, message, code, job_id=job_id)
+    return _classify(status, message, code, job_id=job_id, error_type=kind)
 
 
 def _code(error: dict[str, Any]) -> str | None:
     return str(error.get("code") or error.get("type") or "") or None
+
+
+def _spend_limit(code: str | None, error_type: str) -> bool:
+    return code in SPEND_LIMIT_CODES or error_type in SPEND_LIMIT_CODES
 
 
 def _classify(
@@ -412,6 +433,7 @@ def _classify(
     code: str | None,
     *,
     job_id: str,
+    error_type: str = "",
     retry_after_s: float | None = None,
     should_retry: str = "",
     rate_limit: RateLimitHeaders | None = None,
@@ -425,7 +447,7 @@ def _classify(
     message = redact(message)
     if status in (401, 403):
         return RunStoppedError(message, **kwargs)
-    if status == 429 and code in SPEND_LIMIT_CODES:
+    if status == 429 and _spend_limit(code, error_type):
         return RunStoppedError(message, **kwargs)
     if should_retry == "true" or (
         should_retry != "false" and (status in (408, 409, 429) or status >= 500)

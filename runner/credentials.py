@@ -7,13 +7,15 @@ key                           base URL it is sent to (first that is set)
 ============================  ========================================================
 ``IMAGE_RUNNER_API_KEY``      ``--base-url``, ``IMAGE_RUNNER_BASE_URL``, the default
                               provider (:data:`~runner.client.DEFAULT_BASE_URL`)
-``OPENAI_API_KEY`` (alone)    ``--base-url``, ``IMAGE_RUNNER_BASE_URL``,
-                              ``OPENAI_BASE_URL``; never the default provider
+``OPENAI_API_KEY`` (alone)    ``--base-url``, ``OPENAI_BASE_URL``,
+                              ``IMAGE_RUNNER_BASE_URL``; never the default provider
 ============================  ========================================================
 
 ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` are the official SDK's pair: an OpenAI key is not
-handed to the default provider, a third party, unless the user names a base URL. Conversely
-``IMAGE_RUNNER_API_KEY`` never follows ``OPENAI_BASE_URL``, which may be set for other tools.
+handed to the default provider, a third party, unless the user names a base URL; and when
+``OPENAI_BASE_URL`` names one, the key goes there, not to ``IMAGE_RUNNER_BASE_URL``, which names
+the URL of the runner's own key. Likewise ``IMAGE_RUNNER_API_KEY`` never follows
+``OPENAI_BASE_URL``, which may be set for other tools.
 ``IMAGE_RUNNER_API_KEY`` wins when both keys are set; an empty variable counts as unset.
 """
 
@@ -46,7 +48,7 @@ def resolve_credentials(
     explicit_url = base_url or environ.get(RUNNER_URL) or None
     if environ.get(RUNNER_KEY):
         return _checked(explicit_url or client.DEFAULT_BASE_URL, environ[RUNNER_KEY], RUNNER_KEY)
-    paired_url = explicit_url or environ.get(OPENAI_URL) or None
+    paired_url = base_url or environ.get(OPENAI_URL) or environ.get(RUNNER_URL) or None
     if environ.get(OPENAI_KEY) and paired_url:
         return _checked(paired_url, environ[OPENAI_KEY], OPENAI_KEY)
     if not key_required:

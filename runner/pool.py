@@ -56,6 +56,10 @@ from runner.store import Outcome, Store
 
 log = logging.getLogger(__name__)
 
+# url answers in a row whose image could not be fetched, none fetched between them, that stop
+# the run: one is a CDN's bad moment (its job is made again), three are a CDN out of reach.
+UNFETCHED_IN_A_ROW_STOP = 3
+
 
 class ImageSource(Protocol):
     async def create(self, job: Job, folder: Path) -> ImageResult:
@@ -156,6 +160,7 @@ class Pool:
         # Whether the API has answered anything but 404/405 in this run: until it has, a 404 is
         # taken for a wrong base URL, which stops the run instead of failing every job.
         self._endpoint_found = False
+        self._unfetched_in_a_row = 0  # url answers whose image never came, since one did
         self._stop_event = asyncio.Event()
         self._budget_settled = asyncio.Event()
         self._result = PoolResult(Progress())
@@ -205,7 +210,10 @@ class Pool:
         finally:
             for task in tasks:
                 task.cancel()
-            self._savers.shutdown(wait=False)
+            # A save under way ends before the run's books are written and its lock released,
+            # or its image could land after them, under another run; one not yet begun never
+            # does (its attempt, left in flight, is a possible charge).
+            await asyncio.to_thread(self._savers.shutdown, wait=True, cancel_futures=True)
         return self.result()
 
     def result(self) -> PoolResult:
@@ -292,6 +300,8 @@ class Pool:
         try:
             result = await self._fetch(job)
             answered = self._endpoint_found = True
+            if job.response_format == "url":
+                self._unfetched_in_a_row = 0
             c.in_flight -= 1
             slot.give_back()  # the answer is in: the next request may go
             loop = asyncio.get_running_loop()
@@ -414,7 +424,8 @@ class Pool:
         other answer shows the endpoint exists; after it, a 404 is the job's own failure."""
         if error.status is None:
             return None
-        if error.status not in (404, 405) or self._endpoint_found:
+        # A 404 that names its error (model_not_found) came from the API: the endpoint exists.
+        if error.status not in (404, 405) or error.code is not None or self._endpoint_found:
             self._endpoint_found = True
             return None
         message = f"the API answered HTTP {error.status} ({error.message}): wrong base URL?"
@@ -456,16 +467,9 @@ class Pool:
         provider_up = limited or error.billing == "confirmed"
         provider_up = provider_up or not isinstance(error, RetryableError)
         self.breaker.record(provider_up=provider_up, probe=probe)
-        outcome = Outcome(error.billing, cost, error=error.describe())
-        retry_later = self._failure_verdict(error, tries)
-        tries.failed = retry_later is not None
-        if retry_later is None:
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
-        else:
-            final = retry_later
-            await self.store.write(
-                lambda s: s.record_failure(job.id, attempt, outcome, error, retry_later=final)
-            )
+        self._watch_cdn(error)
+        # Counted before the write: a checkpoint that refuses it must not hide a charge from
+        # this run's summary.
         c = self._counters
         c.last_error = (error.cause, error.message)
         if error.billing == "confirmed":
@@ -479,6 +483,31 @@ class Pool:
                 cost / MICRO,
                 error.message,
                 extra={"job_id": job.id, "attempt": attempt, "billing": "possible"},
+            )
+        outcome = Outcome(error.billing, cost, error=error.describe())
+        retry_later = self._failure_verdict(error, tries)
+        tries.failed = retry_later is not None
+        if retry_later is None:
+            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+        else:
+            final = retry_later
+            await self.store.write(
+                lambda s: s.record_failure(job.id, attempt, outcome, error, retry_later=final)
+            )
+
+    def _watch_cdn(self, error: ApiError) -> None:
+        """Stop the run when url images keep failing to download: each failure was a billed
+        generation, and a CDN this machine cannot reach (a firewall, a dead host) would have
+        every job pay ``max_attempts`` times, run after run, for nothing."""
+        if not isinstance(error, UnfetchedImageError):
+            return
+        self._unfetched_in_a_row += 1
+        if self._unfetched_in_a_row >= UNFETCHED_IN_A_ROW_STOP and not self.stopping:
+            self._result.stop_error = error
+            self.stop(
+                f"{self._unfetched_in_a_row} url images in a row could not be downloaded "
+                f"(each a billed generation; last: {error.message}): is the image CDN "
+                "reachable from here? (response_format: b64_json in the manifest avoids it)"
             )
 
     def _save(self, job: Job, tmp: Path) -> tuple[ImageInfo, str, str]:

@@ -164,8 +164,10 @@ class Run:
             if isinstance(failure, RunnerError) and self._requests_sent():
                 # Too late for "nothing was sent": the run ends here, as on a stop.
                 self._fatal, failure = str(failure), None
-            reason = self._ending_reason()
-            ledger, books_error = await self._write_books(store, run_id, reason or "finished")
+            # A run that broke before sending anything is recorded with its error, not as
+            # finished: `status` must not report a clean night.
+            outcome = self._ending_reason() or (str(failure) if failure else "finished")
+            ledger, books_error = await self._write_books(store, run_id, outcome)
         finally:
             _close(store)
         if failure is not None:

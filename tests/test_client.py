@@ -82,6 +82,7 @@ async def server() -> AsyncIterator[FaultServer]:
     app.router.add_get("/huge", fault.cdn(b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000))
     app.router.add_get("/slow", fault.cdn(png(), delay_s=2.0))
     app.router.add_get("/gone", fault.cdn(b"expired", status=404))
+    app.router.add_get("/html", fault.cdn(b"<html>Service busy</html>"))
     flaky = fault.cdn(png())
 
     async def flaky_twice(request: web.Request) -> web.StreamResponse:
@@ -151,7 +152,9 @@ async def test_unsafe_or_failed_url_downloads_are_confirmed_charges(
     assert files_in(tmp_path) == []  # the temp file is gone
 
 
-@pytest.mark.parametrize(("path", "tries"), [("/gone", 3), ("/slow", 3), ("/huge", 1)])
+@pytest.mark.parametrize(
+    ("path", "tries"), [("/gone", 3), ("/slow", 3), ("/html", 3), ("/huge", 1)]
+)
 async def test_a_failed_download_is_retried_as_a_download(
     server: FaultServer, tmp_path: Path, path: str, tries: int
 ) -> None:
@@ -224,6 +227,34 @@ async def test_error_bodies_in_chunks_and_errors_inside_a_200_are_sorted_by_code
     if status == 200:
         assert "inside a 200" in info.value.message
     assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "expected"),
+    [
+        (200, {"code": 502, "message": "bad gateway upstream"}, ServerError),
+        (200, {"code": "429"}, ServerError),
+        (200, {"message": "upstream timeout"}, ServerError),
+        (200, {"code": "x", "type": "insufficient_quota"}, RunStoppedError),
+        (429, {"code": "x", "type": "insufficient_quota"}, RunStoppedError),
+        (200, {"code": "model_not_found"}, JobFailedError),
+    ],
+)
+async def test_error_objects_are_sorted_by_numeric_codes_and_types_too(
+    tmp_path: Path, status: int, error: dict[str, object], expected: type[ApiError]
+) -> None:
+    """A gateway's numeric code is a status; a spend limit named by the type alone still
+    stops the run; an error that names nothing known is retried, never failed for good."""
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", chunked(status, {"error": error}))
+    async with (
+        serve_app(app) as base,
+        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
+    ):
+        with pytest.raises(ApiError) as info:
+            await c.create(job(), tmp_path)
+    assert type(info.value) is expected
+    assert info.value.billing == "none"
 
 
 async def test_a_200_with_empty_data_is_a_possible_charge_that_says_so(tmp_path: Path) -> None:

@@ -34,15 +34,15 @@ RK, OK = "IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY"
             None,
             Credentials(DEFAULT_BASE_URL, "kr", RK),
         ),
-        # OPENAI_API_KEY: --base-url > IMAGE_RUNNER_BASE_URL > OPENAI_BASE_URL, never the default
+        # OPENAI_API_KEY: --base-url > OPENAI_BASE_URL > IMAGE_RUNNER_BASE_URL, never the default
         ({OK: "ko", "OPENAI_BASE_URL": OPENAI_URL}, None, Credentials(OPENAI_URL, "ko", OK)),
         ({OK: "ko"}, FLAG, Credentials(FLAG, "ko", OK)),
         ({OK: "ko", "OPENAI_BASE_URL": OPENAI_URL}, FLAG, Credentials(FLAG, "ko", OK)),
         ({OK: "ko", "IMAGE_RUNNER_BASE_URL": RUNNER_URL}, None, Credentials(RUNNER_URL, "ko", OK)),
-        (
+        (  # the OpenAI key goes to its own base URL, not to the runner's
             {OK: "ko", "IMAGE_RUNNER_BASE_URL": RUNNER_URL, "OPENAI_BASE_URL": OPENAI_URL},
             None,
-            Credentials(RUNNER_URL, "ko", OK),
+            Credentials(OPENAI_URL, "ko", OK),
         ),
         # an empty variable counts as unset
         (

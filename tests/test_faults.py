@@ -396,7 +396,11 @@ async def test_a_base_url_that_answers_404_stops_the_run_and_fails_no_job(
     assert report.ledger.totals.succeeded == 5
 
 
-async def test_a_404_after_the_api_answered_fails_only_its_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("first", ["good", "gone"])
+async def test_a_404_that_names_its_error_fails_only_its_job(tmp_path: Path, first: str) -> None:
+    """``model_not_found`` comes from the API: the endpoint exists, whether or not another
+    answer came before it."""
+
     async def generate(request: web.Request) -> web.Response:
         if "missing" in (await request.json())["prompt"]:
             error = {"message": "The model does not exist", "code": "model_not_found"}
@@ -409,6 +413,7 @@ async def test_a_404_after_the_api_answered_fails_only_its_job(tmp_path: Path) -
         {"id": "good", "prompt": "good", "size": "1280x544", "response_format": "b64_json"},
         {"id": "gone", "prompt": "missing", "size": "1280x544", "response_format": "b64_json"},
     ]
+    jobs.sort(key=lambda job: job["id"] != first)
     out = tmp_path / "out"
     async with serve_app(app) as base:
         report = await run_manifest(
@@ -432,3 +437,23 @@ def png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (1280, 544), "teal").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+async def test_a_cdn_out_of_reach_stops_the_run_after_three_billed_generations(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """Each url answer whose image cannot be fetched was billed: three in a row, none fetched
+    between them, stop the run instead of paying ``max_attempts`` times a job, every run."""
+    dead = ",".join(["cdn_dead"] * 10)
+    jobs = [
+        {"id": f"j{i}", "prompt": f"p{i} [[faults:{dead}]]", "response_format": "url"}
+        for i in range(4)
+    ]
+    out = tmp_path / "out"
+    report = await run_manifest(
+        write_manifest(tmp_path, jobs), out, emulator.base_url, concurrency=1
+    )
+    assert len(emulator.requests) == 3
+    assert report.stop_reason is not None and "could not be downloaded" in report.stop_reason
+    assert report.ledger.totals.pending == 4 and report.ledger.totals.failed == 0
+    assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.09

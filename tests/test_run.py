@@ -327,6 +327,9 @@ async def test_an_unreadable_finished_image_stops_instead_of_paying_again(
     with pytest.raises(StoreError, match="cannot read"):
         await run_manifest(manifest, out, emulator.base_url)
     assert len(emulator.requests) == 1
+    # Recorded with its error, not as a finished run.
+    [(outcome,)] = db_rows(out, "SELECT outcome FROM runs WHERE run_id = 2")
+    assert "cannot read" in outcome
 
 
 async def test_an_id_with_tmp_in_it_is_paid_for_once(tmp_path: Path, emulator: Emulator) -> None:
