@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunnerError as exc:
         _err(f"error: {exc}")
         return EXIT_INVALID
+    except KeyboardInterrupt:  # before a run's own handlers: reading a large manifest, say
+        _err("interrupted; nothing was sent")
+        return EXIT_STOPPED
     return code
 
 
@@ -287,8 +290,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         report = asyncio.run(_run(jobs, options, args))
-    except KeyboardInterrupt:  # a Ctrl-C after the run's own handlers were gone
-        _err("interrupted; rerun the same command to resume")
+    except KeyboardInterrupt:  # a Ctrl-C after the run's own handlers were gone (or a dry run's)
+        _err("interrupted" + ("" if args.dry_run else "; rerun the same command to resume"))
         return EXIT_STOPPED
     if args.dry_run:
         _print_plan(report, args.manifest, out_dir, args.max_cost)

@@ -144,7 +144,7 @@ class Run:
         :class:`~runner.errors.StoreError`, a bug). Cancelling it stops the run at once; the
         cancel is passed on once the books are written."""
         if self.options.dry_run:
-            return self._plan_only()
+            return await self._plan_only()
         store = Store.open(self.options.out_dir)
         ending = asyncio.ensure_future(self._run_and_book(store))
         return await _to_the_end(ending, on_cancel=self._stop_at_once)
@@ -207,7 +207,7 @@ class Run:
             if self._stop_reason is None:  # else stopped while the client opened
                 await self._pool.run(plan.todo)
 
-    async def _plan_in_thread(self, store: Store) -> Plan | None:
+    async def _plan_in_thread(self, store: Store, *, dry_run: bool = False) -> Plan | None:
         """The plan, made in a worker thread so that the event loop, and a stop with it, is
         heard while a large manifest is planned; None if a stop came first. The thread uses
         the store: a cancel waits for it to end (at its next job) before it is passed on."""
@@ -217,6 +217,7 @@ class Run:
             store,
             retry_failed=self.options.retry_failed,
             only=self.options.retry_only,
+            dry_run=dry_run,
         )
         planning = asyncio.get_running_loop().run_in_executor(None, plan)
         try:
@@ -261,18 +262,16 @@ class Run:
             await asyncio.to_thread(self._write_report, store)
         return ledger, books_error
 
-    def _plan_only(self) -> RunReport:
+    async def _plan_only(self) -> RunReport:
         """A dry run: the plan, read without the folder's lock (a live run goes on) and
-        without writing anything, a ``runs`` row included: the folder's history is of runs."""
+        without writing anything, a ``runs`` row included: the folder's history is of runs.
+        Planned in a thread as a run's plan is, so that a stop (or a cancel: Ctrl-C) ends a
+        large one at once."""
         started = time.monotonic()
         with Store.open_for_dry_run(self.options.out_dir) as store:
-            plan = make_plan(
-                self.jobs,
-                store,
-                retry_failed=self.options.retry_failed,
-                only=self.options.retry_only,
-                dry_run=True,
-            )
+            plan = await self._plan_in_thread(store, dry_run=True)
+        if plan is None:
+            return RunReport(Plan(todo=[]), None, None, time.monotonic() - started, "stopped")
         self._on_plan(plan)
         return RunReport(plan, None, None, time.monotonic() - started)
 

@@ -240,7 +240,8 @@ class Store:
         """
         path = folder / DB_NAME
         if not path.is_file():
-            db = sqlite3.connect(":memory:", isolation_level=None)
+            # Planning reads it from a worker thread (one at a time), as it does a run's.
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             _migrate(db)
             return cls(db, None, folder)
@@ -705,7 +706,9 @@ def _connect_for_reading(path: Path, mode: str) -> sqlite3.Connection:
     """Open the checkpoint at ``path`` with the URI parameters ``mode``, for reading; one
     written by another version is refused with a message saying which way to go."""
     try:
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, isolation_level=None)
+        # Not same-thread: a dry run plans from a worker thread, one thread at a time.
+        uri = f"{path.absolute().as_uri()}?{mode}"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
     try:

@@ -7,7 +7,10 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 import pandas as pd
 import pytest
@@ -502,3 +505,47 @@ async def test_a_cancelled_run_writes_its_books_then_passes_the_cancel_on(
     assert list(ledger["billing"]) == ["possible", "possible"]  # the two dropped in flight
     assert len(pd.read_csv(out / "results.csv")) == 4
     Store.open(out).close()  # the folder is free again
+
+
+class _ManyJobs(Sequence[Job]):
+    """A large manifest, made as it is read; ``read`` is set once planning starts reading it."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.read = threading.Event()
+
+    def __len__(self) -> int:
+        return self.count
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | Sequence[Job]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        return Job(f"j{index}", f"p{index}", "gpt-image-2-vip", "1280x544", "b64_json",
+                   content_hash=f"{index:064x}")  # fmt: skip
+
+    def __iter__(self) -> Iterator[Job]:
+        self.read.set()
+        for index in range(self.count):
+            yield self[index]
+
+
+async def test_a_dry_run_of_a_large_manifest_is_stopped_at_once(tmp_path: Path) -> None:
+    """Ctrl-C cancels the dry run's task: planning, in a thread, ends at its next job; a dry
+    run planned on the event loop would only hear it once the whole plan was made."""
+    out = tmp_path / "out"
+    jobs = _ManyJobs(2_000_000)
+    plans: list[object] = []
+    opts = dataclasses.replace(options(out, "http://127.0.0.1:9/v1"), dry_run=True)
+    task = asyncio.create_task(Run(jobs, opts, on_plan=plans.append).execute())
+    assert await asyncio.to_thread(jobs.read.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert plans == []
+    assert not out.exists()
