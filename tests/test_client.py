@@ -192,6 +192,19 @@ def chunked(status: int, body: dict[str, object]) -> Callable[[web.Request], Awa
     return handler
 
 
+async def chunked_answer_error(status: int, body: dict[str, object], tmp_path: Path) -> ApiError:
+    """The error ``create()`` raises against a server that answers ``body`` in chunks."""
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", chunked(status, body))
+    async with (
+        serve_app(app) as base,
+        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
+    ):
+        with pytest.raises(ApiError) as info:
+            await c.create(job(), tmp_path)
+    return info.value
+
+
 def error_body(code: str, type_: str = "invalid_request_error") -> dict[str, object]:
     message = "A long enough message, so that the code comes in the last chunk of three."
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
@@ -214,18 +227,11 @@ def error_body(code: str, type_: str = "invalid_request_error") -> dict[str, obj
 async def test_error_bodies_in_chunks_and_errors_inside_a_200_are_sorted_by_code(
     tmp_path: Path, status: int, code: str, expected: type[ApiError]
 ) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", chunked(status, error_body(code)))
-    async with (
-        serve_app(app) as base,
-        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
-    ):
-        with pytest.raises(ApiError) as info:
-            await c.create(job(), tmp_path)
-    assert type(info.value) is expected
-    assert info.value.code == code and info.value.billing == "none"
+    error = await chunked_answer_error(status, error_body(code), tmp_path)
+    assert type(error) is expected
+    assert error.code == code and error.billing == "none"
     if status == 200:
-        assert "inside a 200" in info.value.message
+        assert "inside a 200" in error.message
     assert files_in(tmp_path) == []
 
 
@@ -245,28 +251,15 @@ async def test_error_objects_are_sorted_by_numeric_codes_and_types_too(
 ) -> None:
     """A gateway's numeric code is a status; a spend limit named by the type alone still
     stops the run; an error that names nothing known is retried, never failed for good."""
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", chunked(status, {"error": error}))
-    async with (
-        serve_app(app) as base,
-        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
-    ):
-        with pytest.raises(ApiError) as info:
-            await c.create(job(), tmp_path)
-    assert type(info.value) is expected
-    assert info.value.billing == "none"
+    raised = await chunked_answer_error(status, {"error": error}, tmp_path)
+    assert type(raised) is expected
+    assert raised.billing == "none"
 
 
 async def test_a_200_with_empty_data_is_a_possible_charge_that_says_so(tmp_path: Path) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", chunked(200, {"created": 1, "data": []}))
-    async with (
-        serve_app(app) as base,
-        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
-    ):
-        with pytest.raises(AmbiguousError, match="empty data list") as info:
-            await c.create(job(), tmp_path)
-    assert info.value.billing == "possible"
+    error = await chunked_answer_error(200, {"created": 1, "data": []}, tmp_path)
+    assert isinstance(error, AmbiguousError) and "empty data list" in error.message
+    assert error.billing == "possible"
 
 
 async def test_a_dead_host_says_where_it_could_not_connect(tmp_path: Path) -> None:
