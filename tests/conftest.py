@@ -17,11 +17,11 @@ import yaml
 from aiohttp import web
 from PIL import Image
 
-from runner.client import ClientConfig
+from runner.core.lifecycle import Run, RunOptions, RunReport
+from runner.core.retry import RetryConfig
 from runner.emulator import Emulator, EmulatorConfig
-from runner.manifest import load_manifest
-from runner.retry import RetryConfig
-from runner.run import Run, RunOptions, RunReport
+from runner.http.client import ClientConfig
+from runner.manifest.load import load_manifest
 
 TEST_KEY = "sk-test-0123456789abcdef"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.api import SIZES
-from runner.images import inspect_image
+from runner.images.files import inspect_image
+from runner.provider import SIZES
 from tests.conftest import MakeEmulator, make_ref, run_manifest, write_manifest
 
 JOBS = 200

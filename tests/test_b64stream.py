@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from runner import b64stream
-from runner.b64stream import B64JsonScanner, B64StreamError
+from runner.http import b64stream
+from runner.http.b64stream import B64JsonScanner, B64StreamError
 from tests.conftest import db_rows, run_manifest, serve_app, write_manifest
 
 RAW = bytes(range(256)) * 3 + b"\xff\xfe"  # every byte value, and "/" and "+" in the base64
@@ -277,7 +277,7 @@ def test_the_skeleton_is_capped_and_long_strings_count() -> None:
 
 def python_lines_run(body: bytes, chunk_bytes: int) -> tuple[bytes, int]:
     """Feed ``body`` a chunk at a time; return the image and how many lines of
-    :mod:`runner.b64stream` ran, as traced by :func:`sys.settrace`."""
+    :mod:`runner.http.b64stream` ran, as traced by :func:`sys.settrace`."""
     lines = 0
 
     def trace(frame: FrameType, event: str, arg: object) -> Any:

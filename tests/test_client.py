@@ -20,7 +20,6 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from runner.client import ClientConfig, ImageResult, ImagesClient, Usage
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -31,7 +30,8 @@ from runner.errors import (
     ServerError,
     UnfetchedImageError,
 )
-from runner.images import ImageInvalid, inspect_image, is_temp_name
+from runner.http.client import ClientConfig, ImageResult, ImagesClient, Usage
+from runner.images.files import ImageInvalid, inspect_image, is_temp_name
 from runner.jobs import Job
 from tests.conftest import TEST_KEY, closed_port_url, serve_app
 

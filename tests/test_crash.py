@@ -2,8 +2,8 @@
 rerun until it finishes, then check the books against the emulator's own billing record.
 
 ``kill -9`` does not lose the page cache, so this tests process crashes, not power loss (see
-RELIABILITY.md); the fsync discipline for power loss is in :func:`runner.images.write_atomic`
-and the SQLite settings of :mod:`runner.store`.
+RELIABILITY.md); the fsync discipline for power loss is in :func:`runner.images.files.write_atomic`
+and the SQLite settings of :mod:`runner.store.sqlite`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.api import SIZES
 from runner.emulator import EmulatorConfig, EmulatorThread, RequestRecord
-from runner.images import inspect_image, is_temp_name
+from runner.images.files import inspect_image, is_temp_name
+from runner.provider import SIZES
 from tests.conftest import db_rows, make_ref, write_manifest
 from tests.test_cli import cli, env
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner.client import DEFAULT_BASE_URL
-from runner.credentials import Credentials, resolve_credentials
 from runner.errors import CredentialsError, RunnerError
+from runner.http.client import DEFAULT_BASE_URL
+from runner.http.credentials import Credentials, resolve_credentials
 
 FLAG = "https://flag.example/v1"
 RUNNER_URL = "https://runner-url.example/v1"

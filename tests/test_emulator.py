@@ -23,7 +23,6 @@ import openai
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from runner.api import PRICE_PER_IMAGE_USD, SPEND_LIMIT_CODES
 from runner.emulator import (
     BILLED_FAULTS,
     FAULT_KINDS,
@@ -33,6 +32,7 @@ from runner.emulator import (
     EmulatorThread,
 )
 from runner.emulator.bucket import TokenBucket, format_duration
+from runner.provider import PRICE_PER_IMAGE_USD, SPEND_LIMIT_CODES
 from tests.conftest import MakeEmulator
 
 MODEL = "gpt-image-2-vip"

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import runner.export
+import runner.outputs.export
 from runner.emulator import Emulator
 from runner.errors import RunnerError, StoreError
-from runner.export import export_dataset
-from runner.images import is_temp_name
-from runner.store import Store
+from runner.images.files import is_temp_name
+from runner.outputs.export import export_dataset
+from runner.store.sqlite import Store
 from tests.conftest import make_ref, run_manifest, write_manifest
 from tests.test_cli import run_cli
 
@@ -63,7 +63,9 @@ def hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return datasets
 
 
-def export(out: Path, dest: Path, fmt: runner.export.ExportFormat) -> runner.export.ExportResult:
+def export(
+    out: Path, dest: Path, fmt: runner.outputs.export.ExportFormat
+) -> runner.outputs.export.ExportResult:
     store = Store.open_read_only(out)
     try:
         return export_dataset(store, dest, fmt)
@@ -129,7 +131,7 @@ def test_imagefolder_loads_as_a_train_split(out: Path, tmp_path: Path, hf: Modul
 def test_parquet_loads_with_datasets_and_pandas(
     out: Path, tmp_path: Path, hf: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner.export, "ROW_GROUP_IMAGES", 3)
+    monkeypatch.setattr(runner.outputs.export, "ROW_GROUP_IMAGES", 3)
     dest = tmp_path / "exports" / "nested" / "images.parquet"
     result = export(out, dest, "parquet")
     assert (result.images, result.skipped, result.dest) == (4, 0, dest)
@@ -141,7 +143,7 @@ def test_parquet_loads_with_datasets_and_pandas(
     check_rows(list(train), out)
 
     frame = pd.read_parquet(dest)
-    assert list(frame.columns) == ["image", *runner.export.METADATA_COLUMNS]
+    assert list(frame.columns) == ["image", *runner.outputs.export.METADATA_COLUMNS]
     first = frame.iloc[0]
     assert first["image"]["path"] == first["file_name"] == "wide.png"
     with Image.open(io.BytesIO(first["image"]["bytes"])) as image:

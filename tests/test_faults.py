@@ -14,15 +14,15 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from runner.client import ClientConfig, ImageResult, ImagesClient
+from runner.core.lifecycle import Run, RunReport
+from runner.core.pool import Pool
+from runner.core.retry import RetryConfig
 from runner.emulator import Emulator
-from runner.images import is_temp_name, temp_path_for
+from runner.http.client import ClientConfig, ImageResult, ImagesClient
+from runner.images.files import is_temp_name, temp_path_for
 from runner.jobs import Job
-from runner.manifest import load_manifest
-from runner.pool import Pool
-from runner.retry import RetryConfig
-from runner.run import Run, RunReport
-from runner.store import Store
+from runner.manifest.load import load_manifest
+from runner.store.sqlite import Store
 from tests.conftest import (
     TEST_KEY,
     MakeEmulator,

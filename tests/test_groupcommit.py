@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.groupcommit import GroupCommit
+from runner.store.groupcommit import GroupCommit
 
 
 def open_db(path: Path) -> sqlite3.Connection:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from runner.images import (
+from runner.images.files import (
     MAX_FULL_DECODES,
     ImageInvalid,
     WrongSize,

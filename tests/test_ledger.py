@@ -1,4 +1,5 @@
-"""runner.ledger: results and ledger written a batch at a time, read back as pandas wrote them."""
+"""runner.outputs.ledger: results and ledger written a batch at a time, read back as pandas
+wrote them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner import ledger as ledger_module
 from runner.errors import JobFailedError, ServerError
-from runner.images import is_temp_name
+from runner.images.files import is_temp_name
 from runner.jobs import Job
-from runner.ledger import RESULTS_COLUMNS, write_ledger
-from runner.store import Outcome, Store
+from runner.outputs import ledger as ledger_module
+from runner.outputs.ledger import RESULTS_COLUMNS, write_ledger
+from runner.store.sqlite import Outcome, Store
 
 
 def job(job_id: str, prompt: str = "a picture", images: tuple[Path, ...] = ()) -> Job:

@@ -10,9 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner.limits import BreakerConfig, Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
-from runner.manifest import load_manifest
-from runner.run import Run
+from runner.core.admission import (
+    BreakerConfig,
+    Budget,
+    BudgetExhausted,
+    CircuitBreaker,
+    OutageTooLong,
+)
+from runner.core.lifecycle import Run
+from runner.manifest.load import load_manifest
 from tests.conftest import MakeEmulator, options, write_manifest
 
 

@@ -47,7 +47,7 @@ def format_one(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def make_record(message: str, *args: object, **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("runner.pool", logging.INFO, __file__, 1, message, args, None)
+    record = logging.LogRecord("runner.core.pool", logging.INFO, __file__, 1, message, args, None)
     record.__dict__.update(extra)
     return record
 
@@ -58,7 +58,7 @@ def test_json_line_has_utc_timestamp_level_logger_message_and_extra_fields() -> 
     )
     entry = format_one(record)
     assert entry["level"] == "INFO"
-    assert entry["logger"] == "runner.pool"
+    assert entry["logger"] == "runner.core.pool"
     assert entry["message"] == "job j1: retrying in 0.50 s"
     assert (entry["job_id"], entry["attempt"], entry["delay_s"]) == ("j1", 2, 0.5)
     ts = datetime.fromisoformat(entry["ts"])
@@ -97,7 +97,7 @@ def test_a_library_users_own_handler_never_sees_the_key() -> None:
     collect.emit = lambda record, emit=collect.emit: (seen.append(record), emit(record))  # type: ignore[method-assign]
     root = logging.getLogger()
     root.addHandler(collect)
-    child = logging.getLogger("runner.pool.deep")  # a child of a child: no filter of its own
+    child = logging.getLogger("runner.core.pool.deep")  # a child of a child: no filter of its own
     level = child.level
     child.setLevel(logging.DEBUG)
     try:
@@ -127,8 +127,8 @@ def test_with_no_logging_configured_warnings_still_reach_stderr_once_and_masked(
         "import runner\n"
         "from runner.redact import register_secret\n"
         "register_secret(sys.argv[1])\n"
-        "logging.getLogger('runner.pool').warning('refused key %s', sys.argv[1])\n"
-        "logging.getLogger('runner.pool').info('not shown: below the last resort level')\n"
+        "logging.getLogger('runner.core.pool').warning('refused key %s', sys.argv[1])\n"
+        "logging.getLogger('runner.core.pool').info('not shown: below the last resort level')\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, CANARY],
@@ -149,7 +149,7 @@ def test_verbosity_sets_the_runner_level_and_stderr(
     restore_logging: None, verbosity: int, stderr_level: int, enabled: int
 ) -> None:
     setup_logging(verbosity)
-    child = logging.getLogger("runner.pool")
+    child = logging.getLogger("runner.core.pool")
     assert child.isEnabledFor(enabled)
     assert not child.isEnabledFor(enabled - 1)
     stderr = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is sys.stderr]
@@ -161,10 +161,10 @@ def test_log_file_gets_info_even_without_v_and_is_private(
 ) -> None:
     path = tmp_path / "run.log"
     setup_logging(0, path)
-    logging.getLogger("runner.pool").info("one", extra={"job_id": "a"})
+    logging.getLogger("runner.core.pool").info("one", extra={"job_id": "a"})
     setup_logging(0, path)  # a second setup replaces the handlers and appends to the file
-    logging.getLogger("runner.pool").info("two")
-    logging.getLogger("runner.pool").debug("not at this level")
+    logging.getLogger("runner.core.pool").info("two")
+    logging.getLogger("runner.core.pool").debug("not at this level")
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["message"] for e in entries] == ["one", "two"]
     assert entries[0]["job_id"] == "a"

@@ -21,12 +21,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from runner import manifest as manifest_module
-from runner import spool as spool_module
-from runner.api import REFERENCE_MAX_BYTES
 from runner.errors import ManifestError, ManifestIssue
 from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
-from runner.manifest import YAML_MAX_BYTES, load_manifest
+from runner.manifest import load as manifest_module
+from runner.manifest import spool as spool_module
+from runner.manifest.load import YAML_MAX_BYTES, load_manifest
+from runner.provider import REFERENCE_MAX_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = REPO / "jobs"
@@ -396,7 +396,7 @@ def test_size_hint_only_when_it_is_the_case_or_the_cross(tmp_path: Path) -> None
 
 
 def test_every_one_of_the_30_sizes_is_accepted(tmp_path: Path) -> None:
-    from runner.api import SIZES
+    from runner.provider import SIZES
 
     path = write_yaml_doc(
         tmp_path / "m.yaml", {"jobs": [{"prompt": "a cat", "size": s} for s in SIZES]}
@@ -1272,7 +1272,7 @@ def test_a_big_csv_is_streamed_and_every_problem_still_reported(tmp_path: Path) 
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from runner.cli import main\n"
+        "from runner.cli.main import main\n"
         "code = main(['validate', sys.argv[1]])\n"
         "status = Path('/proc/self/status')\n"
         "peak = [l for l in status.read_text().splitlines() if l.startswith('VmHWM')]\n"

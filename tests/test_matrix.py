@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from runner.errors import ManifestError
-from runner.manifest import load_manifest
+from runner.manifest.load import load_manifest
 from tests.conftest import write_manifest
 from tests.test_cli import run_cli
 

@@ -1,4 +1,4 @@
-"""runner.plan against a real checkpoint and real files, without a server: batches, the stat
+"""runner.core.plan against a real checkpoint and real files, without a server: batches, the stat
 check that spares re-hashing finished images, and what a rerun finds intact or not.
 
 Successes are recorded as the pool records them (an intent, the image written, the outcome), so
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner import plan as plan_module
+from runner.core import plan as plan_module
+from runner.core.plan import IMAGES_DIR, Plan, make_plan
 from runner.errors import JobFailedError, ServerError, StoreError
 from runner.jobs import Job, content_hash
-from runner.plan import IMAGES_DIR, Plan, make_plan
-from runner.store import Outcome, Store
+from runner.store.sqlite import Outcome, Store
 from tests.conftest import folder_state
 
 

@@ -20,8 +20,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image
 
-from runner.manifest import load_manifest
-from runner.ratelimit import (
+from runner.core.lifecycle import Run
+from runner.core.pacer import (
     Lane,
     PacerConfig,
     RateLimiter,
@@ -29,7 +29,7 @@ from runner.ratelimit import (
     parse_duration,
     rate_limit_headers,
 )
-from runner.run import Run
+from runner.manifest.load import load_manifest
 from tests.conftest import options, serve_app, write_manifest
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner import report
 from runner.emulator import Emulator, EmulatorConfig
-from runner.images import is_temp_name
-from runner.report import write_report
-from runner.store import Store
+from runner.images.files import is_temp_name
+from runner.outputs import report
+from runner.outputs.report import write_report
+from runner.store.sqlite import Store
 from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -10,7 +10,7 @@ from email.utils import format_datetime
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from runner.client import retry_after_from
+from runner.core.retry import RetryAfterTooLong, RetryConfig, backoff_s, make_retrying
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -19,7 +19,7 @@ from runner.errors import (
     RunStoppedError,
     ServerError,
 )
-from runner.retry import RetryAfterTooLong, RetryConfig, backoff_s, make_retrying
+from runner.http.client import retry_after_from
 
 
 async def run_with(errors: list[ApiError], config: RetryConfig) -> tuple[int, list[float]]:

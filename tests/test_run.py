@@ -16,16 +16,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from runner.client import ImageResult, ImagesClient
+from runner.core.lifecycle import Run, RunReport
+from runner.core.pool import Pool
+from runner.core.retry import RetryConfig
 from runner.emulator import Emulator
 from runner.errors import OutputLockedError, StoreError
-from runner.images import is_temp_name, temp_path_for
+from runner.http.client import ImageResult, ImagesClient
+from runner.images.files import is_temp_name, temp_path_for
 from runner.jobs import Job
-from runner.manifest import load_manifest
-from runner.pool import Pool
-from runner.retry import RetryConfig
-from runner.run import Run, RunReport
-from runner.store import Store
+from runner.manifest.load import load_manifest
+from runner.store.sqlite import Store
 from tests.conftest import (
     MakeEmulator,
     db_exec,

@@ -1,4 +1,5 @@
-"""runner.spool: jobs packed in chunks, read back like a list, in memory or spilled to disk."""
+"""runner.manifest.spool: jobs packed in chunks, read back like a list, in memory or spilled
+to disk."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import spool as spool_module
 from runner.jobs import Job
-from runner.spool import JobSpool
+from runner.manifest import spool as spool_module
+from runner.manifest.spool import JobSpool
 
 
 def job(n: int, images: tuple[Path, ...] = ()) -> Job:

@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from runner.core.lifecycle import Run
 from runner.emulator import Emulator, EmulatorConfig, EmulatorThread
-from runner.manifest import load_manifest
-from runner.run import Run
-from runner.status import RunStatus, format_status, read_status
-from runner.store import Store
+from runner.manifest.load import load_manifest
+from runner.outputs.status import RunStatus, format_status, read_status
+from runner.store.sqlite import Store
 from tests.conftest import db_rows, options, run_manifest, write_manifest
 from tests.test_cli import cli, env, run_cli
 

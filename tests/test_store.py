@@ -17,7 +17,7 @@ import pytest
 
 from runner.errors import StoreError, StoreWriteError
 from runner.jobs import Job, content_hash
-from runner.store import _MIGRATIONS, DB_NAME, LOCK_NAME, Store
+from runner.store.sqlite import _MIGRATIONS, DB_NAME, LOCK_NAME, Store
 
 
 def job(n: int) -> Job:

@@ -17,7 +17,10 @@ from typing import Final
 
 from aiohttp import BodyPartReader, web
 
-from runner.api import (
+from runner.emulator.errors import _ApiError
+from runner.emulator.faults import _parse_directive
+from runner.emulator.render import _closest_size, _edit_target, _image_dimensions
+from runner.provider import (
     AUTO_SIZE,
     DEFAULT_RESPONSE_FORMAT,
     MODELS,
@@ -27,9 +30,6 @@ from runner.api import (
     Endpoint,
     parse_size,
 )
-from runner.emulator.errors import _ApiError
-from runner.emulator.faults import _parse_directive
-from runner.emulator.render import _closest_size, _edit_target, _image_dimensions
 
 DEFAULT_GENERATION_SIZE: Final = "1280x1280"
 _IMAGE_PART_NAMES: Final = ("image", "image[]")

@@ -22,8 +22,8 @@ import re
 
 from PIL import Image, ImageDraw
 
-from runner.api import SIZES, parse_size, sniff_format
 from runner.emulator.errors import _ApiError
+from runner.provider import SIZES, parse_size, sniff_format
 
 _IMAGE_REF = re.compile(r"\bimage(\d+)\b", re.IGNORECASE)
 

@@ -30,7 +30,6 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 
-from runner.api import PRICE_PER_IMAGE_USD, Endpoint
 from runner.emulator.bucket import Admission, TokenBucket
 from runner.emulator.errors import _ApiError
 from runner.emulator.faults import (
@@ -43,6 +42,7 @@ from runner.emulator.faults import (
 )
 from runner.emulator.incoming import _check_auth, _Incoming, _Job, _read_body, _validate
 from runner.emulator.render import _colour, _noise_png_b64, _render_png, _size_label, _usage
+from runner.provider import PRICE_PER_IMAGE_USD, Endpoint
 
 logger = logging.getLogger(__name__)
 

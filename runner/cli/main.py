@@ -26,22 +26,22 @@ from typing import Never
 from tqdm import tqdm
 
 from runner import __version__
-from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
-from runner.client import DEFAULT_BASE_URL, ClientConfig
-from runner.credentials import Credentials, resolve_credentials
+from runner.core.admission import BreakerConfig, Budget
+from runner.core.lifecycle import Run, RunOptions, RunReport
+from runner.core.pacer import PacerConfig
+from runner.core.plan import Plan
+from runner.core.pool import Progress
+from runner.core.retry import RetryConfig
 from runner.emulator import DEFAULT_FAULT_MIX, FAULT_KINDS, Emulator, EmulatorConfig, serve
 from runner.errors import CredentialsError, ManifestError, RunnerError, StoreError
+from runner.http.client import DEFAULT_BASE_URL, ClientConfig
+from runner.http.credentials import Credentials, resolve_credentials
 from runner.jobs import Job
-from runner.limits import BreakerConfig, Budget
 from runner.logs import setup_logging
-from runner.manifest import load_manifest
-from runner.plan import Plan
-from runner.pool import Progress
-from runner.ratelimit import PacerConfig
+from runner.manifest.load import load_manifest
+from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
-from runner.retry import RetryConfig
-from runner.run import Run, RunOptions, RunReport
-from runner.store import Store
+from runner.store.sqlite import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 EMULATOR_KEY = "sk-emulator-local"
@@ -528,7 +528,7 @@ def _reading(out: Path) -> Iterator[Store]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from runner.report import write_report
+    from runner.outputs.report import write_report
 
     with _reading(args.out) as store:
         path = write_report(store)
@@ -537,7 +537,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from runner.status import format_status, read_status
+    from runner.outputs.status import format_status, read_status
 
     with _reading(args.out) as store:
         status = read_status(store)
@@ -546,7 +546,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from runner.export import export_dataset
+    from runner.outputs.export import export_dataset
 
     with _reading(args.out) as store:
         result = export_dataset(store, args.dest, args.format)

@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.errors import StoreError
-from runner.store import Store
+from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.store.sqlite import Store
 
 RunState = Literal["live", "finished", "interrupted", "never_run"]
 

@@ -14,7 +14,7 @@ Design, after the crash-safe recipe in RELIABILITY.md:
 - ``jobs`` holds one row per job ever planned here: its status, and for a success the image's
   path, size and sha256, committed only after the image file is durably in place, with the
   file's size, mtime and ctime at that moment: as in git's index, a later run re-hashes the
-  image only when they differ (see :mod:`runner.plan`).
+  image only when they differ (see :mod:`runner.core.plan`).
 - Several writes can share one transaction (:meth:`Store.transaction`), as planning does for
   thousands of jobs at a time: they commit together, durably, or not at all.
 - Schema changes are ordered migrations recorded in ``migrations``. Those a checkpoint lacks are
@@ -26,7 +26,7 @@ Design, after the crash-safe recipe in RELIABILITY.md:
   file) raises :class:`~runner.errors.StoreWriteError`: once intents cannot be recorded nothing
   more may be sent, so the run stops on it. The folder's lock and the database handle are
   released on every path out, a failed open included.
-- Two threads write: the event loop's and the group commit's (see :mod:`runner.groupcommit`).
+- Two threads write: the event loop's and the group commit's (see :mod:`runner.store.groupcommit`).
   One transaction at a time: the outermost block holds a lock until it ends, and nested blocks
   join only a transaction of their own thread.
 
@@ -48,12 +48,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from runner.api import PRICE_PER_IMAGE_MICRO_USD
 from runner.errors import ApiError, Billing, OutputLockedError, StoreError, StoreWriteError
-from runner.groupcommit import GroupCommit
-from runner.images import temp_path_for
+from runner.images.files import temp_path_for
 from runner.jobs import Job, JobStatus
+from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
+from runner.store.groupcommit import GroupCommit
 
 T = TypeVar("T")
 
@@ -309,7 +309,7 @@ class Store:
 
     async def write(self, change: Callable[[Store], T]) -> T:
         """Run ``change(self)``, which calls this class's write methods, in a group commit
-        with the writes of other workers (see :mod:`runner.groupcommit`); return its result
+        with the writes of other workers (see :mod:`runner.store.groupcommit`); return its result
         once it is durably committed. While such writes may be pending, use only this from
         the event loop, and :meth:`drain` before any other call. Raises
         :class:`StoreWriteError` when SQLite refuses the write."""

@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, overload
 
-from runner.api import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
 from runner.errors import StoreError
-from runner.images import (
+from runner.images.files import (
     ImageInvalid,
     find_image,
     inspect_image,
@@ -53,7 +52,8 @@ from runner.images import (
     sha256_file,
 )
 from runner.jobs import Job
-from runner.store import ImageStat, JobRecord, Store
+from runner.provider import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
+from runner.store.sqlite import ImageStat, JobRecord, Store
 
 IMAGES_DIR: Final = "images"
 REPLACED_DIR: Final = "replaced"

@@ -6,7 +6,7 @@ A key is a credential for one provider, so where it may be sent depends on where
 key                           base URL it is sent to (first that is set)
 ============================  ========================================================
 ``IMAGE_RUNNER_API_KEY``      ``--base-url``, ``IMAGE_RUNNER_BASE_URL``, the default
-                              provider (:data:`~runner.client.DEFAULT_BASE_URL`)
+                              provider (:data:`~runner.http.client.DEFAULT_BASE_URL`)
 ``OPENAI_API_KEY`` (alone)    ``--base-url``, ``OPENAI_BASE_URL``,
                               ``IMAGE_RUNNER_BASE_URL``; never the default provider
 ============================  ========================================================
@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runner import client
 from runner.errors import CredentialsError
+from runner.http import client
 
 RUNNER_KEY, OPENAI_KEY = "IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY"
 RUNNER_URL, OPENAI_URL = "IMAGE_RUNNER_BASE_URL", "OPENAI_BASE_URL"

@@ -11,9 +11,9 @@ the manifest's folder.
 Scale: a CSV manifest is read row by row, with no size limit; what it keeps in memory besides
 the current row is one small entry per id, to find duplicates. A YAML manifest is parsed whole
 (by libyaml), so it is limited to :data:`YAML_MAX_BYTES`. The validated jobs are packed into a
-:class:`~runner.spool.JobSpool`: :func:`load_manifest` returns a :class:`Manifest`, a read-only
-sequence of jobs that a run walks again (to plan, to send, to write the results) without a
-million objects in memory and without reading the file again.
+:class:`~runner.manifest.spool.JobSpool`: :func:`load_manifest` returns a
+:class:`Manifest`, a read-only sequence of jobs that a run walks again (to plan, to send, to
+write the results) without a million objects in memory and without reading the file again.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ from typing import Any, Final, NamedTuple
 
 import yaml
 
-from runner import matrix
-from runner.api import (
+from runner.errors import ManifestError, ManifestIssue
+from runner.images.files import ImageInvalid, inspect_image
+from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
+from runner.manifest import matrix
+from runner.manifest.spool import JobSpool, Packed
+from runner.provider import (
     AUTO_SIZE,
     DEFAULT_MODEL,
     MODELS,
@@ -38,10 +42,6 @@ from runner.api import (
     SIZE_SET,
     SIZES,
 )
-from runner.errors import ManifestError, ManifestIssue
-from runner.images import ImageInvalid, inspect_image
-from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
-from runner.spool import JobSpool, Packed
 
 JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images", "vars", "repeat")
 CSV_COLUMNS = ("id", "prompt", "size", "model", "response_format", "images", "repeat")

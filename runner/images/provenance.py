@@ -11,7 +11,7 @@ The metadata is added to the container without re-encoding the pixels:
 
 A 4K image is tens of MB, so the edit is worked out from a few headers read from the file
 (:func:`provenance_splices`) as a short list of :class:`Splice` s, which
-:func:`runner.images.write_atomic_copy` applies while it streams the file to its final place.
+:func:`runner.images.files.write_atomic_copy` applies while it streams the file to its final place.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import BinaryIO, NamedTuple
 from xml.sax.saxutils import quoteattr
 
-from runner.api import ImageFormat
+from runner.provider import ImageFormat
 
 SOFTWARE = "image-runner"
 XMP_NAMESPACE = "https://image-runner.invalid/ns/1.0/"

@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runner.errors import RunnerError, StoreError
-from runner.images import temp_path_for
-from runner.store import Store
+from runner.images.files import temp_path_for
+from runner.store.sqlite import Store
 
 ExportFormat = Literal["imagefolder", "parquet"]
 

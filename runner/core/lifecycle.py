@@ -4,7 +4,7 @@ manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoi
 and report. Results and ledger are written whatever happens: at the end, on a stop, on a
 cancel; the HTML report too, except after an immediate stop (second Ctrl-C). A dry run only
 plans, and changes nothing: no request, no lock, no run recorded, no repair of the folder (see
-:mod:`runner.plan`), no results, ledger or report; a folder that does not exist is not created.
+:mod:`runner.core.plan`), no results, ledger or report; a folder that does not exist is not created.
 
 A run's life is owned here; the CLI only wires signals to :meth:`Run.stop`.
 
@@ -40,18 +40,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, overload
 
-from runner.api import MICRO
-from runner.client import ClientConfig, ImagesClient
+from runner.core.admission import BreakerConfig, Budget
+from runner.core.pacer import PacerConfig
+from runner.core.plan import IMAGES_DIR, Plan, make_plan
+from runner.core.pool import Pool, PoolResult, Progress
+from runner.core.retry import RetryConfig
 from runner.errors import ApiError, RunnerError, StoreError
+from runner.http.client import ClientConfig, ImagesClient
 from runner.jobs import Job
-from runner.ledger import LedgerFiles, write_ledger
-from runner.limits import BreakerConfig, Budget
-from runner.plan import IMAGES_DIR, Plan, make_plan
-from runner.pool import Pool, PoolResult, Progress
-from runner.ratelimit import PacerConfig
-from runner.report import write_report
-from runner.retry import RetryConfig
-from runner.store import Store, check_writable
+from runner.outputs.ledger import LedgerFiles, write_ledger
+from runner.outputs.report import write_report
+from runner.provider import MICRO
+from runner.store.sqlite import Store, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class RunOptions:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     pacer: PacerConfig = field(default_factory=PacerConfig)  # --rpm, adaptive rate limiting
     concurrency: int = 8
-    max_cost_usd: float | None = None  # over the folder's whole history: see runner.limits
+    max_cost_usd: float | None = None  # over the folder's whole history: see runner.core.admission
     dry_run: bool = False  # plan only: send nothing, change nothing
     retry_failed: bool = False  # also retry jobs that failed for good ...
     retry_only: frozenset[str] = frozenset()  # ... or only those with these causes

@@ -8,7 +8,7 @@ sent, image verified and written atomically, outcome committed. The pool never p
 through ``on_progress``.
 
 Admission: before each attempt the circuit breaker must let it through and the budget must
-hold its price (see :mod:`runner.limits`).
+hold its price (see :mod:`runner.core.admission`).
 
 Failing: an attempt's outcome and, when it ends the job (an error final for the job, or the
 last attempt of this run), the job's failed status are committed in one transaction, so a crash
@@ -33,8 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from runner.api import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
-from runner.client import ImageResult
+from runner.core.admission import (
+    BreakerConfig,
+    Budget,
+    BudgetExhausted,
+    CircuitBreaker,
+    OutageTooLong,
+)
+from runner.core.pacer import PacerConfig, RateLimiter
+from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -46,13 +53,12 @@ from runner.errors import (
     StoreError,
     UnfetchedImageError,
 )
-from runner.images import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
+from runner.http.client import ImageResult
+from runner.images.files import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
+from runner.images.provenance import Splice, provenance_splices
 from runner.jobs import Job
-from runner.limits import BreakerConfig, Budget, BudgetExhausted, CircuitBreaker, OutageTooLong
-from runner.provenance import Splice, provenance_splices
-from runner.ratelimit import PacerConfig, RateLimiter
-from runner.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
-from runner.store import Outcome, Store
+from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
+from runner.store.sqlite import Outcome, Store
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ UNFETCHED_IN_A_ROW_STOP = 3
 class ImageSource(Protocol):
     async def create(self, job: Job, folder: Path) -> ImageResult:
         """The image for ``job`` as a new temp file in ``folder`` (named by
-        :func:`runner.images.temp_path_for`), which the pool then owns."""
+        :func:`runner.images.files.temp_path_for`), which the pool then owns."""
 
 
 @dataclass

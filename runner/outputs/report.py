@@ -29,9 +29,9 @@ from typing import Final
 
 from PIL import Image
 
-from runner.api import MICRO, sniff_format
-from runner.images import remove_temp_files, sha256_file, write_atomic
-from runner.store import Store
+from runner.images.files import remove_temp_files, sha256_file, write_atomic
+from runner.provider import MICRO, sniff_format
+from runner.store.sqlite import Store
 
 REPORT_NAME: Final = "report.html"
 THUMBS_DIR: Final = "thumbs"

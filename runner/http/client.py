@@ -1,7 +1,7 @@
 """The HTTP client: one aiohttp session, requests for both endpoints, outcomes as typed errors.
 
 ``ImagesClient.create(job, folder)`` sends one request and streams the image into a temp file
-in ``folder`` (see :mod:`runner.b64stream`: the body is never held whole, so memory stays
+in ``folder`` (see :mod:`runner.http.b64stream`: the body is never held whole, so memory stays
 bounded per request in flight), or raises one of the :mod:`runner.errors` classes, sorted by
 what the outcome means for billing and retrying:
 
@@ -42,8 +42,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from runner.api import MIME_TYPES, SPEND_LIMIT_CODES, sniff_format
-from runner.b64stream import B64JsonScanner, B64StreamError
+from runner.core.pacer import RateLimitHeaders, rate_limit_headers
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -54,9 +53,10 @@ from runner.errors import (
     ServerError,
     UnfetchedImageError,
 )
-from runner.images import temp_path_for
+from runner.http.b64stream import B64JsonScanner, B64StreamError
+from runner.images.files import temp_path_for
 from runner.jobs import Job
-from runner.ratelimit import RateLimitHeaders, rate_limit_headers
+from runner.provider import MIME_TYPES, SPEND_LIMIT_CODES, sniff_format
 from runner.redact import redact, register_secret
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import BinaryIO, Final
 
 from PIL import Image
 
-from runner.api import EXTENSIONS, ImageFormat, sniff_format
+from runner.provider import EXTENSIONS, ImageFormat, sniff_format
 
 TEMP_PREFIX: Final = ".tmp-"
 # What earlier versions named their temp files: ``<final name>.tmp-<12 or 8 hex digits>``. A final
@@ -122,7 +122,7 @@ def write_atomic_copy(
 ) -> str:
     """Copy ``source`` to ``path`` as :func:`write_atomic` does, streamed, with ``splices``
     applied: ``(offset, bytes removed, bytes inserted)`` in file order (see
-    :class:`runner.provenance.Splice`). Return the sha256 of what was written."""
+    :class:`runner.images.provenance.Splice`). Return the sha256 of what was written."""
     digest = hashlib.sha256()
     with _atomic_file(path) as out, open(source, "rb") as src:
 

@@ -24,10 +24,10 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from runner.api import MICRO
-from runner.images import temp_path_for
+from runner.images.files import temp_path_for
 from runner.jobs import Job
-from runner.store import Store
+from runner.provider import MICRO
+from runner.store.sqlite import Store
 
 if TYPE_CHECKING:
     import pyarrow as pa
