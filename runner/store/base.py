@@ -1,0 +1,200 @@
+"""The Store protocol: the run's state as the core sees it, in domain operations, not SQL.
+
+The pool, the plan, the run and the views talk to a :class:`Store`; the SQLite backend
+(:mod:`runner.store.sqlite`) is the one implementation today, and a networked database (the
+scale-out issue: PostgreSQL) implements the same protocol with the same guarantees:
+
+- **Intent before request.** :meth:`Store.begin_attempt` returns only once the attempt is
+  durably recorded ``in_flight``; the pool sends nothing before. An attempt still ``in_flight``
+  when nobody is working on it any more (a crash, a dead worker) becomes a *possible* charge:
+  :meth:`Store.settle_in_flight`.
+- **Success after the image is durable.** :meth:`Store.record_success` is called only once the
+  image is verified and durably in its final place; it records the attempt ``confirmed`` and
+  the job ``succeeded`` in one transaction.
+- **A failure with its outcome.** :meth:`Store.record_failure` records the attempt's outcome
+  and the job ``failed`` together, so a crash can never leave a billed, failed job pending.
+- **Budget reserved at admission.** :meth:`Store.spend_micro_usd` gives the spend recorded so
+  far (confirmed, possible), from which the run's budget starts; the pool reserves each
+  attempt's price before :meth:`begin_attempt`. On one machine the reservation is held in
+  memory (one process holds the folder's lock); a shared backend reserves it in the database,
+  in the same transaction as the intent.
+- **Claiming work.** :meth:`Store.claim` hands the pool the planned jobs it may send. On one
+  machine the folder's lock already gives this process all of them; a shared backend claims
+  small batches with ``FOR UPDATE SKIP LOCKED`` and a lease.
+
+Planning's operations are synchronous (planning runs in a worker thread, a batch of thousands
+of jobs per :meth:`Store.batch`); the pool's are ``async`` and may be grouped into one commit
+with other workers' (SQLite's group commit), each returning once durable. Views read through
+:meth:`Store.views` (:mod:`runner.store.views`), a consistent snapshot per call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+
+from runner.errors import ApiError, Billing, StoreWriteError
+from runner.jobs import Job, JobStatus
+
+if TYPE_CHECKING:
+    from runner.store.views import Views
+
+AttemptState = Literal["in_flight", "confirmed", "possible", "unbilled"]
+
+
+class ImageStat(NamedTuple):
+    """What ``stat`` says of a finished image. Any change of content changes the ctime, even
+    when a tool puts the old mtime back; a change within the same clock tick as the image's
+    own write, keeping its size, would go unseen (git's "racy" case), a risk taken for files
+    nobody but the runner writes."""
+
+    size_bytes: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> ImageStat:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class JobRecord(NamedTuple):
+    """A job's row, as planning needs it (a named tuple: planning reads a million of them)."""
+
+    job_id: str
+    content_hash: str
+    status: JobStatus
+    image_path: str | None
+    sha256: str | None
+    retryable: int  # 0 or 1
+    error_cause: str | None
+    image_size_bytes: int | None = None
+    image_mtime_ns: int | None = None
+    image_ctime_ns: int | None = None
+
+    @property
+    def image_stat(self) -> ImageStat | None:
+        """The finished image's stat recorded with its success; None if not recorded (by a
+        version before migration 3): then only its sha256 tells."""
+        if self.image_size_bytes is None or self.image_mtime_ns is None:
+            return None
+        return ImageStat(self.image_size_bytes, self.image_mtime_ns, self.image_ctime_ns or 0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt ended with, as the pool tells the store."""
+
+    billing: Billing
+    cost_micro_usd: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """A finished image, durably in place: its path relative to the output folder, its size in
+    pixels, its sha256, and (when known) its stat at that moment."""
+
+    path: str
+    width: int
+    height: int
+    sha256: str
+    stat: ImageStat | None = None
+
+
+class Store(Protocol):
+    """The state of one run (one output location), as the core uses it."""
+
+    @property
+    def folder(self) -> Path:
+        """The output folder the state belongs to."""
+        ...
+
+    @property
+    def write_failure(self) -> StoreWriteError | None:
+        """The first write the store refused, if any: once intents cannot be recorded, nothing
+        more may be sent, whoever caught the error."""
+        ...
+
+    def close(self) -> None: ...
+
+    # --- planning (synchronous, from the planning thread) -----------------------------------
+
+    def batch(self) -> AbstractContextManager[object]:
+        """The writes made inside commit together, durably, or not at all."""
+        ...
+
+    def job_records(self, job_ids: Sequence[str]) -> dict[str, JobRecord]: ...
+
+    def finished_images(self, job_ids: Sequence[str]) -> set[str]: ...
+
+    def plan_jobs(self, jobs: Iterable[Job]) -> None:
+        """Record the manifest's jobs; a job whose content changed starts over as pending."""
+        ...
+
+    def forget_image(self, job_id: str) -> None:
+        """A success whose image is gone or altered: the job is to be done again."""
+        ...
+
+    def record_image_stat(self, job_id: str, stat: ImageStat) -> None: ...
+
+    def adopt(self, job_id: str, image: SavedImage) -> None:
+        """An image found in place without its success recorded: the job is done, and the
+        attempt that made it (the last in flight or possible) was billed."""
+        ...
+
+    def adoption_charge(self, job_id: str) -> tuple[AttemptState, int] | None: ...
+
+    def in_flight_count(self) -> int: ...
+
+    def settle_in_flight(self) -> int:
+        """Attempts nobody works on any more become possible charges; returns how many."""
+        ...
+
+    def spend_micro_usd(self) -> tuple[int, int]:
+        """(confirmed, possible) spend recorded for this output location, in micro-dollars."""
+        ...
+
+    # --- the run ------------------------------------------------------------------------
+
+    def start_run(self) -> int: ...
+
+    def finish_run(self, run_id: int, outcome: str) -> None: ...
+
+    def claim(self, todo: Iterable[Job]) -> Iterator[Job]:
+        """The planned jobs this worker may send, as it is ready for them."""
+        ...
+
+    # --- the pool (async: each returns once durable) ---------------------------------------
+
+    async def begin_attempt(self, job: Job) -> int:
+        """Record the intent to send the next attempt of ``job``; return its number."""
+        ...
+
+    async def record_outcome(self, job_id: str, attempt: int, outcome: Outcome) -> None:
+        """How an attempt that brought no image ended; the job stays pending."""
+        ...
+
+    async def record_success(
+        self, job_id: str, attempt: int, outcome: Outcome, image: SavedImage
+    ) -> None: ...
+
+    async def record_failure(
+        self, job_id: str, attempt: int, outcome: Outcome, error: ApiError, *, retry_later: bool
+    ) -> None: ...
+
+    async def drain(self) -> None:
+        """Wait until every write handed over so far is durable."""
+        ...
+
+    # --- views --------------------------------------------------------------------------
+
+    def views(self) -> Views:
+        """What the results, ledger, report, status and export read."""
+        ...
