@@ -304,9 +304,12 @@ def _run_in_thread(
 
     worker = threading.Thread(target=work, name="image-runner")
     worker.start()
-    while not finished.is_set():
+    while True:
         try:
-            finished.wait()
+            # In slices: a signal's Python handler runs in this thread only once it wakes up,
+            # and the signal may have woken another thread.
+            if finished.wait(0.1):
+                break
         except KeyboardInterrupt:
             interrupts.stop()
     worker.join()

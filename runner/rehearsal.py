@@ -57,8 +57,8 @@ class Emulator:
         return self._served().billed_usd
 
     def __repr__(self) -> str:
-        where = self._url or "not running"
-        return f"Emulator({where}, {len(self._server.requests) if self._server else 0} requests)"
+        received = len(self._server.requests) if self._server else 0
+        return f"Emulator(url={self._url or None!r}, requests={received})"
 
     def __enter__(self) -> Emulator:
         self._thread = EmulatorThread(self.config, *self._address)
