@@ -94,14 +94,17 @@ async def test_arun_runs_on_the_callers_loop(tmp_path: Path) -> None:
     assert len(report.results()) == 4 and len(report.ledger()) == 4
 
 
-def interrupt_when(ready: Callable[[], bool], *, times: int = 1) -> threading.Thread:
+def interrupt_when(
+    ready: Callable[[], bool], *, times: int = 1, after_s: float = 0.0
+) -> threading.Thread:
     """A thread that sends this process SIGINT (a Ctrl-C, a notebook's interrupt) ``times``
-    times, 0.3 s apart, once ``ready()``."""
+    times, 0.3 s apart, ``after_s`` after ``ready()``."""
 
     def send() -> None:
         deadline = time.monotonic() + 30
         while not ready() and time.monotonic() < deadline:
             time.sleep(0.01)
+        time.sleep(after_s)
         for i in range(times):
             if i:
                 time.sleep(0.3)
@@ -137,8 +140,9 @@ def test_an_interrupt_stops_the_run_gracefully_and_run_returns(tmp_path: Path) -
 
 def test_a_second_interrupt_stops_the_run_at_once(tmp_path: Path) -> None:
     with runner.Emulator(latency_s=2.0) as emu:
-        # The emulator records a request once answered: 4 answered, 4 more are in flight.
-        sender = interrupt_when(lambda: len(emu.requests) >= 4, times=2)
+        # The emulator records a request once answered: 0.5 s after the first 4 were, the
+        # next 4 are surely in flight, for 1.5 s more.
+        sender = interrupt_when(lambda: len(emu.requests) >= 4, times=2, after_s=0.5)
         report = runner.run(
             records(12),
             out=tmp_path / "out",
