@@ -82,7 +82,8 @@ class RunReport:
     ``requests`` are this run's. After a dry run they are the plan's: ``succeeded`` done before,
     ``failed`` failed before and not retried, ``pending`` to do. ``exit_code`` is what
     ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
-    left)."""
+    left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
+    plan, the pool's counters (failures by cause, rate limits), the files written."""
 
     out: Path
     succeeded: int
@@ -94,9 +95,8 @@ class RunReport:
     stop_reason: str | None  # why the run ended before its end, if it did
     wall_s: float
     exit_code: int
-    dry_run: bool = False
-    # The core's report: the plan, the pool's counters, the files written.
-    details: lifecycle.RunReport | None = dataclasses.field(default=None, compare=False)
+    dry_run: bool
+    details: lifecycle.RunReport = dataclasses.field(compare=False)
 
     @classmethod
     def of(cls, outcome: lifecycle.RunReport, out: Path, *, dry_run: bool) -> RunReport:
@@ -145,17 +145,15 @@ class RunReport:
     def _files(self) -> LedgerFiles:
         if self.dry_run:
             raise RunnerError("a dry run writes no results and no ledger")
-        files = self.details.ledger if self.details else None
-        if files is None:
-            why = self.details.books_error if self.details else None
-            raise RunnerError(why or "this run wrote no results and no ledger")
-        return files
+        if self.details.ledger is None:
+            raise RunnerError(self.details.books_error or "this run wrote no results or ledger")
+        return self.details.ledger
 
     def __repr__(self) -> str:
         stopped = f", stop_reason={self.stop_reason!r}" if self.stop_reason else ""
         dry = ", dry_run=True" if self.dry_run else ""
         return (
-            f"RunReport(out='{self.out}', succeeded={self.succeeded}, failed={self.failed}, "
+            f"RunReport(out={str(self.out)!r}, succeeded={self.succeeded}, failed={self.failed}, "
             f"pending={self.pending}, requests={self.requests}, "
             f"confirmed_usd={self.confirmed_usd:.2f}, possible_usd={self.possible_usd:.2f}"
             f"{stopped}, wall_s={self.wall_s:.1f}, exit_code={self.exit_code}{dry})"

@@ -89,9 +89,10 @@ class Options:
         object.__setattr__(self, "only", frozenset(self.only))
         for name in ("concurrency", "max_attempts"):
             _check_number(self, name, integer=True, least=1)
-        for name in ("timeout_s", "max_retry_after_s", "grace_s", "max_outage_s", "rpm"):
+        for name in ("timeout_s", "max_retry_after_s", "grace_s", "max_outage_s"):
             _check_number(self, name)
-        _check_number(self, "max_cost_usd", least=0)
+        _check_number(self, "rpm", optional=True)
+        _check_number(self, "max_cost_usd", optional=True, least=0)
         if self.on_ambiguous not in ON_AMBIGUOUS:
             raise OptionsError(
                 f"{{0}} must be retry or fail, got {_shown(self.on_ambiguous)}", "on_ambiguous"
@@ -149,12 +150,17 @@ def _credentials(options: Options, environ: Mapping[str, str]) -> Credentials:
 
 
 def _check_number(
-    options: Options, name: str, *, integer: bool = False, least: float | None = None
+    options: Options,
+    name: str,
+    *,
+    integer: bool = False,
+    optional: bool = False,
+    least: float | None = None,
 ) -> None:
-    """Check that the field ``name`` is a number (``None`` where its default is), above 0 or at
-    least ``least``."""
+    """Check that the field ``name`` is a number (or, if ``optional``, ``None``), more than 0
+    or at least ``least``."""
     value = getattr(options, name)
-    if value is None and Options.defaults()[name] is None:
+    if value is None and optional:
         return
     kinds = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
