@@ -3,12 +3,13 @@ wrote them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from runner.errors import JobFailedError, ServerError
+from runner.errors import JobFailedError, ServerError, StoreError
 from runner.images.files import is_temp_name
 from runner.jobs import Job
 from runner.outputs import ledger as ledger_module
@@ -97,3 +98,37 @@ def test_an_empty_manifest_still_gets_files_with_their_columns(tmp_path: Path) -
     assert pd.read_csv(files.ledger_csv).empty
     assert files.totals.jobs == 0
     assert not [p for p in (tmp_path / "out").iterdir() if is_temp_name(p.name)]
+
+
+def test_the_ledger_streams_typed_attempts(tmp_path: Path) -> None:
+    """The ledger's attempts come as named records, read as they are consumed (a folder's
+    history may hold millions), not as one list."""
+    jobs = [job("a"), job("b"), job("c")]
+    with Store.open(tmp_path / "out") as store:
+        store.upsert_jobs(jobs)
+        for attempt, j in enumerate(jobs, start=1):
+            store.begin_attempt(j, attempt)
+        store.record_attempt("a", 1, Outcome("confirmed", 30_000, 1, 2, 3))
+        store.record_attempt("b", 2, Outcome("none"))
+        store.record_attempt("c", 3, Outcome("possible", 30_000, error="reset"))
+        attempts = store.views().billed_attempts()
+        assert isinstance(attempts, Iterator) and not isinstance(attempts, list)
+        first = next(attempts)
+        assert (first.job_id, first.attempt, first.billing, first.cost_micro_usd) == (
+            "a",
+            1,
+            "confirmed",
+            30_000,
+        )
+        assert first.total_tokens == 3 and first.size == "1280x544"
+        assert [(a.job_id, a.billing) for a in attempts] == [("c", "possible")]
+        assert store.views().spend() == (30_000, 30_000)
+
+
+def test_an_unreadable_checkpoint_is_a_store_error_and_leaves_no_file(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "out") as store:
+        store.upsert_jobs([job("a")])
+        store.db.execute("DROP TABLE attempts")
+        with pytest.raises(StoreError, match="out: cannot read the checkpoint: no such table"):
+            write_ledger([job("a")], store)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "checkpoint.sqlite"]

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 from runner.errors import ApiError, Billing, OutputLockedError, StoreError, StoreWriteError
 from runner.images.files import temp_path_for
@@ -54,6 +54,9 @@ from runner.jobs import Job, JobStatus
 from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
 from runner.store.groupcommit import GroupCommit
+
+if TYPE_CHECKING:
+    from runner.store.queries import SqliteViews
 
 T = TypeVar("T")
 
@@ -622,6 +625,12 @@ class Store:
             "FROM attempts"
         ).fetchone()
         return int(row[0]), int(row[1])
+
+    def views(self) -> SqliteViews:
+        """What the results, ledger, report, status and export read."""
+        from runner.store.queries import SqliteViews
+
+        return SqliteViews(self.db, self.folder)
 
 
 def check_writable(folder: Path) -> None:
