@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from runner.core.pacer import RateLimitHeaders
+from runner.provider import RateLimitHeaders
 
 Billing = Literal["none", "possible", "confirmed"]
 

@@ -30,7 +30,8 @@ from runner.errors import (
     ServerError,
     UnfetchedImageError,
 )
-from runner.http.client import ClientConfig, ImageResult, ImagesClient, Usage
+from runner.http.answers import Usage
+from runner.http.client import ClientConfig, ImageResult, ImagesClient
 from runner.images.files import ImageInvalid, inspect_image, is_temp_name
 from runner.jobs import Job
 from tests.conftest import TEST_KEY, closed_port_url, serve_app
