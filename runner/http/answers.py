@@ -155,7 +155,8 @@ def not_sent(exc: aiohttp.ClientError, url: str) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """A network failure after the request went, for the message of a possible charge."""
+    """A failure of the network once the request went (or of an image download), in words for
+    the error's message: its class and text, the key redacted."""
     text = str(exc) or type(exc).__name__
     return redact(f"{type(exc).__name__}: {text}" if str(exc) else text)
 
