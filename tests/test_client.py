@@ -30,8 +30,10 @@ from runner.errors import (
     ServerError,
     UnfetchedImageError,
 )
-from runner.http.client import ClientConfig, ImageResult, ImagesClient, Usage
-from runner.images.files import ImageInvalid, inspect_image, is_temp_name
+from runner.http.answers import Usage
+from runner.http.client import ClientConfig, ImageResult, ImagesClient
+from runner.images.files import is_temp_name
+from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
 from tests.conftest import TEST_KEY, closed_port_url, serve_app
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from runner.emulator import EmulatorConfig, EmulatorThread, RequestRecord
-from runner.images.files import inspect_image, is_temp_name
+from runner.images.files import is_temp_name
+from runner.images.verify import inspect_image
 from runner.provider import SIZES
 from tests.conftest import db_rows, make_ref, write_manifest
 from tests.test_cli import cli, env

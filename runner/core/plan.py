@@ -43,14 +43,8 @@ from pathlib import Path
 from typing import Final, overload
 
 from runner.errors import StoreError
-from runner.images.files import (
-    ImageInvalid,
-    find_image,
-    inspect_image,
-    is_temp_name,
-    remove_temp_files,
-    sha256_file,
-)
+from runner.images.files import find_image, is_temp_name, remove_temp_files, sha256_file
+from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
 from runner.provider import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
 from runner.store.sqlite import ImageStat, JobRecord, Store

@@ -54,8 +54,9 @@ from runner.errors import (
     UnfetchedImageError,
 )
 from runner.http.client import ImageResult
-from runner.images.files import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
+from runner.images.files import write_atomic_copy
 from runner.images.provenance import Splice, provenance_splices
+from runner.images.verify import ImageInfo, ImageInvalid, WrongSize, inspect_image
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
 from runner.store.sqlite import Outcome, Store

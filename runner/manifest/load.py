@@ -27,7 +27,7 @@ from typing import Any, Final, NamedTuple
 import yaml
 
 from runner.errors import ManifestError, ManifestIssue
-from runner.images.files import ImageInvalid, inspect_image
+from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
 from runner.manifest import matrix
 from runner.manifest.spool import JobSpool, Packed
