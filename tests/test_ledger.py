@@ -13,6 +13,7 @@ from runner.images.files import is_temp_name
 from runner.jobs import Job
 from runner.outputs import ledger as ledger_module
 from runner.outputs.ledger import RESULTS_COLUMNS, write_ledger
+from runner.store.base import SavedImage
 from runner.store.sqlite import Outcome, Store
 
 
@@ -35,26 +36,27 @@ def test_results_follow_the_manifest_across_batches(tmp_path: Path, small_batche
         job("never-planned"),
     ]
     with Store.open(tmp_path / "out") as store:
-        store.upsert_jobs(jobs[:4])
-        store.begin_attempt(jobs[0], 1)
+        store.plan_jobs(jobs[:4])
+        store.commit_intent(jobs[0])
         (store.folder / "images").mkdir()
         (store.folder / "images" / "zz-done.png").write_bytes(b"png")
-        store.record_success(
+        store.commit_success(
             "zz-done",
             1,
             Outcome("confirmed", 30_000, 10, 20, 30),
-            image_path="images/zz-done.png",
-            width=1280,
-            height=544,
-            sha256="ab" * 32,
+            SavedImage("images/zz-done.png", 1280, 544, "ab" * 32),
         )
-        store.begin_attempt(jobs[1], 1)
-        store.record_attempt("aa-failed", 1, Outcome("none"))
+        store.commit_intent(jobs[1])
         refused = JobFailedError("no", job_id="aa-failed", status=400, code="content_policy")
-        store.mark_failed("aa-failed", refused, retry_later=False)
-        store.begin_attempt(jobs[2], 1)
-        store.record_attempt("mm-retry", 1, Outcome("possible", 30_000, error="timeout"))
-        store.mark_failed("mm-retry", ServerError("down", job_id="mm-retry"), retry_later=True)
+        store.commit_failure("aa-failed", 1, Outcome("none"), refused, retry_later=False)
+        store.commit_intent(jobs[2])
+        store.commit_failure(
+            "mm-retry",
+            1,
+            Outcome("possible", 30_000, error="timeout"),
+            ServerError("down", job_id="mm-retry"),
+            retry_later=True,
+        )
         files = write_ledger(iter(jobs), store)
 
     t = files.totals

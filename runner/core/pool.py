@@ -58,7 +58,7 @@ from runner.images.files import ImageInfo, ImageInvalid, WrongSize, inspect_imag
 from runner.images.provenance import Splice, provenance_splices
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
-from runner.store.sqlite import Outcome, Store
+from runner.store.base import Outcome, SavedImage, Store
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class Pool:
             live.release()
 
         try:
-            for job in jobs:
+            for job in self.store.claim(jobs):
                 await live.acquire()
                 if self.stopping:
                     break
@@ -293,7 +293,7 @@ class Pool:
     async def _attempt_in_slot(self, job: Job, slot: _Slot, tries: _JobTries) -> None:
         probe, sent_at = await self._admit(job)
         try:
-            attempt = await self.store.write(lambda s: s.begin_next_attempt(job))
+            attempt = await self.store.begin_attempt(job)
         except BaseException:
             self._release_admission(probe)
             raise
@@ -334,7 +334,7 @@ class Pool:
             raise error from None
         except ImageWriteError as exc:  # an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+            await self.store.record_outcome(job.id, attempt, outcome)
             self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
             self.breaker.record(provider_up=True, probe=bool(probe))
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
@@ -353,17 +353,8 @@ class Pool:
             usage.output_tokens if usage else None,
             usage.total_tokens if usage else None,
         )
-        await self.store.write(
-            lambda s: s.record_success(
-                job.id,
-                attempt,
-                success,
-                image_path=relative,
-                width=info.width,
-                height=info.height,
-                sha256=sha256,
-            )
-        )
+        image = SavedImage(relative, info.width, info.height, sha256)
+        await self.store.record_success(job.id, attempt, success, image)
         c.succeeded += 1
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         self._report()
@@ -494,11 +485,10 @@ class Pool:
         retry_later = self._failure_verdict(error, tries)
         tries.failed = retry_later is not None
         if retry_later is None:
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+            await self.store.record_outcome(job.id, attempt, outcome)
         else:
-            final = retry_later
-            await self.store.write(
-                lambda s: s.record_failure(job.id, attempt, outcome, error, retry_later=final)
+            await self.store.record_failure(
+                job.id, attempt, outcome, error, retry_later=retry_later
             )
 
     def _watch_cdn(self, error: ApiError) -> None:
