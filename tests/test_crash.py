@@ -3,7 +3,7 @@ rerun until it finishes, then check the books against the emulator's own billing
 
 ``kill -9`` does not lose the page cache, so this tests process crashes, not power loss (see
 RELIABILITY.md); the fsync discipline for power loss is in :func:`runner.images.files.write_atomic`
-and the SQLite settings of :mod:`runner.store.sqlite`.
+and the SQLite settings of :mod:`runner.store.schema`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from runner.errors import StoreError
 from runner.images.files import is_temp_name
 from runner.outputs import report
 from runner.outputs.report import write_report
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore as Store
 from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -16,7 +16,7 @@ from runner.core.lifecycle import Run
 from runner.emulator import Emulator, EmulatorConfig, EmulatorThread
 from runner.manifest.load import load_manifest
 from runner.outputs.status import RunStatus, format_status, read_status
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore as Store
 from runner.store.views import LastRun, StatusFacts
 from tests.conftest import db_rows, options, run_manifest, write_manifest
 from tests.test_cli import cli, env, run_cli

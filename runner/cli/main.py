@@ -41,7 +41,7 @@ from runner.logs import setup_logging
 from runner.manifest.load import load_manifest
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 EMULATOR_KEY = "sk-emulator-local"
@@ -514,12 +514,12 @@ def _exit_code(report: RunReport) -> int:
 
 
 @contextlib.contextmanager
-def _reading(out: Path) -> Iterator[Store]:
+def _reading(out: Path) -> Iterator[SqliteStore]:
     """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
     checkpoint of another version, a damaged one) or a file they cannot write becomes an error
     message and exit 2, through :func:`main`, never a traceback."""
     try:
-        with Store.open_read_only(out) as store:
+        with SqliteStore.open_read_only(out) as store:
             yield store
     except sqlite3.Error as exc:
         raise StoreError(f"{out}: cannot read the checkpoint: {exc}") from None

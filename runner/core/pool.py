@@ -59,7 +59,7 @@ from runner.images.provenance import Splice, provenance_splices
 from runner.images.verify import ImageInfo, ImageInvalid, WrongSize, inspect_image
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
-from runner.store.sqlite import Outcome, Store
+from runner.store.base import Outcome, SavedImage, Store
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class Pool:
             live.release()
 
         try:
-            for job in jobs:
+            for job in self.store.claim(jobs):
                 await live.acquire()
                 if self.stopping:
                     break
@@ -294,7 +294,7 @@ class Pool:
     async def _attempt_in_slot(self, job: Job, slot: _Slot, tries: _JobTries) -> None:
         probe, sent_at = await self._admit(job)
         try:
-            attempt = await self.store.write(lambda s: s.begin_next_attempt(job))
+            attempt = await self.store.begin_attempt(job)
         except BaseException:
             self._release_admission(probe)
             raise
@@ -335,7 +335,7 @@ class Pool:
             raise error from None
         except ImageWriteError as exc:  # an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+            await self.store.record_outcome(job.id, attempt, outcome)
             self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
             self.breaker.record(provider_up=True, probe=bool(probe))
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
@@ -354,17 +354,8 @@ class Pool:
             usage.output_tokens if usage else None,
             usage.total_tokens if usage else None,
         )
-        await self.store.write(
-            lambda s: s.record_success(
-                job.id,
-                attempt,
-                success,
-                image_path=relative,
-                width=info.width,
-                height=info.height,
-                sha256=sha256,
-            )
-        )
+        image = SavedImage(relative, info.width, info.height, sha256)
+        await self.store.record_success(job.id, attempt, success, image)
         c.succeeded += 1
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         self._report()
@@ -495,11 +486,10 @@ class Pool:
         retry_later = self._failure_verdict(error, tries)
         tries.failed = retry_later is not None
         if retry_later is None:
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+            await self.store.record_outcome(job.id, attempt, outcome)
         else:
-            final = retry_later
-            await self.store.write(
-                lambda s: s.record_failure(job.id, attempt, outcome, error, retry_later=final)
+            await self.store.record_failure(
+                job.id, attempt, outcome, error, retry_later=retry_later
             )
 
     def _watch_cdn(self, error: ApiError) -> None:
