@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Collection, Iterator, Mapping
+import numbers
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import yaml
 
@@ -43,6 +44,9 @@ from runner.provider import (
     SIZES,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 JOB_FIELDS = ("id", "prompt", "size", "model", "response_format", "images", "vars", "repeat")
 CSV_COLUMNS = ("id", "prompt", "size", "model", "response_format", "images", "repeat")
 JOB_RESPONSE_FORMAT = "b64_json"  # the runner's default: no CDN expiry, no second download
@@ -56,9 +60,9 @@ _CANONICAL: Final = {text: text for text in (*MODELS, *SIZES, AUTO_SIZE, *RESPON
 class Manifest(JobSpool):
     """The validated jobs of a manifest, in manifest order: a read-only sequence of jobs."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, source: str) -> None:
         super().__init__()
-        self.path = path
+        self.source = source  # the manifest's path, or what load_jobs was told to call the jobs
         self.rows = 0  # manifest rows with jobs (a matrix row or a ``repeat`` stands for many)
         self.edits = 0  # jobs with reference images
 
@@ -103,12 +107,39 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.
 
 def load_manifest(path: Path) -> Manifest:
     """Read and validate a manifest; raise :class:`ManifestError` listing every problem."""
+    return _load(str(path), path.parent, lambda issues: _read(path, issues))
+
+
+def load_jobs(
+    records: Iterable[Mapping[str, object]] | pd.DataFrame,
+    *,
+    base: Path | None = None,
+    defaults: Mapping[str, object] | None = None,
+    source: str = "jobs",
+) -> Manifest:
+    """Validate jobs given as Python records, exactly as the rows of a manifest are.
+
+    ``records`` are mappings of job fields (a list of dicts, ``DataFrame.to_dict("records")``)
+    or a pandas DataFrame, one job (or one matrix row) each. A cell that is None or NaN means
+    "not set", as an empty CSV cell does, so ``defaults`` (any job field but ``id``, as in a
+    YAML manifest) fill it. ``images`` may be a list of paths or one ``|``-separated string,
+    relative to ``base`` (default: the current directory). The jobs get the same ids and content
+    hashes as in the equivalent manifest; problems raise one :class:`ManifestError`, named
+    ``source``, whose rows are ``row N``, counted from 1 in the order given.
+    """
+    folder = Path.cwd() if base is None else base
+    return _load(source, folder, lambda issues: _read_records(records, defaults, issues))
+
+
+def _load(
+    source: str, base: Path, read: Callable[[list[ManifestIssue]], Iterator[_RawJob]]
+) -> Manifest:
     issues: list[ManifestIssue] = []
-    manifest = Manifest(path)
-    checker = _ReferenceChecker(path.parent)
+    manifest = Manifest(source)
+    checker = _ReferenceChecker(base)
     ids = _UniqueIds(manifest)
     try:
-        for raw in _read(path, issues):
+        for raw in read(issues):
             position = len(manifest)
             plain = _plain_job(raw)
             if plain is not None:  # most rows of a large manifest
@@ -127,8 +158,60 @@ def load_manifest(path: Path) -> Manifest:
     issues += ids.issues  # after the rows' own problems, as a second round
     if issues:
         manifest.close()
-        raise ManifestError(str(path), issues)
+        raise ManifestError(source, issues)
     return manifest
+
+
+def _read_records(
+    records: Iterable[Mapping[str, object]] | pd.DataFrame,
+    defaults: Mapping[str, object] | None,
+    issues: list[ManifestIssue],
+) -> Iterator[_RawJob]:
+    import pandas as pd  # here: the CLI never needs it
+
+    inherited = _read_defaults(defaults or {}, issues)
+    rows: Iterable[Mapping[Any, object]]
+    rows = records.to_dict("records") if isinstance(records, pd.DataFrame) else records
+    for index, record in enumerate(rows, start=1):
+        row = f"row {index}"
+        if not isinstance(record, Mapping):
+            issues.append(ManifestIssue(row, "", "must be a mapping with at least a prompt"))
+            continue
+        own = {
+            key: _record_cell(key, value)
+            for key, value in record.items()
+            if not _is_unset(value, pd.NA, pd.NaT)
+        }
+        merged = dict(inherited)
+        merged.update(own)
+        yield _RawJob(row, merged, own.keys())
+
+
+def _is_unset(value: object, na: object, nat: object) -> bool:
+    """Whether a cell means "not set", as an empty CSV cell does: None, NaN, ``pd.NA`` or
+    ``pd.NaT``. By identity: ``pd.NA`` has no truth value, and NaN is not equal to itself."""
+    return (
+        value is None
+        or value is na
+        or value is nat
+        or (isinstance(value, float) and value != value)
+    )
+
+
+def _record_cell(key: object, value: object) -> object:
+    """A record's cell as the validator takes it: pandas gives numpy numbers, and a whole
+    column of ``repeat`` with a gap in it as floats; a CSV-like cell of images is split."""
+    if key == "images":
+        if isinstance(value, str):
+            return [part.strip() for part in value.split("|")]
+        if isinstance(value, tuple):
+            return list(value)
+    elif key == "repeat" and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    return value
 
 
 def _read(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
@@ -175,20 +258,11 @@ def _read_yaml(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
     for key in doc:
         if key not in ("jobs", "defaults"):
             issues.append(ManifestIssue("top level", str(key), "unknown key"))
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, Mapping):
-        issues.append(ManifestIssue("defaults", "", "must be a mapping of job fields"))
-        defaults = {}
-    for key in defaults:
-        if key == "id":
-            issues.append(ManifestIssue("defaults", "id", "ids are per job, not a default"))
-        else:
-            _check_key(issues, "defaults", key)
+    inherited = _read_defaults(doc.get("defaults") or {}, issues)
     jobs = doc.get("jobs")
     if not isinstance(jobs, list) or not jobs:
         issues.append(ManifestIssue("top level", "jobs", "must be a non-empty list of jobs"))
         return
-    inherited = {k: v for k, v in defaults.items() if k != "id"}
     for index, entry in enumerate(jobs, start=1):
         line = getattr(entry, "line", 0)
         row = f"job {index} (line {line})" if line else f"job {index}"
@@ -198,6 +272,19 @@ def _read_yaml(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
         merged = dict(inherited)
         merged.update(entry)
         yield _RawJob(row, merged, entry.keys())
+
+
+def _read_defaults(defaults: object, issues: list[ManifestIssue]) -> dict[Any, Any]:
+    """The fields every job inherits, its keys checked once, against ``defaults``."""
+    if not isinstance(defaults, Mapping):
+        issues.append(ManifestIssue("defaults", "", "must be a mapping of job fields"))
+        return {}
+    for key in defaults:
+        if key == "id":
+            issues.append(ManifestIssue("defaults", "id", "ids are per job, not a default"))
+        else:
+            _check_key(issues, "defaults", key)
+    return {k: v for k, v in defaults.items() if k != "id"}
 
 
 def _read_csv(path: Path, issues: list[ManifestIssue]) -> Iterator[_RawJob]:
