@@ -111,8 +111,8 @@ def test_an_invalid_row_raises_the_error_of_the_manifest(folder: Path) -> None:
     bad = [
         {"id": "ok", "prompt": "fine"},
         {"prompt": "bad size", "size": "2048X2048"},
-        {"prompt": " ", "quality": "hd", "images": ["refs/missing.png"]},
-        {"id": "OK", "prompt": "again"},
+        {"prompt": " ", "images": ["refs/missing.png"]},
+        {"id": "OK", "prompt": "again", "size": "2048x2084"},
     ]
     with pytest.raises(ManifestError) as manifest:
         load_manifest(write_yaml(folder, bad))
@@ -123,12 +123,36 @@ def test_an_invalid_row_raises_the_error_of_the_manifest(folder: Path) -> None:
 
     assert problems(dicts.value) == problems(manifest.value)
     assert problems(frame.value) == problems(manifest.value)
-    assert [i.row for i in dicts.value.issues] == ["row 2", "row 3", "row 3", "row 3", "row 4"]
+    assert [i.row for i in dicts.value.issues] == ["row 2", "row 3", "row 3", "row 4", "row 4"]
     assert str(dicts.value).startswith(
         "my jobs: 5 problems, nothing was sent:\n  row 2, field size: "
     )
     assert frame.value.source == "jobs"
     assert "'OK' is already used by row 1 (ids differ only in case)" in str(frame.value)
+
+
+def test_unknown_keys_per_record_and_per_frame_column(folder: Path) -> None:
+    jobs = [{"prompt": "a", "quality": "hd"}, {"prompt": "b", "colour": "red"}, {"prompt": "c"}]
+    with pytest.raises(ManifestError) as manifest:
+        load_manifest(write_yaml(folder, jobs))
+    with pytest.raises(ManifestError) as dicts:
+        load_jobs(jobs)
+    assert problems(dicts.value) == problems(manifest.value)
+    assert [(i.row, i.field) for i in dicts.value.issues] == [
+        ("row 1", "quality"),
+        ("row 2", "colour"),
+    ]
+    # A frame has the keys of all its rows: they are checked once, as a CSV header is.
+    with pytest.raises(ManifestError) as frame:
+        load_jobs(
+            pd.DataFrame(
+                [{**job, "prompt": f"{job['prompt']} {n}"} for n in range(999) for job in jobs]
+            )
+        )
+    assert [(i.row, i.field) for i in frame.value.issues] == [
+        ("columns", "quality"),
+        ("columns", "colour"),
+    ]
 
 
 def test_records_that_are_not_mappings_and_bad_defaults(folder: Path) -> None:

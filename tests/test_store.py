@@ -16,21 +16,13 @@ from pathlib import Path
 import pytest
 
 from runner.errors import StoreError, StoreWriteError
-from runner.jobs import Job, content_hash
+from runner.jobs import Job
 from runner.store.sqlite import _MIGRATIONS, DB_NAME, LOCK_NAME, Store
+from tests.conftest import make_job
 
 
 def job(n: int) -> Job:
-    digest = content_hash(
-        model="gpt-image-2-vip",
-        prompt=f"picture {n}",
-        size="1280x544",
-        response_format="b64_json",
-        image_sha256s=[],
-    )
-    return Job(
-        f"j{n:05d}", f"picture {n}", "gpt-image-2-vip", "1280x544", "b64_json", (), "", digest
-    )
+    return make_job(f"j{n:05d}", f"picture {n}")
 
 
 @pytest.fixture
