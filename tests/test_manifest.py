@@ -441,6 +441,15 @@ def test_the_30_sizes_are_listed_by_tier_in_the_first_size_message_only(tmp_path
     )
 
 
+def test_the_readme_lists_the_30_sizes_by_ratio_and_tier() -> None:
+    from runner.provider import SIZES
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| \d+:\d+ \| `(\w+)` \| `(\w+)` \| `(\w+)` \|$", readme, re.MULTILINE)
+    assert len(rows) == 10
+    assert [size for tier in zip(*rows, strict=True) for size in tier] == list(SIZES)
+
+
 def test_every_one_of_the_30_sizes_is_accepted(tmp_path: Path) -> None:
     from runner.provider import SIZES
 
