@@ -16,10 +16,11 @@ from runner.outputs import ledger as ledger_module
 from runner.outputs.ledger import RESULTS_COLUMNS, write_ledger
 from runner.store.base import Outcome, SavedImage
 from runner.store.sqlite import SqliteStore as Store
+from tests.conftest import make_job
 
 
 def job(job_id: str, prompt: str = "a picture", images: tuple[Path, ...] = ()) -> Job:
-    return Job(job_id, prompt, "gpt-image-2-vip", "1280x544", "b64_json", images, "", "h" + job_id)
+    return make_job(job_id, prompt, images=images)
 
 
 @pytest.fixture

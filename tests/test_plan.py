@@ -20,22 +20,14 @@ from PIL import Image
 from runner.core import plan as plan_module
 from runner.core.plan import IMAGES_DIR, Plan, make_plan
 from runner.errors import JobFailedError, ServerError, StoreError
-from runner.jobs import Job, content_hash
+from runner.jobs import Job
 from runner.store import Outcome, SavedImage
 from runner.store.sqlite import SqliteStore
-from tests.conftest import db_rows, folder_state
+from tests.conftest import db_rows, folder_state, make_job
 
 
 def job(n: int, prompt: str = "") -> Job:
-    prompt = prompt or f"picture {n}"
-    digest = content_hash(
-        model="gpt-image-2-vip",
-        prompt=prompt,
-        size="1280x544",
-        response_format="b64_json",
-        image_sha256s=[],
-    )
-    return Job(f"j{n:02d}", prompt, "gpt-image-2-vip", "1280x544", "b64_json", (), "", digest)
+    return make_job(f"j{n:02d}", prompt or f"picture {n}")
 
 
 def png(color: str = "navy") -> bytes:

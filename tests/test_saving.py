@@ -18,11 +18,12 @@ from runner.images.files import is_temp_name, temp_path_for
 from runner.images.saving import save_image
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
+from tests.conftest import make_job
 
 
 def job(size: str | None = "1280x544", job_id: str = "mug") -> Job:
-    return Job(id=job_id, prompt="a mug, café light", model="gpt-image-2-vip", size=size,
-               response_format="b64_json")  # fmt: skip
+    refs = (Path("/refs/mug.png"),) if size == "auto" else ()  # "auto" is for edits only
+    return make_job(job_id, "a mug, café light", size=size, images=refs)
 
 
 def answer(images: Path, size: tuple[int, int] = (1280, 544), fmt: str = "PNG") -> Path:
