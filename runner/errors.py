@@ -31,6 +31,9 @@
 "Retry or not" is one ``isinstance(err, RetryableError)``; the pool may still refuse to retry an
 error that was (or may have been) billed without bringing an image, ``AmbiguousError`` and
 ``UnfetchedImageError``, when the user asked for ``--on-ambiguous fail``.
+
+Every layer raises these, so this module imports nothing above it: the standard library and
+:mod:`runner.provider` (for :class:`~runner.provider.RateLimitHeaders`) only.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from runner.core.pacer import RateLimitHeaders
+from runner.provider import RateLimitHeaders
 
 Billing = Literal["none", "possible", "confirmed"]
 

@@ -3,36 +3,124 @@
 A job's id names its image file and its checkpoint rows. When the manifest gives none, the id is
 derived from everything that determines the image (model, prompt, size, response format and the
 bytes of the reference images), so reordering or extending a manifest never confuses resume.
+
+A :class:`Job` cannot hold an invalid field, nor lack its content hash: the constructor checks
+them and raises :class:`ValueError`. Jobs are made by :mod:`runner.manifest`
+(:func:`~runner.manifest.load_manifest`, :func:`~runner.manifest.load_jobs`), which applies the
+same rules to every row, reports every problem with its row and field, and computes the hash.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
-from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
-from runner.provider import Endpoint
+from runner.provider import (
+    AUTO_SIZE,
+    MODELS,
+    MODELS_WITHOUT_SIZE,
+    RESPONSE_FORMATS,
+    SIZES,
+    Endpoint,
+)
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 JobStatus = Literal["pending", "succeeded", "failed"]
 
 
-@dataclass(frozen=True, slots=True)  # slots: a run may walk a million of them
+def _valid_shapes() -> frozenset[tuple[str, str | None, str, bool]]:
+    """Every (model, size, response format, has references) a job may be sent with: a model
+    without sizes takes none; an edit without a size is sent as ``auto``, a generation's size
+    may be left to the provider."""
+    shapes: set[tuple[str, str | None, str, bool]] = set()
+    for model in MODELS:
+        for response_format in RESPONSE_FORMATS:
+            for edit in (False, True):
+                if model in MODELS_WITHOUT_SIZE:
+                    sizes: tuple[str | None, ...] = (None,)
+                else:
+                    sizes = (*SIZES, AUTO_SIZE if edit else None)
+                shapes.update((model, size, response_format, edit) for size in sizes)
+    return frozenset(shapes)
+
+
+VALID_SHAPES: Final = _valid_shapes()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: a run may walk a million of them
 class Job:
     id: str
     prompt: str
     model: str
     size: str | None  # None: the provider's default tier; "auto": edits follow the reference
     response_format: str
+    content_hash: str  # of everything that shapes the image; see content_hash()
     images: tuple[Path, ...] = ()  # reference images, resolved, in upload order
     row: str = ""  # where the job came from, for messages: "row 3 (line 12)"
-    content_hash: str = ""  # of everything that shapes the image; see content_hash()
     variant: str = ""  # which expansion of a matrix row: "style=watercolor #2"
+
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem is not None:
+            raise ValueError(f"invalid job {self.id!r}: {problem}")
+
+    def _problem(self) -> str | None:
+        if not isinstance(self.id, str) or not JOB_ID_RE.fullmatch(self.id):
+            return "id must be 1-128 of A-Z a-z 0-9 . _ - and not start with a dot"
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            return "prompt must be non-blank text"
+        if type(self.images) is not tuple or not all(isinstance(p, Path) for p in self.images):
+            return "images must be a tuple of Paths"
+        if (self.model, self.size, self.response_format, bool(self.images)) not in VALID_SHAPES:
+            kind = "an edit" if self.images else "a generation"
+            return (
+                f"model {self.model!r}, size {self.size!r} and response_format "
+                f"{self.response_format!r} are no valid combination for {kind}"
+            )
+        if not isinstance(self.content_hash, str) or not _SHA256_RE.fullmatch(self.content_hash):
+            return (
+                "content_hash must be the sha256 (64 hex digits) of what shapes the image, "
+                "as content_hash() computes it: resume depends on it"
+            )
+        if not isinstance(self.row, str) or not isinstance(self.variant, str):
+            return "row and variant must be text"
+        return None
+
+    @classmethod
+    def restore(
+        cls,
+        id: str,
+        prompt: str,
+        model: str,
+        size: str | None,
+        response_format: str,
+        content_hash: str,
+        images: tuple[Path, ...],
+        row: str,
+        variant: str,
+    ) -> Job:
+        """A job rebuilt from the fields of one that was checked when it was made, without
+        checking them again, as unpickling rebuilds an object. For the spool, which rebuilds
+        every job of a manifest each time a run walks it: 0.5 µs a job, where the constructor
+        takes 2. Anything else makes jobs with the constructor."""
+        job = object.__new__(cls)
+        _set_id(job, id)
+        _set_prompt(job, prompt)
+        _set_model(job, model)
+        _set_size(job, size)
+        _set_response_format(job, response_format)
+        _set_content_hash(job, content_hash)
+        _set_images(job, images)
+        _set_row(job, row)
+        _set_variant(job, variant)
+        return job
 
     @property
     def where(self) -> str:
@@ -52,6 +140,20 @@ class Job:
         return int(width), int(height)
 
 
+# The slots' own setters, which a frozen dataclass's __setattr__ does not stand in front of.
+(
+    _set_id,
+    _set_prompt,
+    _set_model,
+    _set_size,
+    _set_response_format,
+    _set_content_hash,
+    _set_images,
+    _set_row,
+    _set_variant,
+) = (Job.__dict__[field.name].__set__ for field in dataclasses.fields(Job))
+
+
 def content_hash(
     *,
     model: str,
@@ -62,33 +164,50 @@ def content_hash(
     repeat_index: int | None = None,
 ) -> str:
     """A hash of everything that determines a job's image, reference bytes included (and, for
-    ``repeat``, which of the copies it is).
+    ``repeat``, which of the copies it is)."""
+    hasher = content_hasher(model, size, response_format, tuple(image_sha256s))
+    return hasher(prompt, repeat_index)
+
+
+class ContentHasher:
+    """:func:`content_hash` for the jobs that share a model, size, response format and
+    references: all of them, or nearly, in a manifest of millions.
 
     The hashed text is ``json.dumps(content, sort_keys=True, ensure_ascii=False)`` of a mapping
-    of those fields. Its bytes must never change: derived ids and resume depend on them (a test
-    pins them against ``json.dumps``). It is spelled out here because this runs once per job of
-    manifests of millions, where ``json.dumps`` would take three times as long: the text before
-    the prompt and after it is the same for most jobs of a manifest, so a hash of the first is
+    of those fields and the prompt. Its bytes must never change: derived ids and resume depend
+    on them (a test pins them against ``json.dumps``). It is spelled out here because this runs
+    once per job, where ``json.dumps`` would take three times as long: the text before the
+    prompt and after it is the same for the jobs sharing this hasher, so a hash of the first is
     kept (and copied) and the second is kept as bytes.
     """
-    head, tail = _hash_parts(model, size, response_format, tuple(image_sha256s))
-    digest = head.copy()
-    digest.update(encode_basestring(prompt).encode())
-    if repeat_index is not None:
-        digest.update(f', "repeat": {int(repeat_index)}'.encode())
-    digest.update(tail)
-    return digest.hexdigest()
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(
+        self, model: str, size: str | None, response_format: str, image_sha256s: tuple[str, ...]
+    ) -> None:
+        images = ", ".join(map(encode_basestring, image_sha256s))
+        head = f'{{"images": [{images}], "model": {encode_basestring(model)}, "prompt": '
+        size_json = "null" if size is None else encode_basestring(size)
+        tail = f', "response_format": {encode_basestring(response_format)}, "size": {size_json}}}'
+        self._head = hashlib.sha256(head.encode())
+        self._tail = tail.encode()
+
+    def __call__(self, prompt: str, repeat_index: int | None = None) -> str:
+        digest = self._head.copy()
+        digest.update(encode_basestring(prompt).encode())
+        if repeat_index is not None:
+            digest.update(f', "repeat": {int(repeat_index)}'.encode())
+        digest.update(self._tail)
+        return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=256)
-def _hash_parts(
+def content_hasher(
     model: str, size: str | None, response_format: str, image_sha256s: tuple[str, ...]
-) -> tuple[hashlib._Hash, bytes]:
-    images = ", ".join(map(encode_basestring, image_sha256s))
-    head = f'{{"images": [{images}], "model": {encode_basestring(model)}, "prompt": '
-    size_json = "null" if size is None else encode_basestring(size)
-    tail = f', "response_format": {encode_basestring(response_format)}, "size": {size_json}}}'
-    return hashlib.sha256(head.encode()), tail.encode()
+) -> ContentHasher:
+    """The (shared) :class:`ContentHasher` of jobs with these fields."""
+    return ContentHasher(model, size, response_format, image_sha256s)
 
 
 def derive_job_id(prompt: str, content_hash: str) -> str:

@@ -1,12 +1,14 @@
 """Facts about the provider's images API that the client, the manifest and the emulator share.
 
 Everything here comes from ``shared/API.md``: the models, the price, the 30 sizes, the fields the
-provider rejects, the error codes that stop a run, and how to tell an image format by its bytes.
-Data only: no I/O.
+provider rejects, the error codes that stop a run, what its rate-limit headers can announce, and
+how to tell an image format by its bytes. Data only: no I/O, and no import from the rest of the
+runner, so that :mod:`runner.errors` can build on it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final, Literal
 
 MICRO: Final = 1_000_000  # money is kept in integer micro-dollars, so sums are exact
@@ -50,6 +52,17 @@ SPEND_LIMIT_CODES: Final = frozenset(
         "spend_limit_reached",
     }
 )
+
+
+@dataclass(frozen=True)
+class RateLimitHeaders:
+    """What an answer's ``x-ratelimit-*-requests`` headers announce (parsed by
+    :func:`runner.http.headers.rate_limit_headers`); an error carries them to the pacer."""
+
+    limit_rpm: float | None = None
+    remaining: int | None = None
+    reset_s: float | None = None
+
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 EXTENSIONS: Final[dict[str, str]] = {"png": "png", "jpeg": "jpg", "webp": "webp"}

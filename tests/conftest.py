@@ -4,6 +4,7 @@ and a helper that runs the core exactly as the CLI does."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import socket
 import sqlite3
@@ -21,6 +22,7 @@ from runner.core.lifecycle import Run, RunOptions, RunReport
 from runner.core.retry import RetryConfig
 from runner.emulator import Emulator, EmulatorConfig
 from runner.http.client import ClientConfig
+from runner.jobs import Job, content_hash
 from runner.manifest.load import load_manifest
 
 TEST_KEY = "sk-test-0123456789abcdef"
@@ -66,6 +68,26 @@ def write_manifest(
         doc["defaults"] = defaults
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def make_job(
+    job_id: str,
+    prompt: str = "a picture",
+    *,
+    size: str | None = "1280x544",
+    response_format: str = "b64_json",
+    images: tuple[Path, ...] = (),
+) -> Job:
+    """A valid job built by hand, hashed as a manifest's would be; a reference need not exist
+    (its path's sha256 stands in for its bytes')."""
+    digest = content_hash(
+        model="gpt-image-2-vip",
+        prompt=prompt,
+        size=size,
+        response_format=response_format,
+        image_sha256s=[hashlib.sha256(str(path).encode()).hexdigest() for path in images],
+    )
+    return Job(job_id, prompt, "gpt-image-2-vip", size, response_format, digest, images)
 
 
 def options(out: Path, base_url: str, **overrides: Any) -> RunOptions:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from runner.images.files import inspect_image
+from runner.images.verify import inspect_image
 from runner.provider import SIZES
 from tests.conftest import MakeEmulator, make_ref, run_manifest, write_manifest
 

@@ -30,10 +30,12 @@ from runner.errors import (
     ServerError,
     UnfetchedImageError,
 )
-from runner.http.client import ClientConfig, ImageResult, ImagesClient, Usage
-from runner.images.files import ImageInvalid, inspect_image, is_temp_name
+from runner.http.answers import Usage
+from runner.http.client import ClientConfig, ImageResult, ImagesClient
+from runner.images.files import is_temp_name
+from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
-from tests.conftest import TEST_KEY, closed_port_url, serve_app
+from tests.conftest import TEST_KEY, closed_port_url, make_job, serve_app
 
 
 def png(size: tuple[int, int] = (1280, 544)) -> bytes:
@@ -102,7 +104,7 @@ def files_in(folder: Path) -> list[Path]:
 
 
 def job() -> Job:
-    return Job(id="j", prompt="p", model="gpt-image-2-vip", size="1280x544", response_format="url")
+    return make_job("j", "p", response_format="url")
 
 
 def client(server: FaultServer) -> ImagesClient:

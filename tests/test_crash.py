@@ -3,7 +3,7 @@ rerun until it finishes, then check the books against the emulator's own billing
 
 ``kill -9`` does not lose the page cache, so this tests process crashes, not power loss (see
 RELIABILITY.md); the fsync discipline for power loss is in :func:`runner.images.files.write_atomic`
-and the SQLite settings of :mod:`runner.store.sqlite`.
+and the SQLite settings of :mod:`runner.store.schema`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from runner.emulator import EmulatorConfig, EmulatorThread, RequestRecord
-from runner.images.files import inspect_image, is_temp_name
+from runner.images.files import is_temp_name
+from runner.images.verify import inspect_image
 from runner.provider import SIZES
 from tests.conftest import db_rows, make_ref, write_manifest
 from tests.test_cli import cli, env

@@ -19,7 +19,7 @@ from runner.emulator import Emulator
 from runner.errors import RunnerError, StoreError
 from runner.images.files import is_temp_name
 from runner.outputs.export import export_dataset
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore as Store
 from tests.conftest import make_ref, run_manifest, write_manifest
 from tests.test_cli import run_cli
 

@@ -22,7 +22,7 @@ from runner.http.client import ClientConfig, ImageResult, ImagesClient
 from runner.images.files import is_temp_name, temp_path_for
 from runner.jobs import Job
 from runner.manifest.load import load_manifest
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore
 from tests.conftest import (
     TEST_KEY,
     MakeEmulator,
@@ -329,12 +329,12 @@ async def test_a_failure_that_ends_a_job_is_one_commit(tmp_path: Path, emulator:
     """The attempt's outcome and the job's failed status: never a commit between the two, or a
     crash there leaves a billed job pending, paid for again by the next run."""
     out = tmp_path / "out"
-    store = Store.open(out)
+    store = SqliteStore.open(out)
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
     jobs = load_manifest(one_job(tmp_path, "badsize"))
     try:
-        store.upsert_jobs(jobs)
+        store.plan_jobs(jobs)
         async with ImagesClient(ClientConfig(emulator.base_url, TEST_KEY)) as client:
             await Pool(client, store, out / "images").run(jobs)
     finally:
@@ -365,9 +365,9 @@ async def test_a_network_os_error_is_a_possible_charge_not_a_full_disk(tmp_path:
             return ImageResult(tmp, len(buffer.getvalue()), None)
 
     jobs = load_manifest(one_job(tmp_path, "ok"))
-    store = Store.open(out)
+    store = SqliteStore.open(out)
     try:
-        store.upsert_jobs(jobs)
+        store.plan_jobs(jobs)
         pool = Pool(ResetOnce(), store, out / "images", retry=RetryConfig(backoff_initial_s=0.001))
         result = await pool.run(jobs)
     finally:

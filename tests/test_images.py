@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from runner.images.files import (
-    MAX_FULL_DECODES,
-    ImageInvalid,
-    WrongSize,
-    inspect_image,
-    remove_temp_files,
-    write_atomic_copy,
-)
+from runner.images.files import remove_temp_files, write_atomic_copy
+from runner.images.verify import MAX_FULL_DECODES, ImageInvalid, WrongSize, inspect_image
 
 
 def png_file(folder: Path, size: tuple[int, int] = (64, 40)) -> Path:

@@ -3,21 +3,24 @@ wrote them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from runner.errors import JobFailedError, ServerError
+from runner.errors import JobFailedError, ServerError, StoreError
 from runner.images.files import is_temp_name
 from runner.jobs import Job
 from runner.outputs import ledger as ledger_module
 from runner.outputs.ledger import RESULTS_COLUMNS, write_ledger
-from runner.store.sqlite import Outcome, Store
+from runner.store.base import Outcome, SavedImage
+from runner.store.sqlite import SqliteStore as Store
+from tests.conftest import make_job
 
 
 def job(job_id: str, prompt: str = "a picture", images: tuple[Path, ...] = ()) -> Job:
-    return Job(job_id, prompt, "gpt-image-2-vip", "1280x544", "b64_json", images, "", "h" + job_id)
+    return make_job(job_id, prompt, images=images)
 
 
 @pytest.fixture
@@ -35,26 +38,27 @@ def test_results_follow_the_manifest_across_batches(tmp_path: Path, small_batche
         job("never-planned"),
     ]
     with Store.open(tmp_path / "out") as store:
-        store.upsert_jobs(jobs[:4])
-        store.begin_attempt(jobs[0], 1)
+        store.plan_jobs(jobs[:4])
+        store.commit_intent(jobs[0])
         (store.folder / "images").mkdir()
         (store.folder / "images" / "zz-done.png").write_bytes(b"png")
-        store.record_success(
+        store.commit_success(
             "zz-done",
             1,
             Outcome("confirmed", 30_000, 10, 20, 30),
-            image_path="images/zz-done.png",
-            width=1280,
-            height=544,
-            sha256="ab" * 32,
+            SavedImage("images/zz-done.png", 1280, 544, "ab" * 32),
         )
-        store.begin_attempt(jobs[1], 1)
-        store.record_attempt("aa-failed", 1, Outcome("none"))
+        store.commit_intent(jobs[1])
         refused = JobFailedError("no", job_id="aa-failed", status=400, code="content_policy")
-        store.mark_failed("aa-failed", refused, retry_later=False)
-        store.begin_attempt(jobs[2], 1)
-        store.record_attempt("mm-retry", 1, Outcome("possible", 30_000, error="timeout"))
-        store.mark_failed("mm-retry", ServerError("down", job_id="mm-retry"), retry_later=True)
+        store.commit_failure("aa-failed", 1, Outcome("none"), refused, retry_later=False)
+        store.commit_intent(jobs[2])
+        store.commit_failure(
+            "mm-retry",
+            1,
+            Outcome("possible", 30_000, error="timeout"),
+            ServerError("down", job_id="mm-retry"),
+            retry_later=True,
+        )
         files = write_ledger(iter(jobs), store)
 
     t = files.totals
@@ -97,3 +101,37 @@ def test_an_empty_manifest_still_gets_files_with_their_columns(tmp_path: Path) -
     assert pd.read_csv(files.ledger_csv).empty
     assert files.totals.jobs == 0
     assert not [p for p in (tmp_path / "out").iterdir() if is_temp_name(p.name)]
+
+
+def test_the_ledger_streams_typed_attempts(tmp_path: Path) -> None:
+    """The ledger's attempts come as named records, read as they are consumed (a folder's
+    history may hold millions), not as one list."""
+    jobs = [job("a"), job("b"), job("c")]
+    with Store.open(tmp_path / "out") as store:
+        store.plan_jobs(jobs)
+        for j in jobs:
+            assert store.commit_intent(j) == 1
+        store.commit_outcome("a", 1, Outcome("confirmed", 30_000, 1, 2, 3))
+        store.commit_outcome("b", 1, Outcome("none"))
+        store.commit_outcome("c", 1, Outcome("possible", 30_000, error="reset"))
+        attempts = store.views().billed_attempts()
+        assert isinstance(attempts, Iterator) and not isinstance(attempts, list)
+        first = next(attempts)
+        assert (first.job_id, first.attempt, first.billing, first.cost_micro_usd) == (
+            "a",
+            1,
+            "confirmed",
+            30_000,
+        )
+        assert first.total_tokens == 3 and first.size == "1280x544"
+        assert [(a.job_id, a.billing) for a in attempts] == [("c", "possible")]
+        assert store.views().spend() == (30_000, 30_000)
+
+
+def test_an_unreadable_checkpoint_is_a_store_error_and_leaves_no_file(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "out") as store:
+        store.plan_jobs([job("a")])
+        store.db.execute("DROP TABLE attempts")
+        with pytest.raises(StoreError, match="out: cannot read the checkpoint: no such table"):
+            write_ledger([job("a")], store)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "checkpoint.sqlite"]

@@ -11,13 +11,16 @@ import pandas as pd
 import pytest
 
 from runner.core.admission import (
+    Admission,
     BreakerConfig,
     Budget,
     BudgetExhausted,
     CircuitBreaker,
+    Halt,
     OutageTooLong,
 )
 from runner.core.lifecycle import Run
+from runner.core.pacer import RateLimiter
 from runner.manifest.load import load_manifest
 from tests.conftest import MakeEmulator, options, write_manifest
 
@@ -200,3 +203,39 @@ async def test_a_stop_wakes_callers_waiting_on_an_open_breaker() -> None:
     assert await breaker.admit(keep_going=lambda: not stopping) is None
     await stopper
     assert t.now < 1000.0
+
+
+async def test_admission_holds_the_price_of_each_attempt_until_it_settles() -> None:
+    """With room for one image under the cap, a second attempt waits while the first is in
+    flight; the first ending unbilled lets it in, and one billed ends the run's admissions."""
+    stopping = False
+    admission = Admission(
+        Budget(30_000, 0), CircuitBreaker(), RateLimiter(), keep_going=lambda: not stopping
+    )
+    first = await admission.admit("generations")
+    second = asyncio.ensure_future(admission.admit("generations"))
+    await asyncio.sleep(0.01)
+    assert not second.done()  # the first attempt's reservation fills the budget
+    admission.settle(0)  # the first ended unbilled: its price is free again
+    ticket = await asyncio.wait_for(second, 1)
+    assert (first.probe, ticket.probe) == (False, False)
+    admission.settle(30_000)  # the second was billed: the cap is reached
+    with pytest.raises(Halt, match=r"the budget of \$0.03 is reached"):
+        await admission.admit("edits")
+
+
+async def test_an_admission_waiting_for_budget_ends_when_the_run_stops() -> None:
+    stopping = False
+    admission = Admission(
+        Budget(30_000, 0), CircuitBreaker(), RateLimiter(), keep_going=lambda: not stopping
+    )
+    ticket = await admission.admit("generations")
+    waiting = asyncio.ensure_future(admission.admit("generations"))
+    await asyncio.sleep(0.01)
+    stopping = True
+    admission.wake()
+    with pytest.raises(Halt) as halt:
+        await asyncio.wait_for(waiting, 1)
+    assert halt.value.reason is None  # a stop, not a reason of its own
+    admission.release(ticket)  # never sent: the reservation is given back
+    assert admission.budget.reserved_micro_usd == 0

@@ -23,9 +23,10 @@ from PIL import Image
 
 from runner.errors import ManifestError, ManifestIssue
 from runner.jobs import JOB_ID_RE, Job, content_hash, derive_job_id
-from runner.manifest import load as manifest_module
+from runner.manifest import YAML_MAX_BYTES, load_manifest
+from runner.manifest import read as read_module
+from runner.manifest import references as references_module
 from runner.manifest import spool as spool_module
-from runner.manifest.load import YAML_MAX_BYTES, load_manifest
 from runner.provider import REFERENCE_MAX_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -395,6 +396,60 @@ def test_size_hint_only_when_it_is_the_case_or_the_cross(tmp_path: Path) -> None
     assert "'1000x1000'" in issue.message
 
 
+@pytest.mark.parametrize(
+    ("size", "meant"),
+    [
+        ("2048x2084", "2048x2048"),  # digits transposed
+        ("2048X2048", "2048x2048"),
+        ("2048*2048", "2048x2048"),
+        ("2048 x 2048", "2048x2048"),
+        ("2048\u00d72048", "2048x2048"),
+        ("2048x204", "2048x2048"),  # a digit left out
+        ("2408x2048", "2048x2048"),
+        ("864x2048", "2048x864"),  # width and height swapped
+        ("1280x1000", "1280x1280 or 1280x1024"),  # equally near
+    ],
+)
+def test_a_near_miss_of_a_size_says_what_was_meant(tmp_path: Path, size: str, meant: str) -> None:
+    (issue,) = issues_of(one_job(tmp_path, {"prompt": "a", "size": size}))
+    first_line = issue.message.splitlines()[0]
+    assert first_line.startswith(f"{size!r} is not one of the 30 sizes")
+    assert first_line.endswith(f"; did you mean {meant}?")
+
+
+@pytest.mark.parametrize("size", ["1000x1000", "1024x1024", "big", "4096x4096"])
+def test_a_size_far_from_all_30_gets_no_guess(tmp_path: Path, size: str) -> None:
+    (issue,) = issues_of(one_job(tmp_path, {"prompt": "a", "size": size}))
+    assert "did you mean" not in issue.message
+
+
+def test_the_30_sizes_are_listed_by_tier_in_the_first_size_message_only(tmp_path: Path) -> None:
+    from runner.provider import SIZES
+
+    path = write_yaml_doc(
+        tmp_path / "m.yaml",
+        {"defaults": {"size": "2048x2084"}, "jobs": [{"prompt": "a"}, {"prompt": "b"}]},
+    )
+    first, second = issues_of(path)
+    lines = first.message.splitlines()
+    assert lines[0] == "'2048x2084' is not one of the 30 sizes; did you mean 2048x2048?"
+    assert [line.split(": ")[0] for line in lines[1:]] == ["    1K", "    2K", "    4K"]
+    listed = [size for line in lines[1:] for size in line.split(": ")[1].split()]
+    assert listed == list(SIZES)
+    assert second.message == (
+        "'2048x2084' is not one of the 30 sizes (listed above); did you mean 2048x2048?"
+    )
+
+
+def test_the_readme_lists_the_30_sizes_by_ratio_and_tier() -> None:
+    from runner.provider import SIZES
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| \d+:\d+ \| `(\w+)` \| `(\w+)` \| `(\w+)` \|$", readme, re.MULTILINE)
+    assert len(rows) == 10
+    assert [size for tier in zip(*rows, strict=True) for size in tier] == list(SIZES)
+
+
 def test_every_one_of_the_30_sizes_is_accepted(tmp_path: Path) -> None:
     from runner.provider import SIZES
 
@@ -660,13 +715,13 @@ def test_oversized_reference_is_refused_before_decoding(
 ) -> None:
     _over_10_mb(tmp_path / "big.png")
     decoded: list[int] = []
-    real = manifest_module.inspect_image
+    real = references_module.inspect_image
 
     def spy(data: bytes, *args: Any, **kwargs: Any) -> Any:
         decoded.append(len(data))
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(manifest_module, "inspect_image", spy)
+    monkeypatch.setattr(references_module, "inspect_image", spy)
     issues = issues_of(one_job(tmp_path, {"prompt": "edit", "images": ["big.png"]}))
     assert "over the 10 MB limit" in issues[0].message
     assert decoded == []
@@ -972,7 +1027,7 @@ def test_yaml_over_64_mib_is_refused_unread(tmp_path: Path) -> None:
 
 def test_csv_has_no_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CSV is read row by row, so its size is not limited; YAML is parsed whole, so it is."""
-    monkeypatch.setattr(manifest_module, "YAML_MAX_BYTES", 100)
+    monkeypatch.setattr(read_module, "YAML_MAX_BYTES", 100)
     rows = "".join(f"img-{i},a prompt number {i}\n" for i in range(20))
     csv_path = write_text(tmp_path / "m.csv", "id,prompt\n" + rows)
     assert csv_path.stat().st_size > 100
@@ -1293,14 +1348,15 @@ def test_a_big_csv_is_streamed_and_every_problem_still_reported(tmp_path: Path) 
     assert lines[0] == f"{path}: 2 problems, nothing was sent:"
     assert lines[1] == (
         "  row 1 (line 2), field size: '2048X2048' is not one of the 30 sizes "
-        "(use a lowercase ASCII x)"
+        "(use a lowercase ASCII x); did you mean 2048x2048?"
     )
-    assert lines[2] == (
+    assert [line.split(":")[0] for line in lines[2:5]] == ["    1K", "    2K", "    4K"]
+    assert lines[5] == (
         "  row 900000 (line 900001), field id: 'IMG-3' is already used by row 3 (line 4) "
         "(ids differ only in case)"
     )
     if sys.platform == "linux":  # in kB; the jobs as objects alone would take ~400 MB
-        assert int(lines[3].split()[1]) < 350 * 1024
+        assert int(lines[6].split()[1]) < 350 * 1024
 
 
 def test_a_duplicate_far_behind_is_named_with_its_row(

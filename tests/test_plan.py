@@ -20,21 +20,14 @@ from PIL import Image
 from runner.core import plan as plan_module
 from runner.core.plan import IMAGES_DIR, Plan, make_plan
 from runner.errors import JobFailedError, ServerError, StoreError
-from runner.jobs import Job, content_hash
-from runner.store.sqlite import Outcome, Store
-from tests.conftest import folder_state
+from runner.jobs import Job
+from runner.store import Outcome, SavedImage
+from runner.store.sqlite import SqliteStore
+from tests.conftest import db_rows, folder_state, make_job
 
 
 def job(n: int, prompt: str = "") -> Job:
-    prompt = prompt or f"picture {n}"
-    digest = content_hash(
-        model="gpt-image-2-vip",
-        prompt=prompt,
-        size="1280x544",
-        response_format="b64_json",
-        image_sha256s=[],
-    )
-    return Job(f"j{n:02d}", prompt, "gpt-image-2-vip", "1280x544", "b64_json", (), "", digest)
+    return make_job(f"j{n:02d}", prompt or f"picture {n}")
 
 
 def png(color: str = "navy") -> bytes:
@@ -43,40 +36,30 @@ def png(color: str = "navy") -> bytes:
     return buffer.getvalue()
 
 
-def finish(store: Store, j: Job, data: bytes | None = None) -> Path:
+def finish(store: SqliteStore, j: Job, data: bytes | None = None) -> Path:
     """Record ``j`` as the pool does: intent, image durably written, then the outcome."""
     data = data or png()
-    attempt = store.next_attempt(j.id)
-    store.begin_attempt(j, attempt)
+    attempt = store.commit_intent(j)
     path = store.folder / IMAGES_DIR / f"{j.id}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    store.record_success(
-        j.id,
-        attempt,
-        Outcome("confirmed", 30_000),
-        image_path=f"{IMAGES_DIR}/{j.id}.png",
-        width=1280,
-        height=544,
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
+    image = SavedImage(f"{IMAGES_DIR}/{j.id}.png", 1280, 544, hashlib.sha256(data).hexdigest())
+    store.commit_success(j.id, attempt, Outcome("confirmed", 30_000), image)
     return path
 
 
-def fail(store: Store, j: Job, *, for_good: bool) -> None:
-    attempt = store.next_attempt(j.id)
-    store.begin_attempt(j, attempt)
-    store.record_attempt(j.id, attempt, Outcome("none"))
+def fail(store: SqliteStore, j: Job, *, for_good: bool) -> None:
+    attempt = store.commit_intent(j)
     error = (
         JobFailedError("refused", job_id=j.id, status=400, code="content_policy_violation")
         if for_good
         else ServerError("down", job_id=j.id, status=503)
     )
-    store.mark_failed(j.id, error, retry_later=not for_good)
+    store.commit_failure(j.id, attempt, Outcome("none"), error, retry_later=not for_good)
 
 
 def plan_of(out: Path, jobs: list[Job], **kwargs: object) -> Plan:
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         return make_plan(jobs, store, **kwargs)  # type: ignore[arg-type]
 
 
@@ -98,7 +81,7 @@ def a_folder_in_every_state(out: Path) -> list[Job]:
     """Ten jobs: done, done then deleted, done then altered, failed for good, failed for now,
     an image written but not recorded (to adopt), pending, and three never planned."""
     jobs = [job(n) for n in range(10)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs[:7], store)
         for n in (0, 1, 2):
             finish(store, jobs[n])
@@ -141,9 +124,8 @@ def test_batches_of_any_size_plan_the_same(tmp_path: Path, batch_size: int) -> N
     assert whole.rehashed == 2  # j00 (intact, copied) and j02 (altered); j01 is gone
     assert (batched / "replaced" / "j02.png").is_file()  # altered: kept aside, not adopted
     for folder in (reference, batched):
-        with Store.open(folder) as store:
-            rows = store.query("SELECT job_id, status FROM jobs ORDER BY job_id")
-        assert [tuple(r) for r in rows] == [
+        rows = db_rows(folder, "SELECT job_id, status FROM jobs ORDER BY job_id")
+        assert rows == [
             ("j00", "succeeded"),
             ("j01", "pending"),
             ("j02", "pending"),
@@ -159,12 +141,12 @@ def test_batches_of_any_size_plan_the_same(tmp_path: Path, batch_size: int) -> N
 
 def test_each_batch_is_one_transaction(tmp_path: Path) -> None:
     jobs = [job(n) for n in range(10)]
-    with Store.open(tmp_path / "out") as store:
+    with SqliteStore.open(tmp_path / "out") as store:
         statements: list[str] = []
         store.db.set_trace_callback(statements.append)
         make_plan(jobs, store, batch_size=4)
         store.db.set_trace_callback(None)
-        assert len(store.query("SELECT * FROM jobs")) == 10
+    assert len(db_rows(tmp_path / "out", "SELECT * FROM jobs")) == 10
     # Settling attempts left in flight, then 3 batches (4 + 4 + 2 jobs).
     assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 1 + 3
 
@@ -174,23 +156,22 @@ def test_a_failing_batch_rolls_back_whole_and_earlier_batches_stay(
 ) -> None:
     out = tmp_path / "out"
     jobs = [job(n) for n in range(6)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs[:4], store)
         finish(store, jobs[3])
     (out / IMAGES_DIR / "j03.png").unlink()
     (out / IMAGES_DIR / "j03.png").mkdir()  # unreadable, not missing: the plan must stop
 
-    with pytest.raises(StoreError, match="cannot read"), Store.open(out) as store:
+    with pytest.raises(StoreError, match="cannot read"), SqliteStore.open(out) as store:
         make_plan(jobs, store, batch_size=3)
-    with Store.open(out) as store:
-        ids = [r[0] for r in store.query("SELECT job_id FROM jobs ORDER BY job_id")]
+    ids = [r[0] for r in db_rows(out, "SELECT job_id FROM jobs ORDER BY job_id")]
     assert ids == ["j00", "j01", "j02", "j03"]  # the second batch (j03-j05) left no trace
 
 
 def test_a_rerun_hashes_no_intact_image(tmp_path: Path, hashed: list[Path]) -> None:
     out = tmp_path / "out"
     jobs = [job(n) for n in range(5)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         for j in jobs:
             finish(store, j)
@@ -204,7 +185,7 @@ def test_a_touched_image_is_hashed_once_then_trusted_again(
 ) -> None:
     out = tmp_path / "out"
     jobs = [job(n) for n in range(3)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         touched = [finish(store, j) for j in jobs][1]
     stat = touched.stat()
@@ -225,7 +206,7 @@ def test_an_altered_image_of_the_same_size_and_mtime_is_made_again(
     ``exiftool -P``) cannot put back its ctime: the image is hashed, found altered, redone."""
     out = tmp_path / "out"
     jobs = [job(n) for n in range(2)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         image, _ = (finish(store, j) for j in jobs)
     before = image.stat()
@@ -246,7 +227,7 @@ def test_an_altered_image_of_the_same_size_and_mtime_is_made_again(
 def test_a_deleted_image_is_made_again_without_hashing(tmp_path: Path, hashed: list[Path]) -> None:
     out = tmp_path / "out"
     jobs = [job(0)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         finish(store, jobs[0]).unlink()
     again = plan_of(out, jobs)
@@ -261,7 +242,7 @@ def test_images_recorded_before_the_stat_columns_are_hashed_once(
     image (as every run used to) and records its stat; the next run hashes none."""
     out = tmp_path / "out"
     jobs = [job(n) for n in range(3)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         for j in jobs:
             finish(store, j)
@@ -272,7 +253,7 @@ def test_images_recorded_before_the_stat_columns_are_hashed_once(
         db.execute("DELETE FROM migrations WHERE version = 3")
     db.close()
 
-    with pytest.raises(StoreError, match="older"), Store.open_for_dry_run(out) as store:
+    with pytest.raises(StoreError, match="older"), SqliteStore.open_for_dry_run(out) as store:
         make_plan(jobs, store, dry_run=True)  # which cannot bring it up to date
     assert plan_of(out, jobs).rehashed == 3
     assert len(hashed) == 3
@@ -304,7 +285,7 @@ def test_an_image_of_a_job_not_in_the_manifest_is_left_alone(tmp_path: Path) -> 
 def test_changed_content_in_a_later_batch_starts_over(tmp_path: Path) -> None:
     out = tmp_path / "out"
     jobs = [job(n) for n in range(5)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         for j in jobs:
             finish(store, j)
@@ -318,7 +299,7 @@ def test_changed_content_in_a_later_batch_starts_over(tmp_path: Path) -> None:
 def test_failed_for_good_are_skipped_unless_asked(tmp_path: Path) -> None:
     out = tmp_path / "out"
     jobs = [job(n) for n in range(4)]
-    with Store.open(out) as store:
+    with SqliteStore.open(out) as store:
         make_plan(jobs, store)
         fail(store, jobs[1], for_good=True)
         fail(store, jobs[2], for_good=False)
@@ -372,10 +353,9 @@ def test_a_dry_run_plans_what_a_run_would_and_changes_nothing(
 ) -> None:
     made = tmp_path / "made"
     jobs = a_folder_in_every_state(made)
-    with Store.open(made) as store:
-        store.begin_attempt(jobs[6], store.next_attempt(jobs[6].id))  # cut off in flight
-        attempt = store.next_attempt(jobs[5].id)  # j05's image was written, then the crash
-        store.begin_attempt(jobs[5], attempt)
+    with SqliteStore.open(made) as store:
+        store.commit_intent(jobs[6])  # cut off in flight
+        store.commit_intent(jobs[5])  # j05's image was written, then the crash
     (made / IMAGES_DIR / ".tmp-0123456789ab-j07.png").write_bytes(b"half an image")
     (made / IMAGES_DIR / "j08.png.tmp-0123456789ab").write_bytes(b"half an image")
     edited = [job(0, "a different picture"), *jobs[1:]]  # j00 changed under the same id
@@ -384,7 +364,7 @@ def test_a_dry_run_plans_what_a_run_would_and_changes_nothing(
         shutil.copytree(made, folder)
     before = folder_state(dry_folder)
 
-    with Store.open_for_dry_run(dry_folder) as store:
+    with SqliteStore.open_for_dry_run(dry_folder) as store:
         dry = make_plan(edited, store, dry_run=True, batch_size=batch_size)
     assert folder_state(dry_folder) == before
     real = plan_of(real_folder, edited, batch_size=batch_size)
@@ -406,13 +386,13 @@ def test_a_dry_run_of_a_folder_without_checkpoint_creates_nothing(tmp_path: Path
     (out / IMAGES_DIR / "j01.png").write_bytes(png())
     jobs = [job(n) for n in range(3)]
     before = folder_state(out)
-    with Store.open_for_dry_run(out) as store:
+    with SqliteStore.open_for_dry_run(out) as store:
         dry = make_plan(jobs, store, dry_run=True)
     assert folder_state(out) == before
     assert [j.id for j in dry.todo] == ["j00", "j02"] and dry.adopted == 1
 
     nowhere = tmp_path / "nowhere"
-    with Store.open_for_dry_run(nowhere) as store:
+    with SqliteStore.open_for_dry_run(nowhere) as store:
         dry = make_plan(jobs, store, dry_run=True)
     assert not nowhere.exists()
     assert len(dry.todo) == 3 and dry.spent_micro_usd == (0, 0)

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from runner.emulator import Emulator
-from runner.images.files import inspect_image, write_atomic_copy
+from runner.images.files import write_atomic_copy
 from runner.images.provenance import add_provenance, provenance_splices
+from runner.images.verify import inspect_image
 from tests.conftest import run_manifest, write_manifest
 
 FIELDS = {

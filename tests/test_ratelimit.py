@@ -1,4 +1,4 @@
-"""The rate limiter: header parsing, the lane's pacing logic against a simulated token bucket
+"""The rate limiter: the lane's pacing logic against a simulated token bucket
 (on a virtual clock, so figures are exact and the test takes no time), and the whole runner
 against real rate-limiting HTTP servers, judged by the server's own books: what it answered and
 when each request arrived, never by the client's clock around the run."""
@@ -17,55 +17,13 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 from PIL import Image
 
 from runner.core.lifecycle import Run
-from runner.core.pacer import (
-    Lane,
-    PacerConfig,
-    RateLimiter,
-    RateLimitHeaders,
-    parse_duration,
-    rate_limit_headers,
-)
+from runner.core.pacer import Lane, PacerConfig, RateLimiter
 from runner.manifest.load import load_manifest
+from runner.provider import RateLimitHeaders
 from tests.conftest import options, serve_app, write_manifest
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("1s", 1.0),
-        ("6m0s", 360.0),
-        ("250ms", 0.25),
-        ("1h2m3.5s", 3723.5),
-        ("0.5", 0.5),
-        ("20", 20.0),
-        ("", None),
-        ("soon", None),
-        ("1s later", None),
-        ("-1", None),
-        ("nan", None),
-    ],
-)
-def test_parse_duration(text: str, seconds: float | None) -> None:
-    assert parse_duration(text) == seconds
-
-
-def test_rate_limit_headers() -> None:
-    assert rate_limit_headers(CIMultiDict({"content-type": "application/json"})) is None
-    headers = CIMultiDict(
-        {
-            "X-RateLimit-Limit-Requests": "300",
-            "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": "1.5s",
-        }
-    )
-    assert rate_limit_headers(headers) == RateLimitHeaders(300.0, 0, 1.5)
-    junk = CIMultiDict({"x-ratelimit-limit-requests": "lots", "x-ratelimit-reset-requests": "?"})
-    assert rate_limit_headers(junk) == RateLimitHeaders(None, None, None)
-
 
 # --- the lane against a simulated token bucket -----------------------------------------------
 

@@ -9,6 +9,7 @@ import html
 import io
 import re
 import shutil
+import sqlite3
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -18,10 +19,11 @@ import pytest
 from PIL import Image
 
 from runner.emulator import Emulator, EmulatorConfig
+from runner.errors import StoreError
 from runner.images.files import is_temp_name
 from runner.outputs import report
 from runner.outputs.report import write_report
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore as Store
 from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -294,3 +296,16 @@ def test_browser_screenshot_shows_the_thumbnails(made: tuple[Path, str], tmp_pat
         colour = colours[counts.argmax()].astype(np.int16)
         close = (np.abs(pixels - colour).max(axis=2) < 12).sum()
         assert close > 5000, f"no thumbnail of colour {colour} on the screenshot"
+
+
+def test_a_checkpoint_being_created_is_a_store_error(tmp_path: Path) -> None:
+    """The store, not SQLite, tells that it cannot be read; nothing is written."""
+    (tmp_path / "out").mkdir()
+    sqlite3.connect(tmp_path / "out" / "checkpoint.sqlite").close()  # no tables yet
+    store = Store.open_read_only(tmp_path / "out")
+    try:
+        with pytest.raises(StoreError, match="out: cannot read the checkpoint: no such table"):
+            write_report(store)
+    finally:
+        store.close()
+    assert not (tmp_path / "out" / "report.html").exists()

@@ -1,14 +1,11 @@
-"""The retry policy with an injected sleep: which errors are retried, how long the waits are,
-and how Retry-After headers are read."""
+"""The retry policy with an injected sleep: which errors are retried, and how long the waits
+are (how Retry-After headers are read is in test_headers)."""
 
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from runner.core.retry import RetryAfterTooLong, RetryConfig, backoff_s, make_retrying
 from runner.errors import (
@@ -19,7 +16,6 @@ from runner.errors import (
     RunStoppedError,
     ServerError,
 )
-from runner.http.client import retry_after_from
 
 
 async def run_with(errors: list[ApiError], config: RetryConfig) -> tuple[int, list[float]]:
@@ -79,21 +75,6 @@ async def test_attempts_are_capped() -> None:
 def test_backoff_is_capped() -> None:
     config = RetryConfig(backoff_initial_s=0.5, backoff_max_s=8.0)
     assert backoff_s(config, 20, random.Random(1)) <= 8.0
-
-
-def headers(**values: str) -> CIMultiDictProxy[str]:
-    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
-
-
-def test_retry_after_header_forms() -> None:
-    assert retry_after_from(headers(retry_after_ms="1500", retry_after="9")) == 1.5
-    assert retry_after_from(headers(retry_after="2.5")) == 2.5
-    when = datetime.now(UTC) + timedelta(seconds=30)
-    parsed = retry_after_from(headers(retry_after=format_datetime(when, usegmt=True)))
-    assert parsed is not None and 25 <= parsed <= 30
-    assert retry_after_from(headers(retry_after="soon")) is None
-    assert retry_after_from(headers()) is None
-    assert retry_after_from(headers(retry_after="-3")) is None
 
 
 async def test_a_long_retry_after_on_the_last_attempt_fails_the_job_only() -> None:

@@ -25,7 +25,7 @@ from runner.http.client import ImageResult, ImagesClient
 from runner.images.files import is_temp_name, temp_path_for
 from runner.jobs import Job
 from runner.manifest.load import load_manifest
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore
 from tests.conftest import (
     MakeEmulator,
     db_exec,
@@ -206,7 +206,7 @@ async def test_reordered_and_extended_manifest_only_runs_new_jobs(
 
 async def test_second_run_on_same_folder_is_refused(tmp_path: Path, emulator: Emulator) -> None:
     manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
-    holder = Store.open(out)
+    holder = SqliteStore.open(out)
     try:
         with pytest.raises(OutputLockedError, match="in use by another"):
             await run_manifest(manifest, out, emulator.base_url)
@@ -264,7 +264,7 @@ async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path)
             tmp.write_bytes(buffer.getvalue())
             return ImageResult(tmp, len(buffer.getvalue()), None)
 
-    store = Store.open(out)
+    store = SqliteStore.open(out)
     try:
         pool = Pool(
             Flaky(),
@@ -274,9 +274,9 @@ async def test_an_unexpected_error_costs_one_attempt_not_the_run(tmp_path: Path)
             retry=RetryConfig(backoff_initial_s=0.001),
         )
         result = await pool.run(jobs)
-        rows = store.query("SELECT job_id, attempt, state FROM attempts ORDER BY job_id, attempt")
     finally:
         store.close()
+    rows = db_rows(out, "SELECT job_id, attempt, state FROM attempts ORDER BY job_id, attempt")
     assert result.stop_reason is None and result.progress.succeeded == 3
     assert not [p for p in (out / "images").iterdir() if is_temp_name(p.name)]
     assert [tuple(r) for r in rows if r[0] == "j1"] == [
@@ -465,10 +465,10 @@ async def test_a_dry_run_reads_a_folder_a_live_run_is_writing(
     )
     out = tmp_path / "out"
     jobs = load_manifest(manifest)
-    live = Store.open(out)
+    live = SqliteStore.open(out)
     try:
-        live.upsert_jobs(jobs)
-        live.begin_next_attempt(jobs[0])
+        live.plan_jobs(jobs)
+        live.commit_intent(jobs[0])
         assert (out / "checkpoint.sqlite-wal").stat().st_size > 0
         before = folder_state(out)
         planned = await dry_run(manifest, out, emulator.base_url)
@@ -504,7 +504,7 @@ async def test_a_cancelled_run_writes_its_books_then_passes_the_cancel_on(
     ledger = pd.read_csv(out / "ledger.csv")
     assert list(ledger["billing"]) == ["possible", "possible"]  # the two dropped in flight
     assert len(pd.read_csv(out / "results.csv")) == 4
-    Store.open(out).close()  # the folder is free again
+    SqliteStore.open(out).close()  # the folder is free again
 
 
 class _ManyJobs(Sequence[Job]):

@@ -118,8 +118,8 @@ def run_cli_with_default_provider(
     emulator), so that a test sees whatever would have gone to the third-party host."""
     script = (
         "import sys\n"
-        "import runner.http.client\n"
-        "runner.http.client.DEFAULT_BASE_URL = sys.argv.pop(1)\n"
+        "import runner.http.credentials\n"
+        "runner.http.credentials.DEFAULT_BASE_URL = sys.argv.pop(1)\n"
         "from runner.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )

@@ -17,11 +17,11 @@ def job(n: int, images: tuple[Path, ...] = ()) -> Job:
         f"j{n}",
         f'prompt {n} \u6c34\u58a8 "quoted"\n',
         "gpt-image-2-vip",
-        None if n % 5 == 0 else "1280x544",
+        ("auto" if images else None) if n % 5 == 0 else "1280x544",
         "url" if n % 2 else "b64_json",
+        f"{n:064x}",
         images,
         f"row {n} (line {n + 1})",
-        f"{n:064x}",
         f"style=ink #{n}" if n % 3 == 0 else "",
     )
 
@@ -77,3 +77,16 @@ def test_spills_to_disk_past_its_memory_budget(monkeypatch: pytest.MonkeyPatch) 
     assert list(spool) == [job(n) for n in range(500)]
     assert spool[257] == job(257)
     spool.close()
+
+
+def test_a_row_of_many_jobs_fills_several_chunks(small_chunks: None) -> None:
+    """A matrix row gives its jobs at once: they are cut into whole chunks, the rest pending."""
+    spool = JobSpool()
+    spool.extend([job(0)])
+    packed = [
+        (j.id, j.prompt, j.model, j.size, j.response_format, j.content_hash, (), j.row, j.variant)
+        for j in (job(n) for n in range(1, 11))
+    ]
+    spool.extend_packed(packed)
+    assert len(spool) == 11 and len(spool._chunks) == 2  # 8 jobs in chunks, 3 pending
+    assert list(spool) == [job(n) for n in range(11)]

@@ -16,7 +16,8 @@ from runner.core.lifecycle import Run
 from runner.emulator import Emulator, EmulatorConfig, EmulatorThread
 from runner.manifest.load import load_manifest
 from runner.outputs.status import RunStatus, format_status, read_status
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore as Store
+from runner.store.views import LastRun, StatusFacts
 from tests.conftest import db_rows, options, run_manifest, write_manifest
 from tests.test_cli import cli, env, run_cli
 
@@ -216,3 +217,43 @@ async def test_a_dry_run_leaves_the_run_history_alone(tmp_path: Path, emulator: 
     assert status is not None and status.last_run is not None
     assert (status.last_run.run_id, status.last_run.outcome) == (1, stopped.stop_reason)
     assert f"stopped: run 1: {stopped.stop_reason}" in format_status(status)
+
+
+class FactsOnly:
+    """A store that is no SQLite: status needs nothing but its folder and its status facts."""
+
+    def __init__(self, folder: Path, facts: StatusFacts | None) -> None:
+        self.folder = folder
+        self.facts = facts
+
+    def views(self) -> Any:
+        return self
+
+    def status_facts(self) -> StatusFacts | None:
+        return self.facts
+
+
+def test_status_reads_through_the_views_alone(tmp_path: Path) -> None:
+    """A run cut off by a crash, as any backend tells it: its attempts in flight count as
+    possible charges at the image price."""
+    run = LastRun(7, "2026-01-01T10:00:00.000+00:00", None, None, pid=None)
+    facts = StatusFacts(
+        succeeded=3,
+        failed=1,
+        failed_retryable=1,
+        pending=4,
+        in_flight=2,
+        confirmed_micro_usd=90_000,
+        possible_micro_usd=30_000,
+        last_activity_at="2026-01-01T10:02:00.000+00:00",
+        last_run=run,
+        failures={"server_error": 1},
+    )
+    now = datetime(2026, 1, 1, 10, 3, tzinfo=UTC)
+    status = read_status(FactsOnly(tmp_path, facts), now=now)
+    assert (status.state, status.jobs, status.in_flight, status.cut_off) == ("interrupted", 8, 0, 2)
+    assert (status.confirmed_usd, status.possible_usd, status.idle_s) == (0.09, 0.09, 60.0)
+    assert status.last_run == run and status.failures == {"server_error": 1}
+
+    empty = read_status(FactsOnly(tmp_path, None))
+    assert (empty.state, empty.jobs, empty.last_run) == ("never_run", 0, None)

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from runner.emulator import EmulatorConfig, EmulatorThread
-from runner.store.sqlite import DB_NAME
+from runner.store.schema import DB_NAME
 from tests.conftest import TEST_KEY
 from tests.test_cli import cli, env, small_manifest
 from tests.test_store import newer_checkpoint, older_checkpoint, schema

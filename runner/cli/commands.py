@@ -21,7 +21,7 @@ from runner.emulator import EmulatorConfig, serve
 from runner.errors import ManifestError, RunnerError, StoreError
 from runner.library import EXIT_INVALID, EXIT_OK
 from runner.manifest import load_manifest
-from runner.store.sqlite import Store
+from runner.store.sqlite import SqliteStore
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -94,12 +94,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _reading(out: Path) -> Iterator[Store]:
+def _reading(out: Path) -> Iterator[SqliteStore]:
     """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
     checkpoint of another version, a damaged one) or a file they cannot write becomes an error
     message and exit 2, through :func:`~runner.cli.main.main`, never a traceback."""
     try:
-        with Store.open_read_only(out) as store:
+        with SqliteStore.open_read_only(out) as store:
             yield store
     except sqlite3.Error as exc:
         raise StoreError(f"{out}: cannot read the checkpoint: {exc}") from None

@@ -1,4 +1,7 @@
-"""Limits on what a run may spend and when it may send: the budget and the circuit breaker.
+"""The gate every attempt passes before it is sent: the circuit breaker, the pacer, the budget.
+
+:class:`Admission` is what the pool asks; it composes the three limits below (the pacer, which
+paces each endpoint to the provider's rate limit, is :mod:`runner.core.pacer`).
 
 **Budget.** ``--max-cost`` caps the spend recorded in the output folder, confirmed plus
 possible, over all its runs (so a resumed run goes on under the same cap). Each attempt
@@ -20,6 +23,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from runner.core.pacer import RateLimiter
+from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, Endpoint
 
 
 class BudgetExhausted(Exception):
@@ -154,3 +160,92 @@ class CircuitBreaker:
         if it held it."""
         if probe:
             self._probing = False
+
+
+class Halt(Exception):
+    """No attempt may be sent: the run is stopping (``reason`` None) or must stop now, for
+    ``reason``."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted attempt: whether it is the circuit breaker's probe, and when the pacer let
+    it go (the pacer learns from the answer with it)."""
+
+    probe: bool
+    sent_at: float
+
+
+class Admission:
+    """Before each attempt: the circuit breaker must let it through, then the pacer, then the
+    budget must hold its price, reserved until :meth:`settle`. An attempt admitted but not
+    sent after all gives its reservation and probe back with :meth:`release`.
+
+    ``keep_going`` turns false when the run stops: waits end, and :class:`Halt` is raised.
+    ``last_error`` says what failed last, for the message of an outage too long."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        breaker: CircuitBreaker,
+        limiter: RateLimiter,
+        *,
+        keep_going: Callable[[], bool],
+        last_error: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.budget = budget
+        self.breaker = breaker
+        self.limiter = limiter
+        self._keep_going = keep_going
+        self._last_error = last_error
+        self._budget_settled = asyncio.Event()
+
+    async def admit(self, endpoint: Endpoint) -> Ticket:
+        """Wait until an attempt to ``endpoint`` may be sent and reserve its price; or raise
+        :class:`Halt`."""
+        if not self._keep_going():
+            raise Halt
+        try:
+            probe = await self.breaker.admit(keep_going=self._keep_going)
+        except OutageTooLong as exc:
+            last = self._last_error()
+            seen = f" (last error: {last})" if last else ""
+            raise Halt(f"{exc}{seen}; the provider seems down") from None
+        try:
+            if probe is None:
+                raise Halt
+            sent_at = await self.limiter.acquire(endpoint, self._keep_going)
+            while True:
+                if not self._keep_going() or sent_at is None:
+                    raise Halt
+                try:
+                    self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
+                    return Ticket(probe, sent_at)
+                except BudgetExhausted:
+                    if not self.budget.reserved_micro_usd:
+                        cap = (self.budget.cap_micro_usd or 0) / MICRO
+                        raise Halt(f"the budget of ${cap:.2f} is reached") from None
+                # Attempts in flight hold reservations; one that ends unbilled frees its price.
+                self._budget_settled.clear()
+                await self._budget_settled.wait()
+        except Halt:
+            self.breaker.release_probe(probe)
+            raise
+
+    def release(self, ticket: Ticket) -> None:
+        """An admitted attempt will not be sent after all: free its price and probe slot."""
+        self.settle(0)
+        self.breaker.release_probe(ticket.probe)
+
+    def settle(self, charged_micro_usd: int) -> None:
+        """An admitted attempt's outcome is known: its reservation becomes what it cost (0 if
+        unbilled), and admissions waiting for budget look again."""
+        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
+        self._budget_settled.set()
+
+    def wake(self) -> None:
+        """Wake admissions waiting for budget (the run is stopping)."""
+        self._budget_settled.set()

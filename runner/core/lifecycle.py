@@ -32,10 +32,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, overload
@@ -51,7 +51,7 @@ from runner.jobs import Job
 from runner.outputs.ledger import LedgerFiles, write_ledger
 from runner.outputs.report import write_report
 from runner.provider import MICRO
-from runner.store.sqlite import Store, check_writable
+from runner.store import Store, check_writable, open_for_dry_run, open_store
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Run:
         cancel is passed on once the books are written."""
         if self.options.dry_run:
             return await self._plan_only()
-        store = Store.open(self.options.out_dir)
+        store = open_store(self.options.out_dir)
         ending = asyncio.ensure_future(self._run_and_book(store))
         return await _to_the_end(ending, on_cancel=self._stop_at_once)
 
@@ -249,9 +249,10 @@ class Run:
         except StoreError as exc:  # the next run settles them
             log.warning("could not count the requests left in flight as possible: %s", exc)
         ledger, books_error = None, None
+        # The ignore: write_ledger takes a Store once the views' move lands (at the merge).
         try:  # a million rows take seconds: in a thread, so that signals are still heard
             ledger = await asyncio.to_thread(write_ledger, self.jobs, store)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, StoreError) as exc:
             books_error = f"could not write the results and ledger: {exc}"
             log.warning("%s", books_error)
         try:
@@ -268,7 +269,7 @@ class Run:
         Planned in a thread as a run's plan is, so that a stop (or a cancel: Ctrl-C) ends a
         large one at once."""
         started = time.monotonic()
-        with Store.open_for_dry_run(self.options.out_dir) as store:
+        with closing(open_for_dry_run(self.options.out_dir)) as store:
             plan = await self._plan_in_thread(store, dry_run=True)
         if plan is None:
             return RunReport(Plan(todo=[]), None, None, time.monotonic() - started, "stopped")
@@ -279,7 +280,7 @@ class Run:
     def _write_report(store: Store) -> None:
         try:
             write_report(store)
-        except (OSError, sqlite3.Error) as exc:  # the report is a view; the run's work is done
+        except (OSError, StoreError) as exc:  # the report is a view; the run's work is done
             log.warning("could not write the HTML report: %s", exc)
 
 
@@ -291,7 +292,7 @@ def _close(store: Store) -> None:
     """Close the store at the end of a run (its lock is released whatever this raises)."""
     try:
         store.close()
-    except sqlite3.Error as exc:
+    except StoreError as exc:
         log.warning("could not close the checkpoint cleanly: %s", exc)
 
 

@@ -30,7 +30,8 @@ A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
 ``announced``
     The provider sends ``x-ratelimit-limit-requests`` (OpenAI's headers): paced just under the
     announced limit, never probing past it; ``x-ratelimit-remaining-requests: 0`` pauses the
-    lane until ``x-ratelimit-reset-requests``.
+    lane until ``x-ratelimit-reset-requests``. The client reads these headers
+    (:func:`runner.http.headers.rate_limit_headers`); the lane sees only what they announce.
 
 A 429's ``Retry-After`` pauses its whole lane, not just the job that got it. Times here are
 ``time.monotonic()`` seconds; the lane is plain logic over an injected clock, so tests can drive
@@ -41,66 +42,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from runner.provider import RateLimitHeaders
+
 Phase = Literal["free", "measure", "cruise", "announced"]
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _HISTORY_S = 120.0  # how far back sends are remembered for the estimator
-
-
-@dataclass(frozen=True)
-class RateLimitHeaders:
-    """What a response's ``x-ratelimit-*-requests`` headers announce."""
-
-    limit_rpm: float | None = None
-    remaining: int | None = None
-    reset_s: float | None = None
-
-
-def parse_duration(text: str) -> float | None:
-    """OpenAI's reset durations (``"1s"``, ``"6m0s"``, ``"250ms"``, ``"1h2m3.5s"``) or plain
-    seconds (``"0.5"``), in seconds; None if it is neither."""
-    text = text.strip()
-    try:
-        value = float(text)
-        return value if math.isfinite(value) and value >= 0 else None
-    except ValueError:
-        pass
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(number) * scale[unit] for number, unit in parts)
-
-
-def rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders | None:
-    """The request-rate headers of a response, if it carries any."""
-    limit = headers.get("x-ratelimit-limit-requests")
-    remaining = headers.get("x-ratelimit-remaining-requests")
-    reset = headers.get("x-ratelimit-reset-requests")
-    if limit is None and remaining is None and reset is None:
-        return None
-
-    def number(text: str | None) -> float | None:
-        try:
-            value = float(text) if text is not None else math.nan
-        except ValueError:
-            return None
-        return value if math.isfinite(value) and value >= 0 else None
-
-    limit_rpm = number(limit)
-    left = number(remaining)
-    return RateLimitHeaders(
-        limit_rpm=limit_rpm if limit_rpm else None,
-        remaining=int(left) if left is not None else None,
-        reset_s=parse_duration(reset) if reset is not None else None,
-    )
 
 
 @dataclass(frozen=True)

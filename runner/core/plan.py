@@ -43,17 +43,11 @@ from pathlib import Path
 from typing import Final, overload
 
 from runner.errors import StoreError
-from runner.images.files import (
-    ImageInvalid,
-    find_image,
-    inspect_image,
-    is_temp_name,
-    remove_temp_files,
-    sha256_file,
-)
+from runner.images.files import find_image, is_temp_name, remove_temp_files, sha256_file
+from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
 from runner.provider import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
-from runner.store.sqlite import ImageStat, JobRecord, Store
+from runner.store.base import ImageStat, JobRecord, SavedImage, Store
 
 IMAGES_DIR: Final = "images"
 REPLACED_DIR: Final = "replaced"
@@ -122,7 +116,8 @@ def make_plan(
 ) -> Plan:
     """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
     refusal, a bad request), or with ``only`` just those whose cause is in it. ``dry_run``
-    changes nothing (open ``store`` with :meth:`Store.open_for_dry_run`) and plans the same."""
+    changes nothing (open ``store`` with :func:`runner.store.open_for_dry_run`) and plans the
+    same."""
     images_dir = store.folder / IMAGES_DIR
     todo = TodoJobs(jobs)
     plan = Plan(todo=todo)
@@ -208,7 +203,7 @@ class _Planner:
         plan = self.plan
         records = self.store.job_records([job.id for job in jobs])
         transaction: AbstractContextManager[object] = (
-            nullcontext() if self.dry_run else self.store.transaction()
+            nullcontext() if self.dry_run else self.store.batch()
         )
         with transaction:
             fresh = []  # new, or changed under the same id: recorded as pending
@@ -222,7 +217,7 @@ class _Planner:
                     fresh.append(job)
                     del records[job.id]
             if not self.dry_run:
-                self.store.upsert_jobs(fresh)
+                self.store.plan_jobs(fresh)
             for position, job in enumerate(jobs, start):
                 record = records.get(job.id)
                 # Most jobs of a first run: new, and no image on disk to adopt.
@@ -240,7 +235,7 @@ class _Planner:
                 plan.done += 1
                 return True
             if not self.dry_run:
-                self.store.mark_pending(job.id)
+                self.store.forget_image(job.id)
             plan.redo.append(job.id)
             self._move_aside(job.id)  # an altered file is not ours to adopt
             return False
@@ -296,14 +291,9 @@ class _Planner:
         if self.dry_run:
             self._count_adoption_charge(job.id)
             return True
-        self.store.adopt(
-            job.id,
-            image_path=path.relative_to(self.folder).as_posix(),
-            width=info.width,
-            height=info.height,
-            sha256=hashlib.sha256(data).hexdigest(),
-            stat=stat,
-        )
+        relative = path.relative_to(self.folder).as_posix()
+        sha256 = hashlib.sha256(data).hexdigest()
+        self.store.adopt(job.id, SavedImage(relative, info.width, info.height, sha256, stat))
         return True
 
     def _count_adoption_charge(self, job_id: str) -> None:

@@ -7,8 +7,10 @@ and verified from there. Every attempt follows the crash-safe order: intent comm
 sent, image verified and written atomically, outcome committed. The pool never prints: it reports
 through ``on_progress``.
 
-Admission: before each attempt the circuit breaker must let it through and the budget must
-hold its price (see :mod:`runner.core.admission`).
+Admission: before each attempt the circuit breaker must let it through, the pacer must let it
+go and the budget must hold its price (:mod:`runner.core.admission`). Saving: an image is
+verified, tagged and written durably (:mod:`runner.images.saving`) before its success is
+recorded.
 
 Failing: an attempt's outcome and, when it ends the job (an error final for the job, or the
 last attempt of this run), the job's failed status are committed in one transaction, so a crash
@@ -26,20 +28,13 @@ import contextlib
 import dataclasses
 import logging
 import random
-import struct
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from runner.core.admission import (
-    BreakerConfig,
-    Budget,
-    BudgetExhausted,
-    CircuitBreaker,
-    OutageTooLong,
-)
+from runner.core.admission import Admission, BreakerConfig, Budget, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import PacerConfig, RateLimiter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.errors import (
@@ -54,11 +49,11 @@ from runner.errors import (
     UnfetchedImageError,
 )
 from runner.http.client import ImageResult
-from runner.images.files import ImageInfo, ImageInvalid, WrongSize, inspect_image, write_atomic_copy
-from runner.images.provenance import Splice, provenance_splices
+from runner.images.saving import save_image
+from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
-from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, SIZE_SET
-from runner.store.sqlite import Outcome, Store
+from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.store.base import Outcome, SavedImage, Store
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +120,6 @@ class _JobTries:
     failed: bool = False  # recorded as failed, with its last attempt's outcome
 
 
-class _Halt(Exception):
-    """No attempt may be sent: the pool is stopping (``reason`` None) or must stop now."""
-
-    def __init__(self, reason: str | None = None) -> None:
-        self.reason = reason
-
-
 class Pool:
     def __init__(
         self,
@@ -152,9 +140,15 @@ class Pool:
         self.images_dir = images_dir
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryConfig()
-        self.budget = budget or Budget(None, 0)
-        self.breaker = CircuitBreaker(breaker, sleep=self._sleep_unless_stopped)
-        self.limiter = RateLimiter(pacer, sleep=self._sleep_unless_stopped)
+        self.admission = Admission(
+            budget or Budget(None, 0),
+            CircuitBreaker(breaker, sleep=self._sleep_unless_stopped),
+            RateLimiter(pacer, sleep=self._sleep_unless_stopped),
+            keep_going=lambda: not self.stopping,
+            last_error=self._last_error,
+        )
+        self.breaker = self.admission.breaker
+        self.limiter = self.admission.limiter
         # Saving an image mostly waits on fsync: a thread per worker, so that when answers
         # come back together none waits for another's fsync (full decodes are capped apart).
         self._savers = ThreadPoolExecutor(min(8, self.concurrency), "image-save")
@@ -168,7 +162,6 @@ class Pool:
         self._endpoint_found = False
         self._unfetched_in_a_row = 0  # url answers whose image never came, since one did
         self._stop_event = asyncio.Event()
-        self._budget_settled = asyncio.Event()
         self._result = PoolResult(Progress())
 
     def __repr__(self) -> str:
@@ -188,7 +181,7 @@ class Pool:
             log.info("stopping: %s", reason, extra={"stop_reason": reason})
             self._result.stop_reason = reason
             self._stop_event.set()
-            self._budget_settled.set()  # wake admissions waiting for budget
+            self.admission.wake()
 
     async def run(self, jobs: Iterable[Job]) -> PoolResult:
         """Run ``jobs``, taken from the iterable one at a time as room frees up."""
@@ -204,7 +197,7 @@ class Pool:
             live.release()
 
         try:
-            for job in jobs:
+            for job in self.store.claim(jobs):
                 await live.acquire()
                 if self.stopping:
                     break
@@ -254,7 +247,7 @@ class Pool:
 
         try:
             await retrying(attempt)
-        except _Halt as halt:
+        except Halt as halt:
             if halt.reason:
                 self.stop(halt.reason)
             # the job stays pending for the next run
@@ -291,11 +284,11 @@ class Pool:
             slot.give_back()
 
     async def _attempt_in_slot(self, job: Job, slot: _Slot, tries: _JobTries) -> None:
-        probe, sent_at = await self._admit(job)
+        ticket = await self.admission.admit(job.endpoint)
         try:
-            attempt = await self.store.write(lambda s: s.begin_next_attempt(job))
+            attempt = await self.store.begin_attempt(job)
         except BaseException:
-            self._release_admission(probe)
+            self.admission.release(ticket)
             raise
         tries.count += 1
         c = self._counters
@@ -312,7 +305,7 @@ class Pool:
             slot.give_back()  # the answer is in: the next request may go
             loop = asyncio.get_running_loop()
             info, sha256, relative = await loop.run_in_executor(
-                self._savers, self._save, job, result.path
+                self._savers, save_image, job, result.path, self.images_dir, self.store.folder
             )
         except ImageInvalid as exc:
             error: ApiError
@@ -324,27 +317,27 @@ class Pool:
                 error = UnfetchedImageError(f"the downloaded image {exc}", job_id=job.id)
             else:
                 error = AmbiguousError(f"the image {exc}", job_id=job.id)
-            await self._record_failure(job, attempt, error, probe, sent_at, tries)
+            await self._record_failure(job, attempt, error, ticket, tries)
             raise error from None
         except ApiError as exc:
             error = self._setup_mistake(exc) or exc
-            await self._record_failure(job, attempt, error, probe, sent_at, tries)
+            await self._record_failure(job, attempt, error, ticket, tries)
             if error is exc:
                 raise
             raise error from None
         except ImageWriteError as exc:  # an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
-            self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
-            self.breaker.record(provider_up=True, probe=bool(probe))
+            await self.store.record_outcome(job.id, attempt, outcome)
+            self.admission.settle(PRICE_PER_IMAGE_MICRO_USD)
+            self.breaker.record(provider_up=True, probe=ticket.probe)
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
-            raise _Halt(f"cannot write images to {self.images_dir}: {exc}") from None
+            raise Halt(f"cannot write images to {self.images_dir}: {exc}") from None
         finally:
             if not answered:
                 c.in_flight -= 1
-        self._settle_budget(PRICE_PER_IMAGE_MICRO_USD)
-        self.breaker.record(provider_up=True, probe=bool(probe))
-        self.limiter.observe(job.endpoint, sent_at, limited=False, headers=result.rate_limit)
+        self.admission.settle(PRICE_PER_IMAGE_MICRO_USD)
+        self.breaker.record(provider_up=True, probe=ticket.probe)
+        self.limiter.observe(job.endpoint, ticket.sent_at, limited=False, headers=result.rate_limit)
         usage = result.usage
         success = Outcome(
             "confirmed",
@@ -353,17 +346,8 @@ class Pool:
             usage.output_tokens if usage else None,
             usage.total_tokens if usage else None,
         )
-        await self.store.write(
-            lambda s: s.record_success(
-                job.id,
-                attempt,
-                success,
-                image_path=relative,
-                width=info.width,
-                height=info.height,
-                sha256=sha256,
-            )
-        )
+        image = SavedImage(relative, info.width, info.height, sha256)
+        await self.store.record_success(job.id, attempt, success, image)
         c.succeeded += 1
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         self._report()
@@ -381,48 +365,6 @@ class Pool:
             log.exception("unexpected error in a request for %s", job.id)
             message = f"unexpected {type(exc).__name__}: {exc}"
             raise AmbiguousError(message, job_id=job.id) from None
-
-    async def _admit(self, job: Job) -> tuple[bool, float]:
-        """Wait until an attempt may be sent (the circuit breaker, then the rate limiter) and
-        reserve its price, or raise :class:`_Halt`. Return whether the attempt is the circuit
-        breaker's probe, and the rate limiter's send time."""
-        if self.stopping:
-            raise _Halt
-        try:
-            probe = await self.breaker.admit(keep_going=lambda: not self.stopping)
-        except OutageTooLong as exc:
-            last = self._counters.last_error
-            seen = f" (last error: {last[1]})" if last else ""
-            raise _Halt(f"{exc}{seen}; the provider seems down") from None
-        try:
-            if probe is None:
-                raise _Halt
-            sent_at = await self.limiter.acquire(job.endpoint, lambda: not self.stopping)
-            while True:
-                if self.stopping or sent_at is None:
-                    raise _Halt
-                try:
-                    self.budget.reserve(PRICE_PER_IMAGE_MICRO_USD)
-                    return probe, sent_at
-                except BudgetExhausted:
-                    if not self.budget.reserved_micro_usd:
-                        cap = (self.budget.cap_micro_usd or 0) / MICRO
-                        raise _Halt(f"the budget of ${cap:.2f} is reached") from None
-                # Attempts in flight hold reservations; one that ends unbilled frees its price.
-                self._budget_settled.clear()
-                await self._budget_settled.wait()
-        except _Halt:
-            self.breaker.release_probe(probe)
-            raise
-
-    def _release_admission(self, probe: bool) -> None:
-        """An admitted attempt will not be sent after all: free its price and probe slot."""
-        self._settle_budget(0)
-        self.breaker.release_probe(probe)
-
-    def _settle_budget(self, charged_micro_usd: int) -> None:
-        self.budget.settle(PRICE_PER_IMAGE_MICRO_USD, charged_micro_usd)
-        self._budget_settled.set()
 
     def _setup_mistake(self, error: ApiError) -> RunStoppedError | None:
         """A 404 or 405 before the API answered anything else in this run says the base URL is
@@ -454,16 +396,15 @@ class Pool:
         job: Job,
         attempt: int,
         error: ApiError,
-        probe: bool,
-        sent_at: float,
+        ticket: Ticket,
         tries: _JobTries,
     ) -> None:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
-        self._settle_budget(cost)
+        self.admission.settle(cost)
         limited = isinstance(error, ServerError) and error.status == 429
         self.limiter.observe(
             job.endpoint,
-            sent_at,
+            ticket.sent_at,
             limited=limited,
             retry_after_s=error.retry_after_s if limited else None,
             headers=error.rate_limit,
@@ -472,7 +413,7 @@ class Pool:
         # billed (a url it served but the CDN did not) answered.
         provider_up = limited or error.billing == "confirmed"
         provider_up = provider_up or not isinstance(error, RetryableError)
-        self.breaker.record(provider_up=provider_up, probe=probe)
+        self.breaker.record(provider_up=provider_up, probe=ticket.probe)
         self._watch_cdn(error)
         # Counted before the write: a checkpoint that refuses it must not hide a charge from
         # this run's summary.
@@ -494,11 +435,10 @@ class Pool:
         retry_later = self._failure_verdict(error, tries)
         tries.failed = retry_later is not None
         if retry_later is None:
-            await self.store.write(lambda s: s.record_attempt(job.id, attempt, outcome))
+            await self.store.record_outcome(job.id, attempt, outcome)
         else:
-            final = retry_later
-            await self.store.write(
-                lambda s: s.record_failure(job.id, attempt, outcome, error, retry_later=final)
+            await self.store.record_failure(
+                job.id, attempt, outcome, error, retry_later=retry_later
             )
 
     def _watch_cdn(self, error: ApiError) -> None:
@@ -516,29 +456,9 @@ class Pool:
                 "reachable from here? (response_format: b64_json in the manifest avoids it)"
             )
 
-    def _save(self, job: Job, tmp: Path) -> tuple[ImageInfo, str, str]:
-        """Verify, tag with provenance and durably write one image from the source's temp file,
-        which is removed whatever happens (in a worker thread)."""
-        try:
-            info = inspect_image(tmp, job.expected_size)
-            if job.expected_size is None and f"{info.width}x{info.height}" not in SIZE_SET:
-                raise WrongSize(f"is {info.width}x{info.height}, not one of the 30 sizes")
-            provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
-            provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
-            splices: list[Splice] = []
-            try:
-                with open(tmp, "rb") as f:
-                    splices = provenance_splices(f, info.format, provenance)
-            except (ValueError, struct.error) as exc:  # an odd container: keep it untagged
-                log.warning("no provenance written into %s: %s", job.id, exc)
-            path = self.images_dir / f"{job.id}.{info.extension}"
-            sha256 = write_atomic_copy(path, tmp, splices)
-        except OSError as exc:
-            raise ImageWriteError(f"{exc.strerror or exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
-        relative = path.relative_to(self.store.folder).as_posix()
-        return info, sha256, relative
+    def _last_error(self) -> str | None:
+        last = self._counters.last_error
+        return last[1] if last else None
 
     def _report(self) -> None:
         self._on_progress(dataclasses.replace(self._counters))

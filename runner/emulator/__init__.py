@@ -31,13 +31,17 @@ big as a real one. Each request record carries ``received_at`` and ``answered_at
 
 The submodules, one subject each:
 
-* :mod:`~runner.emulator.server`: :class:`EmulatorConfig`, the books (:class:`Bill`,
-  :class:`RequestRecord`), :class:`Emulator` (the handlers, the rate limit, fault choice, the
-  CDN, the stats), :class:`EmulatorThread` and :func:`serve`;
+* :mod:`~runner.emulator.config`: :class:`EmulatorConfig`, checked when it is made;
+* :mod:`~runner.emulator.server`: :class:`Emulator` (the handlers, the rate limit, fault choice,
+  the CDN, the stats) and its books (:class:`Bill`, :class:`RequestRecord`);
+* :mod:`~runner.emulator.running`: :class:`EmulatorThread`, an emulator on a thread of its own,
+  and :func:`serve` behind ``image-runner emulate``;
 * :mod:`~runner.emulator.incoming`: a request as received: its body parsed, its key checked,
   its fields validated into the job to render;
 * :mod:`~runner.emulator.faults`: the fault kinds, the error reply of each error fault, and the
   parsing of the ``[[faults:...]]`` directive;
+* :mod:`~runner.emulator.wire`: sending an answer in slices, cut short, or not at all (a closed
+  or reset connection), and the escaped base64 of ``"escaped_b64"``;
 * :mod:`~runner.emulator.render`: the PNGs (flat or noise), the closest size for ``size=auto``
   and the edit target, the usage numbers of an edits reply, the dimensions of uploaded
   references;
@@ -47,17 +51,17 @@ The submodules, one subject each:
 
 from __future__ import annotations
 
-from runner.emulator.faults import BILLED_FAULTS, DEFAULT_FAULT_MIX, FAULT_KINDS, NO_FAULT
-from runner.emulator.incoming import DEFAULT_GENERATION_SIZE
-from runner.emulator.server import (
+from runner.emulator.config import EmulatorConfig
+from runner.emulator.faults import (
+    BILLED_FAULTS,
+    DEFAULT_FAULT_MIX,
+    FAULT_KINDS,
+    NO_FAULT,
     RATE_LIMITED,
-    Bill,
-    Emulator,
-    EmulatorConfig,
-    EmulatorThread,
-    RequestRecord,
-    serve,
 )
+from runner.emulator.incoming import DEFAULT_GENERATION_SIZE
+from runner.emulator.running import EmulatorThread, serve
+from runner.emulator.server import Bill, Emulator, RequestRecord
 
 __all__ = [
     "BILLED_FAULTS",

@@ -1,6 +1,6 @@
 """The emulator's error reply, shaped like OpenAI's; shared by validation, faults and rendering.
 
-Raising :class:`_ApiError` anywhere below the request handler turns into that reply.
+Raising :class:`ErrorReply` anywhere below the request handler turns into that reply.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-_INVALID = "invalid_request_error"
+INVALID_REQUEST = "invalid_request_error"
 
 
-class _ApiError(Exception):
+class ErrorReply(Exception):
     """An error reply, shaped like OpenAI's: ``{"error": {message, type, param, code}}``."""
 
     def __init__(
@@ -21,7 +21,7 @@ class _ApiError(Exception):
         message: str,
         param: str | None = None,
         code: str | None = None,
-        error_type: str = _INVALID,
+        error_type: str = INVALID_REQUEST,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code

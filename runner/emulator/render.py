@@ -22,32 +22,32 @@ import re
 
 from PIL import Image, ImageDraw
 
-from runner.emulator.errors import _ApiError
+from runner.emulator.errors import ErrorReply
 from runner.provider import SIZES, parse_size, sniff_format
 
 _IMAGE_REF = re.compile(r"\bimage(\d+)\b", re.IGNORECASE)
 
 
-def _image_dimensions(data: bytes) -> tuple[int, int]:
+def image_dimensions(data: bytes) -> tuple[int, int]:
     if sniff_format(data[:16]) is None:
         message = "Unsupported image format; upload png, jpeg or webp."
-        raise _ApiError(400, message, "image", "invalid_image_format")
+        raise ErrorReply(400, message, "image", "invalid_image_format")
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise _ApiError(400, f"Unreadable image: {exc}", "image", "invalid_image") from exc
+        raise ErrorReply(400, f"Unreadable image: {exc}", "image", "invalid_image") from exc
 
 
-def _size_label(data: bytes) -> str:
+def size_label(data: bytes) -> str:
     try:
-        width, height = _image_dimensions(data)
-    except _ApiError:
+        width, height = image_dimensions(data)
+    except ErrorReply:
         return "invalid"
     return f"{width}x{height}"
 
 
-def _edit_target(prompt: str, image_count: int) -> int:
+def edit_target(prompt: str, image_count: int) -> int:
     """Index of the image the prompt edits: the first ``imageN`` it names, else image1."""
     match = _IMAGE_REF.search(prompt)
     if match is None or not 1 <= int(match.group(1)) <= image_count:
@@ -55,7 +55,7 @@ def _edit_target(prompt: str, image_count: int) -> int:
     return int(match.group(1)) - 1
 
 
-def _closest_size(width: int, height: int) -> str:
+def closest_size(width: int, height: int) -> str:
     """The size with the nearest aspect ratio; among the tiers of that ratio, the nearest area."""
 
     def ratio_distance(size: str) -> float:
@@ -68,13 +68,13 @@ def _closest_size(width: int, height: int) -> str:
     return min(candidates, key=lambda s: abs(math.log(math.prod(parse_size(s)) / width / height)))
 
 
-def _colour(prompt: str) -> tuple[int, int, int]:
+def colour_of(prompt: str) -> tuple[int, int, int]:
     digest = hashlib.sha256(prompt.encode()).digest()
     return digest[0], digest[1], digest[2]
 
 
 @functools.lru_cache(maxsize=32)
-def _render_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
+def render_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
     # A two-colour palette image encodes a 4K frame in ~15 ms; RGB would take ~100 ms.
     image = Image.new("P", (width, height), 0)
     image.putpalette([*colour, *(255 - c for c in colour)])
@@ -89,7 +89,7 @@ def _render_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
 
 
 @functools.lru_cache(maxsize=4)  # 4 sizes x (25 MB PNG + 33 MB base64) at 4K
-def _noise_png_b64(width: int, height: int) -> tuple[bytes, bytes]:
+def noise_png_b64(width: int, height: int) -> tuple[bytes, bytes]:
     """A PNG of random pixels, and its base64: the same for every request of that size."""
     pixels = random.Random(width * 100_000 + height).randbytes(width * height * 3)
     buffer = io.BytesIO()
@@ -99,7 +99,7 @@ def _noise_png_b64(width: int, height: int) -> tuple[bytes, bytes]:
     return png, base64.b64encode(png)
 
 
-def _usage(prompt: str, image_count: int, width: int, height: int) -> dict[str, int]:
+def edit_usage(prompt: str, image_count: int, width: int, height: int) -> dict[str, int]:
     input_tokens = 20 + len(prompt) // 4 + 272 * image_count
     output_tokens = width * height // 1400
     return {

@@ -1,16 +1,15 @@
-"""The HTTP client: one aiohttp session, requests for both endpoints, outcomes as typed errors.
+"""The HTTP client: one aiohttp session, requests for both endpoints, images streamed to disk.
 
 ``ImagesClient.create(job, folder)`` sends one request and streams the image into a temp file
 in ``folder`` (see :mod:`runner.http.b64stream`: the body is never held whole, so memory stays
-bounded per request in flight), or raises one of the :mod:`runner.errors` classes, sorted by
-what the outcome means for billing and retrying:
+bounded per request in flight), or raises one of the :mod:`runner.errors` classes. What an
+answer means is for :mod:`runner.http.answers` to say; this module sends, reads and writes:
 
 - nothing reached the server (connect failed or timed out): :class:`NotSentError`, saying
   where it could not connect (``connection refused to HOST:PORT``);
-- the server answered with an error: by status and code, see :func:`error_from_response`. The
-  error body is read whole (bounded) before it is sorted, however many chunks it comes in: a
-  quota error cut after its first chunk would pass for a rate limit. An error object inside a
-  200 (some gateways send one) is sorted by its code as if it had come with its own status;
+- the server answered with an error: the error body is read whole (bounded) before it is
+  sorted, however many chunks it comes in: a quota error cut after its first chunk would pass
+  for a rate limit;
 - the request was sent but the answer is unknown or unusable (read timeout, reset, truncated or
   malformed body, a 200 with no image in it): :class:`AmbiguousError`, possibly billed;
 - a 200 with a ``url`` was billed: the download is retried on its own (bounded attempts with
@@ -27,66 +26,44 @@ with no redirects followed and bounded in bytes and time.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import aiohttp
-from multidict import CIMultiDictProxy
 
-from runner.core.pacer import RateLimitHeaders, rate_limit_headers
 from runner.errors import (
     AmbiguousError,
     ApiError,
     ImageWriteError,
     JobFailedError,
     NotSentError,
-    RunStoppedError,
-    ServerError,
     UnfetchedImageError,
 )
+from runner.http.answers import (
+    Usage,
+    describe,
+    error_from_answer,
+    image_url,
+    not_sent,
+    usage_from,
+)
 from runner.http.b64stream import B64JsonScanner, B64StreamError
+from runner.http.headers import rate_limit_headers
 from runner.images.files import temp_path_for
 from runner.jobs import Job
-from runner.provider import MIME_TYPES, SPEND_LIMIT_CODES, sniff_format
-from runner.redact import redact, register_secret
+from runner.provider import MIME_TYPES, RateLimitHeaders, sniff_format
+from runner.redact import register_secret
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.apiyi.com/v1"
 ERROR_BODY_MAX_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 18  # what one request in flight holds of its body at a time
-
-# What an error object's code or type says its status would have been, for an error that came
-# inside a 200: the class follows from the status, as for any error answer. A request error
-# names its fault (400, final for the job); an error that names nothing known is taken for the
-# provider's (500: retried, unbilled).
-_STATUS_OF_CODE = {
-    "invalid_request_error": 400,
-    "invalid_api_key": 401,
-    "authentication_error": 401,
-    "permission_denied": 403,
-    "permission_error": 403,
-    "rate_limit_exceeded": 429,
-    "rate_limit_error": 429,
-    "requests": 429,
-    "tokens": 429,
-    "server_error": 500,
-    "api_error": 500,
-    "overloaded_error": 503,
-    "service_unavailable": 503,
-    "timeout": 408,
-    "content_policy_violation": 400,
-    "model_not_found": 404,
-}
 
 
 @dataclass(frozen=True)
@@ -103,13 +80,6 @@ class ClientConfig:
     # lifetime (OpenAI's last about an hour).
     download_attempts: int = 4
     download_backoff_s: float = 0.5
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int | None
-    output_tokens: int | None
-    total_tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -194,23 +164,12 @@ class ImagesClient:
             else:
                 request = self.session.post(url, json=_fields(job), headers=headers)
             payload, scanner, sink, limits = await self._send(request, url, job, tmp, files)
-            usage = _usage(payload.get("usage"))
+            usage = usage_from(payload.get("usage"))
             if scanner.found:  # data[0].b64_json, already decoded into the sink
                 await _close(sink)  # flushing may wait on the disk
                 return ImageResult(tmp, scanner.image_bytes, usage, limits)
-            error = payload.get("error")
-            if isinstance(error, dict):
-                raise error_in_200(error, job.id)
-            data = payload.get("data")
-            if isinstance(data, list) and not data:
-                message = "a 200 response with an empty data list: no image, maybe billed"
-                raise AmbiguousError(message, job_id=job.id)
-            item = data[0] if isinstance(data, list) else None
-            if not isinstance(item, dict):
-                raise AmbiguousError("a 200 response without data[0]", job_id=job.id)
-            if not isinstance(item.get("url"), str):
-                raise AmbiguousError("data[0] has neither b64_json nor url", job_id=job.id)
-            size_bytes = await self._download(item["url"], job.id, sink)
+            url = image_url(payload, job.id)
+            size_bytes = await self._download(url, job.id, sink)
             await _close(sink)
             return ImageResult(tmp, size_bytes, usage, limits)
 
@@ -224,7 +183,8 @@ class ImagesClient:
                     message = f"unexpected HTTP {response.status} to an image request"
                     raise AmbiguousError(message, job_id=job.id, status=response.status)
                 if response.status != 200:
-                    raise await error_from_response(response, job.id)
+                    body = await _read_error_body(response)
+                    raise error_from_answer(response.status, body, response.headers, job.id)
                 limits = rate_limit_headers(response.headers)
                 # Only now: an image is coming back, so a disk error from here on is an
                 # ImageWriteError the pool books as a charge. Creating the file may wait on the
@@ -242,11 +202,11 @@ class ImagesClient:
         except B64StreamError as exc:
             raise AmbiguousError(f"{exc} in a 200 response", job_id=job.id) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise NotSentError(_not_sent(exc, url), job_id=job.id) from None
+            raise NotSentError(not_sent(exc, url), job_id=job.id) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # OSError: a reset the HTTP library did not wrap (aiohttp before 3.10.6 let a
             # ConnectionResetError out of an upload); the disk's errors are ImageWriteError.
-            raise AmbiguousError(f"sent, then {_describe(exc)}", job_id=job.id) from None
+            raise AmbiguousError(f"sent, then {describe(exc)}", job_id=job.id) from None
         if not isinstance(payload, dict):
             raise AmbiguousError("a 200 response that is not a JSON object", job_id=job.id)
         return payload, scanner, sink, limits
@@ -294,7 +254,7 @@ class ImagesClient:
                     raise _DownloadFailed("the image url served something that is not an image")
                 return size_bytes
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _DownloadFailed(_describe(exc)) from None
+            raise _DownloadFailed(describe(exc)) from None
 
 
 class _DownloadFailed(Exception):
@@ -365,146 +325,16 @@ async def _stream_capped(
     return size_bytes
 
 
-def _usage(raw: object) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-
-    def number(key: str) -> int | None:
-        value = raw.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
-            return value
-        return None
-
-    return Usage(number("input_tokens"), number("output_tokens"), number("total_tokens"))
-
-
-async def error_from_response(response: aiohttp.ClientResponse, job_id: str) -> ApiError:
-    """Sort a non-200 answer into the error class that says what to do next."""
-    status = response.status
-    message, code, error_type = f"HTTP {status}", None, ""
-    try:
-        body = await _read_capped(response, ERROR_BODY_MAX_BYTES)
-        error = json.loads(body).get("error")
-        if isinstance(error, dict):
-            message = str(error.get("message") or message)
-            code, error_type = _code(error), str(error.get("type") or "")
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, RecursionError):
-        pass
-    return _classify(
-        status,
-        message,
-        code,
-        job_id=job_id,
-        error_type=error_type,
-        retry_after_s=retry_after_from(response.headers),
-        should_retry=response.headers.get("x-should-retry", "").lower(),
-        rate_limit=rate_limit_headers(response.headers),
-    )
-
-
-def error_in_200(error: dict[str, Any], job_id: str) -> ApiError:
-    """Sort an error object that came inside a 200 by its code or type, as if it had come with
-    the status they go with (a numeric code is that status): it is not an unknown outcome,
-    and a content refusal in a 200 is as final as one in a 400. One that names nothing known
-    is taken for a server error: retried, unbilled, never a job failed for good on a guess."""
-    code, kind = _code(error), str(error.get("type") or "")
-    raw = error.get("code")
-    if isinstance(raw, int | str) and str(raw).isdigit() and 400 <= int(raw) <= 599:
-        status = int(raw)
-    elif _spend_limit(code, kind):
-        status = 429
-    else:
-        status = _STATUS_OF_CODE.get(code or "") or _STATUS_OF_CODE.get(kind) or 500
-    message = f"{error.get('message') or 'an error'} (an error object inside a 200 response)"
-    return _classify(status, message, code, job_id=job_id, error_type=kind)
-
-
-def _code(error: dict[str, Any]) -> str | None:
-    return str(error.get("code") or error.get("type") or "") or None
-
-
-def _spend_limit(code: str | None, error_type: str) -> bool:
-    return code in SPEND_LIMIT_CODES or error_type in SPEND_LIMIT_CODES
-
-
-def _classify(
-    status: int,
-    message: str,
-    code: str | None,
-    *,
-    job_id: str,
-    error_type: str = "",
-    retry_after_s: float | None = None,
-    should_retry: str = "",
-    rate_limit: RateLimitHeaders | None = None,
-) -> ApiError:
-    kwargs: dict[str, Any] = {
-        "job_id": job_id,
-        "status": status,
-        "code": code,
-        "rate_limit": rate_limit,
-    }
-    message = redact(message)
-    if status in (401, 403):
-        return RunStoppedError(message, **kwargs)
-    if status == 429 and _spend_limit(code, error_type):
-        return RunStoppedError(message, **kwargs)
-    if should_retry == "true" or (
-        should_retry != "false" and (status in (408, 409, 429) or status >= 500)
-    ):
-        return ServerError(message, retry_after_s=retry_after_s, **kwargs)
-    return JobFailedError(message, **kwargs)
-
-
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The whole body, however many chunks it comes in, up to ``max_bytes``."""
+async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    """An error answer's whole body, however many chunks it comes in, up to
+    :data:`ERROR_BODY_MAX_BYTES`; nothing if the connection failed meanwhile (a body cut
+    short proves nothing: the status alone sorts the error)."""
     body = bytearray()
-    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-        body += chunk[: max_bytes - len(body)]
-        if len(body) >= max_bytes:
-            break
+    try:
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            body += chunk[: ERROR_BODY_MAX_BYTES - len(body)]
+            if len(body) >= ERROR_BODY_MAX_BYTES:
+                break
+    except (aiohttp.ClientError, TimeoutError):
+        return b""
     return bytes(body)
-
-
-def retry_after_from(headers: CIMultiDictProxy[str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms``, else ``retry-after`` (seconds or HTTP date)."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            value = float(raw_ms) / 1000
-            if math.isfinite(value) and value >= 0:
-                return value
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-        return value if math.isfinite(value) and value >= 0 else None
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _not_sent(exc: aiohttp.ClientError, url: str) -> str:
-    """What a user needs to fix a request that never reached the server: where it went."""
-    parts = urlsplit(url)
-    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return redact(f"cannot resolve the host {parts.hostname}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        if isinstance(os_error, ConnectionRefusedError):
-            return redact(f"connection refused to {where}")
-        return redact(f"cannot connect to {where}: {os_error.strerror or os_error}")
-    return redact(f"connecting to {where} timed out")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return redact(f"{type(exc).__name__}: {text}" if str(exc) else text)

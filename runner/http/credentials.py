@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from runner.errors import CredentialsError
-from runner.http import client
+from runner.http.client import DEFAULT_BASE_URL
 
 RUNNER_KEY, OPENAI_KEY = "IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY"
 RUNNER_URL, OPENAI_URL = "IMAGE_RUNNER_BASE_URL", "OPENAI_BASE_URL"
@@ -47,16 +47,16 @@ def resolve_credentials(
     empty key."""
     explicit_url = base_url or environ.get(RUNNER_URL) or None
     if environ.get(RUNNER_KEY):
-        return _checked(explicit_url or client.DEFAULT_BASE_URL, environ[RUNNER_KEY], RUNNER_KEY)
+        return _checked(explicit_url or DEFAULT_BASE_URL, environ[RUNNER_KEY], RUNNER_KEY)
     paired_url = base_url or environ.get(OPENAI_URL) or environ.get(RUNNER_URL) or None
     if environ.get(OPENAI_KEY) and paired_url:
         return _checked(paired_url, environ[OPENAI_KEY], OPENAI_KEY)
     if not key_required:
-        return Credentials(explicit_url or client.DEFAULT_BASE_URL, "", None)
+        return Credentials(explicit_url or DEFAULT_BASE_URL, "", None)
     if environ.get(OPENAI_KEY):
         raise CredentialsError(
             f"{OPENAI_KEY} is set but no base URL goes with it, and it is not sent to the "
-            f"default provider ({client.DEFAULT_BASE_URL}, not OpenAI): set {OPENAI_URL} (or "
+            f"default provider ({DEFAULT_BASE_URL}, not OpenAI): set {OPENAI_URL} (or "
             f"pass --base-url) to the API the key belongs to, or set {RUNNER_KEY} to a key of "
             "the default provider"
         )

@@ -1,13 +1,9 @@
-"""Images on the way in and out: decode and verify with Pillow, write atomically, hash.
+"""Files on disk, written so that a crash leaves the old state or the new file, never half of one.
 
-Every image the runner touches, a reference it uploads or a result it keeps, is decoded in full
-before it is trusted. Pillow's decompression-bomb warning is raised as an error here, so a huge
-image is refused instead of filling memory. A 4K decode holds 25-33 MB of pixels, so decodes
-run on :data:`MAX_FULL_DECODES` threads of their own, whatever the concurrency: at most that many
-at once, and only those threads' malloc arenas ever hold pixels. Results are written as the
-crash-safe recipe asks: a temp file in the same folder, fsync, ``os.replace``, fsync the folder;
-an image that came back as a temp file is streamed across with its edits
-(:func:`write_atomic_copy`), never loaded whole.
+Results are written as the crash-safe recipe asks: a temp file in the same folder, fsync,
+``os.replace``, fsync the folder; an image that came back as a temp file is streamed across
+with its edits (:func:`write_atomic_copy`), never loaded whole, and hashed as it goes. This
+module also finds a job's image whatever its format, and hashes files.
 
 Every temp file the runner makes is named by :func:`temp_path_for`, ``.tmp-<random>-<final
 name>``: a name no final file can have, since a job id never starts with a dot. A marker inside
@@ -18,83 +14,22 @@ image as a leftover, so that every run paid for it again.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import secrets
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from PIL import Image
-
-from runner.provider import EXTENSIONS, ImageFormat, sniff_format
+from runner.provider import EXTENSIONS
 
 TEMP_PREFIX: Final = ".tmp-"
 # What earlier versions named their temp files: ``<final name>.tmp-<12 or 8 hex digits>``. A final
 # image ends in its extension, and no other file of an output folder ends so, so these are
 # still safe to sweep.
 _OLD_TEMP_NAME: Final = re.compile(r"\.tmp-(?:[0-9a-f]{12}|[0-9a-f]{8})\Z")
-MAX_FULL_DECODES = 2
 COPY_CHUNK_BYTES = 1 << 20
-
-_decoders = ThreadPoolExecutor(MAX_FULL_DECODES, thread_name_prefix="image-decode")
-
-
-class ImageInvalid(ValueError):
-    """The bytes are not a complete png, jpeg or webp image, or not the size asked for."""
-
-
-class WrongSize(ImageInvalid):
-    """A good image, but not of the size that was asked for."""
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    format: ImageFormat
-    width: int
-    height: int
-
-    @property
-    def extension(self) -> str:
-        return EXTENSIONS[self.format]
-
-
-def inspect_image(source: bytes | Path, expected_size: tuple[int, int] | None = None) -> ImageInfo:
-    """Decode ``source`` (the bytes, or a file) in full and return what it is; raise
-    :class:`ImageInvalid` otherwise (``OSError`` if the file cannot be opened)."""
-    if isinstance(source, Path):
-        with open(source, "rb") as f:
-            head = f.read(16)
-    else:
-        head = source[:16]
-    fmt = sniff_format(head)
-    if fmt is None:
-        raise ImageInvalid("not a png, jpeg or webp image")
-    width, height = _decoders.submit(_decode, source).result()
-    if expected_size is not None and (width, height) != expected_size:
-        raise WrongSize(
-            f"is {width}x{height}, but {expected_size[0]}x{expected_size[1]} was requested"
-        )
-    return ImageInfo(fmt, width, height)
-
-
-def _decode(source: bytes | Path) -> tuple[int, int]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = source if isinstance(source, Path) else io.BytesIO(source)
-            with Image.open(opened) as image:
-                image.load()
-                return image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageInvalid(f"refused as a decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageInvalid(f"does not decode: {exc}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -28,8 +28,9 @@ from runner.jobs import Job
 CHUNK_JOBS: Final = 2048
 IN_MEMORY_BYTES: Final = 16 * 1024 * 1024
 
-# A job's fields in constructor order, its images as strings: what the spool stores.
-Packed = tuple[str, str, str, str | None, str, tuple[str, ...], str, str, str]
+# A job's fields in constructor order, its images as strings (Path objects do not marshal):
+# what the spool stores, and what the validator makes.
+Packed = tuple[str, str, str, str | None, str, str, tuple[str, ...], str, str]
 
 
 class JobSpool(Sequence[Job]):
@@ -47,37 +48,44 @@ class JobSpool(Sequence[Job]):
 
     def append(self, job: Job) -> None:
         images = tuple(map(str, job.images)) if job.images else ()  # Path objects do not marshal
-        self.append_packed(
-            (
-                job.id,
-                job.prompt,
-                job.model,
-                job.size,
-                job.response_format,
-                images,
-                job.row,
-                job.content_hash,
-                job.variant,
-            )
+        self.extend_packed(
+            [
+                (
+                    job.id,
+                    job.prompt,
+                    job.model,
+                    job.size,
+                    job.response_format,
+                    job.content_hash,
+                    images,
+                    job.row,
+                    job.variant,
+                )
+            ]
         )
 
-    def append_packed(self, packed: Packed) -> None:
-        """Append a job given as its fields in order, its images as strings."""
-        self._pending.append(packed)
-        self._count += 1
-        if len(self._pending) == CHUNK_JOBS:
-            self._flush()
+    def extend_packed(self, jobs: list[Packed]) -> None:
+        """Append jobs given as their fields in order, their images as strings: the output of
+        the validator, whose rules for a row are those of :class:`~runner.jobs.Job` (a test
+        holds them to it)."""
+        self._pending += jobs
+        self._count += len(jobs)
+        if len(self._pending) >= CHUNK_JOBS:
+            pending, start = self._pending, 0
+            while len(pending) - start >= CHUNK_JOBS:
+                self._write(pending[start : start + CHUNK_JOBS])
+                start += CHUNK_JOBS
+            self._pending = pending[start:]
 
     def extend(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             self.append(job)
 
-    def _flush(self) -> None:
-        data = marshal.dumps(self._pending)
+    def _write(self, chunk: list[Packed]) -> None:
+        data = marshal.dumps(chunk)
         offset = self._file.seek(0, os.SEEK_END)  # reads may have moved the position
         self._file.write(data)
         self._chunks.append((offset, len(data)))
-        self._pending = []
 
     def close(self) -> None:
         self._file.close()
@@ -118,9 +126,12 @@ class JobSpool(Sequence[Job]):
         return self._cached
 
     def _job(self, packed: Packed) -> Job:
-        job_id, prompt, model, size, response_format, images, row, digest, variant = packed
+        job_id, prompt, model, size, response_format, digest, images, row, variant = packed
         paths = tuple(map(self._path, images)) if images else ()
-        return Job(job_id, prompt, model, size, response_format, paths, row, digest, variant)
+        # Not checked again: the spool holds jobs that were (see extend_packed).
+        return Job.restore(
+            job_id, prompt, model, size, response_format, digest, paths, row, variant
+        )
 
     def _path(self, text: str) -> Path:
         path = self._paths.get(text)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,9 @@ from typing import Any, Final, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runner.errors import RunnerError, StoreError
+from runner.errors import RunnerError
 from runner.images.files import temp_path_for
-from runner.store.sqlite import Store
+from runner.store.views import Viewable
 
 ExportFormat = Literal["imagefolder", "parquet"]
 
@@ -84,7 +83,7 @@ class _Row:
     metadata: dict[str, str | int]
 
 
-def export_dataset(store: Store, dest: Path, fmt: ExportFormat) -> ExportResult:
+def export_dataset(store: Viewable, dest: Path, fmt: ExportFormat) -> ExportResult:
     """Export the folder's finished images to ``dest`` as ``fmt``; refuse to overwrite."""
     _refuse_existing(dest, fmt)
     rows = _rows(store)
@@ -124,31 +123,24 @@ def _refuse_existing(dest: Path, fmt: ExportFormat) -> None:
         )
 
 
-def _rows(store: Store) -> list[_Row]:
-    try:
-        rows = store.query(
-            "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256 "
-            "FROM jobs WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
-        )
-    except sqlite3.DatabaseError as exc:  # also: a first run is only creating its tables
-        raise StoreError(f"{store.folder}: cannot read the checkpoint: {exc}") from None
+def _rows(store: Viewable) -> list[_Row]:
     return [
         _Row(
-            source=store.folder / r["image_path"],
-            sha256=r["sha256"],
+            source=store.folder / job.image_path,
+            sha256=job.sha256,
             metadata={
-                "file_name": Path(r["image_path"]).name,
-                "prompt": r["prompt"],
-                "size": r["size"] or "",
-                "width": int(r["width"]),
-                "height": int(r["height"]),
-                "model": r["model"],
-                "job_id": r["job_id"],
-                "references": "|".join(Path(p).name for p in json.loads(r["images"])),
-                "sha256": r["sha256"],
+                "file_name": Path(job.image_path).name,
+                "prompt": job.prompt,
+                "size": job.size or "",
+                "width": job.width,
+                "height": job.height,
+                "model": job.model,
+                "job_id": job.job_id,
+                "references": "|".join(Path(p).name for p in job.references),
+                "sha256": job.sha256,
             },
         )
-        for r in rows
+        for job in store.views().exportable_jobs()
     ]
 
 

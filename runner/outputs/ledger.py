@@ -6,8 +6,9 @@
 
 Both are written atomically (temp file, rename), at the end of every run and on interruption,
 and can always be rebuilt from the checkpoint and the manifest. They are written a batch of
-:data:`RESULTS_BATCH_JOBS` rows at a time (a Parquet row group, CSV lines), each batch's state
-read with a few queries, so a manifest of a million jobs costs no more memory than a thousand.
+:data:`RESULTS_BATCH_JOBS` rows at a time (a Parquet row group, CSV lines), each batch's states
+and spend looked up by id in the store's views, and the ledger as its attempts stream in, so a
+manifest of a million jobs costs no more memory than a thousand.
 The CSV files read back in pandas as if pandas had written them (``True``/``False``, empty
 cells for missing values); the Parquet file carries pandas' metadata, so ``width`` and
 ``height`` come back as nullable integers.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 from runner.images.files import temp_path_for
 from runner.jobs import Job
 from runner.provider import MICRO
-from runner.store.sqlite import Store
+from runner.store.views import Viewable, Views
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -115,9 +116,9 @@ class LedgerFiles:
     totals: Totals
 
 
-def write_ledger(jobs: Iterable[Job], store: Store) -> LedgerFiles:
+def write_ledger(jobs: Iterable[Job], store: Viewable) -> LedgerFiles:
     """Write results and ledger into the output folder; return their paths and the totals."""
-    folder = store.folder
+    folder, views = store.folder, store.views()
     parquet_path, csv_path = folder / "results.parquet", folder / "results.csv"
     ledger_path = folder / "ledger.csv"
     import pyarrow.parquet as pq
@@ -133,7 +134,7 @@ def write_ledger(jobs: Iterable[Job], store: Store) -> LedgerFiles:
         iterator = iter(jobs)
         wrote = False
         while batch := list(islice(iterator, RESULTS_BATCH_JOBS)):
-            rows = _result_rows(batch, store)
+            rows = _result_rows(batch, views)
             for row in rows:
                 counts[row[1]] += 1
                 counts["retry"] += row[16]
@@ -143,8 +144,8 @@ def write_ledger(jobs: Iterable[Job], store: Store) -> LedgerFiles:
         if not wrote:  # still a file with the columns
             parquet.write_table(_table([], schema))
     with _atomic_text(ledger_path) as ledger_csv:
-        _write_ledger_rows(store, _csv_writer(ledger_csv))
-    confirmed, possible = store.spend_micro_usd()
+        _write_ledger_rows(views, _csv_writer(ledger_csv))
+    confirmed, possible = views.spend()
     totals = Totals(
         succeeded=counts["succeeded"],
         failed=counts["failed"],
@@ -156,15 +157,15 @@ def write_ledger(jobs: Iterable[Job], store: Store) -> LedgerFiles:
     return LedgerFiles(parquet_path, csv_path, ledger_path, totals)
 
 
-def _result_rows(jobs: list[Job], store: Store) -> list[tuple[Any, ...]]:
+def _result_rows(jobs: list[Job], views: Views) -> list[tuple[Any, ...]]:
     """One results row per job, joined with its state and spend in the checkpoint."""
     ids = [job.id for job in jobs]
-    state = store.job_states(ids)
-    spend = store.job_spend(ids)
+    states = views.job_states(ids)
+    spend = views.job_spend(ids)
     rows = []
     for job in jobs:
-        s, m = state.get(job.id), spend.get(job.id)
-        status = s[0] if s else "pending"
+        s, m = states.get(job.id), spend.get(job.id)
+        status = s.status if s else "pending"
         attempts, confirmed, possible = m or (0, 0, 0)
         done = status == "succeeded"
         rows.append(
@@ -176,17 +177,17 @@ def _result_rows(jobs: list[Job], store: Store) -> list[tuple[Any, ...]]:
                 job.size,
                 job.prompt,
                 "|".join(str(p) for p in job.images),
-                s[1] if s else None,  # image_path
-                s[2] if s else None,  # width
-                s[3] if s else None,  # height
-                s[4] if s else None,  # sha256
+                s.image_path if s else None,
+                s.width if s else None,
+                s.height if s else None,
+                s.sha256 if s else None,
                 attempts,
                 confirmed / MICRO,
                 possible / MICRO,
-                s[5] if s and not done else None,  # error
-                s[6] if s and not done else None,  # error_cause
+                s.error if s and not done else None,
+                s.error_cause if s and not done else None,
                 # A failure that may clear (server error, timeout): the next run tries again.
-                bool(s and status == "failed" and s[7]),
+                bool(s and status == "failed" and s.retryable),
             )
         )
     return rows
@@ -200,9 +201,9 @@ def _table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _write_ledger_rows(store: Store, lines: Any) -> None:
+def _write_ledger_rows(views: Views, lines: Any) -> None:
     lines.writerow(LEDGER_COLUMNS)
-    for job_id, attempt, endpoint, model, size, cost, billing, *rest in store.billed_attempts():
+    for job_id, attempt, endpoint, model, size, cost, billing, *rest in views.billed_attempts():
         lines.writerow((job_id, attempt, endpoint, model, size, cost / MICRO, billing, *rest))
 
 

@@ -7,8 +7,9 @@ per job, filtered and sorted by a small inline script (the state lives in the UR
 WebP files cached under ``thumbs/<job_id>-<first 12 of sha256>.webp`` and embedded as ``data:``
 URIs; a Content-Security-Policy lets the page load nothing but them and its own script.
 
-The checkpoint is only read, with SELECTs in one read transaction, so the report can be made
-while a run is writing. Prompts and errors are untrusted text: everything is escaped.
+The checkpoint is only read, in one snapshot (:meth:`~runner.store.views.Views.report_snapshot`),
+so the report can be made while a run is writing. Prompts and errors are untrusted text:
+everything is escaped.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ import html
 import io
 import os
 import re
-import sqlite3
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -31,7 +30,7 @@ from PIL import Image
 
 from runner.images.files import remove_temp_files, sha256_file, write_atomic
 from runner.provider import MICRO, sniff_format
-from runner.store.sqlite import Store
+from runner.store.views import ReportJob, ReportSnapshot, Viewable
 
 REPORT_NAME: Final = "report.html"
 THUMBS_DIR: Final = "thumbs"
@@ -148,20 +147,10 @@ td.error { font: 12px ui-monospace, monospace; max-width: 640px; overflow-wrap: 
 """
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    """Everything the page shows from the checkpoint, read in one transaction."""
-
-    jobs: list[sqlite3.Row]
-    spend_micro_usd: tuple[int, int]  # confirmed, possible
-    runs: int
-    wall_s: float
-
-
-def write_report(store: Store) -> Path:
+def write_report(store: Viewable) -> Path:
     """Write ``<folder>/report.html`` (atomically) and the thumbnails it needs; return its path."""
     folder = store.folder
-    snap = _read(store)
+    snap = store.views().report_snapshot()
     thumbs = folder / THUMBS_DIR
     thumbs.mkdir(exist_ok=True)
     remove_temp_files(thumbs)
@@ -191,61 +180,24 @@ def write_report(store: Store) -> Path:
     return path
 
 
-def _read(store: Store) -> _Snapshot:
-    db = store.db
-    began = not db.in_transaction
-    if began:
-        db.execute("BEGIN")  # a read snapshot: counts and cards agree while a run writes
-    try:
-        jobs = store.query(
-            "SELECT j.job_id, j.status, j.size, j.prompt, j.image_path, j.width, j.height, "
-            "j.sha256, j.error, j.error_cause, j.retryable, COALESCE(a.n, 0) AS attempts, "
-            "COALESCE(a.confirmed, 0) AS confirmed, COALESCE(a.possible, 0) AS possible, "
-            "(SELECT error FROM attempts WHERE attempts.job_id = j.job_id "
-            "ORDER BY attempt DESC LIMIT 1) AS last_error "
-            "FROM jobs j LEFT JOIN (SELECT job_id, COUNT(*) AS n, "
-            "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
-            "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) AS possible "
-            "FROM attempts GROUP BY job_id) a USING (job_id) ORDER BY j.job_id"
-        )
-        spend = store.spend_micro_usd()
-        runs = store.query("SELECT started_at, finished_at FROM runs ORDER BY started_at")
-        wall_s = 0.0
-        for i, run in enumerate(runs):
-            end = run["finished_at"]
-            if end is None:  # still running, or cut off: count it until its last attempt
-                # ISO-8601 UTC stamps compare as text; "9" sorts after any of them.
-                until = runs[i + 1]["started_at"] if i + 1 < len(runs) else "9"
-                last = store.query(
-                    "SELECT MAX(COALESCE(finished_at, started_at)) FROM attempts "
-                    "WHERE started_at >= ? AND started_at < ?",
-                    (run["started_at"], until),
-                )[0][0]
-                end = last or run["started_at"]
-            wall_s += _seconds_between(run["started_at"], end)
-    finally:
-        if began:
-            db.execute("COMMIT")
-    return _Snapshot(jobs, spend, len(runs), wall_s)
-
-
 def _seconds_between(start: str, end: str) -> float:
     delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
     return max(0.0, delta.total_seconds())
 
 
-def _summary_html(snap: _Snapshot, unshown: int) -> str:
-    counts = Counter(r["status"] for r in snap.jobs)  # a missing status counts 0
-    causes = Counter(r["error_cause"] or "unknown" for r in snap.jobs if r["status"] == "failed")
-    per_s = counts["succeeded"] / snap.wall_s if snap.wall_s > 0 else 0.0
+def _summary_html(snap: ReportSnapshot, unshown: int) -> str:
+    counts = Counter(r.status for r in snap.jobs)  # a missing status counts 0
+    causes = Counter(r.error_cause or "unknown" for r in snap.jobs if r.status == "failed")
+    wall_s = sum(_seconds_between(run.started_at, run.ended_at) for run in snap.runs)
+    per_s = counts["succeeded"] / wall_s if wall_s > 0 else 0.0
     tiles = [
         ("jobs", str(len(snap.jobs)), "jobs", ""),
         ("succeeded", str(counts["succeeded"]), "succeeded", "ok"),
         ("failed", str(counts["failed"]), "failed", "bad"),
         ("pending", str(counts["pending"]), "pending", "wait"),
-        ("confirmed", _usd(snap.spend_micro_usd[0]), "spent, confirmed", ""),
-        ("possible", _usd(snap.spend_micro_usd[1]), "possibly spent", ""),
-        ("wall", _duration(snap.wall_s), f"wall time, {snap.runs} run(s)", ""),
+        ("confirmed", _usd(snap.spend.confirmed_micro_usd), "spent, confirmed", ""),
+        ("possible", _usd(snap.spend.possible_micro_usd), "possibly spent", ""),
+        ("wall", _duration(wall_s), f"wall time, {len(snap.runs)} run(s)", ""),
         ("throughput", f"{per_s * 60:.1f}", f"images/min ({per_s:.2f}/s)", ""),
     ]
     html_tiles = "".join(
@@ -264,13 +216,13 @@ def _summary_html(snap: _Snapshot, unshown: int) -> str:
     return f'<section id="summary"><div class="tiles">{html_tiles}</div>{notes}</section>'
 
 
-def _failures_html(jobs: list[sqlite3.Row]) -> str:
+def _failures_html(jobs: list[ReportJob]) -> str:
     rows = [
-        f'<tr><td><a href="#job-{_e(r["job_id"])}">{_e(r["job_id"])}</a></td>'
-        f'<td>{_e(r["error_cause"] or "unknown")}</td><td class="error">{_e(r["error"] or "")}</td>'
-        f"<td>{r['attempts']}</td><td>{'next run' if r['retryable'] else 'no'}</td></tr>"
+        f'<tr><td><a href="#job-{_e(r.job_id)}">{_e(r.job_id)}</a></td>'
+        f'<td>{_e(r.error_cause or "unknown")}</td><td class="error">{_e(r.error or "")}</td>'
+        f"<td>{r.attempts}</td><td>{'next run' if r.retryable else 'no'}</td></tr>"
         for r in jobs
-        if r["status"] == "failed"
+        if r.status == "failed"
     ]
     if not rows:
         return '<p class="sub">No failed jobs.</p>'
@@ -279,35 +231,35 @@ def _failures_html(jobs: list[sqlite3.Row]) -> str:
 
 
 def _card(
-    index: int, row: sqlite3.Row, folder: Path, thumbs: Path, kept: set[str]
+    index: int, row: ReportJob, folder: Path, thumbs: Path, kept: set[str]
 ) -> tuple[str, bool]:
     """The card of one job, and whether a succeeded job's image could be shown."""
-    job_id, status = row["job_id"], row["status"]
-    cost_micro = row["confirmed"] + row["possible"]
+    job_id, status = row.job_id, row.status
+    cost_micro = row.confirmed_micro_usd + row.possible_micro_usd
     note = None
     if status == "succeeded":
-        name, data, note = _thumbnail(folder, thumbs, job_id, row["image_path"], row["sha256"])
-        size = f"{row['width']}&times;{row['height']}"
+        name, data, note = _thumbnail(folder, thumbs, job_id, row.image_path, row.sha256)
+        size = f"{row.width}&times;{row.height}"
     else:
         name, data = None, None
-        size = f"asked {_e(row['size'])}" if row["size"] else "provider's default size"
+        size = f"asked {_e(row.size)}" if row.size else "provider's default size"
     if name is not None and data is not None:
         kept.add(name)
         uri = "data:image/webp;base64," + base64.b64encode(data).decode()
         picture = f'<img src="{uri}" alt="{_e(job_id)}">'
     else:
-        last = row["last_error"]
+        last = row.last_error
         detail = {
             "succeeded": "no thumbnail",
-            "failed": row["error_cause"] or "unknown cause",
+            "failed": row.error_cause or "unknown cause",
             "pending": f"last try: {last}" if last else "not tried yet",
         }[status]
         picture = f'<div class="ph"><b>{status}</b>{_e(detail)}</div>'
-    prompt = row["prompt"]
+    prompt = row.prompt
     short = prompt if len(prompt) <= _PROMPT_CHARS else prompt[: _PROMPT_CHARS - 1] + "\u2026"
-    cost = _usd(row["confirmed"])
-    if row["possible"]:
-        cost += f" + {_usd(row['possible'])} possible"
+    cost = _usd(row.confirmed_micro_usd)
+    if row.possible_micro_usd:
+        cost += f" + {_usd(row.possible_micro_usd)} possible"
     card = (
         f'<article class="card s-{status}" id="job-{_e(job_id)}" data-index="{index}" '
         f'data-status="{status}" data-cost="{cost_micro}">'
@@ -315,8 +267,8 @@ def _card(
         f'<span class="badge b-{status}">{status}</span>'
         f'<span class="id" title="{_e(job_id)}">{_e(job_id)}</span>'
         f'<p class="prompt" title="{_e(prompt)}">{_e(short)}</p>'
-        f'<p class="facts">{size} &middot; {cost} &middot; {row["attempts"]} attempt'
-        f"{'s' * (row['attempts'] != 1)}</p>"
+        f'<p class="facts">{size} &middot; {cost} &middot; {row.attempts} attempt'
+        f"{'s' * (row.attempts != 1)}</p>"
         + (f'<p class="note">{_e(note)}</p>' if note else "")
         + "</div></article>"
     )

@@ -1,12 +1,12 @@
 """Where a run stands: ``image-runner status``, read from the checkpoint alone, safe at any time.
 
-It owns reading an output folder's checkpoint without disturbing a run that may be writing it:
-the store is opened read-only and without the folder's lock, and every number comes from one
-read transaction of plain SELECTs, so counts and spend belong to the same moment (WAL readers
-never block the writer).
+It owns telling where a run stands from an output folder's checkpoint without disturbing a run
+that may be writing it: the store is opened read-only and without the folder's lock, and every
+number comes from one snapshot (:meth:`~runner.store.views.Views.status_facts`), so counts and
+spend belong to the same moment.
 
-A run is *live* when the latest ``runs`` row has no ``finished_at`` and its process is still
-alive. With no ``finished_at`` and no process, the run died without settling (``kill -9``, power
+A run is *live* when the latest run recorded has not finished and its process is still
+alive. Unfinished and without its process, the run died without settling (``kill -9``, power
 loss): it is *interrupted*, and the requests it had in flight may have been billed; the next run
 of the manifest counts them as possible charges and resumes the rest.
 
@@ -17,26 +17,15 @@ shrank since shows more here than in ``results.csv``, which follows the manifest
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from runner.errors import StoreError
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
-from runner.store.sqlite import Store
+from runner.store.views import LastRun, Viewable
 
 RunState = Literal["live", "finished", "interrupted", "never_run"]
-
-
-@dataclass(frozen=True)
-class LastRun:
-    run_id: int
-    started_at: str
-    finished_at: str | None
-    outcome: str | None  # "finished", or why it stopped early; None while live or interrupted
-    pid: int | None
 
 
 @dataclass(frozen=True)
@@ -96,70 +85,32 @@ class RunStatus:
         }
 
 
-def read_status(store: Store, *, now: datetime | None = None) -> RunStatus:
+def read_status(store: Viewable, *, now: datetime | None = None) -> RunStatus:
     """Read where the run in ``store``'s folder stands; ``now`` is for tests."""
-    try:
-        store.db.execute("BEGIN")  # one snapshot for every SELECT below
-        try:
-            status = _read(store, now or datetime.now(UTC))
-        finally:
-            store.db.execute("ROLLBACK")
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{store.folder}: cannot read the checkpoint: {exc}") from None
-    return status
-
-
-def _read(store: Store, now: datetime) -> RunStatus:
-    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "runs" not in tables:  # a first run is creating the checkpoint right now
+    facts = store.views().status_facts()
+    if facts is None:
         return _nothing_yet(store.folder)
-    by_status = {
-        r[0]: int(r[1]) for r in store.query("SELECT status, COUNT(*) FROM jobs GROUP BY 1")
-    }
-    retryable = store.query("SELECT COUNT(*) FROM jobs WHERE status = 'failed' AND retryable")
-    failures = {
-        str(r[0]): int(r[1])
-        for r in store.query(
-            "SELECT COALESCE(error_cause, 'unknown'), COUNT(*) FROM jobs WHERE status = 'failed' "
-            "GROUP BY 1 ORDER BY 2 DESC, 1"
-        )
-    }
-    attempts = {
-        r[0]: (int(r[1]), int(r[2]))
-        for r in store.query(
-            "SELECT state, COUNT(*), COALESCE(SUM(cost_micro_usd), 0) FROM attempts GROUP BY 1"
-        )
-    }
-    last_activity = store.query(
-        "SELECT MAX(t) FROM (SELECT MAX(started_at) AS t FROM attempts "
-        "UNION ALL SELECT MAX(finished_at) FROM attempts "
-        "UNION ALL SELECT MAX(updated_at) FROM jobs "
-        "UNION ALL SELECT MAX(started_at) FROM runs "
-        "UNION ALL SELECT MAX(finished_at) FROM runs)"
-    )[0][0]
-    last_run = _last_run(store)
-    state = _state(last_run)
-
-    in_flight = attempts.get("in_flight", (0, 0))[0]
+    now = now or datetime.now(UTC)
+    state = _state(facts.last_run)
     # A live run settles nothing yet; an interrupted one left these without an outcome.
-    cut_off = in_flight if state == "interrupted" else 0
-    possible_micro = attempts.get("possible", (0, 0))[1] + cut_off * PRICE_PER_IMAGE_MICRO_USD
-    last_at = datetime.fromisoformat(last_activity) if last_activity else None
+    cut_off = facts.in_flight if state == "interrupted" else 0
+    possible_micro = facts.possible_micro_usd + cut_off * PRICE_PER_IMAGE_MICRO_USD
+    last_at = datetime.fromisoformat(facts.last_activity_at) if facts.last_activity_at else None
     return RunStatus(
         folder=store.folder,
         state=state,
-        succeeded=by_status.get("succeeded", 0),
-        failed=by_status.get("failed", 0),
-        failed_retryable=int(retryable[0][0]),
-        pending=by_status.get("pending", 0),
-        in_flight=in_flight if state == "live" else 0,
+        succeeded=facts.succeeded,
+        failed=facts.failed,
+        failed_retryable=facts.failed_retryable,
+        pending=facts.pending,
+        in_flight=facts.in_flight if state == "live" else 0,
         cut_off=cut_off,
-        confirmed_usd=attempts.get("confirmed", (0, 0))[1] / MICRO,
+        confirmed_usd=facts.confirmed_micro_usd / MICRO,
         possible_usd=possible_micro / MICRO,
         last_activity_at=last_at,
         idle_s=max(0.0, (now - last_at).total_seconds()) if last_at else None,
-        last_run=last_run,
-        failures=failures,
+        last_run=facts.last_run,
+        failures=facts.failures,
     )
 
 
@@ -178,20 +129,6 @@ def _nothing_yet(folder: Path) -> RunStatus:
         last_activity_at=None,
         idle_s=None,
         last_run=None,
-    )
-
-
-def _last_run(store: Store) -> LastRun | None:
-    rows = store.query("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1")
-    if not rows:
-        return None
-    row = rows[0]
-    return LastRun(
-        run_id=int(row["run_id"]),
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        outcome=row["outcome"],
-        pid=dict(row).get("pid"),  # None in checkpoints from before migration 2
     )
 
 

@@ -1,12 +1,186 @@
-"""What the after-run views (results, ledger, report, status, export) read from a store.
+"""What the after-run views read from a store: the :class:`Views` protocol and its records.
 
-In progress (issue 10): the read queries of the views move here, behind this protocol.
+The results and ledger, the report, ``status`` and ``export`` (:mod:`runner.outputs`) read the
+run's state through these methods alone, never through its tables, so that a backend is free to
+keep it as it likes: SQLite today (:mod:`runner.store.queries`), PostgreSQL later. Each method is
+one read, of one consistent snapshot where the view needs one: status's counts and spend belong
+to the same moment, and so do the report's counts and cards, while a run goes on writing.
+
+The records are plain typed rows, named tuples where there may be a million of them (the
+results' batches, the ledger's attempts). Money is in integer micro-dollars, so sums are exact;
+times are ISO-8601 strings in UTC with milliseconds, as the checkpoint records them, so they sort
+and compare as text. A store that cannot be read (damaged, or still being created by a first
+run) raises :class:`~runner.errors.StoreError` saying ``<folder>: cannot read the checkpoint``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+from runner.jobs import JobStatus
+
+
+class JobState(NamedTuple):
+    """A job as the results show it: where it stands, its image or its error."""
+
+    status: JobStatus
+    image_path: str | None
+    width: int | None
+    height: int | None
+    sha256: str | None
+    error: str | None
+    error_cause: str | None
+    retryable: bool  # a failure a rerun of the manifest tries again
+
+
+class JobSpend(NamedTuple):
+    """A job's attempts and what they cost (or may have)."""
+
+    attempts: int
+    confirmed_micro_usd: int
+    possible_micro_usd: int
+
+
+class Spend(NamedTuple):
+    """Spend recorded in the output location over its whole history."""
+
+    confirmed_micro_usd: int
+    possible_micro_usd: int
+
+
+class BilledAttempt(NamedTuple):
+    """One request that was billed (``confirmed``) or may have been (``possible``): a ledger row."""
+
+    job_id: str
+    attempt: int
+    endpoint: str
+    model: str
+    size: str | None
+    cost_micro_usd: int
+    billing: Literal["confirmed", "possible"]
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    finished_at: str | None
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """The latest run recorded in the output location."""
+
+    run_id: int
+    started_at: str
+    finished_at: str | None
+    outcome: str | None  # "finished", or why it stopped early; None while live or interrupted
+    pid: int | None  # None in checkpoints written before runs recorded their process
+
+
+@dataclass(frozen=True)
+class StatusFacts:
+    """Everything ``status`` shows, of one moment."""
+
+    succeeded: int
+    failed: int
+    failed_retryable: int  # of ``failed``
+    pending: int
+    in_flight: int  # attempts recorded as sent, without an outcome yet
+    confirmed_micro_usd: int
+    possible_micro_usd: int  # recorded possible charges; in-flight attempts are not in it
+    last_activity_at: str | None  # the latest moment anything was recorded
+    last_run: LastRun | None
+    failures: dict[str, int] = field(default_factory=dict)  # error cause -> failed jobs, most first
+
+
+class ReportJob(NamedTuple):
+    """One job of the report: its card, and its line in the failures table."""
+
+    job_id: str
+    status: JobStatus
+    size: str | None  # as asked
+    prompt: str
+    image_path: str | None
+    width: int | None
+    height: int | None
+    sha256: str | None
+    error: str | None
+    error_cause: str | None
+    retryable: bool
+    attempts: int
+    confirmed_micro_usd: int
+    possible_micro_usd: int
+    last_error: str | None  # of its latest attempt: why a pending job is not done yet
+
+
+class RunSpan(NamedTuple):
+    """When a run started and ended; one still going, or cut off by a crash, ends at its last
+    attempt's latest moment (or its start, if it made none)."""
+
+    started_at: str
+    ended_at: str
+
+
+@dataclass(frozen=True)
+class ReportSnapshot:
+    """Everything the report shows from the store, of one moment."""
+
+    jobs: list[ReportJob]  # in job id order
+    spend: Spend
+    runs: list[RunSpan]  # in the order they started
+
+
+class ExportJob(NamedTuple):
+    """A succeeded job with its image recorded, as an export needs it."""
+
+    job_id: str
+    prompt: str
+    size: str | None  # as asked; None: the provider's default
+    model: str
+    references: tuple[str, ...]  # the reference images' paths, in upload order
+    image_path: str  # relative to the output folder
+    width: int
+    height: int
+    sha256: str
 
 
 class Views(Protocol):
-    """The read side of a store, one consistent snapshot per call."""
+    """The read side of a store. Each call reads one consistent snapshot where its view needs
+    one; none of them writes."""
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        """The states of those of ``job_ids`` the store has (a few thousand ids a call)."""
+        ...
+
+    def job_spend(self, job_ids: Sequence[str]) -> dict[str, JobSpend]:
+        """The attempts and spend of those of ``job_ids`` with attempts."""
+        ...
+
+    def billed_attempts(self) -> Iterator[BilledAttempt]:
+        """Every billed or possibly billed attempt, in the order they finished, read as it is
+        consumed: a folder's history may hold millions."""
+        ...
+
+    def spend(self) -> Spend: ...
+
+    def status_facts(self) -> StatusFacts | None:
+        """Where the run stands, in one snapshot; None while a first run is only creating
+        the store."""
+        ...
+
+    def report_snapshot(self) -> ReportSnapshot: ...
+
+    def exportable_jobs(self) -> list[ExportJob]:
+        """The succeeded jobs with an image recorded, in the order they were first planned."""
+        ...
+
+
+class Viewable(Protocol):
+    """What the outputs take: a store's views, and its folder, where the outputs are written
+    and the images are. Every store is one."""
+
+    @property
+    def folder(self) -> Path: ...
+
+    def views(self) -> Views: ...

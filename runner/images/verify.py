@@ -1,0 +1,78 @@
+"""Verifying images: decode in full with Pillow, under bounds, before anything trusts them.
+
+Every image the runner touches, a reference it uploads or a result it keeps, is decoded in full
+before it is trusted: a file that starts like a PNG and is cut short, or a picture of the wrong
+size, must never count as the image that was paid for. Pillow's decompression-bomb warning is
+raised as an error here, so a huge image is refused instead of filling memory. A 4K decode
+holds 25-33 MB of pixels, so decodes run on :data:`MAX_FULL_DECODES` threads of their own,
+whatever the concurrency: at most that many at once, and only those threads' malloc arenas ever
+hold pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from runner.provider import EXTENSIONS, ImageFormat, sniff_format
+
+MAX_FULL_DECODES = 2
+
+_decoders = ThreadPoolExecutor(MAX_FULL_DECODES, thread_name_prefix="image-decode")
+
+
+class ImageInvalid(ValueError):
+    """The bytes are not a complete png, jpeg or webp image, or not the size asked for."""
+
+
+class WrongSize(ImageInvalid):
+    """A good image, but not of the size that was asked for."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: ImageFormat
+    width: int
+    height: int
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+
+def inspect_image(source: bytes | Path, expected_size: tuple[int, int] | None = None) -> ImageInfo:
+    """Decode ``source`` (the bytes, or a file) in full and return what it is; raise
+    :class:`ImageInvalid` otherwise (``OSError`` if the file cannot be opened)."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(16)
+    else:
+        head = source[:16]
+    fmt = sniff_format(head)
+    if fmt is None:
+        raise ImageInvalid("not a png, jpeg or webp image")
+    width, height = _decoders.submit(_decode, source).result()
+    if expected_size is not None and (width, height) != expected_size:
+        raise WrongSize(
+            f"is {width}x{height}, but {expected_size[0]}x{expected_size[1]} was requested"
+        )
+    return ImageInfo(fmt, width, height)
+
+
+def _decode(source: bytes | Path) -> tuple[int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = source if isinstance(source, Path) else io.BytesIO(source)
+            with Image.open(opened) as image:
+                image.load()
+                return image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageInvalid(f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageInvalid(f"does not decode: {exc}") from None

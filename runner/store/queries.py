@@ -1,0 +1,259 @@
+"""The views' reads of a SQLite checkpoint: :class:`SqliteViews`, the :class:`Views` of
+:mod:`runner.store.sqlite`.
+
+Every query here only reads. Status and the report read in one transaction each (``BEGIN`` ...
+``ROLLBACK``): in WAL mode that is one snapshot, which the writer never waits for and which never
+sees half of a commit, so counts, spend and cards agree while a run writes. The results' lookups
+read a few hundred ids a query and the ledger's attempts stream from a cursor, as plain tuples
+made into named tuples: a manifest of a million jobs costs no more memory than a thousand.
+Any error of SQLite's is raised as :class:`StoreError`, ``<folder>: cannot read the checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner.errors import StoreError
+from runner.store.views import (
+    BilledAttempt,
+    ExportJob,
+    JobSpend,
+    JobState,
+    LastRun,
+    ReportJob,
+    ReportSnapshot,
+    RunSpan,
+    Spend,
+    StatusFacts,
+)
+
+# Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
+# parameters a statement.
+_IDS_PER_QUERY = 500
+
+_REPORT_JOBS = (
+    "SELECT j.job_id, j.status, j.size, j.prompt, j.image_path, j.width, j.height, j.sha256, "
+    "j.error, j.error_cause, j.retryable, COALESCE(a.n, 0), COALESCE(a.confirmed, 0), "
+    "COALESCE(a.possible, 0), "
+    "(SELECT error FROM attempts WHERE attempts.job_id = j.job_id "
+    "ORDER BY attempt DESC LIMIT 1) "
+    "FROM jobs j LEFT JOIN (SELECT job_id, COUNT(*) AS n, "
+    "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
+    "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) AS possible "
+    "FROM attempts GROUP BY job_id) a USING (job_id) ORDER BY j.job_id"
+)
+
+
+class SqliteViews:
+    """The views' reads of the checkpoint open as ``db``, the checkpoint of ``folder``."""
+
+    def __init__(self, db: sqlite3.Connection, folder: Path) -> None:
+        self._db = db
+        self.folder = folder
+
+    # --- results and ledger -----------------------------------------------------------------
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        rows = self._by_ids(
+            "SELECT job_id, status, image_path, width, height, sha256, error, error_cause, "
+            "retryable FROM jobs WHERE job_id IN ({ids})",
+            job_ids,
+        )
+        make = JobState._make
+        return {row[0]: make((*row[1:8], bool(row[8]))) for row in rows}
+
+    def job_spend(self, job_ids: Sequence[str]) -> dict[str, JobSpend]:
+        rows = self._by_ids(
+            "SELECT job_id, COUNT(*), "
+            "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END), "
+            "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) "
+            "FROM attempts WHERE job_id IN ({ids}) GROUP BY job_id",
+            job_ids,
+        )
+        make = JobSpend._make
+        return {row[0]: make(row[1:]) for row in rows}
+
+    def billed_attempts(self) -> Iterator[BilledAttempt]:
+        make = BilledAttempt._make
+        with self._reading():
+            yield from map(
+                make,
+                self._cursor().execute(
+                    "SELECT job_id, attempt, endpoint, model, size, cost_micro_usd, state, "
+                    "input_tokens, output_tokens, total_tokens, finished_at FROM attempts "
+                    "WHERE state IN ('confirmed', 'possible') "
+                    "ORDER BY finished_at, job_id, attempt"
+                ),
+            )
+
+    def spend(self) -> Spend:
+        with self._reading():
+            return self._spend()
+
+    # --- status -------------------------------------------------------------------------------
+
+    def status_facts(self) -> StatusFacts | None:
+        with self._reading(), self._snapshot():
+            tables = {
+                r[0] for r in self._all("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "runs" not in tables:  # a first run is creating the checkpoint right now
+                return None
+            by_status = {
+                r[0]: int(r[1]) for r in self._all("SELECT status, COUNT(*) FROM jobs GROUP BY 1")
+            }
+            retryable = self._one("SELECT COUNT(*) FROM jobs WHERE status = 'failed' AND retryable")
+            failures = {
+                str(r[0]): int(r[1])
+                for r in self._all(
+                    "SELECT COALESCE(error_cause, 'unknown'), COUNT(*) FROM jobs "
+                    "WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+                )
+            }
+            attempts = {
+                r[0]: (int(r[1]), int(r[2]))
+                for r in self._all(
+                    "SELECT state, COUNT(*), COALESCE(SUM(cost_micro_usd), 0) FROM attempts "
+                    "GROUP BY 1"
+                )
+            }
+            last_activity = self._one(
+                "SELECT MAX(t) FROM (SELECT MAX(started_at) AS t FROM attempts "
+                "UNION ALL SELECT MAX(finished_at) FROM attempts "
+                "UNION ALL SELECT MAX(updated_at) FROM jobs "
+                "UNION ALL SELECT MAX(started_at) FROM runs "
+                "UNION ALL SELECT MAX(finished_at) FROM runs)"
+            )
+            last_run = self._last_run()
+        return StatusFacts(
+            succeeded=by_status.get("succeeded", 0),
+            failed=by_status.get("failed", 0),
+            failed_retryable=int(retryable),
+            pending=by_status.get("pending", 0),
+            in_flight=attempts.get("in_flight", (0, 0))[0],
+            confirmed_micro_usd=attempts.get("confirmed", (0, 0))[1],
+            possible_micro_usd=attempts.get("possible", (0, 0))[1],
+            last_activity_at=last_activity,
+            last_run=last_run,
+            failures=failures,
+        )
+
+    def _last_run(self) -> LastRun | None:
+        cursor = self._db.cursor()
+        cursor.row_factory = sqlite3.Row  # by name: ``pid`` came with migration 2
+        row = cursor.execute("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return LastRun(
+            run_id=int(row["run_id"]),
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            outcome=row["outcome"],
+            pid=dict(row).get("pid"),
+        )
+
+    # --- report -------------------------------------------------------------------------------
+
+    def report_snapshot(self) -> ReportSnapshot:
+        with self._reading(), self._snapshot():
+            make = ReportJob._make
+            jobs = [make((*r[:10], bool(r[10]), *r[11:])) for r in self._all(_REPORT_JOBS)]
+            spend = self._spend()
+            starts = self._all("SELECT started_at, finished_at FROM runs ORDER BY started_at")
+            runs = []
+            for i, (started_at, finished_at) in enumerate(starts):
+                end = finished_at
+                if end is None:  # still running, or cut off: count it until its last attempt
+                    # ISO-8601 UTC stamps compare as text; "9" sorts after any of them.
+                    until = starts[i + 1][0] if i + 1 < len(starts) else "9"
+                    last = self._one(
+                        "SELECT MAX(COALESCE(finished_at, started_at)) FROM attempts "
+                        "WHERE started_at >= ? AND started_at < ?",
+                        (started_at, until),
+                    )
+                    end = last or started_at
+                runs.append(RunSpan(started_at, end))
+        return ReportSnapshot(jobs, spend, runs)
+
+    # --- export -------------------------------------------------------------------------------
+
+    def exportable_jobs(self) -> list[ExportJob]:
+        with self._reading():
+            rows = self._all(
+                "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256 "
+                "FROM jobs WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
+            )
+        return [
+            ExportJob(
+                job_id=r[0],
+                prompt=r[1],
+                size=r[2],
+                model=r[3],
+                references=tuple(json.loads(r[4])),
+                image_path=r[5],
+                width=int(r[6]),
+                height=int(r[7]),
+                sha256=r[8],
+            )
+            for r in rows
+        ]
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Any error of SQLite's inside, a table missing included, as :class:`StoreError`."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.folder}: cannot read the checkpoint: {exc}") from None
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction around the reads inside, unless one is open already (then they
+        are of its snapshot)."""
+        began = not self._db.in_transaction
+        if began:
+            self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if began and self._db.in_transaction:
+                self._db.execute("ROLLBACK")  # it only read: nothing to keep
+
+    def _spend(self) -> Spend:
+        confirmed, possible = self._all(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd END), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'possible' THEN cost_micro_usd END), 0) "
+            "FROM attempts"
+        )[0]
+        return Spend(int(confirmed), int(possible))
+
+    def _cursor(self) -> sqlite3.Cursor:
+        cursor = self._db.cursor()
+        cursor.row_factory = None  # plain tuples: these read up to millions of rows
+        return cursor
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._cursor().execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """The one value of a query that returns one row of one column."""
+        return self._all(sql, params)[0][0]
+
+    def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids
+        at a time."""
+        rows: list[tuple[Any, ...]] = []
+        with self._reading():
+            cursor = self._cursor()
+            for start in range(0, len(job_ids), _IDS_PER_QUERY):
+                chunk = job_ids[start : start + _IDS_PER_QUERY]
+                sql_chunk = sql.format(ids=",".join("?" * len(chunk)))
+                rows += cursor.execute(sql_chunk, chunk).fetchall()
+        return rows

@@ -1,0 +1,279 @@
+"""The checkpoint file: its schema and migrations, and opening it.
+
+- ``checkpoint.sqlite`` in the output folder, opened for writing with the crash-safe settings of
+  RELIABILITY.md: WAL journal with ``synchronous=FULL`` (WAL with NORMAL may lose a commit on
+  power loss), a ``busy_timeout``, ``PRAGMA integrity_check`` on open.
+- One writer: the process holding the folder's lock file (``.lock``, an ``flock``); a second
+  run on the same folder is refused before it touches anything. Readers (the views, a dry run)
+  take no lock.
+- Schema changes are ordered migrations recorded in ``migrations``. Those a checkpoint lacks are
+  applied together, in one transaction, so nobody ever sees it half upgraded; a checkpoint from
+  a newer version is refused untouched, by a run and by the read-only commands, which also
+  refuse an older one (a run upgrades it): their queries name the columns of every migration.
+- A folder this process may not write is refused when a run opens it (:func:`check_writable`),
+  before anything is sent, not met after.
+- Every failure to open is a :class:`~runner.errors.StoreError` saying what to do, and leaves no
+  handle open and no lock held.
+
+What is done with a connection, once open, is :mod:`runner.store.sqlite`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from runner.errors import OutputLockedError, StoreError, StoreWriteError
+from runner.images.files import temp_path_for
+
+DB_NAME = "checkpoint.sqlite"
+LOCK_NAME = ".lock"
+
+MIGRATIONS = (
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        content_hash TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT,
+        prompt TEXT NOT NULL,
+        images TEXT NOT NULL,
+        image_path TEXT,
+        width INTEGER,
+        height INTEGER,
+        sha256 TEXT,
+        error TEXT,
+        error_cause TEXT,
+        retryable INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('in_flight', 'confirmed', 'possible', 'unbilled')),
+        cost_micro_usd INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER,
+        output_tokens INTEGER,
+        total_tokens INTEGER,
+        error TEXT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );
+    CREATE INDEX attempts_state ON attempts (state);
+    CREATE TABLE runs (
+        run_id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        outcome TEXT
+    );
+    """,
+    # 2: which process runs, so `image-runner status` can tell a live run without the lock.
+    """
+    ALTER TABLE runs ADD COLUMN pid INTEGER;
+    """,
+    # 3: the stat of each finished image, so a rerun re-hashes only images whose stat changed.
+    """
+    ALTER TABLE jobs ADD COLUMN image_size_bytes INTEGER;
+    ALTER TABLE jobs ADD COLUMN image_mtime_ns INTEGER;
+    ALTER TABLE jobs ADD COLUMN image_ctime_ns INTEGER;
+    """,
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if need be and check that a file can be made in it (a temp file, which
+    the next start sweeps away if a crash leaves it): a read-only output folder is then refused
+    before the first request, not met after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path_for(folder / "write-check")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
+
+
+def _unwritable(folder: Path, error: OSError) -> StoreError:
+    return StoreError(
+        f"cannot write to {folder}: {error.strerror or error}; make it writable, or pass --out "
+        "to use another folder (nothing was sent)"
+    )
+
+
+def lock_and_connect(folder: Path) -> tuple[sqlite3.Connection, int]:
+    """Lock ``folder`` for this process (an ``flock`` on its ``.lock``: one writer, so a second
+    run on the same folder is refused before it touches anything), check that it can be
+    written, and open (or create) its checkpoint for writing. Returns the connection and the
+    lock's descriptor, the caller's to close; on any failure both are closed here."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise OutputLockedError(
+            f"{folder} is in use by another image-runner run; wait for it to finish, "
+            "or pass --out to use another folder"
+        ) from None
+    try:
+        check_writable(folder)
+        return _connect(folder / DB_NAME), lock_fd
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open the checkpoint for writing, check it and bring it up to date; the handle is closed
+    again on every failure."""
+    try:
+        # Not same-thread: the pool's group commit writes from a worker thread, one at a time.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            raise StoreError(f"{path} failed its integrity check: {check}")
+        _migrate(db, path)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection, path: Path | None = None) -> None:
+    """Apply the migrations ``db`` lacks, all in one transaction: a failure leaves it as it
+    was. The ``BEGIN IMMEDIATE`` also proves that the checkpoint can be written."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise StoreWriteError(f"cannot write the checkpoint {path}: {exc}") from None
+    try:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+        )
+        done = {r[0] for r in db.execute("SELECT version FROM migrations")}
+        if done and max(done) > len(MIGRATIONS):
+            folder = path.parent if path else Path()
+            raise StoreError(f"{_newer(folder, max(done))}; it was left as it is")
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO migrations VALUES (?, ?)", (version, now_iso()))
+        db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{path} could not be brought up to date: {exc}") from None
+        raise
+
+
+def connect_read_only(folder: Path) -> sqlite3.Connection:
+    """The checkpoint of ``folder``, for reading without the lock while a run may be writing
+    it."""
+    path = folder / DB_NAME
+    if not path.is_file():
+        raise StoreError(f"{folder} holds no image-runner checkpoint")
+    return _connect_for_reading(path, "mode=ro")
+
+
+def connect_for_dry_run(folder: Path) -> sqlite3.Connection:
+    """The checkpoint of ``folder``, to plan from while changing nothing on disk: no file
+    created, a live run undisturbed. With no checkpoint yet (nor folder), an empty one in
+    memory.
+
+    :func:`connect_read_only` would leave a ``-wal`` and a ``-shm`` behind in a folder no run
+    has open. So: when a ``-wal`` exists (a run is live, or one died leaving commits the main
+    file lacks), it is read through that WAL as usual (SQLite may rebuild its ``-shm`` index,
+    nothing else); otherwise the main file is whole, and is read as immutable, which creates
+    no file. A run starting while the dry run reads may then make the dry run's figures stale;
+    it never disturbs the run.
+    """
+    path = folder / DB_NAME
+    if not path.is_file():
+        # Planning reads it from a worker thread (one at a time), as it does a run's.
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        _migrate(db)
+        return db
+    live = path.with_name(f"{DB_NAME}-wal").exists()
+    return _connect_for_reading(path, "mode=ro" if live else "mode=ro&immutable=1")
+
+
+def _connect_for_reading(path: Path, mode: str) -> sqlite3.Connection:
+    """Open the checkpoint at ``path`` with the URI parameters ``mode``, for reading; one
+    written by another version is refused with a message saying which way to go."""
+    try:
+        # Not same-thread: a dry run plans from a worker thread, one thread at a time.
+        uri = f"{path.absolute().as_uri()}?{mode}"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 10000")
+        problem = _version_problem(db, path.parent)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    if problem:
+        db.close()
+        raise StoreError(problem)
+    return db
+
+
+def _version_problem(db: sqlite3.Connection, folder: Path) -> str | None:
+    """Why a reader of this version cannot read the checkpoint in ``folder`` as it is, if it
+    cannot: its queries name the columns of every migration, and of no later one."""
+    known = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
+    ).fetchone()
+    if known is None:  # a first run is creating it this moment: there is nothing to read yet
+        return None
+    done = {r[0] for r in db.execute("SELECT version FROM migrations")}
+    if done and max(done) > len(MIGRATIONS):
+        return _newer(folder, max(done))
+    if not done.issuperset(range(1, len(MIGRATIONS) + 1)):
+        return (
+            f"{folder} was written by an older image-runner: run `image-runner run` on it once "
+            "to upgrade it"
+        )
+    return None
+
+
+def _newer(folder: Path, version: int) -> str:
+    return (
+        f"{folder} was written by a newer image-runner (its checkpoint is at version {version}, "
+        f"this one knows up to {len(MIGRATIONS)}): use that version, or upgrade this one"
+    )
