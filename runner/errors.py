@@ -6,6 +6,8 @@
      +-- ManifestError          the manifest is invalid; carries every problem found (exit 2)
      +-- OutputLockedError      another run holds the output folder (exit 2)
      +-- CredentialsError       no API key, or none that may go to the base URL (exit 2)
+     +-- OptionsError           an option out of range, or contradicting another; also a
+     |                          ValueError (exit 2)
      +-- StoreError             the output folder or its checkpoint cannot be used: unwritable,
      |    |                     untrustworthy, or written by another version (exit 2)
      |    +-- StoreWriteError   a write to the checkpoint failed (disk full, I/O error): final
@@ -36,6 +38,7 @@ Every layer raises these, so this module imports nothing above it: the standard 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +79,22 @@ class OutputLockedError(RunnerError):
 
 class CredentialsError(RunnerError):
     """No API key, or none that may be sent to the base URL; names what to set. Nothing sent."""
+
+
+class OptionsError(RunnerError, ValueError):
+    """An option of a run out of range, or at odds with another; nothing was sent.
+
+    The message names the options by their Python names (``retry_failed``); the CLI shows
+    the same message with its flags (``--retry-failed``) through :meth:`spelled`."""
+
+    def __init__(self, template: str, *options: str) -> None:
+        self.template = template  # "{0} narrows {1}": the options fill the fields
+        self.options = options
+        super().__init__(self.spelled(lambda name: name))
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message, each option named by ``spell(name)``."""
+        return self.template.format(*map(spell, self.options))
 
 
 class StoreError(RunnerError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from runner.cli.parser import build_parser
+from runner.core.options import Options
 from runner.emulator import EmulatorConfig, EmulatorThread
 from tests.conftest import TEST_KEY, closed_port_url, make_ref, write_manifest
 
@@ -78,6 +81,13 @@ def test_base_url_from_environment_and_default_out_folder(
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "output" / "manifest" / "images" / "img-0.png").is_file()
     assert (tmp_path / "output" / "manifest" / "results.parquet").is_file()
+    # One of each, said in the singular.
+    assert "jobs:      1: 1 succeeded, 0 failed, 0 pending" in done.stdout
+    assert "; 1 request this run" in done.stdout
+    validated = run_cli("validate", manifest)
+    assert "manifest.yaml: 1 job (1 generation, 0 edits), $0.03 at $0.03 an image" in (
+        validated.stdout
+    )
 
 
 def test_openai_api_key_is_the_fallback(tmp_path: Path, server: EmulatorThread) -> None:
@@ -229,7 +239,8 @@ def test_report_status_and_export_commands(tmp_path: Path, server: EmulatorThrea
 
 def test_only_needs_retry_failed(tmp_path: Path) -> None:
     done = run_cli("run", small_manifest(tmp_path), "--emulate", "--only", "server_error")
-    assert done.returncode == 2 and "--retry-failed" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr == "error: --only narrows --retry-failed; add --retry-failed\n"
 
 
 def test_second_sigint_stops_at_once_without_a_traceback(tmp_path: Path) -> None:
@@ -399,3 +410,54 @@ def test_a_dry_run_needs_no_key_and_writes_nothing(tmp_path: Path) -> None:
     assert "spent:     $0.00 confirmed + $0.00 possible in this folder" in planned.stdout
     assert f"samples:   {out / 'images' / 'img-0'}.png" in planned.stdout
     assert not out.exists()
+
+
+def run_parser() -> argparse.ArgumentParser:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser: argparse.ArgumentParser = commands.choices["run"]
+    return parser
+
+
+def shown(default: object) -> str:
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_run_help_shows_every_default() -> None:
+    parser = run_parser()
+    text = " ".join(parser.format_help().split())
+    options = [a for a in parser._actions if a.option_strings]
+    for action, after in zip(options, [*options[1:], None], strict=True):
+        start = text.index(f"{', '.join(action.option_strings)} ")
+        end = text.index(f" {after.option_strings[0]}", start) if after else len(text)
+        help_text = text[start:end]
+        if action.nargs == 0:  # a flag: off unless given
+            assert "(default" not in help_text or action.dest == "help", help_text
+        elif action.default is None:  # "not set": the help says what that means
+            assert "(default: " in help_text, help_text
+        else:
+            assert f"(default: {shown(action.default)})" in help_text, help_text
+
+
+def test_the_readme_table_of_run_options_matches_the_parser() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| option of `run` |") :]
+    rows = {}
+    for line in table[: table.index("\n\n")].splitlines()[2:]:
+        cells = [cell.strip() for cell in line.replace("\\|", "/").strip("|").split("|")]
+        rows[cells[0].strip("`").split()[0]] = cells
+    actions = {
+        ("-v" if a.dest == "verbose" else a.option_strings[-1]): a
+        for a in run_parser()._actions
+        if a.option_strings and a.dest != "help"
+    }
+    assert set(actions) == set(rows) - {"-vv"}  # -vv is -v given twice
+    for option, action in actions.items():
+        _, python_name, default, _ = rows[option]
+        in_python = action.dest in Options.defaults() or option == "--out"
+        assert python_name == (f"`{action.dest}`" if in_python else ""), option
+        if action.nargs == 0:
+            assert default == "off", option
+        elif action.default is None:
+            assert default in ("none", "every cause") or option in ("--out", "--base-url")
+        else:
+            assert default.strip("`") == shown(action.default), option

@@ -1266,7 +1266,9 @@ def run_validate(path: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_validate_good_manifest(path: Path, count: int, edits: int) -> None:
     done = run_validate(path)
     assert done.returncode == 0, done.stderr
-    assert f": {count} jobs ({count - edits} generations, {edits} edits)" in done.stdout
+    assert f": {count} jobs ({count - edits} generations, {edits} edit{'s' * (edits != 1)})" in (
+        done.stdout
+    )
     assert f"${count * 0.03:.2f}" in done.stdout
 
 

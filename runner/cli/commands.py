@@ -1,0 +1,107 @@
+"""The commands besides ``run``: ``validate`` a manifest, serve the ``emulate``-d API, and the
+views of an output folder, ``report``, ``status`` and ``export``.
+
+Each takes its parsed arguments and returns an exit code. The views open the folder's
+checkpoint read-only, so they are safe while a run is going on; a folder they cannot read
+becomes an error message and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from runner.cli.printing import err, plural, usd
+from runner.emulator import EmulatorConfig, serve
+from runner.errors import ManifestError, RunnerError, StoreError
+from runner.library import EXIT_INVALID, EXIT_OK
+from runner.manifest import load_manifest
+from runner.store.sqlite import SqliteStore
+
+
+def validate(args: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        err(str(exc))
+        return EXIT_INVALID
+    jobs, edits, rows = len(manifest), manifest.edits, manifest.rows
+    expanded = f", from {plural(rows, 'manifest row')}" if rows != jobs else ""
+    print(
+        f"{args.manifest}: {plural(jobs, 'job')} ({plural(jobs - edits, 'generation')}, "
+        f"{plural(edits, 'edit')}{expanded}), {usd(jobs)} at $0.03 an image, before retries"
+    )
+    return EXIT_OK
+
+
+def emulate(args: argparse.Namespace) -> int:
+    try:
+        config = EmulatorConfig(
+            latency_s=args.latency,
+            fault_rate=args.fault_rate,
+            fault_kinds=tuple(k for k in args.faults.split(",") if k),
+            seed=args.seed,
+            payload=args.payload,
+            rate_limit_rpm=args.rate_limit,
+            rate_limit_burst=args.burst,
+            rate_limit_headers=args.announce_limits,
+            rate_limit_scope=args.limit_scope,
+        )
+    except ValueError as exc:
+        err(f"error: {exc}")
+        return EXIT_INVALID
+
+    def ready(url: str) -> None:
+        print(f"emulator listening on {url} (Ctrl-C to stop)", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, args.host, args.port, on_ready=ready))
+    return EXIT_OK
+
+
+def report(args: argparse.Namespace) -> int:
+    from runner.outputs.report import write_report
+
+    with _reading(args.out) as store:
+        path = write_report(store)
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def status(args: argparse.Namespace) -> int:
+    from runner.outputs.status import format_status, read_status
+
+    with _reading(args.out) as store:
+        found = read_status(store)
+    print(json.dumps(found.to_dict(), indent=2) if args.json else format_status(found))
+    return EXIT_OK
+
+
+def export(args: argparse.Namespace) -> int:
+    from runner.outputs.export import export_dataset
+
+    with _reading(args.out) as store:
+        result = export_dataset(store, args.dest, args.format)
+    skipped = f" ({result.skipped} skipped: image missing or altered)" if result.skipped else ""
+    images = plural(result.images, "image")
+    print(f"exported {images} as {args.format} to {result.dest}{skipped}")
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _reading(out: Path) -> Iterator[SqliteStore]:
+    """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
+    checkpoint of another version, a damaged one) or a file they cannot write becomes an error
+    message and exit 2, through :func:`~runner.cli.main.main`, never a traceback."""
+    try:
+        with SqliteStore.open_read_only(out) as store:
+            yield store
+    except sqlite3.Error as exc:
+        raise StoreError(f"{out}: cannot read the checkpoint: {exc}") from None
+    except OSError as exc:
+        raise RunnerError(f"{exc.filename or out}: {exc.strerror or exc}") from None

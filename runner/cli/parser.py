@@ -1,0 +1,279 @@
+"""The command line's arguments: every command, option, default and help text.
+
+The options of ``run`` are the fields of :class:`~runner.core.options.Options`, each added by
+:func:`_option` under its field's name, with its default read from the field: ``--timeout``
+is ``timeout_s``, and ``Options(**vars)`` is a run's options (:func:`options_from`). Likewise
+``emulate``'s defaults are those of :class:`~runner.emulator.EmulatorConfig`. ``--help`` shows
+every default: :class:`_HelpFormatter` adds it to every option that takes a value and has one,
+and those whose default is "not set" say what that means.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Final
+
+from runner import __version__
+from runner.core.options import ON_AMBIGUOUS, Options
+from runner.emulator import FAULT_KINDS, EmulatorConfig
+from runner.http import client
+
+OPTION_DEFAULTS: Final = Options.defaults()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``image-runner``; each command's ``command`` default names it."""
+    parser = argparse.ArgumentParser(
+        prog="image-runner",
+        description="Generate images in bulk from a manifest, resumably, with a cost ledger.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"image-runner {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log to stderr: -v retries, stops and possible charges; -vv also debug records",
+    )
+    common.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="PATH",
+        help="append the log to PATH as JSON lines with timestamps (INFO, DEBUG with -vv), "
+        "for cron (default: no log file)",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, formatter_class=_HelpFormatter)
+        sub.set_defaults(command=name)
+        return sub
+
+    _add_run(command("run", "generate every image of a manifest not yet done"))
+
+    command("validate", "check a manifest; send nothing").add_argument("manifest", type=Path)
+
+    _add_emulate(command("emulate", "serve the built-in API emulator"))
+
+    report = command("report", "write OUT/report.html: summary and contact sheet")
+    report.add_argument("out", type=Path, help="an output folder of image-runner run")
+
+    status = command("status", "where a run stands; safe while it is running")
+    status.add_argument("out", type=Path, help="an output folder of image-runner run")
+    status.add_argument("--json", action="store_true", help="print JSON, for scripts and cron")
+
+    export = command("export", "export finished images as a dataset")
+    export.add_argument("out", type=Path, help="an output folder of image-runner run")
+    export.add_argument("dest", type=Path, help="where to write the dataset")
+    export.add_argument(
+        "--format",
+        choices=("imagefolder", "parquet"),
+        default="imagefolder",
+        help="imagefolder: images + metadata.jsonl (Hugging Face layout); "
+        "parquet: one file with image bytes and metadata",
+    )
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """The options of ``run``, from its parsed arguments; raises
+    :class:`~runner.errors.OptionsError` for options at odds (``--only`` alone)."""
+    values = {name: getattr(args, name) for name in OPTION_DEFAULTS if hasattr(args, name)}
+    values["only"] = frozenset(args.only or ())
+    return Options(**values)
+
+
+def flag(name: str) -> str:
+    """The flag of the option named ``name`` in :class:`~runner.core.options.Options`: its
+    name without the unit, dashed (``max_retry_after_s``: ``--max-retry-after``)."""
+    return "--" + name.removesuffix("_s").removesuffix("_usd").replace("_", "-")
+
+
+def _add_run(run: argparse.ArgumentParser) -> None:
+    run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
+    run.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (default: output/<manifest stem>)"
+    )
+    _option(run, "concurrency", type=_positive_int, metavar="N", help="requests at once")
+    _option(run, "max_attempts", type=_positive_int, metavar="N", help="attempts per job per run")
+    _option(run, "timeout_s", type=_positive_float, metavar="S", help="request timeout, s")
+    _option(
+        run,
+        "base_url",
+        metavar="URL",
+        help="API base URL (default: with IMAGE_RUNNER_API_KEY, $IMAGE_RUNNER_BASE_URL or "
+        f"{client.DEFAULT_BASE_URL}; with OPENAI_API_KEY, $OPENAI_BASE_URL or "
+        "$IMAGE_RUNNER_BASE_URL)",
+    )
+    _option(
+        run,
+        "emulate",
+        action="store_true",
+        help="use the built-in emulator: no key, no network",
+    )
+    _option(
+        run,
+        "on_ambiguous",
+        choices=ON_AMBIGUOUS,
+        help="when a request may have been billed but brought no image",
+    )
+    _option(
+        run,
+        "max_retry_after_s",
+        type=_positive_float,
+        metavar="S",
+        help="stop the run rather than wait longer than this many seconds for a Retry-After",
+    )
+    _option(
+        run,
+        "grace_s",
+        type=_positive_float,
+        metavar="S",
+        help="seconds in-flight requests get to finish after Ctrl-C or SIGTERM (a second "
+        "Ctrl-C stops at once)",
+    )
+    _option(
+        run,
+        "max_cost_usd",
+        type=_non_negative_float,
+        metavar="USD",
+        help="cap on the spend recorded in the output folder, confirmed + possible, all runs "
+        "(default: no cap)",
+    )
+    _option(
+        run,
+        "dry_run",
+        action="store_true",
+        help="show what would be done and its cost; send nothing",
+    )
+    _option(
+        run,
+        "max_outage_s",
+        type=_positive_float,
+        metavar="S",
+        help="seconds the provider may stay down (nearly every request failing) before the "
+        "run stops",
+    )
+    _option(
+        run,
+        "retry_failed",
+        action="store_true",
+        help="also retry jobs that failed for good in earlier runs (content policy, bad request)",
+    )
+    _option(
+        run,
+        "only",
+        default=None,  # a list to append to; None: no cause named
+        action="append",
+        metavar="CAUSE",
+        help="with --retry-failed: only jobs that failed with this cause (as in the results' "
+        "error_cause column, e.g. server_error); may be repeated (default: every cause)",
+    )
+    _option(
+        run,
+        "rpm",
+        type=_positive_float,
+        metavar="N",
+        help="at most N requests a minute per endpoint; below that the runner adapts to the "
+        "provider's rate limit by itself (429s, x-ratelimit headers) (default: no ceiling)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add the option of :class:`~runner.core.options.Options` named ``name``, with its
+    default."""
+    kwargs.setdefault("default", OPTION_DEFAULTS[name])
+    parser.add_argument(flag(name), dest=name, **kwargs)
+
+
+def _add_emulate(emulate: argparse.ArgumentParser) -> None:
+    config = EmulatorConfig()
+    emulate.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    emulate.add_argument(
+        "--port", type=int, default=8000, help="0: a free one; the URL is printed once listening"
+    )
+    emulate.add_argument(
+        "--latency", type=float, default=config.latency_s, help="seconds per response"
+    )
+    emulate.add_argument(
+        "--fault-rate",
+        type=float,
+        default=config.fault_rate,
+        help="share of requests that get a fault",
+    )
+    emulate.add_argument(
+        "--faults",
+        default=",".join(config.fault_kinds),
+        help=f"fault kinds to draw from (known: {', '.join(FAULT_KINDS)})",
+    )
+    emulate.add_argument(
+        "--seed", type=int, help="seed for reproducible faults (default: a random one)"
+    )
+    emulate.add_argument(
+        "--rate-limit",
+        type=_positive_float,
+        metavar="RPM",
+        help="answer 429 past this many requests a minute (a token bucket) (default: no limit)",
+    )
+    emulate.add_argument(
+        "--burst",
+        type=_positive_int,
+        default=config.rate_limit_burst,
+        help="the rate limit's bucket size",
+    )
+    emulate.add_argument(
+        "--limit-scope",
+        choices=("shared", "per_endpoint"),
+        default=config.rate_limit_scope,
+        help="one bucket for both endpoints, or one each",
+    )
+    emulate.add_argument(
+        "--announce-limits",
+        action="store_true",
+        help="send x-ratelimit-* headers, and retry-after on a 429 (default: a bare 429)",
+    )
+    emulate.add_argument(
+        "--payload",
+        choices=("flat", "noise"),
+        default=config.payload,
+        help="flat: tiny two-colour PNGs; noise: incompressible, real-sized (~25 MB at 3840x2160)",
+    )
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to the help of every option that takes a value and has a default;
+    a flag's default is to be off, which goes without saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.option_strings and action.nargs != 0 and action.default is not None
+        if shown and action.default is not argparse.SUPPRESS and "(default" not in text:
+            default = action.default
+            value = f"{default:g}" if isinstance(default, float) else str(default)
+            text += f" (default: {value.replace('%', '%%')})"
+        return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value

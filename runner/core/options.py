@@ -1,0 +1,175 @@
+"""The options of a run as a user chooses them: one flat, frozen, checked dataclass that the CLI
+and the Python API share.
+
+:class:`Options` holds the user's choices, each checked once, on construction. Its defaults are
+the core's own (those of :class:`~runner.core.lifecycle.RunOptions` and of the retry, client and
+breaker configurations), and the CLI's argparse defaults are read from it: no default is written
+twice. :func:`run_options` turns it, with an output folder, into the nested
+:class:`~runner.core.lifecycle.RunOptions` the lifecycle runs with, looking up the key and base
+URL with :func:`~runner.http.credentials.resolve_credentials`: the CLI and the Python API send a
+key to the same place because they go through this one function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from runner.core.admission import BreakerConfig
+from runner.core.lifecycle import RunOptions
+from runner.core.pacer import PacerConfig
+from runner.core.retry import RetryConfig
+from runner.errors import OptionsError
+from runner.http import client
+from runner.http.client import ClientConfig
+from runner.http.credentials import RUNNER_KEY, Credentials, resolve_credentials
+
+# Sent to the built-in emulator, which takes any key: the user's own key is not needed there,
+# so it is not sent, not even to the loopback.
+EMULATOR_KEY: Final = "sk-emulator-local"
+ON_AMBIGUOUS: Final = ("retry", "fail")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run a manifest. Every field has the CLI's default; ``Options()`` is ``image-runner
+    run`` with no option. Invalid values raise :class:`~runner.errors.OptionsError` (also a
+    ``ValueError``) here, before anything is read or sent."""
+
+    concurrency: int = RunOptions.concurrency
+    """Requests in flight at once (``--concurrency``)."""
+    max_attempts: int = RetryConfig.max_attempts
+    """Attempts per job per run, retries included (``--max-attempts``)."""
+    timeout_s: float = ClientConfig.timeout_s
+    """Seconds a request may take, answer included (``--timeout``)."""
+    on_ambiguous: Literal["retry", "fail"] = RetryConfig.on_ambiguous
+    """When a request may have been billed but brought no image (a timeout after it went out):
+    ``"retry"`` it, or ``"fail"`` the job rather than risk paying twice (``--on-ambiguous``)."""
+    max_retry_after_s: float = RetryConfig.max_retry_after_s
+    """A Retry-After longer than this stops the run instead of holding workers
+    (``--max-retry-after``)."""
+    grace_s: float = RunOptions.grace_s
+    """After a first stop (Ctrl-C, SIGTERM, an interrupt in a notebook), how long requests in
+    flight get to finish before they are dropped (``--grace``)."""
+    max_cost_usd: float | None = None
+    """Cap on the spend recorded in the output folder, confirmed + possible, over all its runs;
+    ``None``: no cap (``--max-cost``)."""
+    dry_run: bool = False
+    """Only plan: what would be sent and what it would cost; sends nothing, changes nothing on
+    disk, needs no key (``--dry-run``)."""
+    max_outage_s: float = BreakerConfig.max_outage_s
+    """How long the provider may stay down (nearly every request failing) before the run stops
+    (``--max-outage``)."""
+    retry_failed: bool = False
+    """Also retry the jobs that failed for good in earlier runs (``--retry-failed``)."""
+    only: frozenset[str] = frozenset()
+    """With ``retry_failed``: only the failed jobs with one of these causes, as in the results'
+    ``error_cause`` column, e.g. ``{"server_error"}`` (``--only``)."""
+    rpm: float | None = None
+    """At most this many requests a minute per endpoint; below that, and with ``None``, the
+    runner adapts to the provider's rate limit by itself (``--rpm``)."""
+    base_url: str | None = None
+    """The API's base URL, ending in ``/v1``; ``None``: from the environment, as the key's
+    table in the README says (``--base-url``)."""
+    api_key: str | None = field(default=None, repr=False)
+    """The API key; ``None``: from ``IMAGE_RUNNER_API_KEY`` (or ``OPENAI_API_KEY`` with a base
+    URL). A key given here is sent where ``IMAGE_RUNNER_API_KEY`` would be: to ``base_url``,
+    else ``$IMAGE_RUNNER_BASE_URL``, else the default provider. Never shown in ``repr``."""
+    emulate: bool = False
+    """Run against the built-in emulator, started for the run: no key, no network
+    (``--emulate``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.only, str):
+            raise OptionsError("{0} must be a set of causes, such as {{'server_error'}}", "only")
+        object.__setattr__(self, "only", frozenset(self.only))
+        for name in ("concurrency", "max_attempts"):
+            _check_number(self, name, integer=True, least=1)
+        for name in ("timeout_s", "max_retry_after_s", "grace_s", "max_outage_s"):
+            _check_number(self, name)
+        _check_number(self, "rpm", optional=True)
+        _check_number(self, "max_cost_usd", optional=True, least=0)
+        if self.on_ambiguous not in ON_AMBIGUOUS:
+            raise OptionsError(
+                f"{{0}} must be retry or fail, got {_shown(self.on_ambiguous)}", "on_ambiguous"
+            )
+        if self.only and not self.retry_failed:
+            raise OptionsError("{0} narrows {1}; add {1}", "only", "retry_failed")
+        for name in ("base_url", "api_key"):
+            if not isinstance(getattr(self, name), str | None):
+                raise OptionsError("{0} must be a string", name)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each field's default, by name: what the CLI's arguments default to."""
+        return {f.name: f.default for f in fields(cls)}
+
+
+def run_options(
+    options: Options, out_dir: Path, *, environ: Mapping[str, str] | None = None
+) -> RunOptions:
+    """The lifecycle's options for a run of ``options`` into ``out_dir``, with the key and base
+    URL looked up in ``environ`` (default: ``os.environ``). Raises
+    :class:`~runner.errors.CredentialsError` when no key may be sent to the base URL (never for
+    a dry run or an emulated one). With ``emulate``, the base URL is a placeholder: the caller
+    points it at the emulator once that listens (:func:`runner.library.execute`)."""
+    credentials = _credentials(options, os.environ if environ is None else environ)
+    return RunOptions(
+        out_dir=out_dir,
+        client=ClientConfig(
+            base_url=credentials.base_url,
+            api_key=credentials.api_key,
+            timeout_s=options.timeout_s,
+        ),
+        retry=RetryConfig(
+            max_attempts=options.max_attempts,
+            on_ambiguous=options.on_ambiguous,
+            max_retry_after_s=options.max_retry_after_s,
+        ),
+        breaker=BreakerConfig(max_outage_s=options.max_outage_s),
+        pacer=PacerConfig(ceiling_rpm=options.rpm),
+        concurrency=options.concurrency,
+        max_cost_usd=options.max_cost_usd,
+        dry_run=options.dry_run,
+        retry_failed=options.retry_failed,
+        retry_only=options.only,
+        grace_s=options.grace_s,
+    )
+
+
+def _credentials(options: Options, environ: Mapping[str, str]) -> Credentials:
+    if options.emulate:
+        return Credentials(client.DEFAULT_BASE_URL, EMULATOR_KEY, None)
+    if options.api_key is not None:  # the caller's own key: it goes where the runner's key goes
+        environ = {**environ, RUNNER_KEY: options.api_key}
+    return resolve_credentials(environ, options.base_url, key_required=not options.dry_run)
+
+
+def _check_number(
+    options: Options,
+    name: str,
+    *,
+    integer: bool = False,
+    optional: bool = False,
+    least: float | None = None,
+) -> None:
+    """Check that the field ``name`` is a number (or, if ``optional``, ``None``), more than 0
+    or at least ``least``."""
+    value = getattr(options, name)
+    if value is None and optional:
+        return
+    kinds = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        raise OptionsError(f"{{0}} must be {kinds}, got {_shown(value)}", name)
+    if math.isnan(value) or (value <= 0 if least is None else value < least):
+        bound = "more than 0" if least is None else f"at least {least:g}"
+        raise OptionsError(f"{{0}} must be {bound}, got {_shown(value)}", name)
+
+
+def _shown(value: object) -> str:
+    """``value`` for a message template: its braces doubled."""
+    return repr(value).replace("{", "{{").replace("}", "}}")

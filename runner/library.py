@@ -1,0 +1,353 @@
+"""The Python API: :func:`run` and :func:`arun` over a manifest, a list of dicts or a DataFrame,
+returning a :class:`RunReport`; :func:`execute`, the run the CLI shares with them.
+
+Jobs given as records (dicts, DataFrame rows) go through the manifest's validator,
+:func:`~runner.manifest.load_jobs`: the same errors, ids and content hashes as a manifest file,
+so resume works the same and an invalid job cannot be built by hand.
+
+:func:`run` is synchronous, and must also work where an event loop already runs in the calling
+thread (Jupyter, IPython): so it always runs the run on an event loop of its own, in a worker
+thread, and waits for it. While it waits, a ``KeyboardInterrupt`` (a notebook's interrupt,
+Ctrl-C in a script) stops the run as Ctrl-C does in the CLI: the first gracefully, the next at
+once, each by a :meth:`~runner.core.lifecycle.Run.stop` handed to the run's loop; the run then
+writes its books and :func:`run` returns the report, its ``stop_reason`` set, rather than
+raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypedDict, Unpack
+
+from runner.core import lifecycle
+from runner.core.lifecycle import Run, RunOptions
+from runner.core.options import Options, run_options
+from runner.core.plan import Plan
+from runner.core.pool import Progress
+from runner.errors import RunnerError
+from runner.jobs import Job
+from runner.manifest import Manifest, load_jobs, load_manifest
+from runner.outputs.ledger import LedgerFiles
+from runner.provider import MICRO
+from runner.rehearsal import Emulator
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+INTERRUPTED: Final = "interrupted by KeyboardInterrupt"
+
+# What run() takes: a manifest's path, a loaded manifest, records, or a DataFrame of them.
+JobsInput: TypeAlias = (
+    "str | os.PathLike[str] | Manifest | Sequence[Mapping[str, Any]] | pd.DataFrame"
+)
+
+
+class OptionFields(TypedDict, total=False):
+    """The fields of :class:`~runner.core.options.Options`, as keyword arguments of
+    :func:`run` and :func:`arun` (documented there)."""
+
+    concurrency: int
+    max_attempts: int
+    timeout_s: float
+    on_ambiguous: Literal["retry", "fail"]
+    max_retry_after_s: float
+    grace_s: float
+    max_cost_usd: float | None
+    dry_run: bool
+    max_outage_s: float
+    retry_failed: bool
+    only: frozenset[str]
+    rpm: float | None
+    base_url: str | None
+    api_key: str | None
+    emulate: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    """What a run did, in the output folder ``out``: its counts and spend, why it stopped, and
+    its results and ledger as DataFrames.
+
+    Counts and spend are the folder's, over all its runs, as the CLI's summary gives them;
+    ``requests`` are this run's. After a dry run they are the plan's: ``succeeded`` done before,
+    ``failed`` failed before and not retried, ``pending`` to do. ``exit_code`` is what
+    ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
+    left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
+    plan, the pool's counters (failures by cause, rate limits), the files written."""
+
+    out: Path
+    succeeded: int
+    failed: int
+    pending: int
+    requests: int
+    confirmed_usd: float
+    possible_usd: float
+    stop_reason: str | None  # why the run ended before its end, if it did
+    wall_s: float
+    exit_code: int
+    dry_run: bool
+    details: lifecycle.RunReport = dataclasses.field(compare=False)
+
+    @classmethod
+    def of(cls, outcome: lifecycle.RunReport, out: Path, *, dry_run: bool) -> RunReport:
+        progress = outcome.pool.progress if outcome.pool else Progress()
+        totals = outcome.ledger.totals if outcome.ledger else None
+        if totals is not None:
+            counts = (totals.succeeded, totals.failed, totals.pending)
+            spend = (totals.confirmed_usd, totals.possible_usd)
+        else:  # a dry run, or books the disk refused: the plan, moved on by this run's work
+            plan, finished = outcome.plan, progress.succeeded + progress.failed
+            counts = (
+                plan.done + progress.succeeded,
+                plan.failed + progress.failed,
+                len(plan.todo) - finished,
+            )
+            confirmed, possible = plan.spent_micro_usd
+            spend = (
+                (confirmed + progress.confirmed_micro_usd) / MICRO,
+                (possible + progress.possible_micro_usd) / MICRO,
+            )
+        return cls(
+            out,
+            *counts,
+            requests=progress.requests,
+            confirmed_usd=spend[0],
+            possible_usd=spend[1],
+            stop_reason=outcome.stop_reason,
+            wall_s=outcome.wall_s,
+            exit_code=EXIT_OK if dry_run else exit_code(outcome),
+            dry_run=dry_run,
+            details=outcome,
+        )
+
+    def results(self) -> pd.DataFrame:
+        """``results.parquet``: one row per job of the manifest, in its order."""
+        import pandas as pd
+
+        return pd.read_parquet(self._files().results_parquet)
+
+    def ledger(self) -> pd.DataFrame:
+        """``ledger.csv``: one row per billed or possibly billed request, over all runs."""
+        import pandas as pd
+
+        return pd.read_csv(self._files().ledger_csv)
+
+    def _files(self) -> LedgerFiles:
+        if self.dry_run:
+            raise RunnerError("a dry run writes no results and no ledger")
+        if self.details.ledger is None:
+            raise RunnerError(self.details.books_error or "this run wrote no results or ledger")
+        return self.details.ledger
+
+    def __repr__(self) -> str:
+        stopped = f", stop_reason={self.stop_reason!r}" if self.stop_reason else ""
+        dry = ", dry_run=True" if self.dry_run else ""
+        return (
+            f"RunReport(out={str(self.out)!r}, succeeded={self.succeeded}, failed={self.failed}, "
+            f"pending={self.pending}, requests={self.requests}, "
+            f"confirmed_usd={self.confirmed_usd:.2f}, possible_usd={self.possible_usd:.2f}"
+            f"{stopped}, wall_s={self.wall_s:.1f}, exit_code={self.exit_code}{dry})"
+        )
+
+
+def run(
+    manifest_or_jobs: JobsInput,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    options: Options | None = None,
+    **fields: Unpack[OptionFields],
+) -> RunReport:
+    """Generate every image of ``manifest_or_jobs`` not yet done in ``out``; wait for the end.
+
+    ``manifest_or_jobs``: a manifest's path (YAML or CSV), a list of dicts with the fields of a
+    manifest's job, a pandas DataFrame with those columns (an empty cell is a field not set),
+    or a manifest already loaded (:func:`load_manifest`, :func:`load_jobs`). ``out``: the
+    output folder; for a manifest's path it defaults to ``output/<manifest stem>``, as in the
+    CLI. ``options``, and the keyword arguments that override its fields, are those of
+    :class:`~runner.core.options.Options` (``concurrency=4``, ``emulate=True``, ...).
+
+    Raises, before anything is sent, :class:`~runner.errors.ManifestError` (its ``str()`` is
+    what the CLI prints), :class:`~runner.errors.OptionsError`,
+    :class:`~runner.errors.CredentialsError`, :class:`~runner.errors.OutputLockedError` or
+    :class:`~runner.errors.StoreError`. Once requests went out it does not raise: whatever
+    ended the run is the report's ``stop_reason``. A ``KeyboardInterrupt`` while it runs stops
+    it gracefully (a second one at once) and it returns the report."""
+    prepared = _prepare(manifest_or_jobs, out, options, fields)
+    with contextlib.closing(prepared):
+        outcome = _run_in_thread(
+            prepared.jobs, prepared.run_options, emulate=prepared.options.emulate
+        )
+    return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
+
+
+async def arun(
+    manifest_or_jobs: JobsInput,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    options: Options | None = None,
+    **fields: Unpack[OptionFields],
+) -> RunReport:
+    """:func:`run` on the running event loop. The jobs are read and validated in a worker
+    thread; cancelling this coroutine stops the run at once (its books still written) and is
+    then passed on."""
+    prepared = await asyncio.to_thread(_prepare, manifest_or_jobs, out, options, fields)
+    with contextlib.closing(prepared):
+        outcome = await execute(
+            prepared.jobs, prepared.run_options, emulate=prepared.options.emulate
+        )
+    return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
+
+
+async def execute(
+    jobs: Sequence[Job],
+    options: RunOptions,
+    *,
+    emulate: bool = False,
+    on_run: Callable[[Run], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> lifecycle.RunReport:
+    """Run ``jobs``, against a built-in emulator started for the run when ``emulate`` (not for
+    a dry run, which sends nothing). ``on_run`` gets the :class:`~runner.core.lifecycle.Run`
+    before it starts, to wire stops to it (the CLI's signal handlers, :func:`run`'s
+    interrupts)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if emulate and not options.dry_run:
+            emulator = await stack.enter_async_context(Emulator())
+            options = dataclasses.replace(
+                options, client=dataclasses.replace(options.client, base_url=emulator.url)
+            )
+        the_run = Run(jobs, options, on_plan=on_plan, on_progress=on_progress)
+        if on_run is not None:
+            on_run(the_run)
+        return await the_run.execute()
+
+
+def exit_code(outcome: lifecycle.RunReport) -> int:
+    """The CLI's exit code for a run (not a dry run): 0 all jobs succeeded, 1 some failed, 3
+    stopped early or jobs left pending (resumable)."""
+    if outcome.stop_reason or outcome.ledger is None:
+        return EXIT_STOPPED
+    if outcome.ledger.totals.failed:
+        return EXIT_FAILED
+    return EXIT_STOPPED if outcome.ledger.totals.pending else EXIT_OK
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A run's jobs, options and output folder, checked; :meth:`close` frees the jobs it loaded."""
+
+    jobs: Sequence[Job]
+    options: Options
+    run_options: RunOptions
+    loaded: Manifest | None  # the jobs, when read here: closed after the run
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loaded.close()
+
+
+def _prepare(
+    manifest_or_jobs: JobsInput,
+    out: str | os.PathLike[str] | None,
+    options: Options | None,
+    fields: OptionFields,
+) -> _Prepared:
+    """Check the options and the key, then read and validate the jobs: in the CLI's order."""
+    chosen = dataclasses.replace(options or Options(), **fields)
+    if isinstance(manifest_or_jobs, str | os.PathLike):
+        path = Path(manifest_or_jobs)
+        out_dir = Path("output") / path.stem if out is None else Path(out)
+        prepared = run_options(chosen, out_dir)
+        manifest = load_manifest(path)
+        return _Prepared(manifest, chosen, prepared, loaded=manifest)
+    if out is None:
+        raise TypeError("out= is needed when the jobs are not a manifest's path")
+    prepared = run_options(chosen, Path(out))
+    if isinstance(manifest_or_jobs, Manifest):
+        return _Prepared(manifest_or_jobs, chosen, prepared, loaded=None)
+    records = load_jobs(manifest_or_jobs)
+    return _Prepared(records, chosen, prepared, loaded=records)
+
+
+def _run_in_thread(
+    jobs: Sequence[Job], options: RunOptions, *, emulate: bool
+) -> lifecycle.RunReport:
+    """:func:`execute` on a loop of its own in a worker thread, waited for here; a
+    ``KeyboardInterrupt`` while waiting stops the run."""
+    interrupts = _Interrupts(options.grace_s)
+    outcome: list[lifecycle.RunReport] = []
+    failure: list[BaseException] = []
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome.append(
+                asyncio.run(execute(jobs, options, emulate=emulate, on_run=interrupts.attach))
+            )
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            failure.append(exc)
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=work, name="image-runner")
+    worker.start()
+    while True:
+        try:
+            # In slices: a signal's Python handler runs in this thread only once it wakes up,
+            # and the signal may have woken another thread.
+            if finished.wait(0.1):
+                break
+        except KeyboardInterrupt:
+            interrupts.stop()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+class _Interrupts:
+    """Hands the waiting thread's interrupts to a run on another thread's loop; those heard
+    before the run exists are handed over as it starts."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._lock = threading.Lock()
+        self._run: Run | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._count = 0
+
+    def attach(self, run: Run) -> None:
+        """On the run's loop, before it starts."""
+        with self._lock:
+            self._run, self._loop = run, asyncio.get_running_loop()
+            count = self._count
+        for _ in range(count):
+            run.stop(INTERRUPTED)
+
+    def stop(self) -> None:
+        """In the waiting thread: stop the run, gracefully the first time, at once the next."""
+        with self._lock:
+            self._count += 1
+            count, run, loop = self._count, self._run, self._loop
+        if count == 1:
+            log.warning(
+                "interrupted: finishing requests in flight (up to %g s); interrupt again to "
+                "stop at once",
+                self.grace_s,
+            )
+        elif count == 2:
+            log.warning("interrupted again: stopping at once; writing results and ledger")
+        if run is not None and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
+                loop.call_soon_threadsafe(run.stop, INTERRUPTED)
