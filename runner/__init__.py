@@ -5,7 +5,7 @@ The Python API, for notebooks and programs; the CLI (:mod:`runner.cli`) is built
     import pandas as pd
     import runner
 
-    prompts = pd.DataFrame({"prompt": ["a red fox", "a grey owl"], "size": "1024x1024"})
+    prompts = pd.DataFrame({"prompt": ["a red fox", "a grey owl"], "size": "1280x1280"})
     report = runner.run(prompts, out="output/animals", emulate=True)
     report.results()  # one row per job: status, image_path, cost_usd, error, ...
 

@@ -79,6 +79,15 @@ def test_only_becomes_a_frozenset_and_the_key_stays_out_of_repr() -> None:
     assert "sk-secret" not in repr(options)
 
 
+def test_the_key_stays_out_of_the_repr_of_what_the_run_is_given(tmp_path: Path) -> None:
+    """RunOptions and its ClientConfig carry the key to the client: a repr of them (in a
+    traceback's locals, a debug log) must not show it."""
+    key = "sk-secret-canary-2"
+    run = run_options(Options(api_key=key), tmp_path / "out")
+    assert run.client.api_key == key
+    assert key not in repr(run) and key not in repr(run.client)
+
+
 def test_run_options_carry_every_option(tmp_path: Path) -> None:
     options = Options(
         concurrency=3,

@@ -12,10 +12,6 @@ RUNNER = Path(__file__).resolve().parent.parent / "runner"
 STORE = RUNNER / "store"
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|PRAGMA|BEGIN|COMMIT|ROLLBACK)\b")
 
-# They still catch sqlite3's errors while the core and the CLI move onto the Store protocol
-# (another branch of issue 10): removed at merge.
-ALLOWED = {"cli/commands.py"}
-
 
 def docstrings(tree: ast.Module) -> set[int]:
     """The ids of the docstring nodes of ``tree``: prose about SQL is not SQL."""
@@ -48,7 +44,7 @@ def test_no_sql_and_no_sqlite3_outside_the_store() -> None:
     found = {}
     for path in sorted(RUNNER.rglob("*.py")):
         name = path.relative_to(RUNNER).as_posix()
-        if path.is_relative_to(STORE) or name in ALLOWED:
+        if path.is_relative_to(STORE):
             continue
         if problems := list(sql_and_sqlite3(path)):
             found[name] = problems

@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runner.core.lifecycle import Run
 from runner.emulator import Emulator, EmulatorConfig, EmulatorThread
 from runner.manifest.load import load_manifest
@@ -92,7 +94,7 @@ async def test_a_finished_run(tmp_path: Path, emulator: Emulator) -> None:
     assert "spent:     $0.03 confirmed + $0.00 possible" in text
     assert "failures:  1 content_policy_violation, 1 server_error" in text
     assert "state:     finished (run 1, " in text
-    assert "1 jobs left: rerun the same command to do them" in text
+    assert "1 job left: rerun the same command to do them" in text
     assert "5 min ago" in text
 
 
@@ -257,3 +259,43 @@ def test_status_reads_through_the_views_alone(tmp_path: Path) -> None:
 
     empty = read_status(FactsOnly(tmp_path, None))
     assert (empty.state, empty.jobs, empty.last_run) == ("never_run", 0, None)
+
+
+@pytest.mark.parametrize(
+    ("count", "words"),
+    [
+        (1, ["in flight: 1 request\n", "1 request was in flight", "1 job left"]),
+        (2, ["in flight: 2 requests\n", "2 requests were in flight", "2 jobs left"]),
+    ],
+)
+def test_status_counts_read_right_in_the_singular(count: int, words: list[str]) -> None:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+    def status(state: str, last_run: LastRun) -> str:
+        return (
+            format_status(
+                RunStatus(
+                    folder=Path("out"),
+                    state=state,  # type: ignore[arg-type]
+                    succeeded=1,
+                    failed=0,
+                    failed_retryable=0,
+                    pending=count,
+                    in_flight=count if state == "live" else 0,
+                    cut_off=count if state == "interrupted" else 0,
+                    confirmed_usd=0.03,
+                    possible_usd=0.03 * count,
+                    last_activity_at=now,
+                    idle_s=1.0,
+                    last_run=last_run,
+                )
+            )
+            + "\n"
+        )
+
+    stamp = now.isoformat()
+    text = status("live", LastRun(1, stamp, None, None, 1))
+    text += status("interrupted", LastRun(1, stamp, None, None, None))
+    text += status("finished", LastRun(1, stamp, stamp, "finished", None))
+    for phrase in words:
+        assert phrase in text, text

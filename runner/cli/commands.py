@@ -12,16 +12,16 @@ import argparse
 import asyncio
 import contextlib
 import json
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.cli.printing import err, plural, usd
+from runner.cli.printing import err
 from runner.emulator import EmulatorConfig, serve
-from runner.errors import ManifestError, RunnerError, StoreError
+from runner.errors import ManifestError, RunnerError
 from runner.library import EXIT_INVALID, EXIT_OK
 from runner.manifest import load_manifest
-from runner.store.sqlite import SqliteStore
+from runner.store import Store, open_read_only
+from runner.words import plural, usd
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -94,14 +94,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _reading(out: Path) -> Iterator[SqliteStore]:
+def _reading(out: Path) -> Iterator[Store]:
     """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
     checkpoint of another version, a damaged one) or a file they cannot write becomes an error
     message and exit 2, through :func:`~runner.cli.main.main`, never a traceback."""
     try:
-        with SqliteStore.open_read_only(out) as store:
+        with contextlib.closing(open_read_only(out)) as store:
             yield store
-    except sqlite3.Error as exc:
-        raise StoreError(f"{out}: cannot read the checkpoint: {exc}") from None
     except OSError as exc:
         raise RunnerError(f"{exc.filename or out}: {exc.strerror or exc}") from None

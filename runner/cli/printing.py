@@ -20,20 +20,11 @@ from runner.core.pool import Progress
 from runner.http import client
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
-
-
-def plural(count: int, noun: str) -> str:
-    """``count`` and ``noun``, the noun plural unless the count is 1: "1 job", "0 jobs"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+from runner.words import plural, usd
 
 
 def err(message: str) -> None:
     print(redact(message), file=sys.stderr, flush=True)
-
-
-def usd(images: int) -> str:
-    """What ``images`` images cost, as ``$0.09``."""
-    return f"${images * PRICE_PER_IMAGE_MICRO_USD / MICRO:.2f}"
 
 
 class ProgressBar:

@@ -29,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -69,7 +69,7 @@ CHUNK_BYTES = 1 << 18  # what one request in flight holds of its body at a time
 @dataclass(frozen=True)
 class ClientConfig:
     base_url: str = DEFAULT_BASE_URL
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # never in a repr, a log or a traceback
     timeout_s: float = 300.0
     connect_timeout_s: float = 30.0
     download_timeout_s: float = 120.0

@@ -24,6 +24,7 @@ from typing import Literal
 
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.store.views import LastRun, Viewable
+from runner.words import plural
 
 RunState = Literal["live", "finished", "interrupted", "never_run"]
 
@@ -172,14 +173,15 @@ def format_status(status: RunStatus) -> str:
         f"jobs:      {s.jobs}: {s.succeeded} succeeded, {failed}, {s.pending} pending",
     ]
     if s.live:
-        lines.append(f"in flight: {s.in_flight} requests")
+        lines.append(f"in flight: {plural(s.in_flight, 'request')}")
     lines.append(
         f"spent:     ${s.confirmed_usd:.2f} confirmed + ${s.possible_usd:.2f} possible "
         "(all runs in this folder)"
     )
     if s.cut_off:
         lines.append(
-            f"cut off:   {s.cut_off} requests were in flight when it ended: "
+            f"cut off:   {plural(s.cut_off, 'request')} "
+            f"{'was' if s.cut_off == 1 else 'were'} in flight when it ended: "
             "counted above as possible"
         )
     if s.last_activity_at is not None and s.idle_s is not None:
@@ -205,7 +207,9 @@ def _describe_state(s: RunStatus) -> str:
         return f"stopped: run {run.run_id}: {run.outcome}; rerun the same command to resume"
     finished = f"finished (run {run.run_id}, {_when(run.finished_at or run.started_at)})"
     left = s.pending + s.failed_retryable
-    return f"{finished}; {left} jobs left: rerun the same command to do them" if left else finished
+    if not left:
+        return finished
+    return f"{finished}; {plural(left, 'job')} left: rerun the same command to do them"
 
 
 def _when(moment: str | datetime) -> str:
