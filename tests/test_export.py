@@ -19,7 +19,7 @@ from runner.emulator import Emulator
 from runner.errors import RunnerError, StoreError
 from runner.images.files import is_temp_name
 from runner.outputs.export import export_dataset
-from runner.store.sqlite import SqliteStore as Store
+from runner.store.sqlite import SqliteStore
 from tests.conftest import make_ref, run_manifest, write_manifest
 from tests.test_cli import run_cli
 
@@ -66,7 +66,7 @@ def hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 def export(
     out: Path, dest: Path, fmt: runner.outputs.export.ExportFormat
 ) -> runner.outputs.export.ExportResult:
-    store = Store.open_read_only(out)
+    store = SqliteStore.open_read_only(out)
     try:
         return export_dataset(store, dest, fmt)
     finally:

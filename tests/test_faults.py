@@ -457,3 +457,28 @@ async def test_a_cdn_out_of_reach_stops_the_run_after_three_billed_generations(
     assert report.stop_reason is not None and "could not be downloaded" in report.stop_reason
     assert report.ledger.totals.pending == 4 and report.ledger.totals.failed == 0
     assert report.ledger.totals.confirmed_usd == emulator.billed_usd == 0.09
+
+
+async def test_a_billed_image_whose_success_the_checkpoint_refuses_is_still_counted(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """The image came back (billed) and is on disk, but the checkpoint refuses to record its
+    success: the run stops on it, and its summary still counts the charge, as it does for a
+    failure whose write is refused."""
+    out = tmp_path / "out"
+    jobs = load_manifest(one_job(tmp_path, ""))
+    store = SqliteStore.open(out)
+    try:
+        store.plan_jobs(jobs)
+        store.db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF status ON jobs "
+            "WHEN NEW.status = 'succeeded' BEGIN SELECT RAISE(ABORT, 'disk refused'); END"
+        )
+        async with ImagesClient(ClientConfig(emulator.base_url, TEST_KEY)) as client:
+            result = await Pool(client, store, out / "images").run(jobs)
+    finally:
+        store.close()
+    assert len(emulator.requests) == 1
+    assert result.stop_reason is not None and "disk refused" in result.stop_reason
+    assert (result.progress.succeeded, result.progress.requests) == (0, 1)
+    assert result.progress.confirmed_micro_usd == 30_000  # billed: counted all the same

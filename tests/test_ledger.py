@@ -15,7 +15,7 @@ from runner.jobs import Job
 from runner.outputs import ledger as ledger_module
 from runner.outputs.ledger import RESULTS_COLUMNS, write_ledger
 from runner.store.base import Outcome, SavedImage
-from runner.store.sqlite import SqliteStore as Store
+from runner.store.sqlite import SqliteStore
 from tests.conftest import make_job
 
 
@@ -37,7 +37,7 @@ def test_results_follow_the_manifest_across_batches(tmp_path: Path, small_batche
         job("bb-edit", images=refs),
         job("never-planned"),
     ]
-    with Store.open(tmp_path / "out") as store:
+    with SqliteStore.open(tmp_path / "out") as store:
         store.plan_jobs(jobs[:4])
         store.commit_intent(jobs[0])
         (store.folder / "images").mkdir()
@@ -94,7 +94,7 @@ def test_results_follow_the_manifest_across_batches(tmp_path: Path, small_batche
 
 
 def test_an_empty_manifest_still_gets_files_with_their_columns(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "out") as store:
+    with SqliteStore.open(tmp_path / "out") as store:
         files = write_ledger([], store)
     assert list(pd.read_parquet(files.results_parquet).columns) == RESULTS_COLUMNS
     assert pd.read_csv(files.results_csv).empty
@@ -107,7 +107,7 @@ def test_the_ledger_streams_typed_attempts(tmp_path: Path) -> None:
     """The ledger's attempts come as named records, read as they are consumed (a folder's
     history may hold millions), not as one list."""
     jobs = [job("a"), job("b"), job("c")]
-    with Store.open(tmp_path / "out") as store:
+    with SqliteStore.open(tmp_path / "out") as store:
         store.plan_jobs(jobs)
         for j in jobs:
             assert store.commit_intent(j) == 1
@@ -129,7 +129,7 @@ def test_the_ledger_streams_typed_attempts(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_checkpoint_is_a_store_error_and_leaves_no_file(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "out") as store:
+    with SqliteStore.open(tmp_path / "out") as store:
         store.plan_jobs([job("a")])
         store.db.execute("DROP TABLE attempts")
         with pytest.raises(StoreError, match="out: cannot read the checkpoint: no such table"):

@@ -23,7 +23,7 @@ from runner.errors import StoreError
 from runner.images.files import is_temp_name
 from runner.outputs import report
 from runner.outputs.report import write_report
-from runner.store.sqlite import SqliteStore as Store
+from runner.store.sqlite import SqliteStore
 from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,7 +58,7 @@ async def make_run(folder: Path, base_url: str, jobs: list[dict[str, str]] = JOB
 
 
 def report_of(out: Path) -> str:
-    store = Store.open_read_only(out)
+    store = SqliteStore.open_read_only(out)
     try:
         path = write_report(store)
     finally:
@@ -206,7 +206,7 @@ async def test_missing_or_unreadable_images_show_a_placeholder(
 
 
 def test_wall_time_counts_an_unfinished_run_until_its_last_attempt(tmp_path: Path) -> None:
-    Store.open(tmp_path).close()
+    SqliteStore.open(tmp_path).close()
     db_exec(tmp_path, "INSERT INTO runs (started_at, finished_at) VALUES (?, ?)", (
         "2026-01-01T10:00:00.000+00:00", "2026-01-01T10:01:00.000+00:00"))  # fmt: skip
     db_exec(tmp_path, "INSERT INTO runs (started_at) VALUES ('2026-01-01T11:00:00.000+00:00')")
@@ -302,7 +302,7 @@ def test_a_checkpoint_being_created_is_a_store_error(tmp_path: Path) -> None:
     """The store, not SQLite, tells that it cannot be read; nothing is written."""
     (tmp_path / "out").mkdir()
     sqlite3.connect(tmp_path / "out" / "checkpoint.sqlite").close()  # no tables yet
-    store = Store.open_read_only(tmp_path / "out")
+    store = SqliteStore.open_read_only(tmp_path / "out")
     try:
         with pytest.raises(StoreError, match="out: cannot read the checkpoint: no such table"):
             write_report(store)

@@ -18,7 +18,7 @@ from runner.core.lifecycle import Run
 from runner.emulator import Emulator, EmulatorConfig, EmulatorThread
 from runner.manifest.load import load_manifest
 from runner.outputs.status import RunStatus, format_status, read_status
-from runner.store.sqlite import SqliteStore as Store
+from runner.store.sqlite import SqliteStore
 from runner.store.views import LastRun, StatusFacts
 from tests.conftest import db_rows, options, run_manifest, write_manifest
 from tests.test_cli import cli, env, run_cli
@@ -35,7 +35,7 @@ def snapshot(out: Path) -> RunStatus | None:
     """The status read in-process, or None before the run created its checkpoint."""
     if not (out / "checkpoint.sqlite").exists():
         return None
-    store = Store.open_read_only(out)
+    store = SqliteStore.open_read_only(out)
     try:
         return read_status(store)
     finally:
@@ -60,7 +60,7 @@ async def test_a_finished_run(tmp_path: Path, emulator: Emulator) -> None:
     dry = dataclasses.replace(options(out, emulator.base_url), dry_run=True)
     await Run(load_manifest(longer), dry).execute()
 
-    store = Store.open_read_only(out)
+    store = SqliteStore.open_read_only(out)
     try:
         later = datetime.now(UTC) + timedelta(minutes=5)
         status = read_status(store, now=later)

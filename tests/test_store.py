@@ -326,7 +326,7 @@ def test_the_sqlite_store_implements_every_operation_of_the_protocol() -> None:
         )
 
 
-def test_claim_hands_over_every_job_as_they_are_taken(store: SqliteStore) -> None:
+async def test_claim_hands_over_every_job_as_they_are_taken(store: SqliteStore) -> None:
     """The folder's lock gives this process every job: nothing is held back, and the jobs are
     read one at a time (a million-job manifest is never copied)."""
     taken: list[str] = []
@@ -338,8 +338,8 @@ def test_claim_hands_over_every_job_as_they_are_taken(store: SqliteStore) -> Non
 
     claimed = store.claim(manifest())
     assert taken == []
-    assert next(claimed).id == "j00000" and taken == ["j00000"]
-    assert [j.id for j in claimed] == ["j00001", "j00002"]
+    assert (await anext(claimed)).id == "j00000" and taken == ["j00000"]
+    assert [j.id async for j in claimed] == ["j00001", "j00002"]
 
 
 async def test_the_pools_writes_are_durable_once_they_return(tmp_path: Path) -> None:
@@ -406,3 +406,34 @@ def test_the_core_knows_no_backend(name: str) -> None:
     assert used, "no store operation found: the test would prove nothing"
     assert used <= protocol_operations(), used - protocol_operations()
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "db"]
+
+
+def test_reads_raise_store_errors_never_the_drivers(store: SqliteStore) -> None:
+    """The protocol promises StoreError: the core catches nothing of sqlite3's (a damaged or
+    half-made checkpoint must end in a message, not a traceback)."""
+    store.plan_jobs([job(1)])
+    store.db.execute("DROP TABLE attempts")
+    for read in (
+        store.spend_micro_usd,
+        store.in_flight_count,
+        lambda: store.adoption_charge(job(1).id),
+        lambda: store.budget(None),
+    ):
+        with pytest.raises(StoreError, match="out: cannot read the checkpoint: no such table"):
+            read()
+    store.db.execute("DROP TABLE jobs")
+    for lookup in (store.job_records, store.finished_images):
+        with pytest.raises(StoreError, match="cannot read the checkpoint: no such table: jobs"):
+            lookup([job(1).id])
+
+
+def test_the_budget_starts_from_the_spend_recorded(store: SqliteStore) -> None:
+    """The budget counts the folder's whole history, confirmed and possible: a resumed run goes
+    on under the same cap."""
+    store.plan_jobs([job(1), job(2)])
+    store.commit_outcome(job(1).id, store.commit_intent(job(1)), Outcome("confirmed", 30_000))
+    store.commit_outcome(job(2).id, store.commit_intent(job(2)), Outcome("possible", 30_000))
+    budget = store.budget(90_000)
+    assert (budget.cap_micro_usd, budget.spent_micro_usd) == (90_000, 60_000)
+    assert budget.left_micro_usd == 30_000
+    assert store.budget(None).left_micro_usd is None

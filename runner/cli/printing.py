@@ -13,13 +13,13 @@ from typing import Never
 
 from tqdm import tqdm
 
-from runner.core.admission import Budget
 from runner.core.lifecycle import RunReport
 from runner.core.plan import Plan
 from runner.core.pool import Progress
 from runner.http import client
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
+from runner.store.base import Budget
 from runner.words import plural, usd
 
 

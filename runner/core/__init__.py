@@ -12,6 +12,8 @@
 * :mod:`~runner.core.admission`: the gate before each attempt: circuit breaker, pacer, budget.
 * :mod:`~runner.core.pacer`: pacing to the provider's rate limit, per endpoint.
 * :mod:`~runner.core.retry`: the tenacity policy: what is retried, backoff, Retry-After.
+* :mod:`~runner.core.options`: the options of a run, with their defaults, checked when made,
+  turned into the configs above (the key and base URL looked up as the CLI does).
 
 It talks to the API through :mod:`runner.http`, saves images with :mod:`runner.images`, keeps
 its state through the :class:`~runner.store.base.Store` protocol, and never prints: it reports

@@ -3,7 +3,8 @@
 :class:`Admission` is what the pool asks; it composes the three limits below (the pacer, which
 paces each endpoint to the provider's rate limit, is :mod:`runner.core.pacer`).
 
-**Budget.** ``--max-cost`` caps the spend recorded in the output folder, confirmed plus
+**Budget** (:class:`~runner.store.base.Budget`, kept by the store). ``--max-cost`` caps the
+spend recorded in the output folder, confirmed plus
 possible, over all its runs (so a resumed run goes on under the same cap). Each attempt
 reserves its price when it is admitted and releases the reservation when its outcome is known,
 so even with requests in flight, retries and ambiguous outcomes, confirmed + possible can never
@@ -26,43 +27,7 @@ from dataclasses import dataclass
 
 from runner.core.pacer import RateLimiter
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, Endpoint
-
-
-class BudgetExhausted(Exception):
-    """The next attempt's price does not fit under the cap."""
-
-
-class Budget:
-    """Spend bookkeeping in integer micro-dollars."""
-
-    def __init__(self, cap_micro_usd: int | None, spent_micro_usd: int) -> None:
-        self.cap_micro_usd = cap_micro_usd
-        self.spent_micro_usd = spent_micro_usd  # confirmed + possible, all runs of the folder
-        self.reserved_micro_usd = 0
-
-    def __repr__(self) -> str:
-        return (
-            f"<Budget cap={self.cap_micro_usd} spent={self.spent_micro_usd} "
-            f"reserved={self.reserved_micro_usd}>"
-        )
-
-    def reserve(self, price_micro_usd: int) -> None:
-        if self.cap_micro_usd is not None and (
-            self.spent_micro_usd + self.reserved_micro_usd + price_micro_usd > self.cap_micro_usd
-        ):
-            raise BudgetExhausted
-        self.reserved_micro_usd += price_micro_usd
-
-    def settle(self, reserved_micro_usd: int, charged_micro_usd: int) -> None:
-        """Release a reservation and record what the attempt did cost (0 if unbilled)."""
-        self.reserved_micro_usd -= reserved_micro_usd
-        self.spent_micro_usd += charged_micro_usd
-
-    @property
-    def left_micro_usd(self) -> int | None:
-        if self.cap_micro_usd is None:
-            return None
-        return max(0, self.cap_micro_usd - self.spent_micro_usd - self.reserved_micro_usd)
+from runner.store.base import Budget, BudgetExhausted
 
 
 class OutageTooLong(Exception):

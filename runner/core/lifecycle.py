@@ -1,4 +1,5 @@
-"""One run of a manifest, start to finish: the single core entry point the CLI calls.
+"""One run of a manifest, start to finish: the core's entry point, which the CLI and the Python
+API (:mod:`runner.library`) both call.
 
 manifest jobs -> plan (resume) -> pool (client under retry) -> images + checkpoint -> ledger
 and report. Results and ledger are written whatever happens: at the end, on a stop, on a
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, overload
 
-from runner.core.admission import BreakerConfig, Budget
+from runner.core.admission import BreakerConfig
 from runner.core.pacer import PacerConfig
 from runner.core.plan import IMAGES_DIR, Plan, make_plan
 from runner.core.pool import Pool, PoolResult, Progress
@@ -199,7 +200,7 @@ class Run:
                 store.folder / IMAGES_DIR,
                 concurrency=self.options.concurrency,
                 retry=self.options.retry,
-                budget=Budget(_micro(self.options.max_cost_usd), sum(store.spend_micro_usd())),
+                budget=store.budget(_micro(self.options.max_cost_usd)),
                 breaker=self.options.breaker,
                 pacer=self.options.pacer,
                 on_progress=self._on_progress,
@@ -249,7 +250,6 @@ class Run:
         except StoreError as exc:  # the next run settles them
             log.warning("could not count the requests left in flight as possible: %s", exc)
         ledger, books_error = None, None
-        # The ignore: write_ledger takes a Store once the views' move lands (at the merge).
         try:  # a million rows take seconds: in a thread, so that signals are still heard
             ledger = await asyncio.to_thread(write_ledger, self.jobs, store)
         except (OSError, StoreError) as exc:

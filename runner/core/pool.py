@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from runner.core.admission import Admission, BreakerConfig, Budget, CircuitBreaker, Halt, Ticket
+from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import PacerConfig, RateLimiter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.errors import (
@@ -53,7 +53,7 @@ from runner.images.saving import save_image
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
-from runner.store.base import Outcome, SavedImage, Store
+from runner.store.base import Budget, Outcome, SavedImage, Store
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Pool:
             live.release()
 
         try:
-            for job in self.store.claim(jobs):
+            async for job in self.store.claim(jobs):
                 await live.acquire()
                 if self.stopping:
                     break
@@ -327,10 +327,11 @@ class Pool:
             raise error from None
         except ImageWriteError as exc:  # an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
-            await self.store.record_outcome(job.id, attempt, outcome)
             self.admission.settle(PRICE_PER_IMAGE_MICRO_USD)
             self.breaker.record(provider_up=True, probe=ticket.probe)
+            # Counted before the write: a checkpoint that refuses it must not hide the charge.
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
+            await self.store.record_outcome(job.id, attempt, outcome)
             raise Halt(f"cannot write images to {self.images_dir}: {exc}") from None
         finally:
             if not answered:
@@ -347,16 +348,20 @@ class Pool:
             usage.total_tokens if usage else None,
         )
         image = SavedImage(relative, info.width, info.height, sha256)
+        # The charge is counted before the write, the success after it: a checkpoint that
+        # refuses the write must not hide a billed image from the run's summary, and a job is
+        # done only once its success is recorded.
+        c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         await self.store.record_success(job.id, attempt, success, image)
         c.succeeded += 1
-        c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         self._report()
 
     async def _fetch(self, job: Job) -> ImageResult:
         """The source's answer; an error nobody foresaw becomes a possible charge for this one
         attempt (it may have been sent) instead of bringing the whole run down. Only an
         :class:`ImageWriteError` means the disk refused the image as it came in (handled as one
-        from :meth:`_save`): any other ``OSError`` is the network's, a possible charge."""
+        from :func:`~runner.images.saving.save_image`): any other ``OSError`` is the network's,
+        a possible charge."""
         try:
             return await self.source.create(job, self.images_dir)
         except (ApiError, ImageWriteError):

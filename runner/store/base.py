@@ -7,31 +7,35 @@ scale-out issue: PostgreSQL) implements the same protocol with the same guarante
 - **Intent before request.** :meth:`Store.begin_attempt` returns only once the attempt is
   durably recorded ``in_flight``; the pool sends nothing before. An attempt still ``in_flight``
   when nobody is working on it any more (a crash, a dead worker) becomes a *possible* charge:
-  :meth:`Store.settle_in_flight`.
+  :meth:`Store.settle_in_flight`. On SQLite one process holds the folder, so at the start and
+  the end of its run every attempt in flight is such a one; a shared backend settles only this
+  worker's own and those of workers whose lease has expired.
 - **Success after the image is durable.** :meth:`Store.record_success` is called only once the
   image is verified and durably in its final place; it records the attempt ``confirmed`` and
   the job ``succeeded`` in one transaction.
 - **A failure with its outcome.** :meth:`Store.record_failure` records the attempt's outcome
   and the job ``failed`` together, so a crash can never leave a billed, failed job pending.
-- **Budget reserved at admission.** :meth:`Store.spend_micro_usd` gives the spend recorded so
-  far (confirmed, possible), from which the run's budget starts; the pool reserves each
-  attempt's price before :meth:`begin_attempt`. On one machine the reservation is held in
-  memory (one process holds the folder's lock); a shared backend reserves it in the database,
-  in the same transaction as the intent.
-- **Claiming work.** :meth:`Store.claim` hands the pool the planned jobs it may send. On one
-  machine the folder's lock already gives this process all of them; a shared backend claims
-  small batches with ``FOR UPDATE SKIP LOCKED`` and a lease.
+- **Budget reserved at admission.** :meth:`Store.budget` gives the budget the pool reserves
+  each attempt's price from before :meth:`Store.begin_attempt`, settled with the outcome, so
+  that confirmed + possible spend never passes the cap. On one machine it is kept in memory
+  (one process holds the folder's lock); a shared backend hands out reservations of the one
+  budget in the database, so all workers together stay under it.
+- **Claiming work.** :meth:`Store.claim` hands the pool the planned jobs it may send, as an
+  async iterator. On one machine the folder's lock already gives this process all of them; a
+  shared backend claims small batches with ``FOR UPDATE SKIP LOCKED`` and a lease it renews.
+- **Errors.** Every operation raises :class:`~runner.errors.StoreError` (a refused write:
+  :class:`~runner.errors.StoreWriteError`), never the database driver's own errors.
 
 Planning's operations are synchronous (planning runs in a worker thread, a batch of thousands
 of jobs per :meth:`Store.batch`); the pool's are ``async`` and may be grouped into one commit
 with other workers' (SQLite's group commit), each returning once durable. Views read through
-:meth:`Store.views` (:mod:`runner.store.views`), a consistent snapshot per call.
+:meth:`Store.views` (:mod:`runner.store.views`), a consistent snapshot where a view needs one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +112,44 @@ class SavedImage:
     stat: ImageStat | None = None
 
 
+class BudgetExhausted(Exception):
+    """The next attempt's price does not fit under the cap."""
+
+
+class Budget:
+    """Spend bookkeeping in integer micro-dollars: the cap, the spend recorded, and the prices
+    reserved by attempts admitted and not yet settled (see :meth:`Store.budget`)."""
+
+    def __init__(self, cap_micro_usd: int | None, spent_micro_usd: int) -> None:
+        self.cap_micro_usd = cap_micro_usd
+        self.spent_micro_usd = spent_micro_usd  # confirmed + possible, all runs of the folder
+        self.reserved_micro_usd = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Budget cap={self.cap_micro_usd} spent={self.spent_micro_usd} "
+            f"reserved={self.reserved_micro_usd}>"
+        )
+
+    def reserve(self, price_micro_usd: int) -> None:
+        if self.cap_micro_usd is not None and (
+            self.spent_micro_usd + self.reserved_micro_usd + price_micro_usd > self.cap_micro_usd
+        ):
+            raise BudgetExhausted
+        self.reserved_micro_usd += price_micro_usd
+
+    def settle(self, reserved_micro_usd: int, charged_micro_usd: int) -> None:
+        """Release a reservation and record what the attempt did cost (0 if unbilled)."""
+        self.reserved_micro_usd -= reserved_micro_usd
+        self.spent_micro_usd += charged_micro_usd
+
+    @property
+    def left_micro_usd(self) -> int | None:
+        if self.cap_micro_usd is None:
+            return None
+        return max(0, self.cap_micro_usd - self.spent_micro_usd - self.reserved_micro_usd)
+
+
 class Store(Protocol):
     """The state of one run (one output location), as the core uses it."""
 
@@ -161,14 +203,26 @@ class Store(Protocol):
         """(confirmed, possible) spend recorded for this output location, in micro-dollars."""
         ...
 
+    def budget(self, cap_micro_usd: int | None) -> Budget:
+        """The budget this worker reserves each attempt's price from at admission, capped at
+        ``cap_micro_usd`` over all the spend recorded here (None: no cap). SQLite: one process
+        holds the folder, so the budget is kept in memory, starting from the spend recorded. A
+        shared backend hands out the one budget of the database in reservations (a block of
+        prices reserved in one transaction on the budget's row, given back when the worker
+        ends or its lease expires), so that all workers together stay under the cap."""
+        ...
+
     # --- the run ------------------------------------------------------------------------
 
     def start_run(self) -> int: ...
 
     def finish_run(self, run_id: int, outcome: str) -> None: ...
 
-    def claim(self, todo: Iterable[Job]) -> Iterator[Job]:
-        """The planned jobs this worker may send, as it is ready for them."""
+    def claim(self, todo: Iterable[Job]) -> AsyncIterator[Job]:
+        """The planned jobs this worker may send, one as it is ready for each (an async
+        iterator: a shared backend claims small batches over the network, off the pool's way).
+        A job claimed and never sent (the run stopped) goes back to others when the claim's
+        lease expires."""
         ...
 
     # --- the pool (async: each returns once durable) ---------------------------------------
@@ -178,7 +232,8 @@ class Store(Protocol):
         ...
 
     async def record_outcome(self, job_id: str, attempt: int, outcome: Outcome) -> None:
-        """How an attempt that brought no image ended; the job stays pending."""
+        """How an attempt that saved no image ended (no answer, an error, or an image the disk
+        refused); the job stays pending."""
         ...
 
     async def record_success(

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.errors import StoreError
+from runner.store.schema import SPEND_SQL, reading, rows_by_ids
 from runner.store.views import (
     BilledAttempt,
     ExportJob,
@@ -34,7 +34,6 @@ from runner.store.views import (
 
 # Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
 # parameters a statement.
-_IDS_PER_QUERY = 500
 
 _REPORT_JOBS = (
     "SELECT j.job_id, j.status, j.size, j.prompt, j.image_path, j.width, j.height, j.sha256, "
@@ -208,10 +207,8 @@ class SqliteViews:
     @contextmanager
     def _reading(self) -> Iterator[None]:
         """Any error of SQLite's inside, a table missing included, as :class:`StoreError`."""
-        try:
+        with reading(self.folder):
             yield
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.folder}: cannot read the checkpoint: {exc}") from None
 
     @contextmanager
     def _snapshot(self) -> Iterator[None]:
@@ -227,11 +224,7 @@ class SqliteViews:
                 self._db.execute("ROLLBACK")  # it only read: nothing to keep
 
     def _spend(self) -> Spend:
-        confirmed, possible = self._all(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd END), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'possible' THEN cost_micro_usd END), 0) "
-            "FROM attempts"
-        )[0]
+        confirmed, possible = self._all(SPEND_SQL)[0]
         return Spend(int(confirmed), int(possible))
 
     def _cursor(self) -> sqlite3.Cursor:
@@ -249,11 +242,5 @@ class SqliteViews:
     def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
         """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids
         at a time."""
-        rows: list[tuple[Any, ...]] = []
         with self._reading():
-            cursor = self._cursor()
-            for start in range(0, len(job_ids), _IDS_PER_QUERY):
-                chunk = job_ids[start : start + _IDS_PER_QUERY]
-                sql_chunk = sql.format(ids=",".join("?" * len(chunk)))
-                rows += cursor.execute(sql_chunk, chunk).fetchall()
-        return rows
+            return rows_by_ids(self._db, sql, job_ids)

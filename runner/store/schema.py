@@ -24,8 +24,10 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from runner.errors import OutputLockedError, StoreError, StoreWriteError
 from runner.images.files import temp_path_for
@@ -277,3 +279,37 @@ def _newer(folder: Path, version: int) -> str:
         f"{folder} was written by a newer image-runner (its checkpoint is at version {version}, "
         f"this one knows up to {len(MIGRATIONS)}): use that version, or upgrade this one"
     )
+
+
+# --- reading, shared by the store and its views -----------------------------------------------
+
+# Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
+# parameters a statement.
+IDS_PER_QUERY = 500
+
+SPEND_SQL = (
+    "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd END), 0), "
+    "COALESCE(SUM(CASE WHEN state = 'possible' THEN cost_micro_usd END), 0) FROM attempts"
+)
+
+
+@contextlib.contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """Any error of SQLite's inside, a table missing included, as :class:`StoreError`: the
+    store's callers never see the driver's own errors."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"{folder}: cannot read the checkpoint: {exc}") from None
+
+
+def rows_by_ids(db: sqlite3.Connection, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids at a
+    time, as plain tuples: these read up to millions of rows."""
+    cursor = db.cursor()
+    cursor.row_factory = None
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(job_ids), IDS_PER_QUERY):
+        chunk = job_ids[start : start + IDS_PER_QUERY]
+        rows += cursor.execute(sql.format(ids=",".join("?" * len(chunk))), chunk).fetchall()
+    return rows

@@ -42,7 +42,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,24 +51,23 @@ from runner.errors import ApiError, StoreError, StoreWriteError
 from runner.jobs import Job
 from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
-from runner.store.base import AttemptState, ImageStat, JobRecord, Outcome, SavedImage
+from runner.store.base import AttemptState, Budget, ImageStat, JobRecord, Outcome, SavedImage
 from runner.store.groupcommit import GroupCommit
 from runner.store.schema import (
     DB_NAME,
+    SPEND_SQL,
     connect_for_dry_run,
     connect_read_only,
     lock_and_connect,
     now_iso,
+    reading,
+    rows_by_ids,
 )
 
 if TYPE_CHECKING:
     from runner.store.queries import SqliteViews
 
 T = TypeVar("T")
-
-# Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
-# parameters a statement.
-_IDS_PER_QUERY = 500
 
 
 class SqliteStore:
@@ -169,11 +168,12 @@ class SqliteStore:
 
     # --- the pool: grouped writes, each returning once durable ----------------------------
 
-    def claim(self, todo: Iterable[Job]) -> Iterator[Job]:
+    async def claim(self, todo: Iterable[Job]) -> AsyncIterator[Job]:
         """Every job of ``todo``, as the pool takes them: the folder's lock, held since
         :meth:`open`, already gives this process all of them, so there is nothing to claim
         from another worker."""
-        yield from todo
+        for job in todo:
+            yield job
 
     async def begin_attempt(self, job: Job) -> int:
         """Record the intent to send the next attempt of ``job``; return its number."""
@@ -318,15 +318,8 @@ class SqliteStore:
         return {row[0] for row in rows}
 
     def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids
-        at a time, as plain tuples: these read up to millions of rows."""
-        cursor = self.db.cursor()
-        cursor.row_factory = None
-        rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(job_ids), _IDS_PER_QUERY):
-            chunk = job_ids[start : start + _IDS_PER_QUERY]
-            rows += cursor.execute(sql.format(ids=",".join("?" * len(chunk))), chunk).fetchall()
-        return rows
+        with reading(self.folder):
+            return rows_by_ids(self.db, sql, job_ids)
 
     def plan_jobs(self, jobs: Iterable[Job]) -> None:
         """Record the manifest's jobs; a job whose content changed starts over as pending."""
@@ -400,16 +393,19 @@ class SqliteStore:
     def adoption_charge(self, job_id: str) -> tuple[AttemptState, int] | None:
         """``(state, cost_micro_usd)`` of the attempt :meth:`adopt` would confirm, if any: what a
         dry run moves from possible to confirmed spend."""
-        row = self.db.execute(
-            "SELECT state, cost_micro_usd FROM attempts WHERE job_id = ? "
-            "AND state IN ('in_flight', 'possible') ORDER BY attempt DESC LIMIT 1",
-            (job_id,),
-        ).fetchone()
+        with reading(self.folder):
+            row = self.db.execute(
+                "SELECT state, cost_micro_usd FROM attempts WHERE job_id = ? "
+                "AND state IN ('in_flight', 'possible') ORDER BY attempt DESC LIMIT 1",
+                (job_id,),
+            ).fetchone()
         return None if row is None else (row[0], int(row[1]))
 
     def in_flight_count(self) -> int:
         """Attempts in flight: :meth:`settle_in_flight` would make them possible charges."""
-        row = self.db.execute("SELECT COUNT(*) FROM attempts WHERE state = 'in_flight'").fetchone()
+        with reading(self.folder):
+            sql = "SELECT COUNT(*) FROM attempts WHERE state = 'in_flight'"
+            row = self.db.execute(sql).fetchone()
         return int(row[0])
 
     def settle_in_flight(self) -> int:
@@ -439,13 +435,15 @@ class SqliteStore:
                 (now_iso(), outcome, run_id),
             )
 
+    def budget(self, cap_micro_usd: int | None) -> Budget:
+        """A budget in memory, starting from the spend recorded: this process holds the
+        folder's lock, so nobody else spends from it while it runs."""
+        return Budget(cap_micro_usd, sum(self.spend_micro_usd()))
+
     def spend_micro_usd(self) -> tuple[int, int]:
         """(confirmed, possible) spend recorded in this folder, in micro-dollars."""
-        row = self.db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd END), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'possible' THEN cost_micro_usd END), 0) "
-            "FROM attempts"
-        ).fetchone()
+        with reading(self.folder):
+            row = self.db.execute(SPEND_SQL).fetchone()
         return int(row[0]), int(row[1])
 
     def views(self) -> SqliteViews:
