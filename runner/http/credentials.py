@@ -22,7 +22,7 @@ the URL of the runner's own key. Likewise ``IMAGE_RUNNER_API_KEY`` never follows
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runner.errors import CredentialsError
 from runner.http.client import DEFAULT_BASE_URL
@@ -34,7 +34,7 @@ RUNNER_URL, OPENAI_URL = "IMAGE_RUNNER_BASE_URL", "OPENAI_BASE_URL"
 @dataclass(frozen=True)
 class Credentials:
     base_url: str
-    api_key: str  # "" when none is needed and none may be used
+    api_key: str = field(repr=False)  # "" when none is needed; never in a repr or a traceback
     key_source: str | None  # the variable the key came from
 
 
