@@ -400,6 +400,24 @@ def test_a_key_with_a_stray_newline_is_refused_before_sending(
     assert server.emulator.requests == []
 
 
+@pytest.mark.parametrize(
+    ("args", "extra", "said"),
+    [
+        (("--base-url", "ftp://x/v1"), {}, "error: --base-url must be an http(s) URL with a host"),
+        ((), {"IMAGE_RUNNER_BASE_URL": "not a url"}, "error: IMAGE_RUNNER_BASE_URL must be an"),
+    ],
+)
+def test_a_base_url_that_cannot_be_sent_to_exits_2_before_anything(
+    tmp_path: Path, args: tuple[str, ...], extra: dict[str, str], said: str
+) -> None:
+    """It used to be tried: every attempt failed before leaving, each booked as a possible
+    charge, exit 1."""
+    out = tmp_path / "out"
+    done = run_cli("run", small_manifest(tmp_path), "--out", out, *args, **extra)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not out.exists()
+
+
 def test_a_dry_run_needs_no_key_and_writes_nothing(tmp_path: Path) -> None:
     """A dry run sends nothing, so it needs no key (and no --emulate); it prints the plan and
     writes nothing, not even the output folder or a checkpoint."""
