@@ -34,7 +34,7 @@ from runner.core.pool import Progress
 from runner.errors import RunnerError
 from runner.jobs import Job
 from runner.manifest import Manifest, load_jobs, load_manifest
-from runner.outputs.ledger import LedgerFiles
+from runner.outputs.ledger import LEDGER_COLUMNS, LedgerFiles
 from runner.provider import MICRO
 from runner.rehearsal import Emulator
 
@@ -50,6 +50,15 @@ INTERRUPTED: Final = "interrupted by KeyboardInterrupt"
 JobsInput: TypeAlias = (
     "str | os.PathLike[str] | Manifest | Sequence[Mapping[str, Any]] | pd.DataFrame"
 )
+
+# ledger.csv's columns that are not text, as pandas reads them back.
+LEDGER_DTYPES: Final = {
+    "attempt": "int64",
+    "cost_usd": "float64",
+    "input_tokens": "Int64",
+    "output_tokens": "Int64",
+    "total_tokens": "Int64",
+}
 
 
 class OptionFields(TypedDict, total=False):
@@ -137,10 +146,19 @@ class RunReport:
         return pd.read_parquet(self._files().results_parquet)
 
     def ledger(self) -> pd.DataFrame:
-        """``ledger.csv``: one row per billed or possibly billed request, over all runs."""
+        """``ledger.csv``: one row per billed or possibly billed request, over all runs. Text
+        is read as text (an id ``001``, ``1e5`` or ``nan`` stays what it was, so the ledger
+        merges with :meth:`results` on ``job_id``); an empty cell is NA only in the token
+        counts, which a provider may not report."""
         import pandas as pd
 
-        return pd.read_csv(self._files().ledger_csv)
+        dtypes = {name: LEDGER_DTYPES.get(name, "str") for name in LEDGER_COLUMNS}
+        return pd.read_csv(
+            self._files().ledger_csv,
+            dtype=dtypes,
+            keep_default_na=False,
+            na_values={name: [""] for name, dtype in dtypes.items() if dtype == "Int64"},
+        )
 
     def _files(self) -> LedgerFiles:
         if self.dry_run:

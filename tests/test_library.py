@@ -213,6 +213,20 @@ def test_a_failed_job_is_counted_and_exits_1(tmp_path: Path) -> None:
     assert "failed=1" in repr(report) and "exit_code=1" in repr(report)
 
 
+def test_ids_that_look_like_numbers_round_trip_and_the_ledger_merges(tmp_path: Path) -> None:
+    """A plain read_csv made 001 and 1e5 floats and nan a NaN: the merge on job_id failed."""
+    ids = ["001", "1e5", "nan", "2"]
+    rows = [{"id": i, "prompt": f"fox {i}", "size": "1280x544"} for i in ids]
+    report = runner.run(rows, out=tmp_path / "out", emulate=True)
+    results, ledger = report.results(), report.ledger()
+    assert list(results["job_id"]) == ids and sorted(ledger["job_id"]) == sorted(ids)
+    merged = results.merge(ledger, on="job_id", suffixes=("", "_billed"))
+    assert sorted(merged["job_id"]) == sorted(ids)
+    assert str(ledger["attempt"].dtype) == "int64" and str(ledger["cost_usd"].dtype) == "float64"
+    assert str(ledger["total_tokens"].dtype) == "Int64"  # empty cells: NA, not a text ""
+    assert not ledger["finished_at"].isna().any()
+
+
 def test_the_emulator_takes_its_settings_and_tells_what_it_saw(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         runner.Emulator(no_such_setting=1)
