@@ -11,7 +11,8 @@ thread, and waits for it. While it waits, a ``KeyboardInterrupt`` (a notebook's 
 Ctrl-C in a script) stops the run as Ctrl-C does in the CLI: the first gracefully, the next at
 once, each by a :meth:`~runner.core.lifecycle.Run.stop` handed to the run's loop; the run then
 writes its books and :func:`run` returns the report, its ``stop_reason`` set, rather than
-raising.
+raising. However many interrupts come, and whenever, :func:`run` returns only once the run's
+thread has ended: never with a run going on unattended, holding the folder's lock.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypedDict, Unpack
 
@@ -301,8 +303,8 @@ def _prepare(
 def _run_in_thread(
     jobs: Sequence[Job], options: RunOptions, *, emulate: bool
 ) -> lifecycle.RunReport:
-    """:func:`execute` on a loop of its own in a worker thread, waited for here; a
-    ``KeyboardInterrupt`` while waiting stops the run."""
+    """:func:`execute` on a loop of its own in a worker thread, waited for here until the
+    thread has ended; interrupts meanwhile stop the run, and never end the wait."""
     interrupts = _Interrupts(options.grace_s)
     outcome: list[lifecycle.RunReport] = []
     failure: list[BaseException] = []
@@ -319,53 +321,93 @@ def _run_in_thread(
             finished.set()
 
     worker = threading.Thread(target=work, name="image-runner")
-    worker.start()
-    while True:
-        try:
-            # In slices: a signal's Python handler runs in this thread only once it wakes up,
-            # and the signal may have woken another thread.
-            if finished.wait(0.1):
-                break
-        except KeyboardInterrupt:
-            interrupts.stop()
-    worker.join()
+    with _sigint_counted(interrupts):
+        worker.start()
+        while True:
+            try:
+                interrupts.hand_over()
+                # In slices: a signal's Python handler runs in this thread only once it wakes
+                # up, and the signal may have woken another thread. Not worker.join(0.1): a
+                # KeyboardInterrupt inside it can leave is_alive() false while the thread runs.
+                if finished.wait(0.1):
+                    worker.join()
+                    break
+            except KeyboardInterrupt:  # raised by a SIGINT handler of the program's own
+                interrupts.hear()
     if failure:
         raise failure[0]
     return outcome[0]
 
 
+@contextlib.contextmanager
+def _sigint_counted(interrupts: _Interrupts) -> Iterator[None]:
+    """While the run goes on, SIGINT is counted by ``interrupts`` instead of raised as a
+    ``KeyboardInterrupt``: one raised while the last was being handled would escape the wait,
+    and :func:`run` would return with the run going on unattended, the folder locked. Python's
+    own handler only, in the main thread (where handlers are set); another handler is the
+    program's, and a ``KeyboardInterrupt`` it raises is caught by the wait instead."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupts.hear)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Interrupts:
-    """Hands the waiting thread's interrupts to a run on another thread's loop; those heard
-    before the run exists are handed over as it starts."""
+    """The interrupts heard while :func:`run` waits, handed to the run on its own thread's loop;
+    those heard before the run exists are handed over as it starts.
+
+    Hearing one only appends to a list (atomic, it cannot fail half-way: it may run as a
+    signal handler inside the handling of the one before); handing them over is idempotent,
+    so a hand-over cut short is simply done again, and the run is stopped once per
+    interrupt, never more."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self._lock = threading.Lock()
-        self._run: Run | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._count = 0
+        self._heard: list[None] = []
+        self._told = 0  # interrupts the user was told of (the waiting thread's)
+        self._handed = 0  # interrupts handed to the run's loop (the waiting thread's)
+        self._stopped = 0  # run.stop() calls made (the run's loop's)
+        self._target: tuple[Run, asyncio.AbstractEventLoop] | None = None
+
+    def hear(self, *_: object) -> None:
+        """An interrupt: also a SIGINT handler (it takes the signal and the frame)."""
+        self._heard.append(None)
 
     def attach(self, run: Run) -> None:
         """On the run's loop, before it starts."""
-        with self._lock:
-            self._run, self._loop = run, asyncio.get_running_loop()
-            count = self._count
-        for _ in range(count):
-            run.stop(INTERRUPTED)
+        self._target = run, asyncio.get_running_loop()
+        self._stop_run()
 
-    def stop(self) -> None:
-        """In the waiting thread: stop the run, gracefully the first time, at once the next."""
-        with self._lock:
-            self._count += 1
-            count, run, loop = self._count, self._run, self._loop
-        if count == 1:
-            log.warning(
-                "interrupted: finishing requests in flight (up to %g s); interrupt again to "
-                "stop at once",
-                self.grace_s,
-            )
-        elif count == 2:
-            log.warning("interrupted again: stopping at once; writing results and ledger")
-        if run is not None and loop is not None:
+    def hand_over(self) -> None:
+        """In the waiting thread: tell the user of, and stop the run for, the interrupts heard
+        since the last call. The first stops it gracefully, the next at once."""
+        while self._told < len(self._heard):  # read again: one may come as one is told
+            if self._told == 0:
+                log.warning(
+                    "interrupted: finishing requests in flight (up to %g s); interrupt again "
+                    "to stop at once",
+                    self.grace_s,
+                )
+            elif self._told == 1:
+                log.warning("interrupted again: stopping at once; writing results and ledger")
+            self._told += 1
+        heard, target = len(self._heard), self._target
+        if target is not None and self._handed < heard:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
-                loop.call_soon_threadsafe(run.stop, INTERRUPTED)
+                target[1].call_soon_threadsafe(self._stop_run)
+            self._handed = heard
+
+    def _stop_run(self) -> None:
+        """On the run's loop: one :meth:`Run.stop` per interrupt heard and not yet acted on."""
+        if self._target is None:
+            return
+        while self._stopped < len(self._heard):
+            self._stopped += 1
+            self._target[0].stop(INTERRUPTED)

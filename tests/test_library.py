@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 import runner
+from runner import library
 from runner.cli.main import main
 from runner.library import INTERRUPTED
 from tests.conftest import write_manifest
@@ -164,6 +165,52 @@ def test_a_second_interrupt_stops_the_run_at_once(tmp_path: Path) -> None:
     assert report.stop_reason == INTERRUPTED and report.details.cancelled
     assert len(report.results()) == 12
     assert "possible" in set(report.ledger()["billing"])  # the dropped requests
+
+
+def raising_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "handler", [signal.default_int_handler, raising_keyboard_interrupt], ids=["python", "own"]
+)
+def test_an_interrupt_inside_the_handling_of_the_last_still_ends_the_run_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: Callable[[int, object], None]
+) -> None:
+    """The second interrupt lands while the first is being handled (here: as it is logged).
+    It used to escape run() as a KeyboardInterrupt, the run going on in its thread, the
+    folder locked. Now it stops the run at once, and run() returns once the run has ended;
+    with Python's own handler or one of the program's, which raises KeyboardInterrupt."""
+    warnings: list[str] = []
+
+    def warning(message: str, *args: object) -> None:
+        warnings.append(message)
+        if len(warnings) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in this thread: here
+
+    monkeypatch.setattr(library.log, "warning", warning)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with runner.Emulator(latency_s=2.0) as emu:
+            sender = interrupt_when(lambda: len(emu.requests) >= 2, after_s=0.2)
+            report = runner.run(
+                records(12),
+                out=tmp_path / "out",
+                base_url=emu.url,
+                api_key=emu.api_key,
+                concurrency=2,
+            )
+            sender.join()
+            assert not [t for t in threading.enumerate() if t.name == "image-runner"]
+            assert report.stop_reason == INTERRUPTED and report.details.cancelled
+            assert signal.getsignal(signal.SIGINT) is handler  # put back
+            # The folder is free: another run takes it, and finishes the rest.
+            again = runner.run(records(12), out=tmp_path / "out", emulate=True)
+            assert (again.succeeded, again.exit_code) == (12, 0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert any("stopping at once" in message for message in warnings)
 
 
 def test_a_manifest_path_defaults_out_as_the_cli_does(
