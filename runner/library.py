@@ -94,7 +94,9 @@ class RunReport:
     ``failed`` failed before and not retried, ``pending`` to do. ``exit_code`` is what
     ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
     left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
-    plan, the pool's counters (failures by cause, rate limits), the files written."""
+    plan, the pool's counters (failures by cause, rate limits), the files written. Its
+    ``plan.todo``, the jobs this run was to send, stays readable while the report is kept
+    (the jobs :func:`run` read are freed with it)."""
 
     out: Path
     succeeded: int
@@ -203,10 +205,7 @@ def run(
     ended the run is the report's ``stop_reason``. A ``KeyboardInterrupt`` while it runs stops
     it gracefully (a second one at once) and it returns the report."""
     prepared = _prepare(manifest_or_jobs, out, options, fields)
-    with contextlib.closing(prepared):
-        outcome = _run_in_thread(
-            prepared.jobs, prepared.run_options, emulate=prepared.options.emulate
-        )
+    outcome = _run_in_thread(prepared.jobs, prepared.run_options, emulate=prepared.options.emulate)
     return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
 
 
@@ -221,10 +220,7 @@ async def arun(
     thread; cancelling this coroutine stops the run at once (its books still written) and is
     then passed on."""
     prepared = await asyncio.to_thread(_prepare, manifest_or_jobs, out, options, fields)
-    with contextlib.closing(prepared):
-        outcome = await execute(
-            prepared.jobs, prepared.run_options, emulate=prepared.options.emulate
-        )
+    outcome = await execute(prepared.jobs, prepared.run_options, emulate=prepared.options.emulate)
     return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
 
 
@@ -263,18 +259,17 @@ def exit_code(outcome: lifecycle.RunReport) -> int:
     return EXIT_STOPPED if outcome.ledger.totals.pending else EXIT_OK
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """A run's jobs, options and output folder, checked; :meth:`close` frees the jobs it loaded."""
+    """A run's jobs, options and output folder, checked.
+
+    The jobs read here are not closed after the run: the report's plan still reads them
+    (``details.plan.todo``). Their spool frees its temporary file once nothing refers to it,
+    the report included."""
 
     jobs: Sequence[Job]
     options: Options
     run_options: RunOptions
-    loaded: Manifest | None  # the jobs, when read here: closed after the run
-
-    def close(self) -> None:
-        if self.loaded is not None:
-            self.loaded.close()
 
 
 def _prepare(
@@ -290,14 +285,13 @@ def _prepare(
         out_dir = Path("output") / path.stem if out is None else Path(out)
         prepared = run_options(chosen, out_dir)
         manifest = load_manifest(path)
-        return _Prepared(manifest, chosen, prepared, loaded=manifest)
+        return _Prepared(manifest, chosen, prepared)
     if out is None:
         raise TypeError("out= is needed when the jobs are not a manifest's path")
     prepared = run_options(chosen, Path(out))
     if isinstance(manifest_or_jobs, Manifest):
-        return _Prepared(manifest_or_jobs, chosen, prepared, loaded=None)
-    records = load_jobs(manifest_or_jobs)
-    return _Prepared(records, chosen, prepared, loaded=records)
+        return _Prepared(manifest_or_jobs, chosen, prepared)
+    return _Prepared(load_jobs(manifest_or_jobs), chosen, prepared)
 
 
 def _run_in_thread(

@@ -231,6 +231,18 @@ def test_a_manifest_path_defaults_out_as_the_cli_does(
         plan.results()
 
 
+def test_the_plan_still_reads_its_jobs_after_run_returns(tmp_path: Path) -> None:
+    """run() used to close the jobs it read: the report's plan.todo then failed (IndexError,
+    once past the spool's first chunk of 2,048 jobs)."""
+    rows = [{"id": f"j{i}", "prompt": f"fox {i}", "size": "1280x544"} for i in range(3000)]
+    plan = runner.run(rows, out=tmp_path / "out", dry_run=True)
+    todo = plan.details.plan.todo
+    assert len(todo) == 3000 and todo[2999].id == "j2999"
+    assert [job.id for job in todo] == [row["id"] for row in rows]
+    report = runner.run(records(3), out=tmp_path / "o2", emulate=True)
+    assert [job.prompt for job in report.details.plan.todo] == ["fox 0", "fox 1", "fox 2"]
+
+
 def test_an_invalid_row_raises_before_anything_is_written(tmp_path: Path) -> None:
     rows = [*records(2), {"prompt": "x", "size": "1280x544", "n": 2}]
     with pytest.raises(runner.ManifestError) as caught:
