@@ -38,7 +38,7 @@ from runner.jobs import Job
 from runner.manifest import Manifest, load_jobs, load_manifest
 from runner.outputs.ledger import LEDGER_COLUMNS, LedgerFiles
 from runner.provider import MICRO
-from runner.rehearsal import Emulator
+from runner.rehearsal import Emulator, served_by_the_callers_loop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -201,10 +201,19 @@ def run(
     Raises, before anything is sent, :class:`~runner.errors.ManifestError` (its ``str()`` is
     what the CLI prints), :class:`~runner.errors.OptionsError`,
     :class:`~runner.errors.CredentialsError`, :class:`~runner.errors.OutputLockedError` or
-    :class:`~runner.errors.StoreError`. Once requests went out it does not raise: whatever
-    ended the run is the report's ``stop_reason``. A ``KeyboardInterrupt`` while it runs stops
-    it gracefully (a second one at once) and it returns the report."""
+    :class:`~runner.errors.StoreError`; and :class:`~runner.errors.RunnerError` when
+    ``base_url`` is a :class:`~runner.rehearsal.Emulator` of an ``async with`` on the loop
+    running in this thread, which this call would block. Once requests went out it does not
+    raise: whatever ended the run is the report's ``stop_reason``. A ``KeyboardInterrupt``
+    while it runs stops it gracefully (a second one at once) and it returns the report."""
     prepared = _prepare(manifest_or_jobs, out, options, fields)
+    if served_by_the_callers_loop(prepared.run_options.client.base_url):
+        raise RunnerError(
+            "base_url is an emulator served by the event loop of this thread (async with "
+            "runner.Emulator()), which runner.run() would block while it waits: every request "
+            "would time out. Use `with runner.Emulator()`, or `await runner.arun(...)`; "
+            "nothing was sent"
+        )
     outcome = _run_in_thread(prepared.jobs, prepared.run_options, emulate=prepared.options.emulate)
     return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
 

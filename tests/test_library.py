@@ -105,6 +105,28 @@ async def test_arun_runs_on_the_callers_loop(tmp_path: Path) -> None:
     assert len(report.results()) == 4 and len(report.ledger()) == 4
 
 
+async def test_run_refuses_an_emulator_the_loop_it_would_block_serves(tmp_path: Path) -> None:
+    """``async with runner.Emulator()`` then the synchronous run() in one notebook cell: run()
+    blocks the loop the emulator answers on. It used to send anyway, every request timing out
+    (each a possible charge); now it refuses, before anything is sent."""
+    async with runner.Emulator() as emu:
+        with pytest.raises(runner.RunnerError, match=r"with runner.Emulator\(\)`, or `await"):
+            runner.run(
+                records(2),
+                out=tmp_path / "out",
+                base_url=emu.url + "/",
+                api_key=emu.api_key,
+                timeout_s=0.5,
+                max_attempts=1,
+            )
+        assert emu.requests == []
+        report = await runner.arun(records(2), tmp_path / "out", base_url=emu.url, api_key="k")
+        assert report.succeeded == 2
+    with runner.Emulator() as threaded:  # served from a thread of its own: fine
+        again = runner.run(records(3), out=tmp_path / "out", base_url=threaded.url, api_key="k")
+        assert (again.succeeded, again.requests) == (3, 1)
+
+
 def interrupt_when(
     ready: Callable[[], bool], *, times: int = 1, after_s: float = 0.0
 ) -> threading.Thread:
