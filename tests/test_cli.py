@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner.cli.parser import build_parser
+from runner.cli.parser import build_parser, emulator_config_from
 from runner.core.options import Options
 from runner.emulator import EmulatorConfig, EmulatorThread
 from tests.conftest import TEST_KEY, closed_port_url, make_ref, write_manifest
@@ -479,3 +479,20 @@ def test_the_readme_table_of_run_options_matches_the_parser() -> None:
             assert default in ("none", "every cause") or option in ("--out", "--base-url")
         else:
             assert default.strip("`") == shown(action.default), option
+
+
+def test_emulate_help_lists_the_default_faults_whole_and_they_parse_back() -> None:
+    """Joined with "," alone, argparse wrapped the default mid-kind ("50" / "2")."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(commands.choices["emulate"].format_help().split())
+    kinds = EmulatorConfig().fault_kinds
+    assert f"(default: {', '.join(kinds)})" in text
+    defaults = emulator_config_from(build_parser().parse_args(["emulate"]))
+    assert defaults.fault_kinds == kinds
+    typed = build_parser().parse_args(["emulate", "--faults", "429 , reset,"])
+    assert emulator_config_from(typed).fault_kinds == ("429", "reset")
+
+
+def test_emulate_refuses_a_negative_latency(tmp_path: Path) -> None:
+    done = run_cli("emulate", "--latency", "-1", "--port", "0")
+    assert done.returncode == 2 and "latency_s must be at least 0, got -1.0" in done.stderr

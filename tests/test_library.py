@@ -313,6 +313,19 @@ def test_the_emulator_takes_its_settings_and_tells_what_it_saw(tmp_path: Path) -
         runner.Emulator(no_such_setting=1)
     with pytest.raises(ValueError, match="fault_rate"):
         runner.Emulator(fault_rate=2.0)
+    bad: list[dict[str, Any]] = [
+        {"latency_s": -1},
+        {"latency_s": float("nan")},
+        {"latency_jitter_s": "1"},
+        {"seed": "x"},
+        {"seed": True},
+        {"fault_rate": "0.1"},
+        {"rate_limit_rpm": "60"},
+        {"rate_limit_burst": 2.5},
+    ]
+    for settings in bad:
+        with pytest.raises(ValueError, match=next(iter(settings))):
+            runner.Emulator(**settings)
     emulator = runner.Emulator(api_key="sk-emulated-0000000", script=("500",))
     with pytest.raises(RuntimeError, match="not running"):
         _ = emulator.url
