@@ -89,8 +89,9 @@ class RunReport:
     """What a run did, in the output folder ``out``: its counts and spend, why it stopped, and
     its results and ledger as DataFrames.
 
-    Counts and spend are the folder's, over all its runs, as the CLI's summary gives them;
-    ``requests`` are this run's. After a dry run they are the plan's: ``succeeded`` done before,
+    The counts are of the jobs passed to this run, whichever run did them, and the spend is
+    the folder's, over all its runs, as the CLI's summary gives them; ``requests`` are this
+    run's. After a dry run they are the plan's: ``succeeded`` done before,
     ``failed`` failed before and not retried, ``pending`` to do. ``exit_code`` is what
     ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
     left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
