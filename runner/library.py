@@ -11,7 +11,8 @@ thread, and waits for it. While it waits, a ``KeyboardInterrupt`` (a notebook's 
 Ctrl-C in a script) stops the run as Ctrl-C does in the CLI: the first gracefully, the next at
 once, each by a :meth:`~runner.core.lifecycle.Run.stop` handed to the run's loop; the run then
 writes its books and :func:`run` returns the report, its ``stop_reason`` set, rather than
-raising.
+raising. However many interrupts come, and whenever, :func:`run` returns only once the run's
+thread has ended: never with a run going on unattended, holding the folder's lock.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypedDict, Unpack
 
@@ -34,9 +36,9 @@ from runner.core.pool import Progress
 from runner.errors import RunnerError
 from runner.jobs import Job
 from runner.manifest import Manifest, load_jobs, load_manifest
-from runner.outputs.ledger import LedgerFiles
+from runner.outputs.ledger import LEDGER_COLUMNS, LedgerFiles
 from runner.provider import MICRO
-from runner.rehearsal import Emulator
+from runner.rehearsal import Emulator, served_by_the_callers_loop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +52,15 @@ INTERRUPTED: Final = "interrupted by KeyboardInterrupt"
 JobsInput: TypeAlias = (
     "str | os.PathLike[str] | Manifest | Sequence[Mapping[str, Any]] | pd.DataFrame"
 )
+
+# ledger.csv's columns that are not text, as pandas reads them back.
+LEDGER_DTYPES: Final = {
+    "attempt": "int64",
+    "cost_usd": "float64",
+    "input_tokens": "Int64",
+    "output_tokens": "Int64",
+    "total_tokens": "Int64",
+}
 
 
 class OptionFields(TypedDict, total=False):
@@ -78,12 +89,15 @@ class RunReport:
     """What a run did, in the output folder ``out``: its counts and spend, why it stopped, and
     its results and ledger as DataFrames.
 
-    Counts and spend are the folder's, over all its runs, as the CLI's summary gives them;
-    ``requests`` are this run's. After a dry run they are the plan's: ``succeeded`` done before,
+    The counts are of the jobs passed to this run, whichever run did them, and the spend is
+    the folder's, over all its runs, as the CLI's summary gives them; ``requests`` are this
+    run's. After a dry run they are the plan's: ``succeeded`` done before,
     ``failed`` failed before and not retried, ``pending`` to do. ``exit_code`` is what
     ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
     left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
-    plan, the pool's counters (failures by cause, rate limits), the files written."""
+    plan, the pool's counters (failures by cause, rate limits), the files written. Its
+    ``plan.todo``, the jobs this run was to send, stays readable while the report is kept
+    (the jobs :func:`run` read are freed with it)."""
 
     out: Path
     succeeded: int
@@ -137,10 +151,19 @@ class RunReport:
         return pd.read_parquet(self._files().results_parquet)
 
     def ledger(self) -> pd.DataFrame:
-        """``ledger.csv``: one row per billed or possibly billed request, over all runs."""
+        """``ledger.csv``: one row per billed or possibly billed request, over all runs. Text
+        is read as text (an id ``001``, ``1e5`` or ``nan`` stays what it was, so the ledger
+        merges with :meth:`results` on ``job_id``); an empty cell is NA only in the token
+        counts, which a provider may not report."""
         import pandas as pd
 
-        return pd.read_csv(self._files().ledger_csv)
+        dtypes = {name: LEDGER_DTYPES.get(name, "str") for name in LEDGER_COLUMNS}
+        return pd.read_csv(
+            self._files().ledger_csv,
+            dtype=dtypes,
+            keep_default_na=False,
+            na_values={name: [""] for name, dtype in dtypes.items() if dtype == "Int64"},
+        )
 
     def _files(self) -> LedgerFiles:
         if self.dry_run:
@@ -179,14 +202,20 @@ def run(
     Raises, before anything is sent, :class:`~runner.errors.ManifestError` (its ``str()`` is
     what the CLI prints), :class:`~runner.errors.OptionsError`,
     :class:`~runner.errors.CredentialsError`, :class:`~runner.errors.OutputLockedError` or
-    :class:`~runner.errors.StoreError`. Once requests went out it does not raise: whatever
-    ended the run is the report's ``stop_reason``. A ``KeyboardInterrupt`` while it runs stops
-    it gracefully (a second one at once) and it returns the report."""
+    :class:`~runner.errors.StoreError`; and :class:`~runner.errors.RunnerError` when
+    ``base_url`` is a :class:`~runner.rehearsal.Emulator` of an ``async with`` on the loop
+    running in this thread, which this call would block. Once requests went out it does not
+    raise: whatever ended the run is the report's ``stop_reason``. A ``KeyboardInterrupt``
+    while it runs stops it gracefully (a second one at once) and it returns the report."""
     prepared = _prepare(manifest_or_jobs, out, options, fields)
-    with contextlib.closing(prepared):
-        outcome = _run_in_thread(
-            prepared.jobs, prepared.run_options, emulate=prepared.options.emulate
+    if served_by_the_callers_loop(prepared.run_options.client.base_url):
+        raise RunnerError(
+            "base_url is an emulator served by the event loop of this thread (async with "
+            "runner.Emulator()), which runner.run() would block while it waits: every request "
+            "would time out. Use `with runner.Emulator()`, or `await runner.arun(...)`; "
+            "nothing was sent"
         )
+    outcome = _run_in_thread(prepared.jobs, prepared.run_options, emulate=prepared.options.emulate)
     return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
 
 
@@ -201,10 +230,7 @@ async def arun(
     thread; cancelling this coroutine stops the run at once (its books still written) and is
     then passed on."""
     prepared = await asyncio.to_thread(_prepare, manifest_or_jobs, out, options, fields)
-    with contextlib.closing(prepared):
-        outcome = await execute(
-            prepared.jobs, prepared.run_options, emulate=prepared.options.emulate
-        )
+    outcome = await execute(prepared.jobs, prepared.run_options, emulate=prepared.options.emulate)
     return RunReport.of(outcome, prepared.run_options.out_dir, dry_run=prepared.options.dry_run)
 
 
@@ -243,18 +269,17 @@ def exit_code(outcome: lifecycle.RunReport) -> int:
     return EXIT_STOPPED if outcome.ledger.totals.pending else EXIT_OK
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """A run's jobs, options and output folder, checked; :meth:`close` frees the jobs it loaded."""
+    """A run's jobs, options and output folder, checked.
+
+    The jobs read here are not closed after the run: the report's plan still reads them
+    (``details.plan.todo``). Their spool frees its temporary file once nothing refers to it,
+    the report included."""
 
     jobs: Sequence[Job]
     options: Options
     run_options: RunOptions
-    loaded: Manifest | None  # the jobs, when read here: closed after the run
-
-    def close(self) -> None:
-        if self.loaded is not None:
-            self.loaded.close()
 
 
 def _prepare(
@@ -270,21 +295,20 @@ def _prepare(
         out_dir = Path("output") / path.stem if out is None else Path(out)
         prepared = run_options(chosen, out_dir)
         manifest = load_manifest(path)
-        return _Prepared(manifest, chosen, prepared, loaded=manifest)
+        return _Prepared(manifest, chosen, prepared)
     if out is None:
         raise TypeError("out= is needed when the jobs are not a manifest's path")
     prepared = run_options(chosen, Path(out))
     if isinstance(manifest_or_jobs, Manifest):
-        return _Prepared(manifest_or_jobs, chosen, prepared, loaded=None)
-    records = load_jobs(manifest_or_jobs)
-    return _Prepared(records, chosen, prepared, loaded=records)
+        return _Prepared(manifest_or_jobs, chosen, prepared)
+    return _Prepared(load_jobs(manifest_or_jobs), chosen, prepared)
 
 
 def _run_in_thread(
     jobs: Sequence[Job], options: RunOptions, *, emulate: bool
 ) -> lifecycle.RunReport:
-    """:func:`execute` on a loop of its own in a worker thread, waited for here; a
-    ``KeyboardInterrupt`` while waiting stops the run."""
+    """:func:`execute` on a loop of its own in a worker thread, waited for here until the
+    thread has ended; interrupts meanwhile stop the run, and never end the wait."""
     interrupts = _Interrupts(options.grace_s)
     outcome: list[lifecycle.RunReport] = []
     failure: list[BaseException] = []
@@ -301,53 +325,93 @@ def _run_in_thread(
             finished.set()
 
     worker = threading.Thread(target=work, name="image-runner")
-    worker.start()
-    while True:
-        try:
-            # In slices: a signal's Python handler runs in this thread only once it wakes up,
-            # and the signal may have woken another thread.
-            if finished.wait(0.1):
-                break
-        except KeyboardInterrupt:
-            interrupts.stop()
-    worker.join()
+    with _sigint_counted(interrupts):
+        worker.start()
+        while True:
+            try:
+                interrupts.hand_over()
+                # In slices: a signal's Python handler runs in this thread only once it wakes
+                # up, and the signal may have woken another thread. Not worker.join(0.1): a
+                # KeyboardInterrupt inside it can leave is_alive() false while the thread runs.
+                if finished.wait(0.1):
+                    worker.join()
+                    break
+            except KeyboardInterrupt:  # raised by a SIGINT handler of the program's own
+                interrupts.hear()
     if failure:
         raise failure[0]
     return outcome[0]
 
 
+@contextlib.contextmanager
+def _sigint_counted(interrupts: _Interrupts) -> Iterator[None]:
+    """While the run goes on, SIGINT is counted by ``interrupts`` instead of raised as a
+    ``KeyboardInterrupt``: one raised while the last was being handled would escape the wait,
+    and :func:`run` would return with the run going on unattended, the folder locked. Python's
+    own handler only, in the main thread (where handlers are set); another handler is the
+    program's, and a ``KeyboardInterrupt`` it raises is caught by the wait instead."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupts.hear)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Interrupts:
-    """Hands the waiting thread's interrupts to a run on another thread's loop; those heard
-    before the run exists are handed over as it starts."""
+    """The interrupts heard while :func:`run` waits, handed to the run on its own thread's loop;
+    those heard before the run exists are handed over as it starts.
+
+    Hearing one only appends to a list (atomic, it cannot fail half-way: it may run as a
+    signal handler inside the handling of the one before); handing them over is idempotent,
+    so a hand-over cut short is simply done again, and the run is stopped once per
+    interrupt, never more."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self._lock = threading.Lock()
-        self._run: Run | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._count = 0
+        self._heard: list[None] = []
+        self._told = 0  # interrupts the user was told of (the waiting thread's)
+        self._handed = 0  # interrupts handed to the run's loop (the waiting thread's)
+        self._stopped = 0  # run.stop() calls made (the run's loop's)
+        self._target: tuple[Run, asyncio.AbstractEventLoop] | None = None
+
+    def hear(self, *_: object) -> None:
+        """An interrupt: also a SIGINT handler (it takes the signal and the frame)."""
+        self._heard.append(None)
 
     def attach(self, run: Run) -> None:
         """On the run's loop, before it starts."""
-        with self._lock:
-            self._run, self._loop = run, asyncio.get_running_loop()
-            count = self._count
-        for _ in range(count):
-            run.stop(INTERRUPTED)
+        self._target = run, asyncio.get_running_loop()
+        self._stop_run()
 
-    def stop(self) -> None:
-        """In the waiting thread: stop the run, gracefully the first time, at once the next."""
-        with self._lock:
-            self._count += 1
-            count, run, loop = self._count, self._run, self._loop
-        if count == 1:
-            log.warning(
-                "interrupted: finishing requests in flight (up to %g s); interrupt again to "
-                "stop at once",
-                self.grace_s,
-            )
-        elif count == 2:
-            log.warning("interrupted again: stopping at once; writing results and ledger")
-        if run is not None and loop is not None:
+    def hand_over(self) -> None:
+        """In the waiting thread: tell the user of, and stop the run for, the interrupts heard
+        since the last call. The first stops it gracefully, the next at once."""
+        while self._told < len(self._heard):  # read again: one may come as one is told
+            if self._told == 0:
+                log.warning(
+                    "interrupted: finishing requests in flight (up to %g s); interrupt again "
+                    "to stop at once",
+                    self.grace_s,
+                )
+            elif self._told == 1:
+                log.warning("interrupted again: stopping at once; writing results and ledger")
+            self._told += 1
+        heard, target = len(self._heard), self._target
+        if target is not None and self._handed < heard:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the run is over
-                loop.call_soon_threadsafe(run.stop, INTERRUPTED)
+                target[1].call_soon_threadsafe(self._stop_run)
+            self._handed = heard
+
+    def _stop_run(self) -> None:
+        """On the run's loop: one :meth:`Run.stop` per interrupt heard and not yet acted on."""
+        if self._target is None:
+            return
+        while self._stopped < len(self._heard):
+            self._stopped += 1
+            self._target[0].stop(INTERRUPTED)

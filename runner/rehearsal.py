@@ -8,16 +8,37 @@ then look at what it received (``emu.requests``) and billed (``emu.billed_usd``)
 already runs in the calling thread (Jupyter), and lets :func:`runner.run`, whose run has a loop
 of its own too, reach it; ``async with`` serves it on the running loop, for :func:`runner.arun`.
 ``runner.run(..., emulate=True)`` needs none of this: it starts an emulator for the run.
+
+One pairing cannot work: ``async with`` in a notebook cell, then the synchronous
+:func:`runner.run`, which blocks the loop the emulator answers on while it waits, so every
+request would time out and be booked as a possible charge. :func:`runner.run` asks
+:func:`served_by_the_callers_loop` first, and refuses.
 """
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from runner.core.options import EMULATOR_KEY
 from runner.emulator import Emulator as EmulatorServer
 from runner.emulator import EmulatorConfig, EmulatorThread, RequestRecord
+
+# The emulators served by ``async with`` blocks now open, by URL: the loop each answers on.
+_SERVED_ON_A_LOOP: Final[dict[str, asyncio.AbstractEventLoop]] = {}
+
+
+def served_by_the_callers_loop(base_url: str) -> bool:
+    """Whether ``base_url`` is an emulator of an ``async with`` block served by the event loop
+    running in the calling thread: a caller that blocks this thread leaves it unanswered."""
+    loop = _SERVED_ON_A_LOOP.get(base_url.rstrip("/"))
+    if loop is None:
+        return False
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # no loop runs in this thread
+        return False
 
 
 class Emulator:
@@ -79,6 +100,7 @@ class Emulator:
     async def __aenter__(self) -> Emulator:
         self._server = EmulatorServer(self.config)
         self._url = await self._server.start(*self._address)
+        _SERVED_ON_A_LOOP[self._url.rstrip("/")] = asyncio.get_running_loop()
         return self
 
     async def __aexit__(
@@ -87,6 +109,7 @@ class Emulator:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        _SERVED_ON_A_LOOP.pop(self._url.rstrip("/"), None)
         if self._server is not None:
             await self._server.stop()
         self._url = ""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runner.cli.parser import build_parser
+from runner.cli.parser import build_parser, emulator_config_from
 from runner.core.options import Options
 from runner.emulator import EmulatorConfig, EmulatorThread
 from tests.conftest import TEST_KEY, closed_port_url, make_ref, write_manifest
@@ -400,6 +400,24 @@ def test_a_key_with_a_stray_newline_is_refused_before_sending(
     assert server.emulator.requests == []
 
 
+@pytest.mark.parametrize(
+    ("args", "extra", "said"),
+    [
+        (("--base-url", "ftp://x/v1"), {}, "error: --base-url must be an http(s) URL with a host"),
+        ((), {"IMAGE_RUNNER_BASE_URL": "not a url"}, "error: IMAGE_RUNNER_BASE_URL must be an"),
+    ],
+)
+def test_a_base_url_that_cannot_be_sent_to_exits_2_before_anything(
+    tmp_path: Path, args: tuple[str, ...], extra: dict[str, str], said: str
+) -> None:
+    """It used to be tried: every attempt failed before leaving, each booked as a possible
+    charge, exit 1."""
+    out = tmp_path / "out"
+    done = run_cli("run", small_manifest(tmp_path), "--out", out, *args, **extra)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not out.exists()
+
+
 def test_a_dry_run_needs_no_key_and_writes_nothing(tmp_path: Path) -> None:
     """A dry run sends nothing, so it needs no key (and no --emulate); it prints the plan and
     writes nothing, not even the output folder or a checkpoint."""
@@ -461,3 +479,20 @@ def test_the_readme_table_of_run_options_matches_the_parser() -> None:
             assert default in ("none", "every cause") or option in ("--out", "--base-url")
         else:
             assert default.strip("`") == shown(action.default), option
+
+
+def test_emulate_help_lists_the_default_faults_whole_and_they_parse_back() -> None:
+    """Joined with "," alone, argparse wrapped the default mid-kind ("50" / "2")."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(commands.choices["emulate"].format_help().split())
+    kinds = EmulatorConfig().fault_kinds
+    assert f"(default: {', '.join(kinds)})" in text
+    defaults = emulator_config_from(build_parser().parse_args(["emulate"]))
+    assert defaults.fault_kinds == kinds
+    typed = build_parser().parse_args(["emulate", "--faults", "429 , reset,"])
+    assert emulator_config_from(typed).fault_kinds == ("429", "reset")
+
+
+def test_emulate_refuses_a_negative_latency(tmp_path: Path) -> None:
+    done = run_cli("emulate", "--latency", "-1", "--port", "0")
+    assert done.returncode == 2 and "latency_s must be at least 0, got -1.0" in done.stderr

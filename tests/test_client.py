@@ -273,6 +273,40 @@ async def test_a_dead_host_says_where_it_could_not_connect(tmp_path: Path) -> No
     assert info.value.message == f"connection refused to 127.0.0.1:{port}"
 
 
+@pytest.mark.parametrize(
+    "base_url", ["ftp://x/v1", "not a url", "http:///v1", "http://127.0.0.1:99999/v1"]
+)
+async def test_a_url_aiohttp_refuses_is_never_sent_not_ambiguous(
+    tmp_path: Path, base_url: str
+) -> None:
+    """aiohttp refuses these before it connects: nothing went out, so nothing may be booked
+    as a possible charge (Options refuses them earlier; a ClientConfig built by hand does not)."""
+    async with ImagesClient(ClientConfig(base_url=base_url, api_key=TEST_KEY)) as c:
+        with pytest.raises(NotSentError) as info:
+            await c.create(job(), tmp_path)
+    assert info.value.billing == "none"
+    assert "not an http(s) URL with a host" in info.value.message
+    assert files_in(tmp_path) == []  # no temp file left
+
+
+async def test_a_redirect_to_a_url_aiohttp_refuses_is_ambiguous(tmp_path: Path) -> None:
+    """The request went out and the server answered with a redirect aiohttp will not follow:
+    whatever the server did is unknown, a possible charge."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("ftp://elsewhere/v1/images/generations")
+
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", redirect)
+    async with (
+        serve_app(app) as base,
+        ImagesClient(ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY)) as c,
+    ):
+        with pytest.raises(AmbiguousError) as info:
+            await c.create(job(), tmp_path)
+    assert info.value.billing == "possible"
+
+
 async def test_error_bodies_that_are_not_json_still_classify(tmp_path: Path) -> None:
     async def html_502(request: web.Request) -> web.Response:
         return web.Response(status=502, text="<html>Bad gateway</html>", content_type="text/html")

@@ -5,8 +5,13 @@ are in ``tests/test_security.py``."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+import runner
+from runner.core.options import Options, run_options
 from runner.errors import CredentialsError, RunnerError
 from runner.http.client import DEFAULT_BASE_URL
 from runner.http.credentials import Credentials, resolve_credentials
@@ -110,3 +115,49 @@ def test_a_usable_key_is_kept_when_none_is_required() -> None:
     assert resolve_credentials(environ, None, key_required=False) == Credentials(
         OPENAI_URL, "ko", OK
     )
+
+
+def test_no_repr_on_the_way_from_options_to_the_report_shows_the_key(tmp_path: Path) -> None:
+    """The key passes through Credentials, Options, RunOptions and ClientConfig to the client,
+    and a run's report is made from them: a repr of any (in a traceback's locals, a debug log,
+    a notebook's output) must not show it."""
+    canary = "sk-canary-repr-0123456789"
+    credentials = resolve_credentials({RK: canary})
+    options = Options(api_key=canary)
+    prepared = run_options(options, tmp_path / "out", environ={})
+    assert credentials.api_key == canary == prepared.client.api_key
+    with runner.Emulator() as emu:
+        report = runner.run(
+            [{"prompt": "a fox", "size": "1280x544"}],
+            out=tmp_path / "out",
+            base_url=emu.url,
+            api_key=canary,
+        )
+    assert report.succeeded == 1
+    shown = [credentials, options, prepared, prepared.client, report, report.details]
+    for value in shown:
+        assert canary not in repr(value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "flag", "named"),
+    [
+        ({RK: "kr"}, "ftp://x/v1", "--base-url (base_url= in Python) must be an http(s) URL"),
+        ({RK: "kr", "IMAGE_RUNNER_BASE_URL": "not a url"}, None, "IMAGE_RUNNER_BASE_URL must be"),
+        ({OK: "ko", "OPENAI_BASE_URL": "api.example/v1"}, None, "OPENAI_BASE_URL must be"),
+        ({"IMAGE_RUNNER_BASE_URL": "http://h:99999/v1"}, None, "IMAGE_RUNNER_BASE_URL must be"),
+    ],
+)
+def test_a_base_url_that_cannot_be_sent_to_is_refused_naming_its_source(
+    environ: dict[str, str], flag: str | None, named: str
+) -> None:
+    """Not http(s) with a host: every request would fail before leaving, yet be retried and
+    counted; refused up front, even for a run that sends nothing."""
+    with pytest.raises(CredentialsError, match=re.escape(named)):
+        resolve_credentials(environ, flag, key_required=False)
+
+
+def test_a_base_url_the_key_does_not_go_to_is_not_checked() -> None:
+    """OPENAI_BASE_URL may be set for other tools, to what only they read."""
+    environ = {RK: "kr", "OPENAI_BASE_URL": "not for us"}
+    assert resolve_credentials(environ).base_url == DEFAULT_BASE_URL

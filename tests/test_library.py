@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 import runner
+from runner import library
 from runner.cli.main import main
 from runner.library import INTERRUPTED
 from tests.conftest import write_manifest
@@ -104,6 +105,28 @@ async def test_arun_runs_on_the_callers_loop(tmp_path: Path) -> None:
     assert len(report.results()) == 4 and len(report.ledger()) == 4
 
 
+async def test_run_refuses_an_emulator_the_loop_it_would_block_serves(tmp_path: Path) -> None:
+    """``async with runner.Emulator()`` then the synchronous run() in one notebook cell: run()
+    blocks the loop the emulator answers on. It used to send anyway, every request timing out
+    (each a possible charge); now it refuses, before anything is sent."""
+    async with runner.Emulator() as emu:
+        with pytest.raises(runner.RunnerError, match=r"with runner.Emulator\(\)`, or `await"):
+            runner.run(
+                records(2),
+                out=tmp_path / "out",
+                base_url=emu.url + "/",
+                api_key=emu.api_key,
+                timeout_s=0.5,
+                max_attempts=1,
+            )
+        assert emu.requests == []
+        report = await runner.arun(records(2), tmp_path / "out", base_url=emu.url, api_key="k")
+        assert report.succeeded == 2
+    with runner.Emulator() as threaded:  # served from a thread of its own: fine
+        again = runner.run(records(3), out=tmp_path / "out", base_url=threaded.url, api_key="k")
+        assert (again.succeeded, again.requests) == (3, 1)
+
+
 def interrupt_when(
     ready: Callable[[], bool], *, times: int = 1, after_s: float = 0.0
 ) -> threading.Thread:
@@ -166,6 +189,52 @@ def test_a_second_interrupt_stops_the_run_at_once(tmp_path: Path) -> None:
     assert "possible" in set(report.ledger()["billing"])  # the dropped requests
 
 
+def raising_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "handler", [signal.default_int_handler, raising_keyboard_interrupt], ids=["python", "own"]
+)
+def test_an_interrupt_inside_the_handling_of_the_last_still_ends_the_run_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: Callable[[int, object], None]
+) -> None:
+    """The second interrupt lands while the first is being handled (here: as it is logged).
+    It used to escape run() as a KeyboardInterrupt, the run going on in its thread, the
+    folder locked. Now it stops the run at once, and run() returns once the run has ended;
+    with Python's own handler or one of the program's, which raises KeyboardInterrupt."""
+    warnings: list[str] = []
+
+    def warning(message: str, *args: object) -> None:
+        warnings.append(message)
+        if len(warnings) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in this thread: here
+
+    monkeypatch.setattr(library.log, "warning", warning)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with runner.Emulator(latency_s=2.0) as emu:
+            sender = interrupt_when(lambda: len(emu.requests) >= 2, after_s=0.2)
+            report = runner.run(
+                records(12),
+                out=tmp_path / "out",
+                base_url=emu.url,
+                api_key=emu.api_key,
+                concurrency=2,
+            )
+            sender.join()
+            assert not [t for t in threading.enumerate() if t.name == "image-runner"]
+            assert report.stop_reason == INTERRUPTED and report.details.cancelled
+            assert signal.getsignal(signal.SIGINT) is handler  # put back
+            # The folder is free: another run takes it, and finishes the rest.
+            again = runner.run(records(12), out=tmp_path / "out", emulate=True)
+            assert (again.succeeded, again.exit_code) == (12, 0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert any("stopping at once" in message for message in warnings)
+
+
 def test_a_manifest_path_defaults_out_as_the_cli_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,6 +251,18 @@ def test_a_manifest_path_defaults_out_as_the_cli_does(
     assert not (tmp_path / "o2").exists()  # a dry run writes nothing
     with pytest.raises(runner.RunnerError, match="a dry run writes no results"):
         plan.results()
+
+
+def test_the_plan_still_reads_its_jobs_after_run_returns(tmp_path: Path) -> None:
+    """run() used to close the jobs it read: the report's plan.todo then failed (IndexError,
+    once past the spool's first chunk of 2,048 jobs)."""
+    rows = [{"id": f"j{i}", "prompt": f"fox {i}", "size": "1280x544"} for i in range(3000)]
+    plan = runner.run(rows, out=tmp_path / "out", dry_run=True)
+    todo = plan.details.plan.todo
+    assert len(todo) == 3000 and todo[2999].id == "j2999"
+    assert [job.id for job in todo] == [row["id"] for row in rows]
+    report = runner.run(records(3), out=tmp_path / "o2", emulate=True)
+    assert [job.prompt for job in report.details.plan.todo] == ["fox 0", "fox 1", "fox 2"]
 
 
 def test_an_invalid_row_raises_before_anything_is_written(tmp_path: Path) -> None:
@@ -213,11 +294,38 @@ def test_a_failed_job_is_counted_and_exits_1(tmp_path: Path) -> None:
     assert "failed=1" in repr(report) and "exit_code=1" in repr(report)
 
 
+def test_ids_that_look_like_numbers_round_trip_and_the_ledger_merges(tmp_path: Path) -> None:
+    """A plain read_csv made 001 and 1e5 floats and nan a NaN: the merge on job_id failed."""
+    ids = ["001", "1e5", "nan", "2"]
+    rows = [{"id": i, "prompt": f"fox {i}", "size": "1280x544"} for i in ids]
+    report = runner.run(rows, out=tmp_path / "out", emulate=True)
+    results, ledger = report.results(), report.ledger()
+    assert list(results["job_id"]) == ids and sorted(ledger["job_id"]) == sorted(ids)
+    merged = results.merge(ledger, on="job_id", suffixes=("", "_billed"))
+    assert sorted(merged["job_id"]) == sorted(ids)
+    assert str(ledger["attempt"].dtype) == "int64" and str(ledger["cost_usd"].dtype) == "float64"
+    assert str(ledger["total_tokens"].dtype) == "Int64"  # empty cells: NA, not a text ""
+    assert not ledger["finished_at"].isna().any()
+
+
 def test_the_emulator_takes_its_settings_and_tells_what_it_saw(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         runner.Emulator(no_such_setting=1)
     with pytest.raises(ValueError, match="fault_rate"):
         runner.Emulator(fault_rate=2.0)
+    bad: list[dict[str, Any]] = [
+        {"latency_s": -1},
+        {"latency_s": float("nan")},
+        {"latency_jitter_s": "1"},
+        {"seed": "x"},
+        {"seed": True},
+        {"fault_rate": "0.1"},
+        {"rate_limit_rpm": "60"},
+        {"rate_limit_burst": 2.5},
+    ]
+    for settings in bad:
+        with pytest.raises(ValueError, match=next(iter(settings))):
+            runner.Emulator(**settings)
     emulator = runner.Emulator(api_key="sk-emulated-0000000", script=("500",))
     with pytest.raises(RuntimeError, match="not running"):
         _ = emulator.url

@@ -57,6 +57,14 @@ def test_run_takes_every_field_as_a_typed_keyword() -> None:
         ({"only": {"server_error"}}, "only narrows retry_failed; add retry_failed"),
         ({"only": "server_error", "retry_failed": True}, "only must be a set of causes"),
         ({"base_url": 8000}, "base_url must be a string"),
+        ({"base_url": "ftp://x/v1"}, "base_url must be an http(s) URL with a host"),
+        ({"base_url": "not a url"}, "base_url must be an http(s) URL with a host"),
+        ({"base_url": "https:///v1"}, "base_url must be an http(s) URL with a host"),
+        ({"base_url": "http://h:99999/v1"}, "base_url must be an http(s) URL with a host"),
+        ({"retry_failed": "no"}, "retry_failed must be True or False, got 'no'"),
+        ({"dry_run": 1}, "dry_run must be True or False, got 1"),
+        ({"emulate": None}, "emulate must be True or False, got None"),
+        ({"only": None}, "only must be a set of causes"),
     ],
 )
 def test_invalid_options_are_refused_on_construction(values: dict[str, Any], message: str) -> None:
@@ -70,6 +78,16 @@ def test_a_message_names_the_options_as_the_cli_spells_them() -> None:
     with pytest.raises(OptionsError) as caught:
         Options(only=frozenset({"server_error"}))
     assert caught.value.spelled(flag) == "--only narrows --retry-failed; add --retry-failed"
+
+
+def test_a_bad_base_url_is_named_as_the_cli_spells_it() -> None:
+    with pytest.raises(OptionsError) as caught:
+        Options(base_url="ftp://x/{v1}")
+    assert caught.value.spelled(flag) == (
+        f"--base-url must be an http(s) URL with a host, such as {DEFAULT_BASE_URL}, "
+        "got 'ftp://x/{v1}'"
+    )
+    assert Options(base_url="").base_url == ""  # as an empty variable: not set
 
 
 def test_only_becomes_a_frozenset_and_the_key_stays_out_of_repr() -> None:

@@ -15,8 +15,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from runner.cli.parser import emulator_config_from
 from runner.cli.printing import err
-from runner.emulator import EmulatorConfig, serve
+from runner.emulator import serve
 from runner.errors import ManifestError, RunnerError
 from runner.library import EXIT_INVALID, EXIT_OK
 from runner.manifest import load_manifest
@@ -41,17 +42,7 @@ def validate(args: argparse.Namespace) -> int:
 
 def emulate(args: argparse.Namespace) -> int:
     try:
-        config = EmulatorConfig(
-            latency_s=args.latency,
-            fault_rate=args.fault_rate,
-            fault_kinds=tuple(k for k in args.faults.split(",") if k),
-            seed=args.seed,
-            payload=args.payload,
-            rate_limit_rpm=args.rate_limit,
-            rate_limit_burst=args.burst,
-            rate_limit_headers=args.announce_limits,
-            rate_limit_scope=args.limit_scope,
-        )
+        config = emulator_config_from(args)
     except ValueError as exc:
         err(f"error: {exc}")
         return EXIT_INVALID

@@ -86,6 +86,22 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(**values)
 
 
+def emulator_config_from(args: argparse.Namespace) -> EmulatorConfig:
+    """The configuration of ``emulate``, from its parsed arguments; raises ``ValueError`` for
+    a bad value. ``--faults`` takes kinds separated by commas, spaces allowed."""
+    return EmulatorConfig(
+        latency_s=args.latency,
+        fault_rate=args.fault_rate,
+        fault_kinds=tuple(k.strip() for k in args.faults.split(",") if k.strip()),
+        seed=args.seed,
+        payload=args.payload,
+        rate_limit_rpm=args.rate_limit,
+        rate_limit_burst=args.burst,
+        rate_limit_headers=args.announce_limits,
+        rate_limit_scope=args.limit_scope,
+    )
+
+
 def flag(name: str) -> str:
     """The flag of the option named ``name`` in :class:`~runner.core.options.Options`: its
     name without the unit, dashed (``max_retry_after_s``: ``--max-retry-after``)."""
@@ -207,7 +223,7 @@ def _add_emulate(emulate: argparse.ArgumentParser) -> None:
     )
     emulate.add_argument(
         "--faults",
-        default=",".join(config.fault_kinds),
+        default=", ".join(config.fault_kinds),  # ", ": the help wraps between kinds
         help=f"fault kinds to draw from (known: {', '.join(FAULT_KINDS)})",
     )
     emulate.add_argument(

@@ -12,9 +12,10 @@ key to the same place because they go through this one function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -26,7 +27,12 @@ from runner.core.retry import RetryConfig
 from runner.errors import OptionsError
 from runner.http import client
 from runner.http.client import ClientConfig
-from runner.http.credentials import RUNNER_KEY, Credentials, resolve_credentials
+from runner.http.credentials import (
+    RUNNER_KEY,
+    Credentials,
+    base_url_problem,
+    resolve_credentials,
+)
 
 # Sent to the built-in emulator, which takes any key: the user's own key is not needed there,
 # so it is not sent, not even to the loopback.
@@ -84,9 +90,13 @@ class Options:
     (``--emulate``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.only, str):
-            raise OptionsError("{0} must be a set of causes, such as {{'server_error'}}", "only")
-        object.__setattr__(self, "only", frozenset(self.only))
+        # Not truthiness: retry_failed="no" would re-send, and pay for, every failed job.
+        for name in ("dry_run", "retry_failed", "emulate"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(
+                    f"{{0}} must be True or False, got {_shown(getattr(self, name))}", name
+                )
+        object.__setattr__(self, "only", _causes(self.only))
         for name in ("concurrency", "max_attempts"):
             _check_number(self, name, integer=True, least=1)
         for name in ("timeout_s", "max_retry_after_s", "grace_s", "max_outage_s"):
@@ -102,6 +112,8 @@ class Options:
         for name in ("base_url", "api_key"):
             if not isinstance(getattr(self, name), str | None):
                 raise OptionsError("{0} must be a string", name)
+        if self.base_url and (problem := base_url_problem(self.base_url)):  # "": not set
+            raise OptionsError("{0} " + problem.replace("{", "{{").replace("}", "}}"), "base_url")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -147,6 +159,16 @@ def _credentials(options: Options, environ: Mapping[str, str]) -> Credentials:
     if options.api_key is not None:  # the caller's own key: it goes where the runner's key goes
         environ = {**environ, RUNNER_KEY: options.api_key}
     return resolve_credentials(environ, options.base_url, key_required=not options.dry_run)
+
+
+def _causes(only: object) -> frozenset[str]:
+    """``only`` as a frozenset of causes; any other shape (a lone string, ``None``) raises."""
+    if isinstance(only, Iterable) and not isinstance(only, str):
+        with contextlib.suppress(TypeError):  # unhashable members
+            causes = frozenset(only)
+            if all(isinstance(cause, str) for cause in causes):
+                return causes
+    raise OptionsError("{0} must be a set of causes, such as {{'server_error'}}", "only")
 
 
 def _check_number(

@@ -35,6 +35,16 @@ class EmulatorConfig:
     rate_limit_scope: Literal["shared", "per_endpoint"] = "shared"  # one bucket, or one each
 
     def __post_init__(self) -> None:
+        for name in ("latency_s", "latency_jitter_s", "retry_after_s", "slow_s", "cdn_ttl_s"):
+            _check_number(name, getattr(self, name))
+        _check_number("fault_rate", self.fault_rate)
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"seed must be a whole number or None, got {self.seed!r}")
+        if self.rate_limit_rpm is not None:
+            _check_number("rate_limit_rpm", self.rate_limit_rpm)
+        _check_number("rate_limit_burst", self.rate_limit_burst, integer=True)
         unknown = [k for k in self.fault_kinds if k not in FAULT_KINDS]
         unknown += [k for k in self.script if k not in FAULT_KINDS and k != NO_FAULT]
         if unknown:
@@ -55,3 +65,12 @@ class EmulatorConfig:
             raise ValueError(
                 f"rate_limit_scope must be shared or per_endpoint, got {self.rate_limit_scope!r}"
             )
+
+
+def _check_number(name: str, value: object, *, integer: bool = False) -> None:
+    """A number (not a bool, not NaN) at least 0: the ranges are checked after."""
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{name} must be at least 0, got {value!r}")

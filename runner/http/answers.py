@@ -142,6 +142,8 @@ def error_in_200(error: dict[str, Any], job_id: str) -> ApiError:
 
 def not_sent(exc: aiohttp.ClientError, url: str) -> str:
     """What a user needs to fix a request that never reached the server: where it went."""
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return redact(f"cannot send to {url}: not an http(s) URL with a host")
     parts = urlsplit(url)
     where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):

@@ -5,8 +5,9 @@ in ``folder`` (see :mod:`runner.http.b64stream`: the body is never held whole, s
 bounded per request in flight), or raises one of the :mod:`runner.errors` classes. What an
 answer means is for :mod:`runner.http.answers` to say; this module sends, reads and writes:
 
-- nothing reached the server (connect failed or timed out): :class:`NotSentError`, saying
-  where it could not connect (``connection refused to HOST:PORT``);
+- nothing reached the server (connect failed or timed out, or the URL is not one aiohttp can
+  send to): :class:`NotSentError`, saying where it could not connect (``connection refused to
+  HOST:PORT``);
 - the server answered with an error: the error body is read whole (bounded) before it is
   sorted, however many chunks it comes in: a quota error cut after its first chunk would pass
   for a rate limit;
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.apiyi.com/v1"
 ERROR_BODY_MAX_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 18  # what one request in flight holds of its body at a time
+# URLs aiohttp refuses before it connects: nothing went out. Their redirect kin come from a
+# server's answer to a request that did go out: those stay ambiguous.
+NOT_SENDABLE = (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,9 @@ class ImagesClient:
             raise
         except B64StreamError as exc:
             raise AmbiguousError(f"{exc} in a 200 response", job_id=job.id) from None
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        except aiohttp.RedirectClientError as exc:  # the server answered: the request went
+            raise AmbiguousError(f"sent, then {describe(exc)}", job_id=job.id) from None
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, *NOT_SENDABLE) as exc:
             raise NotSentError(not_sent(exc, url), job_id=job.id) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # OSError: a reset the HTTP library did not wrap (aiohttp before 3.10.6 let a

@@ -17,24 +17,30 @@ handed to the default provider, a third party, unless the user names a base URL;
 the URL of the runner's own key. Likewise ``IMAGE_RUNNER_API_KEY`` never follows
 ``OPENAI_BASE_URL``, which may be set for other tools.
 ``IMAGE_RUNNER_API_KEY`` wins when both keys are set; an empty variable counts as unset.
+
+A base URL, wherever it comes from, must be ``http`` or ``https`` with a host
+(:func:`base_url_problem`): anything else would fail every request without one leaving, yet
+each would be tried, retried and counted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from runner.errors import CredentialsError
 from runner.http.client import DEFAULT_BASE_URL
 
 RUNNER_KEY, OPENAI_KEY = "IMAGE_RUNNER_API_KEY", "OPENAI_API_KEY"
 RUNNER_URL, OPENAI_URL = "IMAGE_RUNNER_BASE_URL", "OPENAI_BASE_URL"
+BASE_URL_FLAG = "--base-url (base_url= in Python)"
 
 
 @dataclass(frozen=True)
 class Credentials:
     base_url: str
-    api_key: str  # "" when none is needed and none may be used
+    api_key: str = field(repr=False)  # "" when none is needed; never in a repr or a traceback
     key_source: str | None  # the variable the key came from
 
 
@@ -44,12 +50,14 @@ def resolve_credentials(
     """The base URL and the key that may be sent to it, from ``--base-url`` (``base_url``) and
     the environment. Without a key that may go there, raise :class:`CredentialsError` naming
     what to set, or, when ``key_required`` is false (a run that sends nothing), return an
-    empty key."""
-    explicit_url = base_url or environ.get(RUNNER_URL) or None
+    empty key. A base URL that is not http(s) with a host raises too, naming where it came
+    from."""
+    explicit_url = _first_url(base_url, environ, RUNNER_URL)
     if environ.get(RUNNER_KEY):
         return _checked(explicit_url or DEFAULT_BASE_URL, environ[RUNNER_KEY], RUNNER_KEY)
-    paired_url = base_url or environ.get(OPENAI_URL) or environ.get(RUNNER_URL) or None
-    if environ.get(OPENAI_KEY) and paired_url:
+    if environ.get(OPENAI_KEY) and (
+        paired_url := _first_url(base_url, environ, OPENAI_URL, RUNNER_URL)
+    ):
         return _checked(paired_url, environ[OPENAI_KEY], OPENAI_KEY)
     if not key_required:
         return Credentials(explicit_url or DEFAULT_BASE_URL, "", None)
@@ -57,12 +65,37 @@ def resolve_credentials(
         raise CredentialsError(
             f"{OPENAI_KEY} is set but no base URL goes with it, and it is not sent to the "
             f"default provider ({DEFAULT_BASE_URL}, not OpenAI): set {OPENAI_URL} (or "
-            f"pass --base-url) to the API the key belongs to, or set {RUNNER_KEY} to a key of "
+            f"pass {BASE_URL_FLAG}) to the API the key belongs to, or set {RUNNER_KEY} to a key of "
             "the default provider"
         )
     raise CredentialsError(
-        f"no API key: set {RUNNER_KEY} (or {OPENAI_KEY} with {OPENAI_URL} or --base-url)"
+        f"no API key: set {RUNNER_KEY} (or {OPENAI_KEY} with {OPENAI_URL} or {BASE_URL_FLAG})"
     )
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an API's base URL (``"must be ..., got ..."``), or None."""
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # out of range: ValueError
+    except ValueError:
+        usable = False
+    if usable:
+        return None
+    return f"must be an http(s) URL with a host, such as {DEFAULT_BASE_URL}, got {url!r}"
+
+
+def _first_url(base_url: str | None, environ: Mapping[str, str], *names: str) -> str | None:
+    """The first set of ``base_url`` and the variables ``names``, checked: a bad one raises
+    :class:`CredentialsError` naming where it came from. Only the URL the key will go to is
+    checked: ``OPENAI_BASE_URL`` may be set, for other tools, to what they alone read."""
+    for source, url in ((BASE_URL_FLAG, base_url), *((name, environ.get(name)) for name in names)):
+        if url:
+            if problem := base_url_problem(url):
+                raise CredentialsError(f"{source} {problem}")
+            return url
+    return None
 
 
 def _checked(base_url: str, api_key: str, source: str) -> Credentials:
