@@ -112,8 +112,8 @@ def check_writable(folder: Path) -> None:
 
 def _unwritable(folder: Path, error: OSError) -> StoreError:
     return StoreError(
-        f"cannot write to {folder}: {error.strerror or error}; make it writable, or pass --out "
-        "to use another folder (nothing was sent)"
+        f"cannot write to {folder}: {error.strerror or error}; make it writable, or use another "
+        "folder (--out; out= in Python); nothing was sent"
     )
 
 
@@ -133,7 +133,7 @@ def lock_and_connect(folder: Path) -> tuple[sqlite3.Connection, int]:
         os.close(lock_fd)
         raise OutputLockedError(
             f"{folder} is in use by another image-runner run; wait for it to finish, "
-            "or pass --out to use another folder"
+            "or use another folder (--out; out= in Python)"
         ) from None
     try:
         check_writable(folder)
