@@ -1426,6 +1426,18 @@ def test_the_manifest_is_a_sequence_read_back_from_the_spool(
     assert (len(manifest), manifest.rows, manifest.edits) == (5, 3, 1)
     assert manifest[1].images == ((tmp_path / "refs" / "a.png").resolve(),)
     assert manifest[-1].variant == "#3" and manifest[2:4] == list(manifest)[2:4]
+    assert repr(manifest) == f"Manifest({str(path)!r}, jobs=5, rows=3, edits=1)"
+
+
+def test_a_manifest_can_only_be_read(tmp_path: Path) -> None:
+    """Its jobs are the validator's: no way to add one unchecked (a job id ``../../escape``
+    added by hand once wrote its image outside the output folder), nor to change its counts."""
+    manifest = load_manifest(one_job(tmp_path, {"prompt": "a fox"}))
+    public = {name for name in dir(manifest) if not name.startswith("_")}
+    assert public == {"close", "count", "edits", "index", "rows", "source"}
+    with pytest.raises(AttributeError):
+        manifest.rows = 2  # type: ignore[misc]
+    assert len(manifest) == 1 and manifest.source == str(tmp_path / "one.yaml")
 
 
 @pytest.mark.parametrize(

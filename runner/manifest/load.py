@@ -11,11 +11,12 @@ and field, so one round of fixes is enough. Nothing here touches the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from runner.errors import ManifestError, ManifestIssue
+from runner.jobs import Job
 from runner.manifest.read import RawRow, read_file, read_records
 from runner.manifest.spool import JobSpool
 from runner.manifest.validate import UniqueIds, Validator
@@ -24,14 +25,59 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-class Manifest(JobSpool):
-    """The validated jobs of a manifest, in manifest order: a read-only sequence of jobs."""
+class Manifest(Sequence[Job]):
+    """The validated jobs of a manifest, in manifest order: a read-only sequence of jobs (``len``,
+    ``[i]``, slices, iteration), with where they came from and how many rows and edits they are.
 
-    def __init__(self, source: str) -> None:
-        super().__init__()
-        self.source = source  # the manifest's path, or what load_jobs was told to call the jobs
-        self.rows = 0  # manifest rows with jobs (a matrix row or a ``repeat`` stands for many)
-        self.edits = 0  # jobs with reference images
+    Made only by :func:`load_manifest` and :func:`load_jobs`: the spool it reads is private, so
+    every job in it went through the validator (a job added by hand would be run unchecked,
+    its id naming a file wherever it points). :meth:`close` frees the spool's temporary file.
+    """
+
+    def __init__(self, source: str, spool: JobSpool, rows: int, edits: int) -> None:
+        self._source = source
+        self._spool = spool
+        self._rows = rows
+        self._edits = edits
+
+    @property
+    def source(self) -> str:
+        """The manifest's path, or what :func:`load_jobs` was told to call the jobs."""
+        return self._source
+
+    @property
+    def rows(self) -> int:
+        """Manifest rows with jobs (a matrix row or a ``repeat`` stands for many)."""
+        return self._rows
+
+    @property
+    def edits(self) -> int:
+        """Jobs with reference images."""
+        return self._edits
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __len__(self) -> int:
+        return len(self._spool)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        return self._spool[index]
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._spool)
+
+    def __repr__(self) -> str:
+        return (
+            f"Manifest({self._source!r}, jobs={len(self._spool)}, rows={self._rows}, "
+            f"edits={self._edits})"
+        )
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -66,24 +112,25 @@ def _load(
     source: str, base: Path, read: Callable[[list[ManifestIssue]], Iterator[RawRow]]
 ) -> Manifest:
     issues: list[ManifestIssue] = []
-    manifest = Manifest(source)
+    spool = JobSpool()
     validator = Validator(base)
-    ids = UniqueIds(manifest)
+    ids = UniqueIds(spool)
+    rows = edits = 0
     position = 0  # of the row's first job in the manifest
     try:
         for raw in read(issues):
             jobs = validator.jobs(raw, issues)
             if jobs:
-                manifest.extend_packed(jobs)
-                manifest.rows += 1
+                spool.extend_packed(jobs)
+                rows += 1
                 if jobs[0][6]:  # the jobs of a row have the same references
-                    manifest.edits += len(jobs)
+                    edits += len(jobs)
             ids.add(raw, jobs, position)
             position += len(jobs)
     except OSError as exc:  # from the spool: its temporary file
         issues.append(ManifestIssue("file", "", f"cannot hold its jobs in a temporary file: {exc}"))
     issues += ids.issues  # after the rows' own problems, as a second round
     if issues:
-        manifest.close()
+        spool.close()
         raise ManifestError(source, issues)
-    return manifest
+    return Manifest(source, spool, rows, edits)
