@@ -11,6 +11,7 @@ and field, so one round of fixes is enough. Nothing here touches the network.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
@@ -80,9 +81,10 @@ class Manifest(Sequence[Job]):
         )
 
 
-def load_manifest(path: Path) -> Manifest:
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read and validate a manifest; raise :class:`ManifestError` listing every problem.
     Reference image paths are relative to the manifest's folder."""
+    path = Path(path)
     return _load(str(path), path.parent, lambda issues: read_file(path, issues))
 
 
@@ -96,14 +98,24 @@ def load_jobs(
     """Validate jobs given as Python records, exactly as the rows of a manifest are.
 
     ``records`` are mappings of job fields (a list of dicts, ``DataFrame.to_dict("records")``)
-    or a pandas DataFrame, one job (or one matrix row) each. A cell that is None or NaN means
-    "not set", as an empty CSV cell does, so ``defaults`` (any job field but ``id``, as in a
-    YAML manifest) fill it. ``images`` may be a list of paths or one ``|``-separated string,
-    relative to ``base`` (default: the current directory). The jobs get the same ids and content
-    hashes as in the equivalent manifest; problems raise one :class:`ManifestError`, named
-    ``source``, whose rows are ``row N``, counted from 1 in the order given (a DataFrame's
-    unknown columns are reported once, against ``columns``).
+    or a pandas DataFrame, one job (or one matrix row) each; none is an error, as in a manifest.
+    A path or a single mapping raises :class:`TypeError`. A cell that is None, NaN or blank text
+    means "not set", as an empty CSV cell does, so ``defaults`` (any job field but ``id``, as in
+    a YAML manifest) fill it. ``images`` may be a list (or tuple, or numpy array) of paths or one
+    ``|``-separated string, relative to ``base`` (default: the current directory). The jobs
+    get the same ids and content hashes as in the equivalent manifest; problems raise one
+    :class:`ManifestError`, named ``source``, whose rows are ``row N``, counted from 1 in the
+    order given (a DataFrame's unknown columns are reported once, against ``columns``).
     """
+    if isinstance(records, str | bytes | os.PathLike):
+        raise TypeError(
+            f"load_jobs takes records, not a path ({records!r}): use load_manifest for a file"
+        )
+    if isinstance(records, Mapping):
+        raise TypeError(
+            "load_jobs takes a list of dicts (one job each) or a DataFrame, not one mapping: "
+            "pass [record] for one job"
+        )
     folder = Path.cwd() if base is None else base
     return _load(source, folder, lambda issues: read_records(records, defaults, issues))
 
