@@ -1167,6 +1167,15 @@ def test_csv_bad_header(tmp_path: Path, header: str, field: str, fragment: str) 
     assert fragment in issues[0].message
 
 
+def test_a_csv_header_lists_the_csv_columns_it_knows(tmp_path: Path) -> None:
+    """``vars`` is a job field, but no CSV column (matrices are YAML only): not listed as known."""
+    (issue,) = issues_of(write_text(tmp_path / "m.csv", "prompt,vars\na,b\n"))
+    assert (issue.row, issue.field) == ("header", "vars")
+    assert issue.message == (
+        "unknown key (known: id, prompt, size, model, response_format, images, repeat)"
+    )
+
+
 def test_csv_more_cells_than_columns(tmp_path: Path) -> None:
     path = write_text(tmp_path / "m.csv", "id,prompt\na,one\nb,two,extra\nc,three\n")
     issues = issues_of(path)

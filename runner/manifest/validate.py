@@ -2,7 +2,9 @@
 that no id is used twice.
 
 Every row of every source (YAML, CSV, Python records) goes through :meth:`Validator.jobs`, and
-nothing else makes jobs, so a job's id and content hash never depend on where it was written.
+nothing else makes jobs (a :class:`~runner.jobs.Job`'s constructor refuses callers without the
+package's private token; the spool only rebuilds the jobs made here), so a job's id and content
+hash never depend on where it was written.
 It runs once a row, up to millions of times, so its common case is cheap: the model, size and
 response format of a row are checked together once per distinct combination and remembered
 (a manifest has a few dozen), and the checks that only some rows need (references, a matrix,
