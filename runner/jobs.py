@@ -4,10 +4,15 @@ A job's id names its image file and its checkpoint rows. When the manifest gives
 derived from everything that determines the image (model, prompt, size, response format and the
 bytes of the reference images), so reordering or extending a manifest never confuses resume.
 
-A :class:`Job` cannot hold an invalid field, nor lack its content hash: the constructor checks
-them and raises :class:`ValueError`. Jobs are made by :mod:`runner.manifest`
-(:func:`~runner.manifest.load_manifest`, :func:`~runner.manifest.load_jobs`), which applies the
-same rules to every row, reports every problem with its row and field, and computes the hash.
+Jobs are made by :mod:`runner.manifest` (:func:`~runner.manifest.load_manifest`,
+:func:`~runner.manifest.load_jobs`) and nothing else: it checks every row, reports every
+problem with its row and field, and computes the content hash from the fields it hashes. A job
+whose hash is not that of its fields would break resume silently (a prompt changed with the old
+hash kept is taken for done, with the old prompt's image), so the constructor, and with it
+``dataclasses.replace``, refuses any caller without the package's private token
+(:class:`TypeError`). With it (the tests' jobs), the constructor checks every field
+(:class:`ValueError`): the rules the validator applies in words for a manifest's author, which a
+test holds to these. The spool rebuilds the jobs it holds without the constructor.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ def _valid_shapes() -> frozenset[tuple[str, str | None, str, bool]]:
 
 VALID_SHAPES: Final = _valid_shapes()
 
+# What the constructor asks for (see the module's docstring). Private to the package and its
+# tests: a user who finds it has gone out of their way.
+_TOKEN: Final = object()
+
 
 @dataclasses.dataclass(frozen=True, slots=True)  # slots: a run may walk a million of them
 class Job:
@@ -65,8 +74,15 @@ class Job:
     images: tuple[Path, ...] = ()  # reference images, resolved, in upload order
     row: str = ""  # where the job came from, for messages: "row 3 (line 12)"
     variant: str = ""  # which expansion of a matrix row: "style=watercolor #2"
+    _token: dataclasses.InitVar[object] = None  # _TOKEN, or the job is made by hand: refused
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _token: object) -> None:
+        if _token is not _TOKEN:
+            raise TypeError(
+                "a Job is not built by hand: get jobs from runner.load_jobs (records, a "
+                "DataFrame) or runner.load_manifest (a file), which check them and compute "
+                "their content hash; to change a job, change its record and load it again"
+            )
         problem = self._problem()
         if problem is not None:
             raise ValueError(f"invalid job {self.id!r}: {problem}")
@@ -93,35 +109,6 @@ class Job:
             return "row and variant must be text"
         return None
 
-    @classmethod
-    def restore(
-        cls,
-        id: str,
-        prompt: str,
-        model: str,
-        size: str | None,
-        response_format: str,
-        content_hash: str,
-        images: tuple[Path, ...],
-        row: str,
-        variant: str,
-    ) -> Job:
-        """A job rebuilt from the fields of one that was checked when it was made, without
-        checking them again, as unpickling rebuilds an object. For the spool, which rebuilds
-        every job of a manifest each time a run walks it: 0.5 µs a job, where the constructor
-        takes 2. Anything else makes jobs with the constructor."""
-        job = object.__new__(cls)
-        _set_id(job, id)
-        _set_prompt(job, prompt)
-        _set_model(job, model)
-        _set_size(job, size)
-        _set_response_format(job, response_format)
-        _set_content_hash(job, content_hash)
-        _set_images(job, images)
-        _set_row(job, row)
-        _set_variant(job, variant)
-        return job
-
     @property
     def where(self) -> str:
         """Where the job comes from, for messages."""
@@ -138,20 +125,6 @@ class Job:
             return None
         width, height = self.size.split("x")
         return int(width), int(height)
-
-
-# The slots' own setters, which a frozen dataclass's __setattr__ does not stand in front of.
-(
-    _set_id,
-    _set_prompt,
-    _set_model,
-    _set_size,
-    _set_response_format,
-    _set_content_hash,
-    _set_images,
-    _set_row,
-    _set_variant,
-) = (Job.__dict__[field.name].__set__ for field in dataclasses.fields(Job))
 
 
 def content_hash(

@@ -22,7 +22,7 @@ from runner.core.lifecycle import Run, RunOptions, RunReport
 from runner.core.retry import RetryConfig
 from runner.emulator import Emulator, EmulatorConfig
 from runner.http.client import ClientConfig
-from runner.jobs import Job, content_hash
+from runner.jobs import _TOKEN, Job, content_hash
 from runner.manifest.load import load_manifest
 
 TEST_KEY = "sk-test-0123456789abcdef"
@@ -78,8 +78,8 @@ def make_job(
     response_format: str = "b64_json",
     images: tuple[Path, ...] = (),
 ) -> Job:
-    """A valid job built by hand, hashed as a manifest's would be; a reference need not exist
-    (its path's sha256 stands in for its bytes')."""
+    """A valid job, hashed as a manifest's would be, built with the constructor's private token
+    (tests may); a reference need not exist (its path's sha256 stands in for its bytes')."""
     digest = content_hash(
         model="gpt-image-2-vip",
         prompt=prompt,
@@ -87,7 +87,9 @@ def make_job(
         response_format=response_format,
         image_sha256s=[hashlib.sha256(str(path).encode()).hexdigest() for path in images],
     )
-    return Job(job_id, prompt, "gpt-image-2-vip", size, response_format, digest, images)
+    return Job(
+        job_id, prompt, "gpt-image-2-vip", size, response_format, digest, images, _token=_TOKEN
+    )
 
 
 def options(out: Path, base_url: str, **overrides: Any) -> RunOptions:

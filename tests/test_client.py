@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hashlib
 import io
 import json
@@ -388,7 +387,7 @@ async def answer(
     app = web.Application()
     app.router.add_post("/v1/images/generations", generate)
     async with serve_app(app) as base:
-        b64_job = dataclasses.replace(job(), response_format="b64_json")
+        b64_job = make_job("j", "p", response_format="b64_json")
         config = ClientConfig(base_url=f"{base}/v1", api_key=TEST_KEY, max_response_bytes=max_bytes)
         async with ImagesClient(config) as c:
             return await c.create(b64_job, tmp_path)

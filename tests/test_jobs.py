@@ -1,5 +1,6 @@
-"""runner.jobs: a Job cannot be built with an invalid field or without its content hash, and
-its rules are the validator's."""
+"""runner.jobs: a Job is not built by hand nor replaced (its content hash would go stale); with
+the package's token, not with an invalid field or without its content hash; its rules are the
+validator's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from runner.errors import ManifestError
-from runner.jobs import Job, content_hash
+from runner.jobs import _TOKEN, Job, content_hash
 from runner.manifest import load_jobs, load_manifest
 from runner.provider import MODELS, RESPONSE_FORMATS, SIZES
 
@@ -33,10 +34,15 @@ GOOD: dict[str, Any] = {
 }
 
 
+def build(*args: Any, **fields: Any) -> Job:
+    """A job built as the package's tests may: with the constructor's private token."""
+    return Job(*args, **fields, _token=_TOKEN)
+
+
 def test_a_valid_job_is_built() -> None:
-    job = Job(**GOOD)
+    job = build(**GOOD)
     assert (job.images, job.row, job.variant, job.endpoint) == ((), "", "", "generations")
-    edit = Job(**{**GOOD, "size": "auto", "images": (Path("/refs/a.png"),)})
+    edit = build(**{**GOOD, "size": "auto", "images": (Path("/refs/a.png"),)})
     assert edit.endpoint == "edits"
 
 
@@ -67,29 +73,38 @@ def test_a_valid_job_is_built() -> None:
 )
 def test_an_invalid_field_raises(change: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValueError, match="invalid job") as info:
-        Job(**{**GOOD, **change})
+        build(**{**GOOD, **change})
     assert fragment in str(info.value)
 
 
 def test_the_content_hash_is_required() -> None:
     fields = {k: v for k, v in GOOD.items() if k != "content_hash"}
     with pytest.raises(TypeError, match="content_hash"):
-        Job(**fields)
+        build(**fields)
 
 
-def test_replace_checks_too() -> None:
-    with pytest.raises(ValueError, match="id must be"):
-        dataclasses.replace(Job(**GOOD), id="a/b")
+def test_a_job_is_not_built_by_hand() -> None:
+    with pytest.raises(TypeError, match=r"get jobs from runner\.load_jobs") as info:
+        Job(**GOOD)
+    assert "runner.load_manifest" in str(info.value)
+    with pytest.raises(TypeError, match="a Job is not built by hand"):
+        Job(**GOOD, _token=object())
 
 
-def test_restore_rebuilds_an_equal_job() -> None:
-    job = Job(**{**GOOD, "size": "auto", "images": (Path("/refs/a.png"),), "row": "row 1"})
-    fields = [getattr(job, f.name) for f in dataclasses.fields(Job)]
-    assert Job.restore(*fields) == job
+def test_replace_would_keep_a_stale_content_hash_so_it_is_refused(tmp_path: Path) -> None:
+    """The fox's job with the whale's prompt and the fox's hash would be taken for done on
+    resume, with the fox's image: a job is changed through its record."""
+    (fox,) = load_jobs([{"id": "animal", "prompt": "a red fox"}], base=tmp_path)
+    with pytest.raises(TypeError, match="change its record and load it again"):
+        dataclasses.replace(fox, prompt="a blue whale")
+    with pytest.raises(TypeError, match="a Job is not built by hand"):
+        dataclasses.replace(build(**GOOD))
+    (whale,) = load_jobs([{"id": "animal", "prompt": "a blue whale"}], base=tmp_path)
+    assert whale.content_hash != fox.content_hash
 
 
 def test_every_job_a_manifest_makes_passes_the_checks(tmp_path: Path) -> None:
-    """The spool rebuilds the validator's jobs without checking them again (Job.restore), so
+    """The spool rebuilds the validator's jobs without checking them again, so
     the validator must never make a job the constructor refuses."""
     matrix = tmp_path / "m.yaml"
     matrix.write_text('jobs:\n  - {prompt: "a {x} cat", vars: {x: [ink, oil]}, repeat: 2}\n')
@@ -97,7 +112,7 @@ def test_every_job_a_manifest_makes_passes_the_checks(tmp_path: Path) -> None:
     jobs = [job for path in manifests for job in load_manifest(path)]
     assert len(jobs) == 8 + 4 + 4
     for job in jobs:
-        assert Job(*[getattr(job, f.name) for f in dataclasses.fields(Job)]) == job
+        assert build(*[getattr(job, f.name) for f in dataclasses.fields(Job)]) == job
 
 
 @pytest.mark.parametrize("model", [*MODELS, "dall-e-3"])
@@ -116,7 +131,7 @@ def test_the_validator_accepts_what_a_job_accepts(
             row["images"] = ["ref.png"]
         sent = "auto" if size is None and edit and model == "gpt-image-2-vip" else size
         try:
-            Job(**{**GOOD, **row, "size": sent, "images": (tmp_path / "ref.png",) * edit})
+            build(**{**GOOD, **row, "size": sent, "images": (tmp_path / "ref.png",) * edit})
         except ValueError:
             with pytest.raises(ManifestError):
                 load_jobs([row], base=tmp_path)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -163,3 +164,57 @@ def test_records_that_are_not_mappings_and_bad_defaults(folder: Path) -> None:
         ManifestIssue("defaults", "n", "is rejected by the API (one image per call; no quality)"),
         ManifestIssue("row 2", "", "must be a mapping with at least a prompt"),
     ]
+
+
+def test_load_manifest_takes_a_path_as_text_or_a_pathlike(folder: Path) -> None:
+    path = write_yaml(folder, JOBS)
+    assert shape(load_manifest(str(path))) == shape(load_manifest(path))
+    assert load_manifest(str(path)).source == str(path)
+
+
+@pytest.mark.parametrize("path", ["m.yaml", Path("m.yaml"), b"m.yaml"])
+def test_a_path_given_to_load_jobs_points_to_load_manifest(path: Any) -> None:
+    with pytest.raises(TypeError, match=r"not a path .*: use load_manifest for a file"):
+        load_jobs(path)
+
+
+def test_one_mapping_given_to_load_jobs_is_refused() -> None:
+    with pytest.raises(TypeError, match=re.escape("not one mapping: pass [record] for one job")):
+        load_jobs({"prompt": "a fox"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("records", [[], pd.DataFrame(), pd.DataFrame(columns=["prompt"])])
+def test_no_records_is_refused_as_an_empty_manifest_is(records: Any) -> None:
+    with pytest.raises(ManifestError) as info:
+        load_jobs(records)
+    assert info.value.issues == [ManifestIssue("records", "", "has no jobs")]
+    assert str(info.value) == "jobs: 1 problem, nothing was sent:\n  records: has no jobs"
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_blank_text_means_not_set_as_an_empty_csv_cell(folder: Path, blank: str) -> None:
+    row = {"id": blank, "prompt": "a fox", "size": blank, "model": blank, "images": blank}
+    row |= {"response_format": blank, "repeat": blank}
+    csv = folder / "m.csv"
+    csv.write_text(f"id,prompt,size,model,images,response_format,repeat\n,a fox,{blank},,,,\n")
+    from_csv = shape(load_manifest(csv))
+    assert shape(load_jobs([row], base=folder)) == from_csv
+    assert shape(load_jobs(pd.DataFrame([row]), base=folder)) == from_csv
+    (job,) = load_jobs([row], base=folder, defaults={"size": "1280x720"})
+    assert (job.size, from_csv[0][3]) == ("1280x720", None)
+    assert job.id == f"a-fox-{job.content_hash[:12]}"
+    with pytest.raises(ManifestError) as info:
+        load_jobs([{"prompt": blank}])
+    assert info.value.issues == [
+        ManifestIssue("row 1", "prompt", "is required and must be non-blank text")
+    ]
+
+
+def test_images_as_a_tuple_or_an_array_as_parquet_gives_them(folder: Path) -> None:
+    refs = ["refs/mug.png", "refs/beach.png"]
+    listed = load_jobs([{"prompt": "p", "images": refs}], base=folder)
+    frame = pd.DataFrame({"prompt": ["p", "q"], "images": [np.array(refs), np.array([], str)]})
+    as_tuple = load_jobs([{"prompt": "p", "images": tuple(refs)}], base=folder)
+    from_arrays = load_jobs(frame, base=folder)
+    assert shape(as_tuple) == shape(from_arrays)[:1] == shape(listed)
+    assert from_arrays[1].images == () and from_arrays.edits == 1

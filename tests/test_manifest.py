@@ -441,6 +441,36 @@ def test_the_30_sizes_are_listed_by_tier_in_the_first_size_message_only(tmp_path
     )
 
 
+def test_a_wrong_size_is_worked_out_once_however_many_rows_repeat_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guess behind a size message is an edit distance to each of the 30 sizes: a column
+    of one typo (200k rows took 125 s) guesses once per distinct value, not once a row."""
+    from runner.manifest import validate
+
+    guessed: list[str] = []
+    nearest_sizes = validate.nearest_sizes
+
+    def counting(size: str) -> list[str]:
+        guessed.append(size)
+        return nearest_sizes(size)
+
+    monkeypatch.setattr(validate, "nearest_sizes", counting)
+    rows = "".join(f"p{n},{'2048x2084' if n % 3 else '2048X2048'}\n" for n in range(300))
+    issues = issues_of(write_text(tmp_path / "m.csv", "prompt,size\n" + rows))
+    assert sorted(guessed) == ["2048X2048", "2048x2084"]
+    assert len(issues) == 300
+    assert issues[0].message.startswith("'2048X2048' is not one of the 30 sizes (use a")
+    assert "\n    1K: " in issues[0].message
+    assert issues[1].message == (
+        "'2048x2084' is not one of the 30 sizes (listed above); did you mean 2048x2048?"
+    )
+    assert issues[3].message == (
+        "'2048X2048' is not one of the 30 sizes (listed above; use a lowercase ASCII x); "
+        "did you mean 2048x2048?"
+    )
+
+
 def test_the_readme_lists_the_30_sizes_by_ratio_and_tier() -> None:
     from runner.provider import SIZES
 
@@ -1137,6 +1167,15 @@ def test_csv_bad_header(tmp_path: Path, header: str, field: str, fragment: str) 
     assert fragment in issues[0].message
 
 
+def test_a_csv_header_lists_the_csv_columns_it_knows(tmp_path: Path) -> None:
+    """``vars`` is a job field, but no CSV column (matrices are YAML only): not listed as known."""
+    (issue,) = issues_of(write_text(tmp_path / "m.csv", "prompt,vars\na,b\n"))
+    assert (issue.row, issue.field) == ("header", "vars")
+    assert issue.message == (
+        "unknown key (known: id, prompt, size, model, response_format, images, repeat)"
+    )
+
+
 def test_csv_more_cells_than_columns(tmp_path: Path) -> None:
     path = write_text(tmp_path / "m.csv", "id,prompt\na,one\nb,two,extra\nc,three\n")
     issues = issues_of(path)
@@ -1396,6 +1435,18 @@ def test_the_manifest_is_a_sequence_read_back_from_the_spool(
     assert (len(manifest), manifest.rows, manifest.edits) == (5, 3, 1)
     assert manifest[1].images == ((tmp_path / "refs" / "a.png").resolve(),)
     assert manifest[-1].variant == "#3" and manifest[2:4] == list(manifest)[2:4]
+    assert repr(manifest) == f"Manifest({str(path)!r}, jobs=5, rows=3, edits=1)"
+
+
+def test_a_manifest_can_only_be_read(tmp_path: Path) -> None:
+    """Its jobs are the validator's: no way to add one unchecked (a job id ``../../escape``
+    added by hand once wrote its image outside the output folder), nor to change its counts."""
+    manifest = load_manifest(one_job(tmp_path, {"prompt": "a fox"}))
+    public = {name for name in dir(manifest) if not name.startswith("_")}
+    assert public == {"close", "count", "edits", "index", "rows", "source"}
+    with pytest.raises(AttributeError):
+        manifest.rows = 2  # type: ignore[misc]
+    assert len(manifest) == 1 and manifest.source == str(tmp_path / "one.yaml")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ the plan sees exactly what a run leaves behind."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -315,7 +314,7 @@ def test_failed_for_good_are_skipped_unless_asked(tmp_path: Path) -> None:
 def test_the_todo_list_reads_jobs_from_the_manifest_as_needed(tmp_path: Path) -> None:
     jobs = [job(n, f"with an image {n}") if n % 2 else job(n) for n in range(7)]
     jobs = [
-        dataclasses.replace(j, images=(tmp_path / "ref.png",)) if n % 3 == 0 else j
+        make_job(j.id, j.prompt, images=(tmp_path / "ref.png",)) if n % 3 == 0 else j
         for n, j in enumerate(jobs)
     ]
     result = plan_of(tmp_path / "out", jobs, batch_size=2)
@@ -329,7 +328,7 @@ def test_an_unrecorded_image_whose_id_has_tmp_in_it_is_adopted(tmp_path: Path) -
     """An id may contain ``.tmp-``: its image, written but not recorded, is adopted, not swept
     away as a temp file and paid for again."""
     out = tmp_path / "out"
-    jobs = [dataclasses.replace(job(0), id="shot.tmp-1"), job(1)]
+    jobs = [make_job("shot.tmp-1", job(0).prompt), job(1)]
     plan_of(out, jobs)
     (out / IMAGES_DIR / "shot.tmp-1.png").write_bytes(png())  # crash between rename and commit
     again = plan_of(out, jobs)

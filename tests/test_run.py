@@ -31,6 +31,7 @@ from tests.conftest import (
     db_exec,
     db_rows,
     folder_state,
+    make_job,
     make_ref,
     options,
     run_manifest,
@@ -526,8 +527,7 @@ class _ManyJobs(Sequence[Job]):
     def __getitem__(self, index: int | slice) -> Job | Sequence[Job]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self.count))]
-        return Job(f"j{index}", f"p{index}", "gpt-image-2-vip", "1280x544", "b64_json",
-                   content_hash=f"{index:064x}")  # fmt: skip
+        return make_job(f"j{index}", f"p{index}")
 
     def __iter__(self) -> Iterator[Job]:
         self.read.set()

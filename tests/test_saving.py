@@ -4,8 +4,10 @@ gone whatever happened."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from runner.images.files import is_temp_name, temp_path_for
 from runner.images.saving import save_image
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
+from runner.manifest.spool import _restore
 from tests.conftest import make_job
 
 
@@ -122,3 +125,18 @@ def test_an_odd_container_is_kept_untagged(
     assert (tmp_path / relative).read_bytes() == data
     assert sha256 == hashlib.sha256(data).hexdigest()
     assert not any(is_temp_name(name) for name in names(images))
+
+
+def test_a_job_id_that_climbs_out_of_the_folder_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    """The validator never makes such a job; one rebuilt unchecked (as only the spool may) is
+    refused before its id becomes a path, and its temp file is still removed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    images = out / "images"
+    tmp = answer(images)
+    escaping = _restore(**{**dataclasses.asdict(job()), "id": "../../escape"})
+    with pytest.raises(ValueError, match=re.escape("'../../escape' cannot name an image file")):
+        save_image(escaping, tmp, images, out)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

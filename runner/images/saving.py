@@ -26,7 +26,7 @@ from runner.errors import ImageWriteError
 from runner.images.files import write_atomic_copy
 from runner.images.provenance import Splice, provenance_splices
 from runner.images.verify import ImageInfo, WrongSize, inspect_image
-from runner.jobs import Job
+from runner.jobs import JOB_ID_RE, Job
 from runner.provider import SIZE_SET
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 def save_image(job: Job, tmp: Path, images_dir: Path, folder: Path) -> tuple[ImageInfo, str, str]:
     """Verify the image in ``tmp``, tag it and write it durably into ``images_dir``; return what
     it is, the sha256 of the file written, and its path relative to ``folder`` (the output
-    folder, as the checkpoint records it). ``tmp`` is gone afterwards, whatever happened."""
+    folder, as the checkpoint records it). ``tmp`` is gone afterwards, whatever happened.
+
+    A job id that is not a manifest's (``../x``) raises :class:`ValueError` before any path is
+    made from it: the validator never makes one, so it is a bug, never a file outside
+    ``images_dir``."""
     try:
+        if not JOB_ID_RE.fullmatch(job.id):
+            raise ValueError(f"job id {job.id!r} cannot name an image file: not a manifest's id")
         info = inspect_image(tmp, job.expected_size)
         if job.expected_size is None and f"{info.width}x{info.height}" not in SIZE_SET:
             raise WrongSize(f"is {info.width}x{info.height}, not one of the 30 sizes")

@@ -11,11 +11,13 @@ and field, so one round of fixes is enough. Nothing here touches the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from runner.errors import ManifestError, ManifestIssue
+from runner.jobs import Job
 from runner.manifest.read import RawRow, read_file, read_records
 from runner.manifest.spool import JobSpool
 from runner.manifest.validate import UniqueIds, Validator
@@ -24,19 +26,65 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-class Manifest(JobSpool):
-    """The validated jobs of a manifest, in manifest order: a read-only sequence of jobs."""
+class Manifest(Sequence[Job]):
+    """The validated jobs of a manifest, in manifest order: a read-only sequence of jobs (``len``,
+    ``[i]``, slices, iteration), with where they came from and how many rows and edits they are.
 
-    def __init__(self, source: str) -> None:
-        super().__init__()
-        self.source = source  # the manifest's path, or what load_jobs was told to call the jobs
-        self.rows = 0  # manifest rows with jobs (a matrix row or a ``repeat`` stands for many)
-        self.edits = 0  # jobs with reference images
+    Made only by :func:`load_manifest` and :func:`load_jobs`: the spool it reads is private, so
+    every job in it went through the validator (a job added by hand would be run unchecked,
+    its id naming a file wherever it points). :meth:`close` frees the spool's temporary file.
+    """
+
+    def __init__(self, source: str, spool: JobSpool, rows: int, edits: int) -> None:
+        self._source = source
+        self._spool = spool
+        self._rows = rows
+        self._edits = edits
+
+    @property
+    def source(self) -> str:
+        """The manifest's path, or what :func:`load_jobs` was told to call the jobs."""
+        return self._source
+
+    @property
+    def rows(self) -> int:
+        """Manifest rows with jobs (a matrix row or a ``repeat`` stands for many)."""
+        return self._rows
+
+    @property
+    def edits(self) -> int:
+        """Jobs with reference images."""
+        return self._edits
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __len__(self) -> int:
+        return len(self._spool)
+
+    @overload
+    def __getitem__(self, index: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Job]: ...
+
+    def __getitem__(self, index: int | slice) -> Job | list[Job]:
+        return self._spool[index]
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._spool)
+
+    def __repr__(self) -> str:
+        return (
+            f"Manifest({self._source!r}, jobs={len(self._spool)}, rows={self._rows}, "
+            f"edits={self._edits})"
+        )
 
 
-def load_manifest(path: Path) -> Manifest:
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read and validate a manifest; raise :class:`ManifestError` listing every problem.
     Reference image paths are relative to the manifest's folder."""
+    path = Path(path)
     return _load(str(path), path.parent, lambda issues: read_file(path, issues))
 
 
@@ -50,14 +98,24 @@ def load_jobs(
     """Validate jobs given as Python records, exactly as the rows of a manifest are.
 
     ``records`` are mappings of job fields (a list of dicts, ``DataFrame.to_dict("records")``)
-    or a pandas DataFrame, one job (or one matrix row) each. A cell that is None or NaN means
-    "not set", as an empty CSV cell does, so ``defaults`` (any job field but ``id``, as in a
-    YAML manifest) fill it. ``images`` may be a list of paths or one ``|``-separated string,
-    relative to ``base`` (default: the current directory). The jobs get the same ids and content
-    hashes as in the equivalent manifest; problems raise one :class:`ManifestError`, named
-    ``source``, whose rows are ``row N``, counted from 1 in the order given (a DataFrame's
-    unknown columns are reported once, against ``columns``).
+    or a pandas DataFrame, one job (or one matrix row) each; none is an error, as in a manifest.
+    A path or a single mapping raises :class:`TypeError`. A cell that is None, NaN or blank text
+    means "not set", as an empty CSV cell does, so ``defaults`` (any job field but ``id``, as in
+    a YAML manifest) fill it. ``images`` may be a list (or tuple, or numpy array) of paths or one
+    ``|``-separated string, relative to ``base`` (default: the current directory). The jobs
+    get the same ids and content hashes as in the equivalent manifest; problems raise one
+    :class:`ManifestError`, named ``source``, whose rows are ``row N``, counted from 1 in the
+    order given (a DataFrame's unknown columns are reported once, against ``columns``).
     """
+    if isinstance(records, str | bytes | os.PathLike):
+        raise TypeError(
+            f"load_jobs takes records, not a path ({records!r}): use load_manifest for a file"
+        )
+    if isinstance(records, Mapping):
+        raise TypeError(
+            "load_jobs takes a list of dicts (one job each) or a DataFrame, not one mapping: "
+            "pass [record] for one job"
+        )
     folder = Path.cwd() if base is None else base
     return _load(source, folder, lambda issues: read_records(records, defaults, issues))
 
@@ -66,24 +124,25 @@ def _load(
     source: str, base: Path, read: Callable[[list[ManifestIssue]], Iterator[RawRow]]
 ) -> Manifest:
     issues: list[ManifestIssue] = []
-    manifest = Manifest(source)
+    spool = JobSpool()
     validator = Validator(base)
-    ids = UniqueIds(manifest)
+    ids = UniqueIds(spool)
+    rows = edits = 0
     position = 0  # of the row's first job in the manifest
     try:
         for raw in read(issues):
             jobs = validator.jobs(raw, issues)
             if jobs:
-                manifest.extend_packed(jobs)
-                manifest.rows += 1
+                spool.extend_packed(jobs)
+                rows += 1
                 if jobs[0][6]:  # the jobs of a row have the same references
-                    manifest.edits += len(jobs)
+                    edits += len(jobs)
             ids.add(raw, jobs, position)
             position += len(jobs)
     except OSError as exc:  # from the spool: its temporary file
         issues.append(ManifestIssue("file", "", f"cannot hold its jobs in a temporary file: {exc}"))
     issues += ids.issues  # after the rows' own problems, as a second round
     if issues:
-        manifest.close()
+        spool.close()
         raise ManifestError(source, issues)
-    return manifest
+    return Manifest(source, spool, rows, edits)

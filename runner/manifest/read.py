@@ -7,7 +7,7 @@ YAML: a mapping with ``jobs`` (a list of mappings) and optional ``defaults`` (an
 ``id``), parsed whole by libyaml, so limited to :data:`YAML_MAX_BYTES`. CSV: a header row naming
 some of :data:`CSV_COLUMNS` (``prompt`` required), reference images separated by ``|``, an empty
 cell meaning "not set"; read row by row, with no size limit. Records: mappings (or a pandas
-DataFrame), a None or NaN cell meaning "not set", as an empty CSV cell does.
+DataFrame), a None, NaN or blank text cell meaning "not set", as an empty CSV cell does.
 
 Rows are named for messages as a user finds them: ``job 3 (line 12)`` in YAML, ``row 3 (line
 4)`` in a CSV (blank lines are not rows), ``row 3`` for the third record.
@@ -229,6 +229,7 @@ def read_records(
         rows = records.to_dict("records")
     else:
         rows = records
+    index = 0
     for index, record in enumerate(rows, start=1):
         row = f"row {index}"
         if not isinstance(record, Mapping):
@@ -242,27 +243,38 @@ def read_records(
         merged = dict(inherited)
         merged.update(own)
         yield RawRow(row, merged, None if checked else own.keys())
+    if not index:  # as a manifest's: an empty list of jobs is a mistake, not a run of none
+        issues.append(ManifestIssue("records", "", "has no jobs"))
 
 
 def _is_unset(value: object, na: object, nat: object) -> bool:
-    """Whether a cell means "not set", as an empty CSV cell does: None, NaN, ``pd.NA`` or
-    ``pd.NaT``. By identity: ``pd.NA`` has no truth value, and NaN is not equal to itself."""
+    """Whether a cell means "not set", as an empty CSV cell does: None, NaN, ``pd.NA``,
+    ``pd.NaT``, or text that is empty or only spaces (a spreadsheet's empty cell). By identity:
+    ``pd.NA`` has no truth value, and NaN is not equal to itself."""
     return (
         value is None
         or value is na
         or value is nat
         or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and (not value or value.isspace()))
     )
 
 
 def _record_cell(key: object, value: object) -> object:
     """A record's cell as the validator takes it: pandas gives numpy numbers, and a whole
-    column of ``repeat`` with a gap in it as floats; a CSV-like cell of images is split."""
+    column of ``repeat`` with a gap in it as floats; a CSV-like cell of images is split, and
+    a tuple or a numpy array of them (a parquet round trip gives arrays) is a list."""
     if key == "images":
+        if isinstance(value, list):
+            return value
         if isinstance(value, str):
             return _split_images(value)
         if isinstance(value, tuple):
             return list(value)
+        import numpy as np  # loaded with pandas already; only for the rare cell
+
+        if isinstance(value, np.ndarray):
+            return value.tolist()
     elif key == "repeat" and not isinstance(value, bool):
         if isinstance(value, numbers.Integral):
             return int(value)
@@ -292,8 +304,10 @@ def check_key(issues: list[ManifestIssue], row: str, key: object) -> None:
         issues.append(
             ManifestIssue(row, str(key), "is rejected by the API (one image per call; no quality)")
         )
-    elif key not in JOB_FIELDS or (row == "header" and key not in CSV_COLUMNS):
-        issues.append(ManifestIssue(row, str(key), f"unknown key (known: {', '.join(JOB_FIELDS)})"))
+    else:
+        known = CSV_COLUMNS if row == "header" else JOB_FIELDS  # a CSV has no matrices: no vars
+        if key not in known:
+            issues.append(ManifestIssue(row, key, f"unknown key (known: {', '.join(known)})"))
 
 
 def show(value: object) -> str:

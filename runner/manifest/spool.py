@@ -1,5 +1,6 @@
-"""A read-only sequence of jobs kept packed, not as objects: how a manifest of a million rows
-is held between validation and the end of a run.
+"""A sequence of jobs kept packed, not as objects: how a manifest of a million rows is held
+between validation and the end of a run. Private to the package: the validator fills it, and
+users read it through a :class:`~runner.manifest.load.Manifest`, which has no way to add to it.
 
 Validation reads a manifest once; planning, the pool and the results file then walk its jobs
 again, in order. Holding them as :class:`~runner.jobs.Job` objects costs about 450 bytes a job
@@ -16,10 +17,11 @@ read back are those appended, whatever happens to the manifest file in the meant
 
 from __future__ import annotations
 
+import dataclasses
 import marshal
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, overload
 
@@ -34,8 +36,8 @@ Packed = tuple[str, str, str, str | None, str, str, tuple[str, ...], str, str]
 
 
 class JobSpool(Sequence[Job]):
-    """Append jobs with :meth:`append`, then read them like a list (``len``, ``[i]``, slices,
-    iteration). Not thread-safe; close it (or let it be collected) to free the file."""
+    """Add jobs with :meth:`extend_packed`, then read them like a list (``len``, ``[i]``,
+    slices, iteration). Not thread-safe; close it (or let it be collected) to free the file."""
 
     def __init__(self) -> None:
         self._file = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY_BYTES)  # noqa: SIM115
@@ -46,28 +48,10 @@ class JobSpool(Sequence[Job]):
         self._cached: list[Packed] = []
         self._paths: dict[str, Path] = {}  # reference images are few: one Path object each
 
-    def append(self, job: Job) -> None:
-        images = tuple(map(str, job.images)) if job.images else ()  # Path objects do not marshal
-        self.extend_packed(
-            [
-                (
-                    job.id,
-                    job.prompt,
-                    job.model,
-                    job.size,
-                    job.response_format,
-                    job.content_hash,
-                    images,
-                    job.row,
-                    job.variant,
-                )
-            ]
-        )
-
     def extend_packed(self, jobs: list[Packed]) -> None:
         """Append jobs given as their fields in order, their images as strings: the output of
         the validator, whose rules for a row are those of :class:`~runner.jobs.Job` (a test
-        holds them to it)."""
+        holds them to it). Nothing else may call it: the jobs are read back unchecked."""
         self._pending += jobs
         self._count += len(jobs)
         if len(self._pending) >= CHUNK_JOBS:
@@ -76,10 +60,6 @@ class JobSpool(Sequence[Job]):
                 self._write(pending[start : start + CHUNK_JOBS])
                 start += CHUNK_JOBS
             self._pending = pending[start:]
-
-    def extend(self, jobs: Iterable[Job]) -> None:
-        for job in jobs:
-            self.append(job)
 
     def _write(self, chunk: list[Packed]) -> None:
         data = marshal.dumps(chunk)
@@ -129,12 +109,52 @@ class JobSpool(Sequence[Job]):
         job_id, prompt, model, size, response_format, digest, images, row, variant = packed
         paths = tuple(map(self._path, images)) if images else ()
         # Not checked again: the spool holds jobs that were (see extend_packed).
-        return Job.restore(
-            job_id, prompt, model, size, response_format, digest, paths, row, variant
-        )
+        return _restore(job_id, prompt, model, size, response_format, digest, paths, row, variant)
 
     def _path(self, text: str) -> Path:
         path = self._paths.get(text)
         if path is None:
             path = self._paths[text] = Path(text)
         return path
+
+
+def _restore(
+    id: str,
+    prompt: str,
+    model: str,
+    size: str | None,
+    response_format: str,
+    content_hash: str,
+    images: tuple[Path, ...],
+    row: str,
+    variant: str,
+) -> Job:
+    """A job rebuilt from the fields of one the validator checked, without checking them again
+    or asking for the constructor's token, as unpickling rebuilds an object: a run walks every
+    job of a manifest several times, and this takes 0.5 µs a job where the constructor takes 2.
+    Only for the spool's own jobs: anything else gets its jobs from the validator."""
+    job = object.__new__(Job)
+    _set_id(job, id)
+    _set_prompt(job, prompt)
+    _set_model(job, model)
+    _set_size(job, size)
+    _set_response_format(job, response_format)
+    _set_content_hash(job, content_hash)
+    _set_images(job, images)
+    _set_row(job, row)
+    _set_variant(job, variant)
+    return job
+
+
+# The slots' own setters, which a frozen dataclass's __setattr__ does not stand in front of.
+(
+    _set_id,
+    _set_prompt,
+    _set_model,
+    _set_size,
+    _set_response_format,
+    _set_content_hash,
+    _set_images,
+    _set_row,
+    _set_variant,
+) = (Job.__dict__[field.name].__set__ for field in dataclasses.fields(Job))

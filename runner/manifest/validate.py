@@ -2,7 +2,9 @@
 that no id is used twice.
 
 Every row of every source (YAML, CSV, Python records) goes through :meth:`Validator.jobs`, and
-nothing else makes jobs, so a job's id and content hash never depend on where it was written.
+nothing else makes jobs (a :class:`~runner.jobs.Job`'s constructor refuses callers without the
+package's private token; the spool only rebuilds the jobs made here), so a job's id and content
+hash never depend on where it was written.
 It runs once a row, up to millions of times, so its common case is cheap: the model, size and
 response format of a row are checked together once per distinct combination and remembered
 (a manifest has a few dozen), and the checks that only some rows need (references, a matrix,
@@ -55,6 +57,10 @@ class Validator:
         # (model, size, response format, has references) -> the shape; only valid ones
         self._shapes: dict[tuple[object, object, object, bool], Shape] = {}
         self._sizes_listed = False
+        # A wrong size -> its message with the 30 sizes listed, and with "listed above": a typo
+        # in the defaults (or a column of one) repeats on every row, and the guess behind the
+        # message is an edit distance to each of the 30 sizes, 80 times the cost of the row.
+        self._size_messages: dict[str, tuple[str, str]] = {}
 
     def jobs(self, raw: RawRow, issues: list[ManifestIssue]) -> list[Packed]:
         """The jobs one row stands for (several for a matrix or ``repeat``), or none if any of
@@ -207,20 +213,32 @@ class Validator:
     def _not_a_size(self, size: str) -> str:
         """The message for a size that is none of the 30: the 30 sizes, listed in the first
         such message only (a typo in the defaults fails every job), and a guess for a near
-        miss."""
-        notes = ["listed above"] if self._sizes_listed else []
-        if size.lower().replace("\u00d7", "x") in SIZE_SET:
-            notes.append("use a lowercase ASCII x")
-        message = f"{show(size)} is not one of the 30 sizes"
-        if notes:
-            message += f" ({'; '.join(notes)})"
-        near = nearest_sizes(size)
-        if near:
-            message += f"; did you mean {' or '.join(near)}?"
+        miss. Worked out once per distinct value."""
+        messages = self._size_messages.get(size)
+        if messages is None:
+            messages = self._size_messages[size] = _not_a_size_messages(size)
         if self._sizes_listed:
-            return message
+            return messages[1]
         self._sizes_listed = True
-        return f"{message}\n{SIZES_BY_TIER}"
+        return messages[0]
+
+
+def _not_a_size_messages(size: str) -> tuple[str, str]:
+    """The message for a wrong ``size`` when the 30 sizes were not listed yet (it lists them),
+    and when they were."""
+    first: list[str] = []
+    if size.lower().replace("\u00d7", "x") in SIZE_SET:
+        first.append("use a lowercase ASCII x")
+    guess = ""
+    near = nearest_sizes(size)
+    if near:
+        guess = f"; did you mean {' or '.join(near)}?"
+
+    def message(notes: list[str]) -> str:
+        text = f"{show(size)} is not one of the 30 sizes"
+        return f"{text} ({'; '.join(notes)}){guess}" if notes else text + guess
+
+    return f"{message(first)}\n{SIZES_BY_TIER}", message(["listed above", *first])
 
 
 # SIZES is 10 ratios at each tier, in order: 1K (fast), 2K (recommended), 4K (detail).
