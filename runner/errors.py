@@ -4,7 +4,7 @@
 
     RunnerError
      +-- ManifestError          the manifest is invalid; carries every problem found (exit 2)
-     +-- OutputLockedError      another run holds the output folder (exit 2)
+     +-- OutputLockedError      another run holds the output folder (exit 4)
      +-- CredentialsError       no API key, or none that may go to the base URL (exit 2)
      +-- OptionsError           an option out of range, or contradicting another; also a
      |                          ValueError (exit 2)

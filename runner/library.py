@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypedDict, Unp
 
 from runner.core import lifecycle
 from runner.core.lifecycle import Run, RunOptions
-from runner.core.options import Options, run_options
+from runner.core.options import Options, dated, run_options
 from runner.core.plan import Plan
 from runner.core.pool import Progress
 from runner.errors import RunnerError
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED, EXIT_LOCKED = 0, 1, 2, 3, 4
 INTERRUPTED: Final = "interrupted by KeyboardInterrupt"
 
 # What run() takes: a manifest's path, a loaded manifest, records, or a DataFrame of them.
@@ -195,9 +195,11 @@ def run(
     ``manifest_or_jobs``: a manifest's path (YAML or CSV), a list of dicts with the fields of a
     manifest's job, a pandas DataFrame with those columns (an empty cell is a field not set),
     or a manifest already loaded (:func:`load_manifest`, :func:`load_jobs`). ``out``: the
-    output folder; for a manifest's path it defaults to ``output/<manifest stem>``, as in the
-    CLI. ``options``, and the keyword arguments that override its fields, are those of
-    :class:`~runner.core.options.Options` (``concurrency=4``, ``emulate=True``, ...).
+    output folder, its ``{date}`` and ``{datetime}`` filled in UTC
+    (:func:`~runner.core.options.dated`); for a manifest's path it defaults to
+    ``output/<manifest stem>``, as in the CLI. ``options``, and the keyword arguments that
+    override its fields, are those of :class:`~runner.core.options.Options`
+    (``concurrency=4``, ``emulate=True``, ...).
 
     Raises, before anything is sent, :class:`~runner.errors.ManifestError` (its ``str()`` is
     what the CLI prints), :class:`~runner.errors.OptionsError`,
@@ -292,13 +294,13 @@ def _prepare(
     chosen = dataclasses.replace(options or Options(), **fields)
     if isinstance(manifest_or_jobs, str | os.PathLike):
         path = Path(manifest_or_jobs)
-        out_dir = Path("output") / path.stem if out is None else Path(out)
+        out_dir = Path("output") / path.stem if out is None else dated(out)
         prepared = run_options(chosen, out_dir)
         manifest = load_manifest(path)
         return _Prepared(manifest, chosen, prepared)
     if out is None:
         raise TypeError("out= is needed when the jobs are not a manifest's path")
-    prepared = run_options(chosen, Path(out))
+    prepared = run_options(chosen, dated(out))
     if isinstance(manifest_or_jobs, Manifest):
         return _Prepared(manifest_or_jobs, chosen, prepared)
     return _Prepared(load_jobs(manifest_or_jobs), chosen, prepared)

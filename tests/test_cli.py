@@ -351,7 +351,7 @@ def test_second_run_on_a_busy_folder_is_refused(tmp_path: Path) -> None:
         while not server.emulator.requests and time.monotonic() < deadline:
             time.sleep(0.02)
         second = run_cli(*args)
-        assert second.returncode == 2
+        assert second.returncode == 4
         assert "in use by another image-runner run" in second.stderr
         first.communicate(timeout=60)
         assert first.returncode == 0

@@ -2,10 +2,15 @@
 the ``run`` command, which wires SIGINT and SIGTERM to the run's graceful stop.
 
 Exit codes: 0 all jobs succeeded; 1 finished with failed jobs; 2 invalid manifest or usage (or
-a folder in use, one that cannot be written, a checkpoint of another version), nothing sent; 3
-stopped early and resumable (interrupt, key refused, out of quota, budget reached, provider
-down, a Retry-After too long, a database error once requests were sent). The run's core raises
-only while nothing has been sent, so an error caught here is always an exit 2.
+a folder that cannot be written, a checkpoint of another version), nothing sent; 3 stopped
+early and resumable (interrupt, key refused, out of quota, budget reached, provider down, a
+Retry-After too long, a database error once requests were sent); 4 another run holds the
+output folder, nothing sent. The run's core raises only while nothing has been sent, so an
+error caught here is always an exit 2, or 4 for a folder in use.
+
+``run --json`` prints the summary of :mod:`~runner.cli.summary` on stdout, whatever the
+outcome, and ``--notify`` posts it (:mod:`~runner.outputs.notify`); neither changes the exit
+code.
 
 The run itself is the Python API's (:func:`runner.library.execute`, with the same
 :class:`~runner.core.options.Options`, key lookup and exit codes as :func:`runner.run`); what
@@ -18,19 +23,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from runner.cli import commands
 from runner.cli.parser import build_parser, flag, options_from
 from runner.cli.printing import ProgressBar, err, print_plan, print_summary
-from runner.core.lifecycle import Run, RunOptions, RunReport
-from runner.core.options import Options, run_options
-from runner.errors import CredentialsError, ManifestError, OptionsError, RunnerError
+from runner.cli.summary import run_summary, summary_json, summary_line
+from runner.core import lifecycle
+from runner.core.lifecycle import Run, RunOptions
+from runner.core.options import Options, dated, run_options
+from runner.errors import (
+    CredentialsError,
+    ManifestError,
+    OptionsError,
+    OutputLockedError,
+    RunnerError,
+)
 from runner.jobs import Job
-from runner.library import EXIT_INVALID, EXIT_OK, EXIT_STOPPED, execute, exit_code
+from runner.library import EXIT_INVALID, EXIT_LOCKED, EXIT_STOPPED, RunReport, execute
 from runner.logs import setup_logging
 from runner.manifest import load_manifest
+from runner.outputs.notify import post_summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,44 +60,86 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except RunnerError as exc:
         err(f"error: {exc}")
-        return EXIT_INVALID
+        return exit_code_of(exc)
     except KeyboardInterrupt:  # before a run's own handlers: reading a large manifest, say
         err("interrupted; nothing was sent")
         return EXIT_STOPPED
 
 
 def run(args: argparse.Namespace) -> int:
+    started = datetime.now(UTC)  # also the {date} of --out: the folder and started_at agree
+    out_dir = dated(args.out, started) if args.out else Path("output") / args.manifest.stem
+    report, code, error = _run_command(args, out_dir)
+    if args.json or args.notify:
+        summary = run_summary(
+            report,
+            out_dir,
+            started=started,
+            finished=datetime.now(UTC),
+            exit_code=code,
+            dry_run=args.dry_run,
+            error=error,
+        )
+        if args.json:
+            print(summary_json(summary), flush=True)
+        if args.notify:
+            problem = post_summary(args.notify, {**summary, "text": summary_line(summary)})
+            if problem:
+                err(f"notify: {problem}; the exit code is unchanged")
+    return code
+
+
+def _run_command(
+    args: argparse.Namespace, out_dir: Path
+) -> tuple[RunReport | None, int, str | None]:
+    """Run ``args.manifest`` into ``out_dir`` and print what happened: the report (``None``
+    when the run was refused before it began), the exit code, and the error that refused it.
+    With ``--json`` what would go to stdout goes to stderr."""
+    shown = sys.stderr if args.json else None
+
+    def refused(message: str, code: int = EXIT_INVALID) -> tuple[None, int, str]:
+        err(message)
+        return None, code, message
+
     try:
         options = options_from(args)
     except OptionsError as exc:
-        err(f"error: {exc.spelled(flag)}")
-        return EXIT_INVALID
-    out_dir: Path = args.out or Path("output") / args.manifest.stem
+        return refused(f"error: {exc.spelled(flag)}")
     try:  # a dry run sends nothing: it needs no key; --emulate sends none of the user's
         prepared = run_options(options, out_dir)
     except CredentialsError as exc:
-        err(f"error: {exc}\nnothing was sent; to rehearse without a key, add --emulate")
-        return EXIT_INVALID
+        return refused(f"error: {exc}\nnothing was sent; to rehearse without a key, add --emulate")
     try:
         jobs = load_manifest(args.manifest)
     except ManifestError as exc:
-        err(str(exc))
-        return EXIT_INVALID
+        return refused(str(exc))
+    except KeyboardInterrupt:  # a large manifest is read before the run's own handlers exist
+        return refused("interrupted; nothing was sent", EXIT_STOPPED)
     try:
-        report = asyncio.run(_run(jobs, prepared, options, no_progress=args.no_progress))
+        outcome = asyncio.run(_run(jobs, prepared, options, no_progress=args.no_progress))
     except KeyboardInterrupt:  # a Ctrl-C after the run's own handlers were gone (or a dry run's)
-        err("interrupted" + ("" if options.dry_run else "; rerun the same command to resume"))
-        return EXIT_STOPPED
+        resume = "" if options.dry_run else "; rerun the same command to resume"
+        return refused("interrupted" + resume, EXIT_STOPPED)
+    except RunnerError as exc:  # refused before anything was sent: the folder is in use, ...
+        return refused(f"error: {exc}", exit_code_of(exc))
+    report = RunReport.of(outcome, out_dir, dry_run=options.dry_run)
     if options.dry_run:
-        print_plan(report, args.manifest, out_dir, options.max_cost_usd)
-        return EXIT_OK
-    print_summary(report, out_dir)
-    return exit_code(report)
+        print_plan(outcome, args.manifest, out_dir, options.max_cost_usd, shown)
+    else:
+        print_summary(outcome, out_dir, shown)
+    return report, report.exit_code, None
+
+
+def exit_code_of(exc: RunnerError) -> int:
+    """The exit code of an error raised before anything was sent: 4 when another run holds
+    the folder (a nightly job that overlaps yesterday's: try later, nothing is wrong), else 2
+    (fix the manifest, options or folder first)."""
+    return EXIT_LOCKED if isinstance(exc, OutputLockedError) else EXIT_INVALID
 
 
 async def _run(
     jobs: Sequence[Job], prepared: RunOptions, options: Options, *, no_progress: bool
-) -> RunReport:
+) -> lifecycle.RunReport:
     bar = ProgressBar(disable=True if no_progress or options.dry_run else None)
     # A dry run changes nothing: a Ctrl-C may simply end it. A run's handlers are not removed
     # after it: closing the loop does that, so that a signal while the emulator shuts down is

@@ -18,6 +18,7 @@ from runner import __version__
 from runner.core.options import ON_AMBIGUOUS, Options
 from runner.emulator import FAULT_KINDS, EmulatorConfig
 from runner.http import client
+from runner.outputs.notify import webhook_problem
 
 OPTION_DEFAULTS: Final = Options.defaults()
 
@@ -111,7 +112,11 @@ def flag(name: str) -> str:
 def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
     run.add_argument(
-        "--out", type=Path, metavar="DIR", help="output folder (default: output/<manifest stem>)"
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder; {date} and {datetime} in it become the UTC date (2026-11-29) and "
+        "time (2026-11-29T0200Z) (default: output/<manifest stem>)",
     )
     _option(run, "concurrency", type=_positive_int, metavar="N", help="requests at once")
     _option(run, "max_attempts", type=_positive_int, metavar="N", help="attempts per job per run")
@@ -197,6 +202,19 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         "provider's rate limit by itself (429s, x-ratelimit headers) (default: no ceiling)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary on stdout and nothing else there (the human summary goes "
+        "to stderr); its keys are in the README, Nightly runs",
+    )
+    run.add_argument(
+        "--notify",
+        type=_webhook,
+        metavar="URL",
+        help="POST the JSON summary, with a one-line 'text' for Slack, to URL when the run ends "
+        "(default: no webhook)",
+    )
 
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
@@ -272,6 +290,13 @@ class _HelpFormatter(argparse.HelpFormatter):
             value = f"{default:g}" if isinstance(default, float) else str(default)
             text += f" (default: {value.replace('%', '%%')})"
         return text
+
+
+def _webhook(text: str) -> str:
+    problem = webhook_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _positive_int(text: str) -> int:

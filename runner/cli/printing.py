@@ -2,14 +2,15 @@
 
 Everything passes :func:`~runner.redact.redact` on its way out. Counts are written with
 :func:`plural`: "1 job", "2 jobs". The summary and the plan go to stdout (a script reads them);
-the progress bar, with what the plan found, goes to stderr, as do errors.
+the progress bar, with what the plan found, goes to stderr, as do errors. With ``run --json``
+the summary and the plan go to stderr too, leaving stdout to the JSON.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Never
+from typing import Never, TextIO
 
 from tqdm import tqdm
 
@@ -81,11 +82,14 @@ class ProgressBar:
             self.bar.close()
 
 
-def print_summary(report: RunReport, out_dir: Path) -> None:
-    """The end of a run, on stdout: counts, spend, stops and where the files are."""
+def print_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) -> None:
+    """The end of a run, on ``file`` (default: stdout): counts, spend, stops and where the
+    files are."""
     if report.ledger is None:  # the disk refused them: say so, and what stopped the run
         stopped = f"stopped:   {report.stop_reason}\n" if report.stop_reason else ""
-        print(redact(f"{stopped}results:   {report.books_error}; rerun the same command"))
+        print(
+            redact(f"{stopped}results:   {report.books_error}; rerun the same command"), file=file
+        )
         return
     t = report.ledger.totals
     progress = report.pool.progress if report.pool else None
@@ -127,12 +131,18 @@ def print_summary(report: RunReport, out_dir: Path) -> None:
     ]
     if not report.cancelled:
         lines.append(f"report:    {out_dir / 'report.html'}")
-    print(redact("\n".join(lines)))
+    print(redact("\n".join(lines)), file=file)
 
 
-def print_plan(report: RunReport, manifest: Path, out_dir: Path, cap_usd: float | None) -> None:
-    """A dry run's plan, on stdout: what would be sent, what it would cost, what the budget
-    allows, and where the first images would go."""
+def print_plan(
+    report: RunReport,
+    manifest: Path,
+    out_dir: Path,
+    cap_usd: float | None,
+    file: TextIO | None = None,
+) -> None:
+    """A dry run's plan, on ``file`` (default: stdout): what would be sent, what it would
+    cost, what the budget allows, and where the first images would go."""
     plan, edits = report.plan, report.plan.todo_edits
     confirmed, possible = (micro_usd / MICRO for micro_usd in plan.spent_micro_usd)
     spent = confirmed + possible
@@ -156,7 +166,7 @@ def print_plan(report: RunReport, manifest: Path, out_dir: Path, cap_usd: float 
     for i, job in enumerate(plan.todo[:3]):
         label = "  samples:   " if i == 0 else "             "
         lines.append(f"{label}{out_dir / 'images' / job.id}.png")
-    print(redact("\n".join(lines)))
+    print(redact("\n".join(lines)), file=file)
 
 
 def stop_hint(report: RunReport) -> str | None:

@@ -7,7 +7,8 @@ breaker configurations), and the CLI's argparse defaults are read from it: no de
 twice. :func:`run_options` turns it, with an output folder, into the nested
 :class:`~runner.core.lifecycle.RunOptions` the lifecycle runs with, looking up the key and base
 URL with :func:`~runner.http.credentials.resolve_credentials`: the CLI and the Python API send a
-key to the same place because they go through this one function.
+key to the same place because they go through this one function. :func:`dated` fills the
+``{date}`` and ``{datetime}`` of an output folder, for both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -151,6 +153,18 @@ def run_options(
         retry_only=options.only,
         grace_s=options.grace_s,
     )
+
+
+def dated(out: str | os.PathLike[str], now: datetime | None = None) -> Path:
+    """The output folder ``out`` with ``{date}`` and ``{datetime}`` replaced by ``now`` (default:
+    the present) in UTC, ``2026-11-29`` and ``2026-11-29T0200Z``: a fresh folder per night from
+    one unchanging cron line. UTC so that a daylight-saving change neither repeats nor skips a
+    night; no colons, which some file systems and tools refuse in a path. Other braces are left
+    as they are: a folder may be named ``{x}``."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    text = os.fspath(out)
+    text = text.replace("{date}", f"{moment:%Y-%m-%d}")
+    return Path(text.replace("{datetime}", f"{moment:%Y-%m-%dT%H%MZ}"))
 
 
 def _credentials(options: Options, environ: Mapping[str, str]) -> Credentials:

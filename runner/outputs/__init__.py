@@ -7,8 +7,10 @@
   thumbnail cache;
 - :mod:`~runner.outputs.status`: ``image-runner status``, where a run stands, live or not;
 - :mod:`~runner.outputs.export`: ``image-runner export``, the finished images as a Hugging Face
-  dataset.
+  dataset;
+- :mod:`~runner.outputs.notify`: ``run --notify``, a run's summary POSTed to a webhook (it
+  reads no store: the CLI hands it the summary).
 
-Each takes a store (:class:`~runner.store.views.Viewable`: its folder and its
+Each view takes a store (:class:`~runner.store.views.Viewable`: its folder and its
 :class:`~runner.store.views.Views`) and only reads it, so all of them are safe while a run writes.
 """
