@@ -280,9 +280,10 @@ async def test_rpm_ceiling_spaces_the_requests(tmp_path: Path) -> None:
         report = await Run(load_manifest(tiny_jobs(tmp_path, 21)), opts).execute()
     assert report.ledger.totals.succeeded == 21
     assert len(server.arrivals) == 21
-    # 21 requests at 20 a second: the first and the last arrive 1 s apart (less the jitter of
-    # their trips); unpaced, 8 workers would send them all in a few milliseconds.
-    assert max(server.arrivals) - min(server.arrivals) >= 20 / 20.0 * 0.95
+    # 21 requests at 20 a second: the first and the last arrive 1 s apart, less the jitter of
+    # their trips (on a busy 2-core machine it measured 0.9499 s once: 10% is allowed, which
+    # still tells pacing apart); unpaced, 8 workers would send them all in a few milliseconds.
+    assert max(server.arrivals) - min(server.arrivals) >= 20 / 20.0 * 0.9
     # And evenly: 50 ms apart, so no 0.2 s holds more than 5 of them (one more for jitter).
     assert most_within(server.arrivals, 0.2) <= 6
 
