@@ -147,8 +147,6 @@ class Pool:
             keep_going=lambda: not self.stopping,
             last_error=self._last_error,
         )
-        self.breaker = self.admission.breaker
-        self.limiter = self.admission.limiter
         # Saving an image mostly waits on fsync: a thread per worker, so that when answers
         # come back together none waits for another's fsync (full decodes are capped apart).
         self._savers = ThreadPoolExecutor(min(8, self.concurrency), "image-save")
@@ -220,7 +218,7 @@ class Pool:
         self._result.progress = dataclasses.replace(self._counters)
         self._result.rate_limits = {
             name: (lane.limited_count, lane.rate * 60 if lane.rate else None)
-            for name, lane in self.limiter.lanes.items()
+            for name, lane in self.admission.limiter.lanes.items()
             if lane.limited_count
         }
         return self._result
@@ -328,7 +326,7 @@ class Pool:
         except ImageWriteError as exc:  # an image came back, but the disk refused it
             outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD, error=f"not saved: {exc}")
             self.admission.settle(PRICE_PER_IMAGE_MICRO_USD)
-            self.breaker.record(provider_up=True, probe=ticket.probe)
+            self.admission.breaker.record(provider_up=True, probe=ticket.probe)
             # Counted before the write: a checkpoint that refuses it must not hide the charge.
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
             await self.store.record_outcome(job.id, attempt, outcome)
@@ -337,8 +335,10 @@ class Pool:
             if not answered:
                 c.in_flight -= 1
         self.admission.settle(PRICE_PER_IMAGE_MICRO_USD)
-        self.breaker.record(provider_up=True, probe=ticket.probe)
-        self.limiter.observe(job.endpoint, ticket.sent_at, limited=False, headers=result.rate_limit)
+        self.admission.breaker.record(provider_up=True, probe=ticket.probe)
+        self.admission.limiter.observe(
+            job.endpoint, ticket.sent_at, limited=False, headers=result.rate_limit
+        )
         usage = result.usage
         success = Outcome(
             "confirmed",
@@ -407,7 +407,7 @@ class Pool:
         cost = 0 if error.billing == "none" else PRICE_PER_IMAGE_MICRO_USD
         self.admission.settle(cost)
         limited = isinstance(error, ServerError) and error.status == 429
-        self.limiter.observe(
+        self.admission.limiter.observe(
             job.endpoint,
             ticket.sent_at,
             limited=limited,
@@ -418,7 +418,7 @@ class Pool:
         # billed (a url it served but the CDN did not) answered.
         provider_up = limited or error.billing == "confirmed"
         provider_up = provider_up or not isinstance(error, RetryableError)
-        self.breaker.record(provider_up=provider_up, probe=ticket.probe)
+        self.admission.breaker.record(provider_up=provider_up, probe=ticket.probe)
         self._watch_cdn(error)
         # Counted before the write: a checkpoint that refuses it must not hide a charge from
         # this run's summary.
