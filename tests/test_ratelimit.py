@@ -285,7 +285,10 @@ async def test_rpm_ceiling_spaces_the_requests(tmp_path: Path) -> None:
     # still tells pacing apart); unpaced, 8 workers would send them all in a few milliseconds.
     assert max(server.arrivals) - min(server.arrivals) >= 20 / 20.0 * 0.9
     # And evenly: 50 ms apart, so no 0.2 s holds more than 5 of them (one more for jitter).
-    assert most_within(server.arrivals, 0.2) <= 6
+    # Counted once every worker has its connection: the first requests of 8 workers wait on
+    # new connections and may reach the server together although they were sent 50 ms apart
+    # (CI saw 4 within 13 ms there once). Unpaced, these 13 would arrive within milliseconds.
+    assert most_within(sorted(server.arrivals)[8:], 0.2) <= 6
 
 
 async def test_acquire_returns_none_when_told_to_stop() -> None:
