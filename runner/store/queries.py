@@ -184,7 +184,8 @@ class SqliteViews:
     def exportable_jobs(self) -> list[ExportJob]:
         with self._reading():
             rows = self._all(
-                "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256 "
+                "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256, "
+                "content_hash "
                 "FROM jobs WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
             )
         return [
@@ -198,6 +199,12 @@ class SqliteViews:
                 width=int(r[6]),
                 height=int(r[7]),
                 sha256=r[8],
+                content_hash=r[9],
+                vars={},
+                repeat_index=None,
+                template=None,
+                version=1,
+                review="unreviewed",
             )
             for r in rows
         ]

@@ -143,6 +143,12 @@ class ExportJob(NamedTuple):
     width: int
     height: int
     sha256: str
+    content_hash: str  # of what shaped the image, references included: see runner.jobs
+    vars: dict[str, str | int | float]
+    repeat_index: int | None
+    template: str | None
+    version: int
+    review: Literal["approved", "rejected", "unreviewed"]
 
 
 class Views(Protocol):
