@@ -15,6 +15,8 @@ import yaml
 
 from runner.emulator import Emulator
 from runner.outputs.export_splits import parse_split
+from runner.store import open_review_log
+from runner.store.base import Decision
 from tests.conftest import make_ref, run_manifest, write_manifest
 from tests.test_cli import run_cli
 from tests.test_export import export, hf  # noqa: F401 (hf: a fixture)
@@ -59,9 +61,10 @@ async def out(tmp_path: Path, emulator: Emulator) -> Path:
     return folder
 
 
-def load(hf: ModuleType, tmp_path: Path, *args: str, **kwargs: str) -> Any:
-    cache = tmp_path / "cache" / str(len(list((tmp_path).glob("cache/*"))))
-    return hf.load_dataset(*args, cache_dir=str(cache), **kwargs)
+def load(datasets: ModuleType, tmp_path: Path, *args: str, **kwargs: str) -> Any:
+    """``datasets.load_dataset``, each call with a cache of its own: nothing read from another."""
+    cache = tmp_path / "cache" / str(len(list(tmp_path.glob("cache/*"))))
+    return datasets.load_dataset(*args, cache_dir=str(cache), **kwargs)
 
 
 def card_yaml(dest: Path) -> dict[str, Any]:
@@ -239,3 +242,31 @@ def test_splits_depend_on_the_job_id_alone() -> None:
     assert 150 <= assigned.count("test") <= 250  # about a tenth
     assert parse_split(" train = 0.9 , test = 0.1 ") == spec
     assert str(spec) == "train=0.9,test=0.1"
+
+
+def test_approved_only_exports_the_approved_images(
+    out: Path,
+    tmp_path: Path,
+    hf: ModuleType,  # noqa: F811
+) -> None:
+    refused = run_cli("export", out, tmp_path / "none", "--approved-only")
+    assert refused.returncode == 2
+    assert "none of the succeeded jobs is approved" in refused.stderr
+    assert f"image-runner review {out}" in refused.stderr and not (tmp_path / "none").exists()
+
+    log = open_review_log(out)
+    try:
+        decisions = [Decision("mx-oil-cat", "approved"), Decision("recolor", "approved")]
+        log.decide([*decisions, Decision("plain", "rejected")], "ana")
+    finally:
+        log.close()
+    done = run_cli("export", out, tmp_path / "ds", "--approved-only")
+    assert done.returncode == 0, done.stderr
+    assert "exported 2 images as imagefolder" in done.stdout
+    train = load(hf, tmp_path, str(tmp_path / "ds"))["train"]
+    assert list(zip(train["job_id"], train["review"], strict=True)) == [
+        ("mx-oil-cat", "approved"),
+        ("recolor", "approved"),
+    ]
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert "- only approved images" in card and "--approved-only" in card

@@ -22,7 +22,7 @@ block, whatever the order of the rows:
 
 A variable named like a fixed column, or like a column the imagefolder loader takes for an
 image file (``image``, ``file_names``, anything ending in ``_file_name`` or ``_file_names``),
-gets the column ``var_<name>`` instead.
+gets the column ``<name>_var`` instead.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Columns:
 def _column_name(name: str, taken: dict[str, ColumnType]) -> str:
     column = name
     while column in taken or column in {"image", "file_names"} or _a_file_column(column):
-        column = f"var_{column}"
+        column = f"{column}_var"
     return column
 
 
