@@ -22,6 +22,7 @@ from typing import Final
 from runner.outputs.export_columns import FIXED_COLUMNS, Columns, Value
 from runner.provider import MICRO
 from runner.store.views import ExportJob, Spend
+from runner.words import plural
 
 VALUES_SHOWN: Final = 20  # of a variable, in the card; the columns hold them all
 
@@ -180,14 +181,14 @@ def _templates(tally: CardTally) -> list[str]:
         return []
     lines = ["## Prompt templates", ""]
     for template, count in tally.templates.items():
-        lines.append(f"- `{_cell(template)}`: {count} images")
+        lines.append(f"- `{_code(template)}`: {plural(count, 'image')}")
         for name, values in tally.values.get(template, {}).items():
-            shown = [str(v) for v in list(values)[:VALUES_SHOWN]]
+            shown = [" ".join(str(v).split()) for v in list(values)[:VALUES_SHOWN]]
             more = len(values) - len(shown)
-            text = ", ".join(_cell(v) for v in shown) + (f" and {more} more" if more else "")
+            text = ", ".join(shown) + (f" and {more} more" if more else "")
             lines.append(f"  - `{name}`: {text}")
     if tally.untemplated:
-        lines.append(f"- no template (a prompt of its own): {tally.untemplated} images")
+        lines.append(f"- no template (a prompt of its own): {plural(tally.untemplated, 'image')}")
     return [*lines, ""]
 
 
@@ -201,7 +202,7 @@ def _columns(columns: Columns) -> list[str]:
             note = f"the template variable `{variable_of[column]}`"
             if kind == "string":
                 note += ' ("" for a job without it)'
-        lines.append(f"| {column} | {kind} | {note} |")
+        lines.append(f"| {column} | {kind} | {_cell(note)} |")
     return [*lines, ""]
 
 
@@ -221,5 +222,10 @@ def _usd(micro_usd: int) -> str:
 
 
 def _cell(text: str) -> str:
-    """``text`` safe in a Markdown table cell or code span."""
-    return " ".join(text.split()).replace("|", "\\|").replace("`", "'")
+    """``text`` on one line, safe in a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """``text`` on one line, safe in a Markdown code span."""
+    return " ".join(text.split()).replace("`", "'")
