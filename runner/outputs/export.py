@@ -119,8 +119,7 @@ def export_dataset(
                 f"({writer.skipped} with an image missing or altered, "
                 f"{len(writer.problems)} with a reference missing or changed); nothing was written"
             )
-        ids = [job.job_id for job in writer.kept]
-        spent = views.job_spend(ids).values()
+        spent = views.job_spend([job.job_id for job in writer.written]).values()
         facts = CardFacts(
             title=dest.name,
             output_folder=str(store.folder),
@@ -138,7 +137,10 @@ def export_dataset(
             command=command,
             exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        card = render_card(facts, writer.tally, writer.columns)
+        tally = CardTally()
+        for job in writer.written:
+            tally.add(job)
+        card = render_card(facts, tally, writer.columns)
         (tmp / CARD_NAME).write_text(card, encoding="utf-8")
         _refuse_existing(dest)  # again: something may have appeared meanwhile
         tmp.replace(dest)  # over an empty folder too
@@ -191,9 +193,14 @@ class _Writer:
             else:
                 self.problems.append(problem)
         self.columns = Columns(self.kept)
-        self.tally = CardTally()
+        self._written: set[str] = set()
         self.exported = 0
         self.skipped = 0
+
+    @property
+    def written(self) -> list[ExportJob]:
+        """The jobs exported, in the order they were planned (not split by split)."""
+        return [job for job in self.kept if job.job_id in self._written]
 
     def pattern(self, split: str) -> str:
         """The files of ``split``, relative to the dataset's root, as a ``configs`` entry
@@ -225,7 +232,7 @@ class _Writer:
         if problem is not None:
             self.problems.append(problem)
             return None
-        self.tally.add(job)
+        self._written.add(job.job_id)
         return self.columns.row(job, references)
 
     # --- imagefolder ------------------------------------------------------------------------
