@@ -229,12 +229,14 @@ class _Planner:
         """Steps 3-6 for the jobs at ``start`` and on, in one transaction; the files of the
         versions it retires are moved once it has committed."""
         plan = self.plan
-        records = self.store.job_records([job.id for job in jobs])
         transaction: AbstractContextManager[object] = (
             nullcontext() if self.dry_run else self.store.batch()
         )
         try:
             with transaction:
+                # Read in the transaction: a review decision cannot land between what is read
+                # here (a rejection) and what is written on it.
+                records = self.store.job_records([job.id for job in jobs])
                 fresh = []  # new, or changed under the same id: recorded as pending
                 for job in jobs:
                     old = records.get(job.id)

@@ -15,6 +15,8 @@ Design, after the crash-safe recipe in RELIABILITY.md:
   path, size and sha256, committed only after the image file is durably in place, with the
   file's size, mtime and ctime at that moment: as in git's index, a later run re-hashes the
   image only when they differ (see :mod:`runner.core.plan`).
+- A job's earlier images (rejected, edited by hand, changed, gone) are ``versions`` rows, the
+  job moving on to its next version: the SQL is :mod:`runner.store.versioning`'s.
 - Several writes can share one transaction (:meth:`SqliteStore.batch`), as planning does for
   thousands of jobs at a time: they commit together, durably, or not at all.
 - The pool's writes (:meth:`~SqliteStore.begin_attempt`, :meth:`~SqliteStore.record_outcome`,
