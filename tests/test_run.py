@@ -121,7 +121,9 @@ async def test_rerun_of_finished_run_sends_nothing(tmp_path: Path, emulator: Emu
     assert report.ledger.totals.confirmed_usd == 0.15
 
 
-async def test_deleted_or_altered_image_is_redone(tmp_path: Path, emulator: Emulator) -> None:
+async def test_deleted_image_is_redone_an_edited_one_kept(
+    tmp_path: Path, emulator: Emulator
+) -> None:
     manifest, out = mixed_manifest(tmp_path), tmp_path / "out"
     await run_manifest(manifest, out, emulator.base_url)
     (out / "images" / "gen-b64.png").unlink()
@@ -130,8 +132,8 @@ async def test_deleted_or_altered_image_is_redone(tmp_path: Path, emulator: Emul
     sent = len(emulator.requests)
 
     report = await run_manifest(manifest, out, emulator.base_url)
-    assert sorted(report.plan.redo) == ["gen-b64", "gen-url"]
-    assert len(emulator.requests) == sent + 2
+    assert (report.plan.missing, report.plan.edited) == (["gen-b64"], ["gen-url"])
+    assert len(emulator.requests) == sent + 1
     results = pd.read_csv(out / "results.csv").set_index("job_id")
     for job_id in ("gen-b64", "gen-url"):
         data = (out / results.loc[job_id, "image_path"]).read_bytes()
@@ -191,7 +193,7 @@ async def test_changed_job_under_same_id_is_redone(tmp_path: Path, emulator: Emu
     assert [r.prompt for r in emulator.requests] == ["a cat", "a dog"]
     with Image.open(out / "images" / "one.png") as image:
         assert image.size == (1280, 544)
-    assert (out / "replaced" / "one.png").is_file()
+    assert (out / "replaced" / "one.v1.png").is_file()
 
 
 async def test_reordered_and_extended_manifest_only_runs_new_jobs(
@@ -420,8 +422,8 @@ async def test_a_dry_run_changes_nothing_and_plans_what_the_run_then_does(
     assert len(emulator.requests) == sent
     assert (planned.ledger, planned.pool) == (None, None)
     dry = planned.plan
-    assert [j.id for j in dry.todo] == ["alter", "change", "lost", "new"]
-    assert (dry.done, dry.adopted, dry.redo, dry.changed) == (2, 1, ["alter"], ["change"])
+    assert [j.id for j in dry.todo] == ["change", "lost", "new"]
+    assert (dry.done, dry.adopted, dry.edited, dry.changed) == (3, 1, ["alter"], ["change"])
     assert dry.in_flight_settled == 2
     # keep, alter and change, and adopt's attempt once its image is adopted; lost's possible
     assert dry.spent_micro_usd == (4 * 30_000, 30_000)
@@ -434,7 +436,8 @@ async def test_a_dry_run_changes_nothing_and_plans_what_the_run_then_does(
         "done",
         "failed",
         "adopted",
-        "redo",
+        "missing",
+        "edited",
         "changed",
         "retried_failed",
         "in_flight_settled",
@@ -443,7 +446,7 @@ async def test_a_dry_run_changes_nothing_and_plans_what_the_run_then_does(
     ]
     assert [getattr(dry, f) for f in figures] == [getattr(real, f) for f in figures]
     assert list(dry.todo) == list(real.todo)
-    assert len(emulator.requests) == sent + 4
+    assert len(emulator.requests) == sent + 3
 
 
 async def test_a_dry_run_on_a_new_folder_creates_nothing(
