@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sqlite3
@@ -19,6 +20,7 @@ from runner.emulator import Emulator
 from runner.errors import RunnerError, StoreError
 from runner.images.files import is_temp_name
 from runner.outputs.export import export_dataset
+from runner.outputs.export_columns import FIXED_COLUMNS
 from runner.store.sqlite import SqliteStore
 from tests.conftest import make_ref, run_manifest, write_manifest
 from tests.test_cli import run_cli
@@ -64,11 +66,11 @@ def hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def export(
-    out: Path, dest: Path, fmt: runner.outputs.export.ExportFormat
+    out: Path, dest: Path, fmt: runner.outputs.export.ExportFormat, **options: Any
 ) -> runner.outputs.export.ExportResult:
     store = SqliteStore.open_read_only(out)
     try:
-        return export_dataset(store, dest, fmt)
+        return export_dataset(store, dest, fmt, **options)
     finally:
         store.close()
 
@@ -79,7 +81,7 @@ def expected_rows(out: Path) -> dict[str, dict[str, object]]:
     rows = {}
     for job_id in EXPORTED:
         r = results.loc[job_id]
-        refs = [Path(p).name for p in r["images"].split("|")] if r["images"] else []
+        refs = [reference_path(Path(p)) for p in r["images"].split("|")] if r["images"] else []
         rows[job_id] = {
             "file_name": Path(r["image_path"]).name,
             "prompt": r["prompt"],
@@ -90,8 +92,16 @@ def expected_rows(out: Path) -> dict[str, dict[str, object]]:
             "job_id": job_id,
             "references": "|".join(refs),
             "sha256": r["sha256"],
+            "repeat": 0,
+            "version": 1,
+            "review": "unreviewed",
         }
     return rows
+
+
+def reference_path(source: Path) -> str:
+    """Where an export keeps the reference image ``source``, from the dataset's root."""
+    return f"references/{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}-{source.name}"
 
 
 def check_rows(loaded: list[dict[str, Any]], out: Path) -> None:
@@ -103,7 +113,10 @@ def check_rows(loaded: list[dict[str, Any]], out: Path) -> None:
         assert image.size == (want["width"], want["height"])
         row.pop("file_name", None)  # imagefolder turns it into the image column
         assert row == {k: v for k, v in want.items() if k != "file_name"}
-    assert expected["edit"]["references"] == "a.png|b.jpg"
+    assert [Path(p).name[13:] for p in str(expected["edit"]["references"]).split("|")] == [
+        "a.png",
+        "b.jpg",
+    ]
     assert expected["default"]["size"] == "" and expected["default"]["width"] == 1280
     assert (expected["edit"]["width"], expected["edit"]["height"]) == (960, 1280)  # follows a.png
 
@@ -112,7 +125,7 @@ def test_imagefolder_loads_as_a_train_split(out: Path, tmp_path: Path, hf: Modul
     dest = tmp_path / "exports" / "folder"
     result = export(out, dest, "imagefolder")
     assert (result.images, result.skipped, result.dest) == (4, 0, dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["train"]
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "references", "train"]
     assert not [p for p in dest.parent.iterdir() if p != dest]  # no temp folder left
 
     loaded = hf.load_dataset("imagefolder", data_dir=str(dest), cache_dir=str(tmp_path / "c"))
@@ -132,18 +145,19 @@ def test_parquet_loads_with_datasets_and_pandas(
     out: Path, tmp_path: Path, hf: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runner.outputs.export, "ROW_GROUP_IMAGES", 3)
-    dest = tmp_path / "exports" / "nested" / "images.parquet"
+    dest = tmp_path / "exports" / "nested" / "images"
     result = export(out, dest, "parquet")
     assert (result.images, result.skipped, result.dest) == (4, 0, dest)
-    assert pq.ParquetFile(dest).metadata.num_row_groups == 2  # written 3 images at a time
+    table = dest / "data" / "train-00000-of-00001.parquet"
+    assert pq.ParquetFile(table).metadata.num_row_groups == 2  # written 3 images at a time
 
-    loaded = hf.load_dataset("parquet", data_files=str(dest), cache_dir=str(tmp_path / "c"))
+    loaded = hf.load_dataset("parquet", data_dir=str(dest), cache_dir=str(tmp_path / "c"))
     train = loaded["train"]
     assert isinstance(train.features["image"], hf.Image)
     check_rows(list(train), out)
 
-    frame = pd.read_parquet(dest)
-    assert list(frame.columns) == ["image", *runner.outputs.export.METADATA_COLUMNS]
+    frame = pd.read_parquet(dest / "data")
+    assert list(frame.columns) == ["image", *FIXED_COLUMNS]
     first = frame.iloc[0]
     assert first["image"]["path"] == first["file_name"] == "wide.png"
     with Image.open(io.BytesIO(first["image"]["bytes"])) as image:
@@ -165,9 +179,9 @@ def test_altered_and_missing_images_are_skipped(out: Path, tmp_path: Path) -> No
         "test-1.png",
     ]
 
-    table = export(out, tmp_path / "one.parquet", "parquet")
+    table = export(out, tmp_path / "one", "parquet")
     assert (table.images, table.skipped) == (2, 2)
-    assert list(pd.read_parquet(tmp_path / "one.parquet")["job_id"]) == ["test-1", "edit"]
+    assert list(pd.read_parquet(tmp_path / "one" / "data")["job_id"]) == ["test-1", "edit"]
 
 
 def test_an_existing_destination_is_never_overwritten(out: Path, tmp_path: Path) -> None:
@@ -193,23 +207,23 @@ def test_an_existing_destination_is_never_overwritten(out: Path, tmp_path: Path)
 def test_nothing_to_export_is_an_error(out: Path, tmp_path: Path) -> None:
     for image in (out / "images").iterdir():
         image.unlink()
-    with pytest.raises(RunnerError, match="none of the 4 succeeded jobs' images is intact"):
+    with pytest.raises(RunnerError, match=r"none of the 4 jobs could be exported \(4 with an"):
         export(out, tmp_path / "ds", "imagefolder")
     assert not (tmp_path / "ds").exists()
     assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
 
 
 def test_cli_export_and_refusal(out: Path, tmp_path: Path) -> None:
-    dest = tmp_path / "ds.parquet"
+    dest = tmp_path / "ds"
     done = run_cli("export", out, dest, "--format", "parquet")
     assert done.returncode == 0, done.stderr
     assert f"exported 4 images as parquet to {dest}" in done.stdout
-    assert len(pd.read_parquet(dest)) == 4
+    assert len(pd.read_parquet(dest / "data")) == 4
 
     again = run_cli("export", out, dest, "--format", "parquet")
     assert again.returncode == 2
     assert "already exists" in again.stderr and "nothing was written" in again.stderr
-    assert dest.stat().st_size > 0
+    assert len(pd.read_parquet(dest / "data")) == 4
 
 
 def test_a_checkpoint_still_being_created_is_a_clear_error(tmp_path: Path) -> None:

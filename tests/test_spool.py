@@ -27,6 +27,9 @@ def job(n: int, images: tuple[Path, ...] = ()) -> Job:
         images,
         f"row {n} (line {n + 1})",
         f"style=ink #{n}" if n % 3 == 0 else "",
+        (("style", "ink"), ("scale", n), ("ratio", n / 2)) if n % 3 == 0 else (),
+        n if n % 3 == 0 else None,
+        "{style} at {scale} and {ratio}" if n % 3 == 0 else "",
     )
 
 
@@ -34,7 +37,7 @@ def packed(jobs: Iterable[Job]) -> list[Packed]:
     """Jobs as the validator gives them to the spool."""
     return [
         (*(j.id, j.prompt, j.model, j.size, j.response_format, j.content_hash),
-         tuple(map(str, j.images)), j.row, j.variant)
+         tuple(map(str, j.images)), j.row, j.variant, j.vars, j.repeat_index, j.template)
         for j in jobs
     ]  # fmt: skip
 

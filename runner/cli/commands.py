@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,11 +77,32 @@ def status(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from runner.outputs.export import export_dataset
 
+    words = ["image-runner", "export", str(args.out), str(args.dest), "--format", args.format]
+    words += ["--split", str(args.split)] + ["--approved-only"] * args.approved_only
+    command = shlex.join(words)  # as the card tells it: rebuilt, whatever else argv held
     with _reading(args.out) as store:
-        result = export_dataset(store, args.dest, args.format)
-    skipped = f" ({result.skipped} skipped: image missing or altered)" if result.skipped else ""
+        result = export_dataset(
+            store,
+            args.dest,
+            args.format,
+            split=args.split,
+            approved_only=args.approved_only,
+            command=command,
+        )
+    for problem in result.reference_problems:
+        err(f"left out: {problem}")
+    notes = []
+    if result.skipped:
+        notes.append(f"{result.skipped} skipped: image missing or altered")
+    if result.reference_problems:
+        notes.append(f"{len(result.reference_problems)} skipped: reference missing or changed")
+    skipped = f" ({'; '.join(notes)})" if notes else ""
     images = plural(result.images, "image")
     print(f"exported {images} as {args.format} to {result.dest}{skipped}")
+    if len(result.splits) > 1:
+        print("splits: " + ", ".join(f"{name} {n}" for name, n in result.splits.items()))
+    if result.references:
+        print(f"references: {plural(result.references, 'image')} in {result.dest / 'references'}")
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ from runner import __version__
 from runner.core.options import ON_AMBIGUOUS, Options
 from runner.emulator import FAULT_KINDS, EmulatorConfig
 from runner.http import client
+from runner.outputs.export_splits import TRAIN_ONLY, SplitSpec, parse_split
 from runner.outputs.notify import webhook_problem
 
 OPTION_DEFAULTS: Final = Options.defaults()
@@ -66,16 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("out", type=Path, help="an output folder of image-runner run")
     status.add_argument("--json", action="store_true", help="print JSON, for scripts and cron")
 
-    export = command("export", "export finished images as a dataset")
-    export.add_argument("out", type=Path, help="an output folder of image-runner run")
-    export.add_argument("dest", type=Path, help="where to write the dataset")
-    export.add_argument(
-        "--format",
-        choices=("imagefolder", "parquet"),
-        default="imagefolder",
-        help="imagefolder: images + metadata.jsonl (Hugging Face layout); "
-        "parquet: one file with image bytes and metadata",
-    )
+    _add_export(command("export", "export finished images as a dataset"))
     return parser
 
 
@@ -231,6 +223,31 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     parser.add_argument(flag(name), dest=name, **kwargs)
 
 
+def _add_export(export: argparse.ArgumentParser) -> None:
+    export.add_argument("out", type=Path, help="an output folder of image-runner run")
+    export.add_argument("dest", type=Path, help="the dataset's folder, new or empty")
+    export.add_argument(
+        "--format",
+        choices=("imagefolder", "parquet"),
+        default="imagefolder",
+        help="imagefolder: a folder per split with the images and metadata.jsonl; "
+        "parquet: data/<split>-00000-of-00001.parquet with image bytes and metadata",
+    )
+    export.add_argument(
+        "--split",
+        type=_split_spec,
+        default=TRAIN_ONLY,
+        metavar="NAME=FRACTION,...",
+        help="split by a hash of the job id, e.g. train=0.9,test=0.1: a job stays in its split "
+        "on every export (imagefolder: train, validation, test; parquet: any names)",
+    )
+    export.add_argument(
+        "--approved-only",
+        action="store_true",
+        help="export only images approved in image-runner review",
+    )
+
+
 def _add_emulate(emulate: argparse.ArgumentParser) -> None:
     config = EmulatorConfig()
     emulate.add_argument("--host", default="127.0.0.1", help="the address to listen on")
@@ -304,6 +321,13 @@ def _webhook(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def _split_spec(text: str) -> SplitSpec:
+    try:
+        return parse_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:

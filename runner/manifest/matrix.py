@@ -31,6 +31,7 @@ class Variant:
     id_suffix: str  # appended to an explicit id: "watercolor-cat", "watercolor-cat-2"
     label: str  # for messages: "style=watercolor subject=cat #2"
     repeat_index: int | None  # part of the content hash when the row has ``repeat``
+    values: tuple[tuple[str, str | int | float], ...]  # each variable's value, as given
 
 
 def check(vars_: object, repeat: object, template: str) -> list[tuple[str, str]]:
@@ -68,11 +69,11 @@ def check(vars_: object, repeat: object, template: str) -> list[tuple[str, str]]
 
 
 def expand(
-    template: str, vars_: Mapping[str, list[object]] | None, repeat: int | None
+    template: str, vars_: Mapping[str, list[str | int | float]] | None, repeat: int | None
 ) -> Iterator[Variant]:
     """The jobs a checked row stands for, in order."""
-    names = list(vars_ or {})
-    value_lists = [vars_[name] for name in names] if vars_ else [[]]
+    names = [str(name) for name in vars_ or {}]
+    value_lists = [list(map(_plain, vars_[name])) for name in names] if vars_ else [[]]
     combos = itertools.product(*value_lists) if vars_ else [()]
     for combo in combos:
         values = dict(zip(names, combo, strict=True))
@@ -82,7 +83,16 @@ def expand(
         for index in range(1, (repeat or 1) + 1):
             suffix = slug if repeat is None else "-".join(filter(None, [slug, str(index)]))
             label = pairs if repeat is None else " ".join(filter(None, [pairs, f"#{index}"]))
-            yield Variant(prompt, suffix, label, index if repeat is not None else None)
+            copy = index if repeat is not None else None
+            yield Variant(prompt, suffix, label, copy, tuple(values.items()))
+
+
+def _plain(value: str | int | float) -> str | int | float:
+    """``value`` as a plain str, int or float: a numpy float or str (from a DataFrame) is a
+    subclass, which formats and slugs the same but does not pack into the spool."""
+    if isinstance(value, str):
+        return str(value)
+    return int(value) if isinstance(value, int) else float(value)
 
 
 def _template_fields(template: str) -> set[str]:

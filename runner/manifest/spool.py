@@ -31,8 +31,23 @@ CHUNK_JOBS: Final = 2048
 IN_MEMORY_BYTES: Final = 16 * 1024 * 1024
 
 # A job's fields in constructor order, its images as strings (Path objects do not marshal):
-# what the spool stores, and what the validator makes.
-Packed = tuple[str, str, str, str | None, str, str, tuple[str, ...], str, str]
+# what the spool stores, and what the validator makes. The last three are a matrix row's
+# variables (plain str, int and float: marshal takes no subclass), the repeat index and the
+# template; a row's jobs share its template and variable names, which marshal stores once.
+Packed = tuple[
+    str,
+    str,
+    str,
+    str | None,
+    str,
+    str,
+    tuple[str, ...],
+    str,
+    str,
+    tuple[tuple[str, str | int | float], ...],
+    int | None,
+    str,
+]
 
 
 class JobSpool(Sequence[Job]):
@@ -106,10 +121,10 @@ class JobSpool(Sequence[Job]):
         return self._cached
 
     def _job(self, packed: Packed) -> Job:
-        job_id, prompt, model, size, response_format, digest, images, row, variant = packed
+        images = packed[6]
         paths = tuple(map(self._path, images)) if images else ()
         # Not checked again: the spool holds jobs that were (see extend_packed).
-        return _restore(job_id, prompt, model, size, response_format, digest, paths, row, variant)
+        return _restore(*packed[:6], paths, *packed[7:])
 
     def _path(self, text: str) -> Path:
         path = self._paths.get(text)
@@ -128,9 +143,9 @@ def _restore(
     images: tuple[Path, ...],
     row: str,
     variant: str,
-    vars: tuple[tuple[str, str | int | float], ...] = (),
-    repeat_index: int | None = None,
-    template: str = "",
+    vars: tuple[tuple[str, str | int | float], ...],
+    repeat_index: int | None,
+    template: str,
 ) -> Job:
     """A job rebuilt from the fields of one the validator checked, without checking them again
     or asking for the constructor's token, as unpickling rebuilds an object: a run walks every

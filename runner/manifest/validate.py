@@ -125,7 +125,22 @@ class Validator:
             digest = hasher(prompt)
             if job_id is None:
                 job_id = derive_job_id(prompt, digest)
-            return [(job_id, prompt, model, size, response_format, digest, images, row, "")]
+            return [
+                (
+                    job_id,
+                    prompt,
+                    model,
+                    size,
+                    response_format,
+                    digest,
+                    images,
+                    row,
+                    "",
+                    (),
+                    None,
+                    "",
+                )
+            ]
         jobs: list[Packed] = []
         for variant in matrix.expand(prompt, vars_, repeat):
             digest = hasher(variant.prompt, variant.repeat_index)
@@ -139,7 +154,11 @@ class Validator:
                     issues.append(ManifestIssue(where, "id", message))
                     continue
             fields_ = (variant_id, variant.prompt, model, size, response_format, digest, images)
-            jobs.append((*fields_, row, variant.label))
+            # Not hashed (the prompt and repeat index are): for the dataset's columns.
+            template = prompt if vars_ is not None else ""
+            jobs.append(
+                (*fields_, row, variant.label, variant.values, variant.repeat_index, template)
+            )
         return jobs
 
     def _shape(

@@ -1,27 +1,32 @@
 """Finished images as a dataset: ``image-runner export``, in the Hugging Face layouts.
 
-It owns choosing what is exported (succeeded jobs whose image is on disk and still matches the
-sha256 in the checkpoint; anything else is skipped and counted) and writing one of two formats:
+It owns choosing what is exported and writing it. A succeeded job is exported when its image
+is on disk and still matches the sha256 in the checkpoint, and, for an edit, its reference
+images are still those it was made from (:mod:`~runner.outputs.export_references`); anything
+else is left out and counted (the references' problems named). ``approved_only`` keeps the jobs
+whose current image was approved in review. DEST is a folder, in one of two formats:
 
-- ``imagefolder``: ``DEST/train/`` with copies of the images (not hard links: a user editing
-  an exported image would alter the run's own, which the next run would pay to make again)
-  and ``DEST/train/metadata.jsonl`` beside them, for
-  ``datasets.load_dataset("imagefolder", data_dir=DEST)``. The ``train/`` folder is not
+- ``imagefolder``: a folder per split (``DEST/train/``...) with copies of its images (not hard
+  links: a user editing an exported image would alter the run's own, which the next run would
+  pay to make again) and its ``metadata.jsonl``, for
+  ``datasets.load_dataset("imagefolder", data_dir=DEST)``. The split folders are not
   decoration: with the images at the top of DEST, ``datasets`` takes a file named like
   ``test-1.png`` or ``validation_2.png`` for a split of its own and drops the metadata; and a
-  ``metadata.jsonl`` above ``train/`` is ignored.
-- ``parquet``: one file with an ``image`` column of ``{bytes, path}`` structs (the storage of
-  Hugging Face's ``Image`` feature, declared in the schema metadata so that
-  ``datasets.load_dataset("parquet", ...)`` decodes it), written a row group at a time.
+  ``metadata.jsonl`` above the split folders is ignored.
+- ``parquet``: one file per split, ``DEST/data/<split>-00000-of-00001.parquet`` (the Hub's own
+  layout for a dataset in one shard per split, which ``datasets`` recognises whatever the
+  split's name), with an ``image`` column of ``{bytes, path}`` structs (the storage of Hugging
+  Face's ``Image`` feature, declared in the schema metadata, so that it decodes), written a row
+  group at a time; for ``datasets.load_dataset("parquet", data_dir=DEST)`` or
+  ``pandas.read_parquet(DEST / "data")``.
 
-Both carry the same columns: ``file_name, prompt, size, width, height, model, job_id,
-references, sha256``. Every value is a string or an integer, never null: ``size`` is "" when the
-request named none (the provider's default), and ``references`` is the reference images' file
-names joined with "|", "" for none (as the ``images`` column of ``results.csv``). Why: the
-imagefolder loader infers the column types from the first 10 MB of ``metadata.jsonl`` alone, so a
-list or nullable column that is empty all through them fails to load once a later row fills it.
+Both have the same columns (:mod:`~runner.outputs.export_columns`), the edits' reference images
+in ``DEST/references/`` and the dataset card ``DEST/README.md``
+(:mod:`~runner.outputs.dataset_card`), whose ``configs`` make ``datasets.load_dataset(DEST)``
+load either with its splits. Splits are by a hash of the job id
+(:mod:`~runner.outputs.export_splits`); a split that gets no image is not written.
 
-Nothing is overwritten: an existing non-empty DEST is refused. Both formats are written beside
+Nothing is overwritten: an existing non-empty DEST is refused. The dataset is written beside
 DEST under a temporary name and renamed into place when complete. Export only reads the
 checkpoint, so it is safe while a run is going on; it takes the jobs finished when it starts.
 """
@@ -33,37 +38,36 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from runner import __version__
 from runner.errors import RunnerError
 from runner.images.files import temp_path_for
-from runner.store.views import Viewable
+from runner.outputs.dataset_card import CardFacts, CardTally, render_card
+from runner.outputs.export_columns import Columns, ColumnType, Value
+from runner.outputs.export_references import ReferenceCopies, copy_hashing
+from runner.outputs.export_splits import TRAIN_ONLY, SplitSpec, imagefolder_problem
+from runner.store.views import ExportJob, Spend, Viewable
 
 ExportFormat = Literal["imagefolder", "parquet"]
 
-SPLIT_DIR: Final = "train"
 METADATA_NAME: Final = "metadata.jsonl"
+CARD_NAME: Final = "README.md"
+PARQUET_DIR: Final = "data"
 # A row group holds its images in memory while it is built: bound it by count and by bytes
 # (a 4K PNG is over 12 MB).
 ROW_GROUP_IMAGES: Final = 64
 ROW_GROUP_MAX_BYTES: Final = 256 * 1024 * 1024
 
-_STRING = {"dtype": "string", "_type": "Value"}
-_INT = {"dtype": "int64", "_type": "Value"}
-METADATA_COLUMNS: Final[dict[str, dict[str, str]]] = {
-    "file_name": _STRING,
-    "prompt": _STRING,
-    "size": _STRING,
-    "width": _INT,
-    "height": _INT,
-    "model": _STRING,
-    "job_id": _STRING,
-    "references": _STRING,
-    "sha256": _STRING,
+_ARROW: Final[dict[ColumnType, Any]] = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
 }
 
 
@@ -72,155 +76,228 @@ class ExportResult:
     images: int  # exported
     dest: Path
     skipped: int  # succeeded jobs whose image is missing or no longer matches its sha256
+    reference_problems: tuple[str, ...]  # one per job left out for its references, naming it
+    splits: dict[str, int]  # images per split, in the spec's order; 0: the split not written
+    references: int  # distinct reference images copied
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One exportable job, as the checkpoint records it."""
-
-    source: Path
-    sha256: str
-    metadata: dict[str, str | int]
-
-
-def export_dataset(store: Viewable, dest: Path, fmt: ExportFormat) -> ExportResult:
-    """Export the folder's finished images to ``dest`` as ``fmt``; refuse to overwrite."""
-    _refuse_existing(dest, fmt)
-    rows = _rows(store)
-    if not rows:
+def export_dataset(
+    store: Viewable,
+    dest: Path,
+    fmt: ExportFormat,
+    *,
+    split: SplitSpec = TRAIN_ONLY,
+    approved_only: bool = False,
+    command: str = "runner.outputs.export.export_dataset (Python)",
+) -> ExportResult:
+    """Export the folder's finished images to the folder ``dest`` as ``fmt``; refuse to
+    overwrite. ``command`` is how the export was asked for, for the dataset card."""
+    if fmt == "imagefolder" and (problem := imagefolder_problem(split)) is not None:
+        raise RunnerError(problem)
+    _refuse_existing(dest)
+    views = store.views()
+    jobs = views.exportable_jobs()
+    if not jobs:
         raise RunnerError(f"{store.folder}: no succeeded job to export yet; nothing was written")
+    if approved_only:
+        jobs = [job for job in jobs if job.review == "approved"]
+        if not jobs:
+            raise RunnerError(
+                f"{store.folder}: none of the succeeded jobs is approved; approve images with "
+                f"`image-runner review {store.folder}`, or export without --approved-only; "
+                "nothing was written"
+            )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dest)
+    tmp.mkdir()
     try:
-        if fmt == "imagefolder":
-            exported = _write_imagefolder(rows, tmp)
-        else:
-            exported = _write_parquet(rows, tmp)
-        if not exported:
+        writer = _Writer(store.folder, tmp, fmt, jobs)
+        counts = {name: writer.write_split(name, split) for name in split.names}
+        if not writer.exported:
             raise RunnerError(
-                f"{store.folder}: none of the {len(rows)} succeeded jobs' images is intact "
-                "(missing or altered); nothing was written"
+                f"{store.folder}: none of the {len(jobs)} jobs could be exported "
+                f"({writer.skipped} with an image missing or altered, "
+                f"{len(writer.problems)} with a reference missing or changed); nothing was written"
             )
-        _refuse_existing(dest, fmt)  # again: something may have appeared meanwhile
+        spent = views.job_spend([job.job_id for job in writer.written]).values()
+        facts = CardFacts(
+            title=dest.name,
+            output_folder=str(store.folder),
+            fmt=fmt,
+            split_files={s: (n, writer.pattern(s)) for s, n in counts.items() if n},
+            references=writer.references.copied,
+            skipped=writer.skipped + len(writer.problems),
+            split_spec=str(split),
+            approved_only=approved_only,
+            exported_spend=Spend(
+                sum(s.confirmed_micro_usd for s in spent), sum(s.possible_micro_usd for s in spent)
+            ),
+            folder_spend=views.spend(),
+            version=__version__,
+            command=command,
+            exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        tally = CardTally()
+        for job in writer.written:
+            tally.add(job)
+        card = render_card(facts, tally, writer.columns)
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
+        _refuse_existing(dest)  # again: something may have appeared meanwhile
         tmp.replace(dest)  # over an empty folder too
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)
-        else:
-            tmp.unlink(missing_ok=True)
-    return ExportResult(images=exported, dest=dest, skipped=len(rows) - exported)
+    return ExportResult(
+        images=writer.exported,
+        dest=dest,
+        skipped=writer.skipped,
+        reference_problems=tuple(writer.problems),
+        splits=counts,
+        references=writer.references.copied,
+    )
 
 
-def _refuse_existing(dest: Path, fmt: ExportFormat) -> None:
-    if fmt == "imagefolder":
-        taken = dest.exists() and (not dest.is_dir() or any(dest.iterdir()))
-    else:
-        taken = dest.exists()
-    if taken:
-        raise RunnerError(
-            f"{dest} already exists{' and is not empty' if fmt == 'imagefolder' else ''}; "
-            "export to a new path, nothing was written"
-        )
-
-
-def _rows(store: Viewable) -> list[_Row]:
-    return [
-        _Row(
-            source=store.folder / job.image_path,
-            sha256=job.sha256,
-            metadata={
-                "file_name": Path(job.image_path).name,
-                "prompt": job.prompt,
-                "size": job.size or "",
-                "width": job.width,
-                "height": job.height,
-                "model": job.model,
-                "job_id": job.job_id,
-                "references": "|".join(Path(p).name for p in job.references),
-                "sha256": job.sha256,
-            },
-        )
-        for job in store.views().exportable_jobs()
-    ]
-
-
-# --- imagefolder ----------------------------------------------------------------------------
-
-
-def _write_imagefolder(rows: list[_Row], root: Path) -> int:
-    split = root / SPLIT_DIR
-    split.mkdir(parents=True)
-    exported = 0
-    with open(split / METADATA_NAME, "w", encoding="utf-8") as metadata:
-        for row in rows:
-            if _place(row, split / str(row.metadata["file_name"])):
-                metadata.write(json.dumps(row.metadata, ensure_ascii=False) + "\n")
-                exported += 1
-    return exported
-
-
-def _place(row: _Row, target: Path) -> bool:
-    """Copy ``row``'s image to ``target`` and verify what landed there; on a missing or altered
-    image leave nothing and return False."""
-    try:
-        digest = _copy_hashing(row.source, target)
-    except FileNotFoundError:
-        return False
-    if digest != row.sha256:
-        target.unlink()
-        return False
-    return True
-
-
-def _copy_hashing(source: Path, target: Path) -> str:
-    digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "xb") as dst:
-        while chunk := src.read(1 << 20):
-            digest.update(chunk)
-            dst.write(chunk)
-    return digest.hexdigest()
-
-
-# --- parquet --------------------------------------------------------------------------------
-
-
-def _parquet_schema() -> Any:
+def _parquet_schema(types: dict[str, ColumnType]) -> Any:
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    fields = [pa.field("image", image)] + [
-        pa.field(name, pa.int64() if feature["dtype"] == "int64" else pa.string())
-        for name, feature in METADATA_COLUMNS.items()
-    ]
-    features = {"image": {"_type": "Image"}, **METADATA_COLUMNS}
+    fields = [pa.field("image", image)]
+    fields += [pa.field(name, _ARROW[kind]) for name, kind in types.items()]
+    features: dict[str, Any] = {"image": {"_type": "Image"}}
+    features |= {name: {"dtype": kind, "_type": "Value"} for name, kind in types.items()}
     huggingface = json.dumps({"info": {"features": features}})
     return pa.schema(fields, metadata={"huggingface": huggingface})
 
 
-def _write_parquet(rows: list[_Row], path: Path) -> int:
-    schema = _parquet_schema()
-    exported = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for batch in _batches(rows):
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-            exported += len(batch)
-    return exported
+def _refuse_existing(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise RunnerError(
+            f"{dest} already exists{' and is not empty' if dest.is_dir() else ''}; "
+            "export to a new folder, nothing was written"
+        )
 
 
-def _batches(rows: list[_Row]) -> Iterator[list[dict[str, object]]]:
-    """Rows with their verified image bytes, a row group's worth at a time."""
-    batch: list[dict[str, object]] = []
-    batch_bytes = 0
-    for row in rows:
+class _Writer:
+    """Writes the splits of one export under ``root``, from the images of the output folder
+    ``folder``, keeping what the card and the result count."""
+
+    def __init__(self, folder: Path, root: Path, fmt: ExportFormat, jobs: list[ExportJob]) -> None:
+        self._folder = folder
+        self._root = root
+        self._fmt = fmt
+        self.references = ReferenceCopies(root)
+        self.problems: list[str] = []
+        self.kept: list[ExportJob] = []
+        for job in jobs:
+            problem = self.references.problem(job)
+            if problem is None:
+                self.kept.append(job)
+            else:
+                self.problems.append(problem)
+        self.columns = Columns(self.kept)
+        self._written: set[str] = set()
+        self.exported = 0
+        self.skipped = 0
+
+    @property
+    def written(self) -> list[ExportJob]:
+        """The jobs exported, in the order they were planned (not split by split)."""
+        return [job for job in self.kept if job.job_id in self._written]
+
+    def pattern(self, split: str) -> str:
+        """The files of ``split``, relative to the dataset's root, as a ``configs`` entry
+        names them."""
+        if self._fmt == "imagefolder":
+            return f"{split}/**"
+        return f"{PARQUET_DIR}/{split}-00000-of-00001.parquet"
+
+    def write_split(self, name: str, spec: SplitSpec) -> int:
+        """Write the jobs ``spec`` puts in split ``name``; return how many were written
+        (none: nothing of the split is left)."""
+        jobs = [job for job in self.kept if spec.split_of(job.job_id) == name]
+        path = self._root / self.pattern(name).removesuffix("/**")
+        if self._fmt == "imagefolder":
+            written = self._write_imagefolder(jobs, path)
+        else:
+            written = self._write_parquet(jobs, path)
+        if not written and path.is_dir():
+            shutil.rmtree(path)
+        elif not written:
+            path.unlink()
+        self.exported += written
+        return written
+
+    def _row(self, job: ExportJob) -> dict[str, Value] | None:
+        """``job``'s metadata row, its references copied into the dataset; None, with the
+        problem kept, when a reference changed meanwhile."""
+        references, problem = self.references.place(job)
+        if problem is not None:
+            self.problems.append(problem)
+            return None
+        self._written.add(job.job_id)
+        return self.columns.row(job, references)
+
+    # --- imagefolder ------------------------------------------------------------------------
+
+    def _write_imagefolder(self, jobs: list[ExportJob], folder: Path) -> int:
+        folder.mkdir(parents=True)
+        written = 0
+        with open(folder / METADATA_NAME, "w", encoding="utf-8") as metadata:
+            for job in jobs:
+                target = folder / Path(job.image_path).name
+                if not self._place(job, target):
+                    continue
+                row = self._row(job)
+                if row is None:
+                    target.unlink()
+                    continue
+                metadata.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+        return written
+
+    def _place(self, job: ExportJob, target: Path) -> bool:
+        """Copy ``job``'s image to ``target`` and verify what landed there; on a missing or
+        altered image leave nothing and return False."""
         try:
-            data = row.source.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            continue
-        if hashlib.sha256(data).hexdigest() != row.sha256:
-            continue
-        name = row.metadata["file_name"]
-        batch.append({"image": {"bytes": data, "path": name}, **row.metadata})
-        batch_bytes += len(data)
-        if len(batch) >= ROW_GROUP_IMAGES or batch_bytes >= ROW_GROUP_MAX_BYTES:
+            digest = copy_hashing(self._folder / job.image_path, target)
+        except FileNotFoundError:
+            self.skipped += 1
+            return False
+        if digest != job.sha256:
+            target.unlink()
+            self.skipped += 1
+            return False
+        return True
+
+    # --- parquet ----------------------------------------------------------------------------
+
+    def _write_parquet(self, jobs: list[ExportJob], path: Path) -> int:
+        path.parent.mkdir(exist_ok=True)
+        schema = _parquet_schema(self.columns.types)
+        written = 0
+        with pq.ParquetWriter(path, schema) as writer:
+            for batch in self._batches(jobs):
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                written += len(batch)
+        return written
+
+    def _batches(self, jobs: list[ExportJob]) -> Iterator[list[dict[str, object]]]:
+        """Rows with their verified image bytes, a row group's worth at a time."""
+        batch: list[dict[str, object]] = []
+        batch_bytes = 0
+        for job in jobs:
+            try:
+                data = (self._folder / job.image_path).read_bytes()
+            except (FileNotFoundError, IsADirectoryError):
+                data = b""
+            if hashlib.sha256(data).hexdigest() != job.sha256:
+                self.skipped += 1
+                continue
+            row = self._row(job)
+            if row is None:
+                continue
+            batch.append({"image": {"bytes": data, "path": row["file_name"]}, **row})
+            batch_bytes += len(data)
+            if len(batch) >= ROW_GROUP_IMAGES or batch_bytes >= ROW_GROUP_MAX_BYTES:
+                yield batch
+                batch, batch_bytes = [], 0
+        if batch:
             yield batch
-            batch, batch_bytes = [], 0
-    if batch:
-        yield batch

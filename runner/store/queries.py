@@ -210,7 +210,8 @@ class SqliteViews:
         with self._reading():
             rows = self._all(
                 "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256, "
-                f"vars, repeat_index, template, version, {REVIEW_OF_JOB}, edited_at IS NOT NULL "
+                f"vars, repeat_index, template, version, {REVIEW_OF_JOB}, edited_at IS NOT NULL, "
+                "content_hash "
                 "FROM jobs j WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
             )
         return [
@@ -230,6 +231,7 @@ class SqliteViews:
                 version=r[12],
                 review=r[13],
                 edited=bool(r[14]),
+                content_hash=r[15],
             )
             for r in rows
         ]

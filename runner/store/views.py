@@ -153,6 +153,7 @@ class ExportJob(NamedTuple):
     version: int
     review: ReviewState
     edited: bool
+    content_hash: str  # of what shaped the image, references included (runner.jobs)
 
 
 class ReviewItem(NamedTuple):
