@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.emulator import Emulator
 from runner.jobs import content_hash
 from runner.manifest import load_jobs, load_manifest
-from tests.conftest import write_manifest
+from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
 
 MANIFEST = [
     {
@@ -77,3 +78,24 @@ def test_numpy_values_are_kept_as_plain_numbers(tmp_path: Path) -> None:
     assert [j.id for j in numpy] == [j.id for j in plain]
     assert numpy[0].vars == (("a", 0.5), ("b", "x"))
     assert [type(v) for _, v in numpy[0].vars] == [float, str]
+
+
+async def test_jobs_recorded_before_the_store_kept_variables_get_them_on_the_next_run(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    manifest = write_manifest(tmp_path, MANIFEST[1:3])
+    out = tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    # As a checkpoint upgraded by migration 4 has them: finished, without their variables.
+    db_exec(out, "UPDATE jobs SET vars = NULL, repeat_index = NULL, template = NULL")
+    sent = len(emulator.requests)
+    await run_manifest(manifest, out, emulator.base_url)
+    assert len(emulator.requests) == sent  # only labelled, nothing made again
+    assert db_rows(
+        out, "SELECT job_id, vars, repeat_index, template, status FROM jobs ORDER BY job_id"
+    ) == [
+        ("a-lone-tree-9b10e53c2cfc", "{}", 1, None, "succeeded"),
+        ("a-lone-tree-c0db1ae4dc25", "{}", 2, None, "succeeded"),
+        ("named-3", '{"thing": 3}', None, "a {thing}", "succeeded"),
+        ("named-mug", '{"thing": "mug"}', None, "a {thing}", "succeeded"),
+    ]

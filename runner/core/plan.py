@@ -238,10 +238,13 @@ class _Planner:
                 # here (a rejection) and what is written on it.
                 records = self.store.job_records([job.id for job in jobs])
                 fresh = []  # new, or changed under the same id: recorded as pending
+                unlabelled = []  # recorded before the store kept matrix variables
                 for job in jobs:
                     old = records.get(job.id)
                     if old is None:
                         fresh.append(job)
+                    elif not old.has_metadata and old.content_hash == job.content_hash:
+                        unlabelled.append(job)
                     elif old.content_hash != job.content_hash:
                         plan.changed.append(job.id)
                         self._retire_changed(old)
@@ -249,6 +252,8 @@ class _Planner:
                         del records[job.id]
                 if not self.dry_run:
                     self.store.plan_jobs(fresh)
+                    if unlabelled:
+                        self.store.record_metadata(unlabelled)
                 for position, job in enumerate(jobs, start):
                     record = records.get(job.id)
                     # Most jobs of a first run: new, and no image on disk to adopt.

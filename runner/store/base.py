@@ -86,6 +86,7 @@ class JobRecord(NamedTuple):
     version: int = 1  # of the image recorded (or, pending, of the one to make)
     review: ReviewState = "unreviewed"  # of that version
     edited_at: str | None = None  # when a run found its image edited by hand, and kept it
+    has_metadata: bool = True  # False: planned before migration 4 recorded matrix variables
 
     @property
     def image_stat(self) -> ImageStat | None:
@@ -236,6 +237,11 @@ class Store(Protocol):
 
     def plan_jobs(self, jobs: Iterable[Job]) -> None:
         """Record the manifest's jobs; a job whose content changed starts over as pending."""
+        ...
+
+    def record_metadata(self, jobs: Iterable[Job]) -> None:
+        """Record what a matrix row made each of ``jobs`` of (variables, repeat index,
+        template), for jobs recorded before the store kept it; nothing else changes."""
         ...
 
     def retire_image(self, job_id: str, reason: RetireReason, moved_to: str | None) -> None:

@@ -316,7 +316,7 @@ class SqliteStore:
         rows = self._by_ids(
             "SELECT job_id, content_hash, status, image_path, sha256, retryable, error_cause, "
             f"image_size_bytes, image_mtime_ns, image_ctime_ns, version, {REVIEW_OF_JOB}, "
-            "edited_at FROM jobs j WHERE job_id IN ({ids})",
+            "edited_at, vars IS NOT NULL FROM jobs j WHERE job_id IN ({ids})",
             job_ids,
         )
         make = JobRecord._make
@@ -365,12 +365,17 @@ class SqliteStore:
                         job.prompt,
                         json.dumps([str(p) for p in job.images]) if job.images else "[]",
                         stamp,
-                        json.dumps(dict(job.vars), ensure_ascii=False) if job.vars else "{}",
-                        job.repeat_index,
-                        job.template or None,
+                        *_metadata(job),
                     )
                     for job in jobs
                 ),
+            )
+
+    def record_metadata(self, jobs: Iterable[Job]) -> None:
+        with self.batch() as db:
+            db.executemany(
+                "UPDATE jobs SET vars = ?, repeat_index = ?, template = ? WHERE job_id = ?",
+                ((*_metadata(job), job.id) for job in jobs),
             )
 
     def retire_image(self, job_id: str, reason: RetireReason, moved_to: str | None) -> None:
@@ -478,3 +483,9 @@ class SqliteStore:
         from runner.store.queries import SqliteViews
 
         return SqliteViews(self.db, self.folder)
+
+
+def _metadata(job: Job) -> tuple[str, int | None, str | None]:
+    """The ``vars``, ``repeat_index`` and ``template`` columns of ``job``."""
+    variables = json.dumps(dict(job.vars), ensure_ascii=False) if job.vars else "{}"
+    return variables, job.repeat_index, job.template or None
