@@ -109,8 +109,10 @@ def review(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("review: stopped; every decision was saved as it was taken")
     except OSError as exc:
-        raise RunnerError(f"cannot serve on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
-                          "try another --port, or 0 for a free one") from None
+        raise RunnerError(
+            f"cannot serve on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
+            "try another --port, or 0 for a free one"
+        ) from None
     return EXIT_OK
 
 

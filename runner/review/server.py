@@ -242,4 +242,3 @@ async def serve_review(
     async with ReviewServer(folder, reviewer=reviewer, port=port) as server:
         on_ready(server.url)
         await asyncio.Event().wait()
-
