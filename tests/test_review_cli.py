@@ -53,10 +53,10 @@ def test_approve_and_reject_for_scripts(
 @pytest.mark.parametrize(
     ("argv", "problems"),
     [
-        (["--approve", "shot-01", "nope"], ["nope: no such job in"]),
-        (["--reject", "banned", "shot-01"], ["banned: failed, so there is no image"]),
+        (["--approve", "shot-01", "nope"], ["nope: no such job"]),
+        (["--reject", "banned", "shot-01"], ["banned: is failed; only a finished image"]),
         (["--approve", "shot-01", "--reject", "shot-01"], ["shot-01: both approved and rejected"]),
-        (["--approve", "x1", "--reject", "banned"], ["x1: no such job", "banned: failed"]),
+        (["--approve", "x1", "--reject", "banned"], ["x1: no such job", "banned: is failed"]),
     ],
 )
 def test_a_bad_id_writes_none(
@@ -65,7 +65,7 @@ def test_a_bad_id_writes_none(
     assert main(["review", str(out), *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("error: nothing was decided:\n")
+    assert captured.err.startswith(f"error: {out}: nothing was recorded:\n")
     for problem in problems:
         assert problem in captured.err
     assert item_of(out, "shot-01").review == "unreviewed"
@@ -89,13 +89,11 @@ def test_decisions_while_a_run_holds_the_folder(out: Path) -> None:
 def test_serves_until_interrupted_and_opens_the_browser(
     out: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The browser is opened at the printed address; Ctrl-C (raised here by the browser
-    stand-in, once the app listens) stops it with exit 0."""
+    """The browser is opened at the printed address once the app listens; Ctrl-C (raised
+    here by the browser's stand-in) stops it with exit 0. (That it serves there: below.)"""
     opened: list[str] = []
 
     def browser(url: str) -> bool:
-        with urllib.request.urlopen(url) as response:
-            assert response.status == 200
         opened.append(url)
         raise KeyboardInterrupt
 

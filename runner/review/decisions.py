@@ -1,8 +1,8 @@
 """Decisions taken without the page: ``image-runner review OUT --approve ID... --reject ID...``.
 
-A script's list is checked whole before anything is written: an unknown id, one that has no
-image to judge, or one both approved and rejected refuses the lot, so that a typo never leaves
-half a batch decided. Who decided is ``--reviewer``, else the user the process runs as.
+A script's list is recorded whole or not at all (the review log checks every id first): an
+unknown id, one with no image to judge, or one both approved and rejected refuses the lot, so
+that a typo never leaves half a batch decided. Who decided is ``--reviewer``, else the user the process runs as.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import getpass
 from collections.abc import Sequence
 
 from runner.errors import ReviewError
-from runner.store.base import Review, ReviewLog, ReviewState
+from runner.store.base import Decision, Review, ReviewLog
 
 
 def reviewer_name(given: str | None) -> str:
@@ -27,25 +27,15 @@ def reviewer_name(given: str | None) -> str:
 def decide_ids(
     log: ReviewLog, approve: Sequence[str], reject: Sequence[str], reviewer: str
 ) -> list[Review]:
-    """Approve ``approve`` and reject ``reject`` (each at its current version), in that
-    order, once every id is checked; :class:`~runner.errors.ReviewError` naming every id that
-    cannot be, and then nothing is written."""
+    """Approve ``approve`` and reject ``reject`` (each at its current version), all or none:
+    :class:`~runner.errors.ReviewError` naming the ids in both lists, else every id the log
+    refuses (unknown, not succeeded), and then nothing is written."""
     both = sorted(set(approve) & set(reject))
-    problems = [f"{job_id}: both approved and rejected; say which" for job_id in both]
-    views = log.views()
-    for job_id in dict.fromkeys([*approve, *reject]):
-        if job_id in both:
-            continue
-        item = views.review_item(job_id)
-        if item is None:
-            problems.append(f"{job_id}: no such job in {log.folder}")
-        elif item.status != "succeeded":
-            problems.append(f"{job_id}: {item.status}, so there is no image to review yet")
-    if problems:
-        lines = "\n".join(f"  {problem}" for problem in problems)
-        raise ReviewError(f"nothing was decided:\n{lines}")
-    decisions: list[tuple[str, ReviewState]] = [
-        *((job_id, "approved") for job_id in dict.fromkeys(approve)),
-        *((job_id, "rejected") for job_id in dict.fromkeys(reject)),
+    if both:
+        lines = "\n".join(f"  {job_id}: both approved and rejected; say which" for job_id in both)
+        raise ReviewError(f"{log.folder}: nothing was recorded:\n{lines}")
+    decisions = [
+        *(Decision(job_id, "approved") for job_id in dict.fromkeys(approve)),
+        *(Decision(job_id, "rejected") for job_id in dict.fromkeys(reject)),
     ]
-    return [log.decide(job_id, decision, reviewer) for job_id, decision in decisions]
+    return log.decide(decisions, reviewer)

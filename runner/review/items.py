@@ -15,12 +15,12 @@ from pathlib import PurePath
 from typing import Any, Final, NamedTuple, get_args
 
 from runner.jobs import JobStatus
-from runner.store.base import ReviewState
+from runner.store.base import REVIEW_STATES, ReviewState
 from runner.store.views import ReviewItem, VersionRecord, Views
 
 MAX_LIMIT: Final = 200
 STATUSES: Final = frozenset(get_args(JobStatus))
-REVIEWS: Final = frozenset(get_args(ReviewState))
+REVIEWS: Final = frozenset(REVIEW_STATES)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ def _whole(query: Mapping[str, str], name: str, default: int) -> int:
 
 def page(views: Views, query: ItemsQuery, folder_name: str) -> dict[str, Any]:
     """One page of shots, how many match in all, and the counts the filters show."""
-    found = views.review_items(query.status, query.review, query.offset, query.limit)
+    found = views.review_items(
+        status=query.status, review=query.review, offset=query.offset, limit=query.limit
+    )
     return {
         "folder": folder_name,
         "items": [item_json(views, item) for item in found.items],

@@ -33,7 +33,7 @@ from runner.outputs.report import THUMBS_DIR, thumbnail
 from runner.provider import sniff_format
 from runner.review import items
 from runner.store import open_review_log
-from runner.store.base import ReviewLog
+from runner.store.base import Decision, ReviewLog
 
 HOST: Final = "127.0.0.1"
 AJAX_HEADER: Final = "X-Requested-With"
@@ -172,7 +172,7 @@ class _Routes:
         except (ValueError, json.JSONDecodeError) as exc:
             return _error(400, str(exc))
         try:
-            self.log.decide(job_id, decision, self.reviewer, version)
+            self.log.decide([Decision(job_id, decision, version)], self.reviewer)
         except ReviewError as exc:
             return _error(409, str(exc))
         views = self.log.views()
