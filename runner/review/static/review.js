@@ -71,7 +71,9 @@
   const thumbUrl = (item, version) => jobPath("thumb", item, version) + `?v=${version || item.version}`;
   const refUrl = (item, i) => `/ref/${enc(item.job_id)}/${i}`;
   const when = (iso) => (iso || "").slice(0, 16).replace("T", " ") + " UTC";
-  const versionCaption = (v) => `v${v.version} · ${v.reason} · ${v.review}`;
+  // Why it was retired, and its review when that says more ("v1: changed · approved").
+  const versionCaption = (v) => `v${v.version}: ${v.reason}` +
+    (v.review === "unreviewed" || v.review === v.reason ? "" : ` · ${v.review}`);
   const currentCaption = (item) =>
     `v${item.version}` + (item.versions.length ? " (current)" : "") + ` · ${item.review}`;
 
