@@ -2,7 +2,8 @@
 
 A script's list is recorded whole or not at all (the review log checks every id first): an
 unknown id, one with no image to judge, or one both approved and rejected refuses the lot, so
-that a typo never leaves half a batch decided. Who decided is ``--reviewer``, else the user the process runs as.
+that a typo never leaves half a batch decided. Who decided is ``--reviewer``, else the user the
+process runs as.
 """
 
 from __future__ import annotations

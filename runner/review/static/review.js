@@ -136,7 +136,8 @@
         });
         return button;
       });
-    const node = el("article", {class: `card s-${item.status} r-${item.review}`,
+    const wide = item.references.length + item.versions.length > 1 ? " wide" : "";
+    const node = el("article", {class: `card s-${item.status} r-${item.review}${wide}`,
                                 "data-job": item.job_id, "data-review": item.review,
                                 "data-version": item.version}, [
       el("div", {class: "shots"}, shots(item, index)),
