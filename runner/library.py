@@ -78,6 +78,7 @@ class OptionFields(TypedDict, total=False):
     max_outage_s: float
     retry_failed: bool
     only: frozenset[str]
+    redo_edited: bool
     rpm: float | None
     base_url: str | None
     api_key: str | None
@@ -92,7 +93,9 @@ class RunReport:
     The counts are of the jobs passed to this run, whichever run did them, and the spend is
     the folder's, over all its runs, as the CLI's summary gives them; ``requests`` are this
     run's. After a dry run they are the plan's: ``succeeded`` done before,
-    ``failed`` failed before and not retried, ``pending`` to do. ``exit_code`` is what
+    ``failed`` failed before and not retried, ``pending`` to do. ``rejected_redone``,
+    ``edited_kept`` and ``edited_redone`` are what the plan found of images reviewed or edited
+    by hand since they were made (see the README, "Review and regenerate"). ``exit_code`` is what
     ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
     left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
     plan, the pool's counters (failures by cause, rate limits), the files written. Its
@@ -110,6 +113,9 @@ class RunReport:
     wall_s: float
     exit_code: int
     dry_run: bool
+    rejected_redone: int  # images rejected in review, moved to rejected/ and made again
+    edited_kept: int  # images found edited by hand by this run, kept as they are
+    edited_redone: int  # images edited by hand, moved to edited/ and made again (redo_edited)
     details: lifecycle.RunReport = dataclasses.field(compare=False)
 
     @classmethod
@@ -141,6 +147,9 @@ class RunReport:
             wall_s=outcome.wall_s,
             exit_code=EXIT_OK if dry_run else exit_code(outcome),
             dry_run=dry_run,
+            rejected_redone=len(outcome.plan.rejected),
+            edited_kept=len(outcome.plan.edited),
+            edited_redone=len(outcome.plan.redo_edited),
             details=outcome,
         )
 
@@ -175,11 +184,20 @@ class RunReport:
     def __repr__(self) -> str:
         stopped = f", stop_reason={self.stop_reason!r}" if self.stop_reason else ""
         dry = ", dry_run=True" if self.dry_run else ""
+        versions = "".join(
+            f", {name}={n}"
+            for name, n in (
+                ("rejected_redone", self.rejected_redone),
+                ("edited_kept", self.edited_kept),
+                ("edited_redone", self.edited_redone),
+            )
+            if n
+        )
         return (
             f"RunReport(out={str(self.out)!r}, succeeded={self.succeeded}, failed={self.failed}, "
             f"pending={self.pending}, requests={self.requests}, "
             f"confirmed_usd={self.confirmed_usd:.2f}, possible_usd={self.possible_usd:.2f}"
-            f"{stopped}, wall_s={self.wall_s:.1f}, exit_code={self.exit_code}{dry})"
+            f"{versions}{stopped}, wall_s={self.wall_s:.1f}, exit_code={self.exit_code}{dry})"
         )
 
 

@@ -69,11 +69,11 @@ def test_results_follow_the_manifest_across_batches(tmp_path: Path, small_batche
     assert csv_text.splitlines()[0] == ",".join(RESULTS_COLUMNS)
     assert csv_text.splitlines()[1] == (
         'zz-done,succeeded,generations,gpt-image-2-vip,1280x544,"a ""quoted"", prompt",,'
-        f"images/zz-done.png,1280,544,{'ab' * 32},1,0.03,0.0,,,False"
+        f"images/zz-done.png,1280,544,{'ab' * 32},1,0.03,0.0,,,False,1,unreviewed,False"
     )
     assert csv_text.splitlines()[5] == (
         "never-planned,pending,generations,gpt-image-2-vip,1280x544,a picture,"
-        ",,,,,0,0.0,0.0,,,False"
+        ",,,,,0,0.0,0.0,,,False,1,unreviewed,False"
     )
     for frame in (pd.read_parquet(files.results_parquet), pd.read_csv(files.results_csv)):
         assert list(frame.columns) == RESULTS_COLUMNS

@@ -29,6 +29,7 @@ def test_the_defaults_are_the_clis() -> None:
         "max_outage_s": 600,
         "retry_failed": False,
         "only": frozenset(),
+        "redo_edited": False,
         "rpm": None,
         "base_url": None,
         "api_key": None,

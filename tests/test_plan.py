@@ -77,7 +77,7 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 def a_folder_in_every_state(out: Path) -> list[Job]:
-    """Ten jobs: done, done then deleted, done then altered, failed for good, failed for now,
+    """Ten jobs: done, done then deleted, done then edited, failed for good, failed for now,
     an image written but not recorded (to adopt), pending, and three never planned."""
     jobs = [job(n) for n in range(10)]
     with SqliteStore.open(out) as store:
@@ -100,7 +100,8 @@ def summary(plan: Plan) -> tuple[object, ...]:
         plan.done,
         plan.failed,
         plan.adopted,
-        sorted(plan.redo),
+        sorted(plan.missing),
+        plan.edited,
         plan.changed,
         plan.rehashed,
     )
@@ -117,17 +118,17 @@ def test_batches_of_any_size_plan_the_same(tmp_path: Path, batch_size: int) -> N
     small = plan_of(batched, jobs, batch_size=batch_size)
 
     assert summary(small) == summary(whole)
-    assert [j.id for j in whole.todo] == ["j01", "j02", "j04", "j06", "j07", "j08", "j09"]
-    assert (whole.done, whole.failed, whole.adopted) == (2, 1, 1)  # j00, j05 adopted; j03
-    assert sorted(whole.redo) == ["j01", "j02"]
-    assert whole.rehashed == 2  # j00 (intact, copied) and j02 (altered); j01 is gone
-    assert (batched / "replaced" / "j02.png").is_file()  # altered: kept aside, not adopted
+    assert [j.id for j in whole.todo] == ["j01", "j04", "j06", "j07", "j08", "j09"]
+    assert (whole.done, whole.failed, whole.adopted) == (3, 1, 1)  # j00, j02, j05 adopted; j03
+    assert (whole.missing, whole.edited) == (["j01"], ["j02"])
+    assert whole.rehashed == 2  # j00 (intact, copied) and j02 (edited); j01 is gone
+    assert (batched / IMAGES_DIR / "j02.png").is_file()  # edited: kept in place
     for folder in (reference, batched):
         rows = db_rows(folder, "SELECT job_id, status FROM jobs ORDER BY job_id")
         assert rows == [
             ("j00", "succeeded"),
             ("j01", "pending"),
-            ("j02", "pending"),
+            ("j02", "succeeded"),
             ("j03", "failed"),
             ("j04", "failed"),
             ("j05", "succeeded"),
@@ -191,18 +192,18 @@ def test_a_touched_image_is_hashed_once_then_trusted_again(
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
 
     first = plan_of(out, jobs)
-    assert (first.done, first.rehashed, first.redo) == (3, 1, [])
+    assert (first.done, first.rehashed, first.missing, first.edited) == (3, 1, [], [])
     assert hashed == [touched]
     second = plan_of(out, jobs)  # its new stat was recorded: no second hash
     assert (second.done, second.rehashed) == (3, 0)
     assert hashed == [touched]
 
 
-def test_an_altered_image_of_the_same_size_and_mtime_is_made_again(
+def test_an_image_edited_keeping_its_size_and_mtime_is_noticed(
     tmp_path: Path, hashed: list[Path]
 ) -> None:
     """A tool that rewrites a file in place and puts its mtime back (``touch -r``, ``cp -p``,
-    ``exiftool -P``) cannot put back its ctime: the image is hashed, found altered, redone."""
+    ``exiftool -P``) cannot put back its ctime: the image is hashed and found edited."""
     out = tmp_path / "out"
     jobs = [job(n) for n in range(2)]
     with SqliteStore.open(out) as store:
@@ -217,10 +218,10 @@ def test_an_altered_image_of_the_same_size_and_mtime_is_made_again(
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
     again = plan_of(out, jobs)
-    assert again.redo == ["j00"] and [j.id for j in again.todo] == ["j00"]
-    assert again.done == 1
+    assert again.edited == ["j00"] and not again.todo
+    assert again.done == 2
     assert hashed == [image]
-    assert (out / "replaced" / "j00.png").read_bytes() == bytes(data)
+    assert image.read_bytes() == bytes(data)
 
 
 def test_a_deleted_image_is_made_again_without_hashing(tmp_path: Path, hashed: list[Path]) -> None:
@@ -230,7 +231,7 @@ def test_a_deleted_image_is_made_again_without_hashing(tmp_path: Path, hashed: l
         make_plan(jobs, store)
         finish(store, jobs[0]).unlink()
     again = plan_of(out, jobs)
-    assert again.redo == ["j00"] and len(again.todo) == 1
+    assert again.missing == ["j00"] and len(again.todo) == 1
     assert hashed == []
 
 
@@ -291,7 +292,7 @@ def test_changed_content_in_a_later_batch_starts_over(tmp_path: Path) -> None:
     edited = [*jobs[:4], job(4, "a different picture")]
     again = plan_of(out, edited, batch_size=2)
     assert again.changed == ["j04"] and [j.prompt for j in again.todo] == ["a different picture"]
-    assert (out / "replaced" / "j04.png").is_file()
+    assert (out / "replaced" / "j04.v1.png").is_file()
     assert again.done == 4
 
 
@@ -369,9 +370,9 @@ def test_a_dry_run_plans_what_a_run_would_and_changes_nothing(
     real = plan_of(real_folder, edited, batch_size=batch_size)
 
     assert full_summary(dry) == full_summary(real)
-    assert [j.id for j in dry.todo] == ["j00", "j01", "j02", "j04", "j06", "j07", "j08", "j09"]
-    assert (dry.done, dry.failed, dry.adopted, dry.changed) == (1, 1, 1, ["j00"])
-    assert sorted(dry.redo) == ["j01", "j02"]
+    assert [j.id for j in dry.todo] == ["j00", "j01", "j04", "j06", "j07", "j08", "j09"]
+    assert (dry.done, dry.failed, dry.adopted, dry.changed) == (2, 1, 1, ["j00"])
+    assert (dry.missing, dry.edited) == (["j01"], ["j02"])
     assert dry.in_flight_settled == 2
     # j00-j02 confirmed, j05's attempt confirmed by its adoption, j06's possible
     assert dry.spent_micro_usd == (4 * 30_000, 30_000)

@@ -197,6 +197,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     )
     _option(
         run,
+        "redo_edited",
+        action="store_true",
+        help="make again the images edited by hand since they were made (kept as they are "
+        "by default), each moved to edited/ first",
+    )
+    _option(
+        run,
         "rpm",
         type=_positive_float,
         metavar="N",

@@ -43,8 +43,14 @@ class ProgressBar:
             parts.append(f"{plan.failed} failed before (not retried)")
         if plan.adopted:
             parts.append(f"{plan.adopted} adopted from disk")
-        if plan.redo:
-            parts.append(f"{len(plan.redo)} redone (image missing or altered)")
+        if plan.missing:
+            parts.append(f"{len(plan.missing)} redone (image missing)")
+        if plan.rejected:
+            parts.append(f"{len(plan.rejected)} rejected in review, made again")
+        if plan.redo_edited:
+            parts.append(f"{len(plan.redo_edited)} edited by hand, made again")
+        if plan.edited:
+            parts.append(f"{len(plan.edited)} found edited by hand, kept")
         if plan.retried_failed:
             parts.append(f"{len(plan.retried_failed)} failed before and retried")
         if plan.changed:
@@ -98,6 +104,7 @@ def print_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) 
         f"jobs:      {t.jobs}: {t.succeeded} succeeded, {t.failed} failed"
         + (f" ({t.failed_retry_on_rerun} retried by a rerun)" if t.failed_retry_on_rerun else "")
         + f", {t.pending} pending",
+        *version_lines(report.plan, out_dir, "versions:  "),
         f"spent:     ${t.confirmed_usd:.2f} confirmed + ${t.possible_usd:.2f} possible "
         f"(all runs in this folder); {plural(requests, 'request')} this run",
         f"wall time: {report.wall_s:.1f} s",
@@ -155,6 +162,7 @@ def print_plan(
         f"  done:      {plan.done} (verified on disk); failed before and not retried: "
         f"{plan.failed}",
         f"  spent:     ${confirmed:.2f} confirmed + ${possible:.2f} possible in this folder",
+        *version_lines(plan, out_dir, "  versions:  "),
     ]
     if cap_usd is not None:
         budget = Budget(round(cap_usd * MICRO), round(spent * MICRO))
@@ -167,6 +175,28 @@ def print_plan(
         label = "  samples:   " if i == 0 else "             "
         lines.append(f"{label}{out_dir / 'images' / job.id}.png")
     print(redact("\n".join(lines)), file=file)
+
+
+def version_lines(plan: Plan, out_dir: Path, label: str) -> list[str]:
+    """What the plan does with images reviewed or edited since they were made: those rejected
+    and made again, those edited by hand and kept (or made again); none if nothing."""
+    notes = []
+    if plan.rejected:
+        rejected = plural(len(plan.rejected), "rejected image")
+        notes.append(f"{rejected} made again (the old ones kept in {out_dir / 'rejected'}/)")
+    if plan.redo_edited:
+        edited = plural(len(plan.redo_edited), "image")
+        notes.append(
+            f"{edited} edited by hand made again (the edits kept in {out_dir / 'edited'}/)"
+        )
+    if plan.edited:
+        n = len(plan.edited)
+        notes.append(
+            f"{plural(n, 'image')} found edited by hand: kept in place, not paid for again "
+            f"(--redo-edited makes {'it' if n == 1 else 'them'} again)"
+        )
+    indent = " " * len(label)
+    return [(label if i == 0 else indent) + note for i, note in enumerate(notes)]
 
 
 def stop_hint(report: RunReport) -> str | None:

@@ -25,6 +25,7 @@ SUMMARY_KEYS: Final = {
     "stop_reason": None,
     "dry_run": None,
     "counts": ("succeeded", "failed", "pending", "requests"),
+    "versions": ("rejected_redone", "edited_kept", "edited_redone"),
     "spend_usd": ("confirmed", "possible"),
     "paths": ("out", "images", "results", "ledger", "report"),
     "timings": ("started_at", "finished_at", "wall_s"),
@@ -58,6 +59,13 @@ def run_summary(
             "failed": report.failed,
             "pending": report.pending,
             "requests": report.requests,
+        },
+        "versions": None
+        if report is None
+        else {
+            "rejected_redone": report.rejected_redone,
+            "edited_kept": report.edited_kept,
+            "edited_redone": report.edited_redone,
         },
         "spend_usd": None
         if report is None

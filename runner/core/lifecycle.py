@@ -71,6 +71,7 @@ class RunOptions:
     dry_run: bool = False  # plan only: send nothing, change nothing
     retry_failed: bool = False  # also retry jobs that failed for good ...
     retry_only: frozenset[str] = frozenset()  # ... or only those with these causes
+    redo_edited: bool = False  # make again the images edited by hand (else kept)
     grace_s: float = 60.0  # after a first stop, how long requests in flight get to finish
 
 
@@ -218,6 +219,7 @@ class Run:
             store,
             retry_failed=self.options.retry_failed,
             only=self.options.retry_only,
+            redo_edited=self.options.redo_edited,
             dry_run=dry_run,
         )
         planning = asyncio.get_running_loop().run_in_executor(None, plan)

@@ -77,6 +77,9 @@ class Options:
     only: frozenset[str] = frozenset()
     """With ``retry_failed``: only the failed jobs with one of these causes, as in the results'
     ``error_cause`` column, e.g. ``{"server_error"}`` (``--only``)."""
+    redo_edited: bool = False
+    """Make again the images found edited by hand (kept as they are by default), each moved
+    to ``edited/`` first (``--redo-edited``)."""
     rpm: float | None = None
     """At most this many requests a minute per endpoint; below that, and with ``None``, the
     runner adapts to the provider's rate limit by itself (``--rpm``)."""
@@ -93,7 +96,7 @@ class Options:
 
     def __post_init__(self) -> None:
         # Not truthiness: retry_failed="no" would re-send, and pay for, every failed job.
-        for name in ("dry_run", "retry_failed", "emulate"):
+        for name in ("dry_run", "retry_failed", "redo_edited", "emulate"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(
                     f"{{0}} must be True or False, got {_shown(getattr(self, name))}", name
@@ -151,6 +154,7 @@ def run_options(
         dry_run=options.dry_run,
         retry_failed=options.retry_failed,
         retry_only=options.only,
+        redo_edited=options.redo_edited,
         grace_s=options.grace_s,
     )
 

@@ -4,14 +4,26 @@ Run once at the start of every run, before any request, in this order:
 
 1. delete temp files a crash left in ``images/`` (and of the results files, in the folder);
 2. turn attempts left in flight into possible charges;
-3. record the manifest's jobs; a job whose content changed under the same id starts over (its
-   old image is moved to ``replaced/``);
-4. a "succeeded" job whose image is missing or whose sha256 differs is done again (an altered
-   file is moved to ``replaced/``, never adopted);
+3. record the manifest's jobs; a job whose content changed under the same id starts over at
+   its next version (its old image is moved to ``replaced/``);
+4. a "succeeded" job is checked against its image on disk: an image gone is made again (the
+   next version); an image whose sha256 differs was edited by hand: it is kept where it is,
+   recorded as the job's next version (unreviewed, ``edited``), and not paid for again, unless
+   ``--redo-edited`` asks (then it goes to ``edited/`` and the job is made again); an image
+   a reviewer rejected goes to ``rejected/`` and the job is made again at its next version.
+   Approved and unreviewed images are never touched. Why an edit is kept in place rather than
+   moved to ``edited/``: moved, it would leave the job without its image, to be made again
+   (the repayment the user did not ask for), or a folder of images that is no longer the
+   manifest's results;
 5. an image on disk with no success recorded (a crash between the rename and the commit) is
-   verified and adopted, with no new request;
+   verified and adopted, with no new request; unless it is an earlier version whose move a
+   crash cut off (see :mod:`runner.core.versions`), which is finished instead;
 6. everything else that is pending, or failed in a way a later run may retry, is to do; jobs
    that failed for good only with ``--retry-failed`` (``--only CAUSE`` narrows it).
+
+Each earlier version is recorded (the ``versions`` of :mod:`runner.store`) in the batch's
+transaction, and its file moved once that has committed (:mod:`runner.core.versions`). The
+attempts that made it stay in the ledger: what was spent stays spent.
 
 At scale: steps 3-6 go through the manifest in batches of ``batch_size`` jobs, each looked up in
 the checkpoint with a few queries and settled in one transaction, so memory does not grow with
@@ -27,7 +39,8 @@ A dry run walks the same steps and changes nothing, on disk or in the checkpoint
 "what would a run do?", often of a folder a night's run left stopped, and the answer must not
 turn that night into a finished one, settle its charges or move its images. Each repair is
 only counted, as the run that follows would find it: attempts in flight are counted as possible
-charges, an image to adopt as done (its attempt as confirmed), an image to move aside as gone.
+charges, an image to adopt as done (its attempt as confirmed), an image to move aside as gone,
+an edit as found.
 Temp files are left alone (a live run may be writing them) and not counted.
 """
 
@@ -42,15 +55,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, overload
 
+from runner.core.versions import EDITED_DIR, REJECTED_DIR, REPLACED_DIR, Moves
 from runner.errors import StoreError
 from runner.images.files import find_image, is_temp_name, remove_temp_files, sha256_file
 from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
 from runner.provider import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
-from runner.store.base import ImageStat, JobRecord, SavedImage, Store
+from runner.store.base import ImageStat, JobRecord, RetireReason, SavedImage, Store
 
 IMAGES_DIR: Final = "images"
-REPLACED_DIR: Final = "replaced"
 PLAN_BATCH_JOBS: Final = 5000
 
 # Image file extensions in the order find_image() tries them.
@@ -94,8 +107,11 @@ class Plan:
     done: int = 0  # succeeded before, image verified on disk
     failed: int = 0  # failed finally before; not retried
     adopted: int = 0
-    redo: list[str] = field(default_factory=list)  # succeeded, but the image is gone or altered
+    missing: list[str] = field(default_factory=list)  # succeeded, but the image is gone: redone
     changed: list[str] = field(default_factory=list)  # content changed under the same id
+    rejected: list[str] = field(default_factory=list)  # rejected in review: moved aside, redone
+    edited: list[str] = field(default_factory=list)  # found edited by hand now, and kept
+    redo_edited: list[str] = field(default_factory=list)  # edited, moved aside, redone
     retried_failed: list[str] = field(default_factory=list)  # failed for good, retried on request
     temp_files_removed: int = 0  # none on a dry run
     in_flight_settled: int = 0  # attempts found in flight, now possible charges
@@ -111,13 +127,14 @@ def make_plan(
     *,
     retry_failed: bool = False,
     only: frozenset[str] = frozenset(),
+    redo_edited: bool = False,
     batch_size: int = PLAN_BATCH_JOBS,
     dry_run: bool = False,
 ) -> Plan:
     """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
-    refusal, a bad request), or with ``only`` just those whose cause is in it. ``dry_run``
-    changes nothing (open ``store`` with :func:`runner.store.open_for_dry_run`) and plans the
-    same."""
+    refusal, a bad request), or with ``only`` just those whose cause is in it; ``redo_edited``
+    the jobs whose image was edited by hand. ``dry_run`` changes nothing (open ``store`` with
+    :func:`runner.store.open_for_dry_run`) and plans the same."""
     images_dir = store.folder / IMAGES_DIR
     todo = TodoJobs(jobs)
     plan = Plan(todo=todo)
@@ -127,7 +144,15 @@ def make_plan(
         images_dir.mkdir(parents=True, exist_ok=True)
         plan.temp_files_removed = remove_temp_files(images_dir) + remove_temp_files(store.folder)
         plan.in_flight_settled = store.settle_in_flight()
-    planner = _Planner(store, plan, todo, retry_failed=retry_failed, only=only, dry_run=dry_run)
+    planner = _Planner(
+        store,
+        plan,
+        todo,
+        retry_failed=retry_failed,
+        only=only,
+        redo_edited=redo_edited,
+        dry_run=dry_run,
+    )
     planner.find_unrecorded_images(batch_size)
     batch: list[Job] = []
     start = 0
@@ -157,6 +182,7 @@ class _Planner:
         *,
         retry_failed: bool,
         only: frozenset[str],
+        redo_edited: bool,
         dry_run: bool,
     ) -> None:
         self.store = store
@@ -166,10 +192,11 @@ class _Planner:
         self.todo = todo
         self.retry_failed = retry_failed
         self.only = only
+        self.redo_edited = redo_edited
         # job id -> names of its image files that no recorded success accounts for
         self.unrecorded: dict[str, list[str]] = {}
         self.dry_run = dry_run
-        self.moved_aside: set[Path] = set()  # by a dry run, which only pretends to
+        self.moves = Moves(self.folder, dry_run=dry_run)
         # What a dry run's adoptions would book: their attempts, confirmed at the image price,
         # and the possible charges those attempts were until then.
         self.adopted_confirmed_micro_usd = 0
@@ -199,46 +226,47 @@ class _Planner:
                 self.unrecorded.setdefault(job_id, []).append(name)
 
     def plan_batch(self, start: int, jobs: list[Job]) -> None:
-        """Steps 3-6 for the jobs at ``start`` and on, in one transaction."""
+        """Steps 3-6 for the jobs at ``start`` and on, in one transaction; the files of the
+        versions it retires are moved once it has committed."""
         plan = self.plan
-        records = self.store.job_records([job.id for job in jobs])
         transaction: AbstractContextManager[object] = (
             nullcontext() if self.dry_run else self.store.batch()
         )
-        with transaction:
-            fresh = []  # new, or changed under the same id: recorded as pending
-            for job in jobs:
-                old = records.get(job.id)
-                if old is None:
-                    fresh.append(job)
-                elif old.content_hash != job.content_hash:
-                    plan.changed.append(job.id)
-                    self._move_aside(job.id)
-                    fresh.append(job)
-                    del records[job.id]
-            if not self.dry_run:
-                self.store.plan_jobs(fresh)
-            for position, job in enumerate(jobs, start):
-                record = records.get(job.id)
-                # Most jobs of a first run: new, and no image on disk to adopt.
-                if (record is not None or self.unrecorded) and self._settled(job, record):
-                    continue
-                self.todo.add(position)
-                plan.todo_edits += bool(job.images)
+        try:
+            with transaction:
+                # Read in the transaction: a review decision cannot land between what is read
+                # here (a rejection) and what is written on it.
+                records = self.store.job_records([job.id for job in jobs])
+                fresh = []  # new, or changed under the same id: recorded as pending
+                for job in jobs:
+                    old = records.get(job.id)
+                    if old is None:
+                        fresh.append(job)
+                    elif old.content_hash != job.content_hash:
+                        plan.changed.append(job.id)
+                        self._retire_changed(old)
+                        fresh.append(job)
+                        del records[job.id]
+                if not self.dry_run:
+                    self.store.plan_jobs(fresh)
+                for position, job in enumerate(jobs, start):
+                    record = records.get(job.id)
+                    # Most jobs of a first run: new, and no image on disk to adopt.
+                    if (record is not None or self.unrecorded) and self._settled(job, record):
+                        continue
+                    self.todo.add(position)
+                    plan.todo_edits += bool(job.images)
+        except BaseException:
+            self.moves.discard()
+            raise
+        self.moves.finish()
 
     def _settled(self, job: Job, record: JobRecord | None) -> bool:
         """Whether ``job`` needs no request (done, or failed and not retried); ``record`` is
         None for a job just recorded as pending."""
         plan = self.plan
         if record is not None and record.status == "succeeded":
-            if record.image_path and self._intact(record, self.folder / record.image_path):
-                plan.done += 1
-                return True
-            if not self.dry_run:
-                self.store.forget_image(job.id)
-            plan.redo.append(job.id)
-            self._move_aside(job.id)  # an altered file is not ours to adopt
-            return False
+            return self._finished(record)
         if record is not None and record.status == "failed" and not record.retryable:
             if not self.retry_failed or (self.only and record.error_cause not in self.only):
                 plan.failed += 1
@@ -250,36 +278,99 @@ class _Planner:
             return True
         return False
 
-    def _intact(self, record: JobRecord, path: Path) -> bool:
-        """Whether the image of a success is still the one recorded: by its stat when that is
-        unchanged, else by its sha256."""
-        if record.sha256 is None:
+    def _finished(self, record: JobRecord) -> bool:
+        """Whether the image of a success stands (step 4); if not, its version is retired and
+        the job is to be made again."""
+        plan, job_id = self.plan, record.job_id
+        checked = self._check(record)
+        if checked is None:
+            self._retire(record, "missing", None)
+            plan.missing.append(job_id)
             return False
+        record, found_edited = checked
+        if record.review == "rejected":
+            self._retire(record, "rejected", REJECTED_DIR)
+            plan.rejected.append(job_id)
+            return False
+        if record.edited_at is not None and self.redo_edited:
+            self._retire(record, "edited", EDITED_DIR)
+            plan.redo_edited.append(job_id)
+            return False
+        if found_edited:
+            plan.edited.append(job_id)
+        plan.done += 1
+        return True
+
+    def _check(self, record: JobRecord) -> tuple[JobRecord, bool] | None:
+        """The record of a success after looking at its image: None when the image is gone;
+        else the record, and whether the image was found edited by hand just now (then it is
+        recorded as the job's next version, and the record returned is of that)."""
+        if not record.image_path:
+            return None
+        path = self.folder / record.image_path
         try:
             stat = ImageStat.of(path.stat())
             if stat == record.image_stat:
-                return True
+                return record, False
             self.plan.rehashed += 1
-            if sha256_file(path) != record.sha256:
-                return False
+            sha256 = sha256_file(path)
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:  # unreadable is not gone: never pay again for a permission problem
             raise StoreError(
                 f"cannot read {path} to check it: {exc.strerror}; fix it, rerun"
             ) from None
+        if sha256 == record.sha256:
+            if not self.dry_run:
+                self.store.record_image_stat(record.job_id, stat)
+            return record, False
         if not self.dry_run:
-            self.store.record_image_stat(record.job_id, stat)
-        return True
+            self.store.record_edit(record.job_id, sha256, stat, _pixel_size(path))
+        edited = record._replace(
+            version=record.version + 1,
+            review="unreviewed",
+            edited_at="found by this plan",  # what the store records is its own clock's
+            sha256=sha256,
+        )
+        return edited, True
+
+    def _retire(self, record: JobRecord, reason: RetireReason, aside: str | None) -> None:
+        """Make the image of a success an earlier version, its file (if ``aside``) moved to
+        that folder once the batch has committed; the job is to be made again."""
+        target = None
+        if aside is not None and record.image_path:
+            source = self.folder / record.image_path
+            target = self.moves.target(source, aside, record.job_id, record.version)
+            self.moves.add(source, target)
+        if not self.dry_run:
+            moved_to = target.relative_to(self.folder).as_posix() if target else None
+            self.store.retire_image(record.job_id, reason, moved_to)
+
+    def _retire_changed(self, old: JobRecord) -> None:
+        """A job whose content changed: its image, if it has one, becomes an earlier version in
+        ``replaced/``; an image of it no success accounts for goes there too, unrecorded."""
+        if old.status == "succeeded":
+            checked = self._check(old)
+            if checked is None:
+                self._retire(old, "changed", None)
+            else:
+                self._retire(checked[0], "changed", REPLACED_DIR)
+            return
+        stray = find_image(self.images_dir, old.job_id)
+        if stray is not None and stray not in self.moves.sources:
+            self.moves.add(stray, self.moves.target(stray, REPLACED_DIR, old.job_id, old.version))
 
     def _adopt(self, job: Job) -> bool:
         names = self.unrecorded.pop(job.id, None)
         if names is None:
             return False
-        paths = (self.images_dir / name for name in names)
-        path = next((p for p in paths if p.is_file() and p not in self.moved_aside), None)
-        if path is None:
+        paths = [self.images_dir / name for name in names]
+        paths = [p for p in paths if p not in self.moves.sources and p.is_file()]
+        if paths:
+            paths = self.moves.finish_interrupted(self.store, job.id, paths)
+        if not paths:
             return False
+        path = paths[0]
         stat = ImageStat.of(path.stat())
         data = path.read_bytes()
         try:
@@ -306,16 +397,12 @@ class _Planner:
             was_possible = PRICE_PER_IMAGE_MICRO_USD if state == "in_flight" else cost_micro_usd
             self.adopted_possible_micro_usd += was_possible
 
-    def _move_aside(self, job_id: str) -> None:
-        old = find_image(self.images_dir, job_id)
-        if old is None:
-            return
-        if self.dry_run:
-            self.moved_aside.add(old)
-            return
-        aside = self.folder / REPLACED_DIR
-        aside.mkdir(exist_ok=True)
-        target, n = aside / old.name, 1
-        while target.exists():  # every earlier version was paid for: keep them all
-            target, n = aside / f"{old.stem}.{n}{old.suffix}", n + 1
-        old.replace(target)
+
+def _pixel_size(path: Path) -> tuple[int, int] | None:
+    """The width and height of an image edited by hand; None if it no longer decodes (then
+    it is kept all the same: what to do with it is the user's call, ``--redo-edited``)."""
+    try:
+        info = inspect_image(path)
+    except (ImageInvalid, OSError):
+        return None
+    return info.width, info.height

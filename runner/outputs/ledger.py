@@ -53,6 +53,9 @@ RESULTS_COLUMNS = [
     "error",
     "error_cause",
     "retry_on_rerun",
+    "version",
+    "review",
+    "edited",
 ]
 LEDGER_COLUMNS = [
     "job_id",
@@ -76,6 +79,8 @@ _TYPED_COLUMNS: Final = {
     "cost_usd": ("float64", "float64"),
     "possible_cost_usd": ("float64", "float64"),
     "retry_on_rerun": ("bool", "bool"),
+    "version": ("int64", "int64"),
+    "edited": ("bool", "bool"),
 }
 
 
@@ -188,6 +193,10 @@ def _result_rows(jobs: list[Job], views: Views) -> list[tuple[Any, ...]]:
                 s.error_cause if s and not done else None,
                 # A failure that may clear (server error, timeout): the next run tries again.
                 bool(s and status == "failed" and s.retryable),
+                # Of the image recorded, or of the one to make; a review is of a finished one.
+                s.version if s else 1,
+                s.review if s and done else "unreviewed",
+                bool(s and done and s.edited),
             )
         )
     return rows

@@ -51,6 +51,8 @@ AttemptState = Literal["in_flight", "confirmed", "possible", "unbilled"]
 # A reviewer's verdict on a job's current image; "unreviewed" until one is given (or undone).
 ReviewState = Literal["approved", "rejected", "unreviewed"]
 REVIEW_STATES: tuple[ReviewState, ...] = ("approved", "rejected", "unreviewed")
+# Why a job's image became an earlier version (see :meth:`Store.retire_image`).
+RetireReason = Literal["rejected", "edited", "changed", "missing"]
 
 
 class ImageStat(NamedTuple):
@@ -116,6 +118,15 @@ class SavedImage:
     height: int
     sha256: str
     stat: ImageStat | None = None
+
+
+class KeptVersion(NamedTuple):
+    """An earlier image of a job that was recorded as moved to ``image_path`` (relative to the
+    output folder), with the sha256 of the file moved there."""
+
+    version: int
+    image_path: str
+    sha256: str | None
 
 
 class Decision(NamedTuple):
@@ -227,8 +238,26 @@ class Store(Protocol):
         """Record the manifest's jobs; a job whose content changed starts over as pending."""
         ...
 
-    def forget_image(self, job_id: str) -> None:
-        """A success whose image is gone or altered: the job is to be done again."""
+    def retire_image(self, job_id: str, reason: RetireReason, moved_to: str | None) -> None:
+        """The succeeded job's image becomes an earlier version, kept at ``moved_to`` (relative
+        to the folder; None: no file kept): a ``versions`` row with its version, sha256 and size
+        as recorded, and the job pending at the next version, its image and ``edited_at``
+        forgotten. Its attempts stay: what they cost stays spent. The caller moves the file
+        only once this is durable (see :mod:`runner.core.versions`)."""
+        ...
+
+    def record_edit(
+        self, job_id: str, sha256: str, stat: ImageStat, size: tuple[int, int] | None
+    ) -> None:
+        """The succeeded job's image was edited by hand in place and is kept: the generated
+        image's sha256 and size become an earlier version (reason ``edited``, no file: the
+        edit overwrote it), and the job stays succeeded at the next version, unreviewed, with
+        the edited file's ``sha256``, ``stat`` and ``size`` in pixels (None: it does not
+        decode; the size recorded stays), ``edited_at`` set."""
+        ...
+
+    def kept_versions(self, job_id: str) -> list[KeptVersion]:
+        """The earlier images of ``job_id`` recorded with a file, oldest first."""
         ...
 
     def record_image_stat(self, job_id: str, stat: ImageStat) -> None: ...

@@ -15,6 +15,8 @@ Design, after the crash-safe recipe in RELIABILITY.md:
   path, size and sha256, committed only after the image file is durably in place, with the
   file's size, mtime and ctime at that moment: as in git's index, a later run re-hashes the
   image only when they differ (see :mod:`runner.core.plan`).
+- A job's earlier images (rejected, edited by hand, changed, gone) are ``versions`` rows, the
+  job moving on to its next version: the SQL is :mod:`runner.store.versioning`'s.
 - Several writes can share one transaction (:meth:`SqliteStore.batch`), as planning does for
   thousands of jobs at a time: they commit together, durably, or not at all.
 - The pool's writes (:meth:`~SqliteStore.begin_attempt`, :meth:`~SqliteStore.record_outcome`,
@@ -51,7 +53,17 @@ from runner.errors import ApiError, StoreError, StoreWriteError
 from runner.jobs import Job
 from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
-from runner.store.base import AttemptState, Budget, ImageStat, JobRecord, Outcome, SavedImage
+from runner.store import versioning
+from runner.store.base import (
+    AttemptState,
+    Budget,
+    ImageStat,
+    JobRecord,
+    KeptVersion,
+    Outcome,
+    RetireReason,
+    SavedImage,
+)
 from runner.store.groupcommit import GroupCommit
 from runner.store.schema import (
     DB_NAME,
@@ -361,15 +373,24 @@ class SqliteStore:
                 ),
             )
 
-    def forget_image(self, job_id: str) -> None:
-        """Forget a success whose image is gone or altered, so the job is done again."""
+    def retire_image(self, job_id: str, reason: RetireReason, moved_to: str | None) -> None:
+        """Make the succeeded job's image an earlier version kept at ``moved_to``; the job is
+        pending at the next version (see :meth:`Store.retire_image`)."""
         with self.batch() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'pending', image_path = NULL, sha256 = NULL, "
-                "width = NULL, height = NULL, image_size_bytes = NULL, image_mtime_ns = NULL, "
-                "image_ctime_ns = NULL, updated_at = ? WHERE job_id = ?",
-                (now_iso(), job_id),
-            )
+            versioning.retire(db, job_id, reason, moved_to, now_iso())
+
+    def record_edit(
+        self, job_id: str, sha256: str, stat: ImageStat, size: tuple[int, int] | None
+    ) -> None:
+        """Keep the succeeded job's image, edited by hand, as its next version; the generated
+        one's sha256 and size stay as an earlier version (see :meth:`Store.record_edit`)."""
+        with self.batch() as db:
+            versioning.record_edit(db, job_id, sha256, stat, size, now_iso())
+
+    def kept_versions(self, job_id: str) -> list[KeptVersion]:
+        """The earlier images of ``job_id`` recorded with a file, oldest first."""
+        with reading(self.folder):
+            return versioning.kept_versions(self.db, job_id)
 
     def record_image_stat(self, job_id: str, stat: ImageStat) -> None:
         """Note the stat of a finished image found intact by its sha256 after its stat had
