@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from runner.emulator import Emulator
 from runner.review import ReviewServer
 from tests.chromium import Browser, Page
@@ -134,11 +132,6 @@ async def test_review_sixty_shots_in_chromium(tmp_path: Path, emulator: Emulator
         await review_by_hand(await browser.open(server.url), out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the regeneration of rejected shots (issue 11 item 2, H1), not on main yet: "
-    "remove this mark when it lands",
-)
 async def test_the_next_run_regenerates_the_rejected_and_the_app_shows_both_versions(
     tmp_path: Path, emulator: Emulator
 ) -> None:
@@ -150,7 +143,7 @@ async def test_the_next_run_regenerates_the_rejected_and_the_app_shows_both_vers
         page = await browser.open(server.url)
         await review_by_hand(page, out)
 
-        # H1's part (issue 11 item 2).
+        # The next run (issue 11 item 2).
         sent = len(emulator.requests)
         await run_manifest(tmp_path / "manifest.yaml", out, emulator.base_url)
         assert len(emulator.requests) - sent == 2
