@@ -1,5 +1,5 @@
-"""The commands besides ``run``: ``validate`` a manifest, serve the ``emulate``-d API, and the
-views of an output folder, ``report``, ``status`` and ``export``.
+"""The commands besides ``run``: ``validate`` a manifest, serve the ``emulate``-d API, the
+views of an output folder, ``report``, ``status`` and ``export``, and its ``review``.
 
 Each takes its parsed arguments and returns an exit code. The views open the folder's
 checkpoint read-only, so they are safe while a run is going on; a folder they cannot read
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,37 @@ def export(args: argparse.Namespace) -> int:
         print("splits: " + ", ".join(f"{name} {n}" for name, n in result.splits.items()))
     if result.references:
         print(f"references: {plural(result.references, 'image')} in {result.dest / 'references'}")
+    return EXIT_OK
+
+
+def review(args: argparse.Namespace) -> int:
+    """Serve the review app until Ctrl-C, or, given ``--approve`` / ``--reject``, write those
+    decisions and exit. Neither takes the folder's lock: a run may be going on."""
+    from runner.review import decide_ids, reviewer_name, serve_review
+    from runner.store import open_review_log
+
+    reviewer = reviewer_name(args.reviewer)
+    if args.approve or args.reject:
+        with contextlib.closing(open_review_log(args.out)) as log:
+            decided = decide_ids(log, args.approve or (), args.reject or (), reviewer)
+        for review in decided:
+            print(f"{review.decision} {review.job_id} (version {review.version}) as {reviewer}")
+        return EXIT_OK
+
+    def ready(url: str) -> None:
+        print(f"review: {url} (Ctrl-C to stop)", flush=True)
+        if not args.no_browser:
+            webbrowser.open(url)
+
+    try:
+        asyncio.run(serve_review(args.out, reviewer=reviewer, port=args.port, on_ready=ready))
+    except KeyboardInterrupt:
+        print("review: stopped; every decision was saved as it was taken")
+    except OSError as exc:
+        raise RunnerError(
+            f"cannot serve on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
+            "try another --port, or 0 for a free one"
+        ) from None
     return EXIT_OK
 
 

@@ -191,4 +191,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": commands.report,
     "status": commands.status,
     "export": commands.export,
+    "review": commands.review,
 }

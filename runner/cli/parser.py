@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("out", type=Path, help="an output folder of image-runner run")
     status.add_argument("--json", action="store_true", help="print JSON, for scripts and cron")
 
+    _add_review(command("review", "approve or reject finished images, in the browser"))
+
     _add_export(command("export", "export finished images as a dataset"))
     return parser
 
@@ -216,6 +218,30 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_review(review: argparse.ArgumentParser) -> None:
+    review.add_argument("out", type=Path, help="an output folder of image-runner run")
+    review.add_argument(
+        "--port", type=_port, default=0, help="the port on 127.0.0.1 to serve on; 0: a free one"
+    )
+    review.add_argument(
+        "--no-browser", action="store_true", help="print the address; do not open a browser"
+    )
+    review.add_argument(
+        "--reviewer",
+        metavar="NAME",
+        help="who the decisions are recorded as (default: the user you are logged in as)",
+    )
+    for option, decision in (("--approve", "approve"), ("--reject", "reject")):
+        review.add_argument(
+            option,
+            nargs="+",
+            action="extend",
+            metavar="ID",
+            help=f"{decision} these jobs' current images and exit, for scripts (no server); "
+            "every id is checked before any is written",
+        )
+
+
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     """Add the option of :class:`~runner.core.options.Options` named ``name``, with its
     default."""
@@ -328,6 +354,13 @@ def _split_spec(text: str) -> SplitSpec:
         return parse_split(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -238,7 +238,7 @@ def _card(
     cost_micro = row.confirmed_micro_usd + row.possible_micro_usd
     note = None
     if status == "succeeded":
-        name, data, note = _thumbnail(folder, thumbs, job_id, row.image_path, row.sha256)
+        name, data, note = thumbnail(folder, thumbs, job_id, row.image_path, row.sha256)
         size = f"{row.width}&times;{row.height}"
     else:
         name, data = None, None
@@ -275,11 +275,12 @@ def _card(
     return card, status != "succeeded" or data is not None
 
 
-def _thumbnail(
+def thumbnail(
     folder: Path, thumbs: Path, job_id: str, image_path: str | None, sha256: str | None
 ) -> tuple[str | None, bytes | None, str | None]:
     """(thumb file name, its WebP bytes, a note for the reader); the image is decoded only
-    when no thumb of its recorded sha256 exists yet."""
+    when no thumb of its recorded sha256 exists yet. The review app serves its thumbnails
+    from here too, so both share one cache."""
     if not image_path:
         return None, None, "no image recorded"
     source = folder / image_path

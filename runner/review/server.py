@@ -1,0 +1,244 @@
+"""The review app's HTTP side: an aiohttp server on 127.0.0.1 that only its user may use.
+
+Who may: whoever holds the random token printed in its URL. The first page, opened with
+``?token=...``, sets it as a cookie (HttpOnly, SameSite=Strict, named after the port, so two
+review apps do not overwrite each other's) for the page's own requests; any request with
+neither gets 403. A POST must also carry the page's ``X-Requested-With`` header, which a
+cross-site form cannot send and a cross-site ``fetch`` may send only after a CORS preflight this
+server never grants, and an ``Origin``, when there is one, of this server. Every response says
+``Content-Security-Policy: default-src 'none'`` but for the page's own script, style, images and
+API, and ``nosniff``: a prompt is only ever text on the page, and an image only an image.
+
+Files served are only those the checkpoint records: a job's image (``/image/<job_id>``, an
+earlier version's ``/image/<job_id>/v<N>``), its thumbnail (``/thumb/...``, made on demand and
+cached under ``thumbs/`` as the report does), its reference images (``/ref/<job_id>/<i>``, the
+i-th path recorded for that job). No path ever comes from the request, and only png, jpeg and
+webp files are sent, with the type of their bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+
+from runner.errors import ReviewError
+from runner.outputs.report import THUMBS_DIR, thumbnail
+from runner.provider import sniff_format
+from runner.review import items
+from runner.store import open_review_log
+from runner.store.base import Decision, ReviewLog
+
+HOST: Final = "127.0.0.1"
+AJAX_HEADER: Final = "X-Requested-With"
+AJAX_VALUE: Final = "image-runner-review"
+CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_STATIC: Final = {
+    "/": ("index.html", "text/html"),
+    "/static/review.js": ("review.js", "text/javascript"),
+    "/static/review.css": ("review.css", "text/css"),
+}
+_MIME: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_NO_TOKEN: Final = "open the address image-runner review printed: it carries the token"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ReviewServer:
+    """The review app of one output folder, served until :meth:`stop`; ``url`` (with its
+    token) once started. Port 0 picks a free one."""
+
+    def __init__(self, folder: Path, *, reviewer: str, port: int = 0) -> None:
+        self.folder = folder
+        self.reviewer = reviewer
+        self.port = port
+        self.token = secrets.token_urlsafe(24)
+        self._log: ReviewLog | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.origin}/?token={self.token}"
+
+    async def start(self) -> None:
+        """Open the folder's review log and listen; raises :class:`~runner.errors.StoreError`
+        for a folder with no checkpoint, ``OSError`` for a port in use."""
+        self._log = open_review_log(self.folder)
+        try:
+            self._runner = web.AppRunner(self._app(self._log), access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, HOST, self.port).start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    async def __aenter__(self) -> ReviewServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _app(self, log: ReviewLog) -> web.Application:
+        app = web.Application(middlewares=[self._guard])
+        app.on_response_prepare.append(_security_headers)
+        routes = _Routes(log, self.reviewer, self.folder / THUMBS_DIR)
+        for path in _STATIC:
+            app.router.add_get(path, self._static)
+        app.router.add_get("/api/items", routes.items)
+        app.router.add_get("/api/items/{job_id}", routes.item)
+        app.router.add_post("/api/review", routes.review)
+        app.router.add_get("/thumb/{job_id}", routes.thumb)
+        app.router.add_get(r"/thumb/{job_id}/v{version:\d+}", routes.thumb)
+        app.router.add_get("/image/{job_id}", routes.image)
+        app.router.add_get(r"/image/{job_id}/v{version:\d+}", routes.image)
+        app.router.add_get(r"/ref/{job_id}/{index:\d+}", routes.reference)
+        return app
+
+    @property
+    def _cookie(self) -> str:
+        return f"image_runner_review_{self.port}"
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.query.get("token") or request.cookies.get(self._cookie, "")
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
+            return _error(403, _NO_TOKEN)
+        if request.method == "POST":
+            origin = request.headers.get("Origin")
+            if request.headers.get(AJAX_HEADER) != AJAX_VALUE or origin not in (None, self.origin):
+                return _error(403, "a decision is taken only from the review page itself")
+        return await handler(request)
+
+    async def _static(self, request: web.Request) -> web.Response:
+        name, content_type = _STATIC[request.path]
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        response = web.Response(body=body, content_type=content_type, charset="utf-8")
+        if request.path == "/" and "token" in request.query:
+            response.set_cookie(
+                self._cookie, self.token, httponly=True, samesite="Strict", path="/"
+            )
+        return response
+
+
+class _Routes:
+    """The API and the files, over one review log. Its calls are quick local SQLite reads
+    and one-row writes, made on the event loop; thumbnails are made in a thread."""
+
+    def __init__(self, log: ReviewLog, reviewer: str, thumbs: Path) -> None:
+        self.log = log
+        self.reviewer = reviewer
+        self.thumbs = thumbs
+
+    async def items(self, request: web.Request) -> web.Response:
+        try:
+            query = items.ItemsQuery.parse(request.query)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return web.json_response(items.page(self.log.views(), query, self.log.folder.name))
+
+    async def item(self, request: web.Request) -> web.Response:
+        views = self.log.views()
+        found = views.review_item(request.match_info["job_id"])
+        if found is None:
+            return _error(404, f"no job {request.match_info['job_id']} in this folder")
+        return web.json_response(items.item_json(views, found))
+
+    async def review(self, request: web.Request) -> web.Response:
+        try:
+            job_id, decision, version = items.parse_decision(await request.json())
+        except (ValueError, json.JSONDecodeError) as exc:
+            return _error(400, str(exc))
+        try:
+            self.log.decide([Decision(job_id, decision, version)], self.reviewer)
+        except ReviewError as exc:
+            return _error(409, str(exc))
+        views = self.log.views()
+        found = views.review_item(job_id)
+        assert found is not None  # decided, so it exists
+        return web.json_response(
+            {"item": items.item_json(views, found), "counts": views.review_counts()}
+        )
+
+    async def thumb(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        image = items.recorded_image(self.log.views(), job_id, request.match_info.get("version"))
+        if image is None:
+            return _error(404, f"{job_id}: no such image recorded")
+        self.thumbs.mkdir(exist_ok=True)
+        folder = self.log.folder
+        _, data, note = await asyncio.to_thread(
+            thumbnail, folder, self.thumbs, job_id, image.path, image.sha256
+        )
+        if data is None:
+            return _error(404, f"{job_id}: {note}")
+        return web.Response(body=data, content_type="image/webp")
+
+    async def image(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        image = items.recorded_image(self.log.views(), job_id, request.match_info.get("version"))
+        if image is None:
+            return _error(404, f"{job_id}: no such image recorded")
+        return await _image_file(self.log.folder / image.path)
+
+    async def reference(self, request: web.Request) -> web.StreamResponse:
+        job_id, index = request.match_info["job_id"], int(request.match_info["index"])
+        found = self.log.views().review_item(job_id)
+        if found is None or index >= len(found.references):
+            return _error(404, f"{job_id}: no reference image {index}")
+        return await _image_file(Path(found.references[index]))
+
+
+async def _image_file(path: Path) -> web.StreamResponse:
+    """``path`` if it is a png, jpeg or webp file, with the type of its bytes."""
+    try:
+        with path.open("rb") as file:
+            kind = sniff_format(file.read(16))
+    except OSError as exc:
+        return _error(404, f"{path.name}: {exc.strerror or exc}")
+    if kind is None:
+        return _error(404, f"{path.name}: not a png, jpeg or webp image")
+    return web.FileResponse(path, headers={"Content-Type": _MIME[kind]})
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _security_headers(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-cache"
+
+
+async def serve_review(
+    folder: Path, *, reviewer: str, port: int, on_ready: Callable[[str], None]
+) -> None:
+    """Serve the review app of ``folder`` until cancelled (Ctrl-C); ``on_ready`` gets its URL
+    once it listens."""
+    async with ReviewServer(folder, reviewer=reviewer, port=port) as server:
+        on_ready(server.url)
+        await asyncio.Event().wait()
