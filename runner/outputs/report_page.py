@@ -142,6 +142,7 @@ SCRIPT: Final = (
     select.value = s.sort;
     shown.textContent = picked.length + " of " + rows.length + " shown";
     for (const pager of document.querySelectorAll(".pager")) {
+      pager.hidden = pages === 1;
       pager.querySelector(".page").textContent = "page " + current + " of " + pages;
       pager.querySelector(".prev").disabled = current <= 1;
       pager.querySelector(".next").disabled = current >= pages;
@@ -168,7 +169,7 @@ SCRIPT: Final = (
   }
   addEventListener("hashchange", apply);
   $("needs-js").remove();
-  for (const hidden of document.querySelectorAll(".js")) hidden.hidden = false;
+  $("controls").hidden = false;
   apply();
 })();
 """.replace("@@fields@@", ", ".join(name.upper() for name in CardRow._fields))
@@ -178,7 +179,7 @@ SCRIPT: Final = (
 )
 SCRIPT_SHA256: Final = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
 
-_PAGER: Final = """<nav class="pager js" hidden><button type="button" class="prev">&larr; previous\
+_PAGER: Final = """<nav class="pager" hidden><button type="button" class="prev">&larr; previous\
 </button><span class="page"></span><button type="button" class="next">next &rarr;</button></nav>"""
 
 HEAD: Final = """<!doctype html>
@@ -242,7 +243,7 @@ td.error { font: 12px ui-monospace, monospace; max-width: 640px; overflow-wrap: 
 <h2 id="contact-sheet">Contact sheet</h2>
 <p id="needs-js" class="note">The contact sheet of the @@jobs@@ job(s) needs JavaScript: allow \
 it for this page (the summary and failures above show without it).</p>
-<div id="controls" class="js" hidden>
+<div id="controls" hidden>
 <button type="button" value="all">all</button>
 <button type="button" value="succeeded">succeeded</button>
 <button type="button" value="failed">failed</button>
