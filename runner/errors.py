@@ -73,6 +73,11 @@ class ManifestError(RunnerError):
         super().__init__(f"{source}: {count}, nothing was sent:\n{lines}")
 
 
+class ReviewError(RunnerError):
+    """A review decision that cannot be recorded: an unknown job, one with no finished image,
+    or a version that is no longer the job's current one."""
+
+
 class OutputLockedError(RunnerError):
     pass
 

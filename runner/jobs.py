@@ -74,6 +74,12 @@ class Job:
     images: tuple[Path, ...] = ()  # reference images, resolved, in upload order
     row: str = ""  # where the job came from, for messages: "row 3 (line 12)"
     variant: str = ""  # which expansion of a matrix row: "style=watercolor #2"
+    # What a matrix row made this job of, for the dataset's columns (not hashed: the prompt and
+    # the repeat index are, through content_hash): its variables' values as the manifest gives
+    # them, the copy number of a row with ``repeat``, and the row's prompt template.
+    vars: tuple[tuple[str, str | int | float], ...] = ()
+    repeat_index: int | None = None
+    template: str = ""
     _token: dataclasses.InitVar[object] = None  # _TOKEN, or the job is made by hand: refused
 
     def __post_init__(self, _token: object) -> None:
@@ -107,6 +113,17 @@ class Job:
             )
         if not isinstance(self.row, str) or not isinstance(self.variant, str):
             return "row and variant must be text"
+        if type(self.vars) is not tuple or not all(
+            isinstance(name, str) and isinstance(value, str | int | float)
+            for name, value in self.vars
+        ):
+            return "vars must be a tuple of (name, text or number) pairs"
+        if self.repeat_index is not None and not (
+            isinstance(self.repeat_index, int) and self.repeat_index >= 1
+        ):
+            return "repeat_index must be None or a whole number from 1"
+        if not isinstance(self.template, str):
+            return "template must be text"
         return None
 
     @property

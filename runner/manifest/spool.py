@@ -128,6 +128,9 @@ def _restore(
     images: tuple[Path, ...],
     row: str,
     variant: str,
+    vars: tuple[tuple[str, str | int | float], ...] = (),
+    repeat_index: int | None = None,
+    template: str = "",
 ) -> Job:
     """A job rebuilt from the fields of one the validator checked, without checking them again
     or asking for the constructor's token, as unpickling rebuilds an object: a run walks every
@@ -143,6 +146,9 @@ def _restore(
     _set_images(job, images)
     _set_row(job, row)
     _set_variant(job, variant)
+    _set_vars(job, vars)
+    _set_repeat_index(job, repeat_index)
+    _set_template(job, template)
     return job
 
 
@@ -157,4 +163,7 @@ def _restore(
     _set_images,
     _set_row,
     _set_variant,
+    _set_vars,
+    _set_repeat_index,
+    _set_template,
 ) = (Job.__dict__[field.name].__set__ for field in dataclasses.fields(Job))

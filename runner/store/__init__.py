@@ -13,21 +13,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.store.base import AttemptState, ImageStat, JobRecord, Outcome, SavedImage, Store
+from runner.store.base import (
+    AttemptState,
+    Decision,
+    ImageStat,
+    JobRecord,
+    Outcome,
+    Review,
+    ReviewLog,
+    ReviewState,
+    SavedImage,
+    Store,
+)
+from runner.store.reviewlog import SqliteReviewLog
 from runner.store.schema import check_writable
 from runner.store.sqlite import SqliteStore
 
 __all__ = [
     "AttemptState",
+    "Decision",
     "ImageStat",
     "JobRecord",
     "Outcome",
+    "Review",
+    "ReviewLog",
+    "ReviewState",
     "SavedImage",
     "SqliteStore",
     "Store",
     "check_writable",
     "open_for_dry_run",
     "open_read_only",
+    "open_review_log",
     "open_store",
 ]
 
@@ -46,3 +63,9 @@ def open_read_only(folder: Path) -> Store:
 def open_for_dry_run(folder: Path) -> Store:
     """The state of ``folder`` for a dry run: read, never changed, no lock taken."""
     return SqliteStore.open_for_dry_run(folder)
+
+
+def open_review_log(folder: Path) -> ReviewLog:
+    """Where review decisions on ``folder``'s images are written: no lock taken, so a run may
+    be going on; the checkpoint must exist."""
+    return SqliteReviewLog(folder)

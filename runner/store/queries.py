@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.store.schema import SPEND_SQL, reading, rows_by_ids
+from runner.jobs import JobStatus
+from runner.store.base import ReviewState
+from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, reading, rows_by_ids
 from runner.store.views import (
     BilledAttempt,
     ExportJob,
@@ -29,9 +31,12 @@ from runner.store.views import (
     ReportJob,
     ReportSnapshot,
     ReportSummary,
+    ReviewItem,
+    ReviewPage,
     RunSpan,
     Spend,
     StatusFacts,
+    VersionRecord,
 )
 
 # Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
@@ -49,6 +54,23 @@ _REPORT_JOBS = (
     "FROM attempts GROUP BY job_id) a USING (job_id) ORDER BY j.job_id"
 )
 
+# The review app's rows: a job with its current version's latest decision (if any).
+_REVIEW_ITEMS = (
+    "SELECT j.job_id, j.status, j.prompt, j.size, j.model, j.image_path, j.width, j.height, "
+    "j.sha256, j.images, j.version, r.decision, r.reviewer, r.decided_at, "
+    "j.edited_at IS NOT NULL, j.error, j.error_cause FROM jobs j "
+    "LEFT JOIN reviews r ON r.review_id = (SELECT MAX(review_id) FROM reviews "
+    "WHERE reviews.job_id = j.job_id AND reviews.version = j.version)"
+)
+
+
+def _review_item(row: tuple[Any, ...]) -> ReviewItem:
+    decision = row[11] if row[1] == "succeeded" and row[11] else "unreviewed"
+    references = tuple(json.loads(row[9]))
+    return ReviewItem._make(
+        (*row[:9], references, row[10], decision, *row[12:14], bool(row[14]), *row[15:])
+    )
+
 
 class SqliteViews:
     """The views' reads of the checkpoint open as ``db``, the checkpoint of ``folder``."""
@@ -62,11 +84,14 @@ class SqliteViews:
     def job_states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         rows = self._by_ids(
             "SELECT job_id, status, image_path, width, height, sha256, error, error_cause, "
-            "retryable FROM jobs WHERE job_id IN ({ids})",
+            f"retryable, version, {REVIEW_OF_JOB}, edited_at IS NOT NULL "
+            "FROM jobs j WHERE job_id IN ({ids})",
             job_ids,
         )
         make = JobState._make
-        return {row[0]: make((*row[1:8], bool(row[8]))) for row in rows}
+        return {
+            row[0]: make((*row[1:8], bool(row[8]), row[9], row[10], bool(row[11]))) for row in rows
+        }
 
     def job_spend(self, job_ids: Sequence[str]) -> dict[str, JobSpend]:
         rows = self._by_ids(
@@ -208,8 +233,9 @@ class SqliteViews:
     def exportable_jobs(self) -> list[ExportJob]:
         with self._reading():
             rows = self._all(
-                "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256 "
-                "FROM jobs WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
+                "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256, "
+                f"vars, repeat_index, template, version, {REVIEW_OF_JOB}, edited_at IS NOT NULL "
+                "FROM jobs j WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
             )
         return [
             ExportJob(
@@ -222,9 +248,75 @@ class SqliteViews:
                 width=int(r[6]),
                 height=int(r[7]),
                 sha256=r[8],
+                vars=json.loads(r[9]) if r[9] else {},
+                repeat_index=r[10],
+                template=r[11],
+                version=r[12],
+                review=r[13],
+                edited=bool(r[14]),
             )
             for r in rows
         ]
+
+    # --- review -------------------------------------------------------------------------------
+
+    def review_items(
+        self,
+        *,
+        status: JobStatus | None = None,
+        review: ReviewState | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> ReviewPage:
+        where: list[str] = []
+        params: list[str] = []
+        if status is not None:
+            where.append("j.status = ?")
+            params.append(status)
+        if review is not None:
+            # Only a finished image is reviewed: the review filters select succeeded jobs.
+            where.append(f"j.status = 'succeeded' AND {REVIEW_OF_JOB} = ?")
+            params.append(review)
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._reading(), self._snapshot():
+            total = self._one(f"SELECT COUNT(*) FROM jobs j {condition}", tuple(params))
+            rows = self._all(
+                f"{_REVIEW_ITEMS} {condition} ORDER BY j.job_id LIMIT ? OFFSET ?",
+                (*params, max(0, limit), max(0, offset)),
+            )
+        return ReviewPage([_review_item(r) for r in rows], int(total))
+
+    def review_item(self, job_id: str) -> ReviewItem | None:
+        with self._reading():
+            rows = self._all(f"{_REVIEW_ITEMS} WHERE j.job_id = ?", (job_id,))
+        return _review_item(rows[0]) if rows else None
+
+    def review_counts(self) -> dict[str, int]:
+        with self._reading(), self._snapshot():
+            counts = dict.fromkeys(
+                ("succeeded", "failed", "pending", "approved", "rejected", "unreviewed"), 0
+            )
+            for status, n in self._all("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+                counts[status] = n
+            for review, n in self._all(
+                f"SELECT {REVIEW_OF_JOB} AS review, COUNT(*) FROM jobs j "
+                "WHERE j.status = 'succeeded' GROUP BY review"
+            ):
+                counts[review] = n
+        return counts
+
+    def job_versions(self, job_id: str) -> list[VersionRecord]:
+        with self._reading():
+            rows = self._all(
+                "SELECT v.job_id, v.version, v.image_path, v.sha256, v.width, v.height, v.reason, "
+                "v.retired_at, r.decision, r.reviewer, r.decided_at FROM versions v "
+                "LEFT JOIN reviews r ON r.review_id = (SELECT MAX(review_id) FROM reviews "
+                "WHERE reviews.job_id = v.job_id AND reviews.version = v.version) "
+                "WHERE v.job_id = ? ORDER BY v.version",
+                (job_id,),
+            )
+        make = VersionRecord._make
+        return [make((*r[:8], r[8] or "unreviewed", *r[9:])) for r in rows]
 
     # --- reading ------------------------------------------------------------------------------
 

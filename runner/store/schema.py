@@ -90,6 +90,45 @@ MIGRATIONS = (
     ALTER TABLE jobs ADD COLUMN image_mtime_ns INTEGER;
     ALTER TABLE jobs ADD COLUMN image_ctime_ns INTEGER;
     """,
+    # 4: review and versions (issue 11). A job's image is its version; a new image of the job
+    # (a rejected one regenerated, one edited by hand and redone, a changed prompt) is the next
+    # version, the earlier ones kept in `versions`. Decisions are an append-only log, the only
+    # table the review app writes (without the folder's lock, while a run may be going on): the
+    # review of (job, version) is its latest row, 'unreviewed' an undo. And what a matrix row
+    # made a job of, for the dataset's columns: NULL for jobs planned before this migration.
+    """
+    ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN edited_at TEXT;
+    ALTER TABLE jobs ADD COLUMN vars TEXT;
+    ALTER TABLE jobs ADD COLUMN repeat_index INTEGER;
+    ALTER TABLE jobs ADD COLUMN template TEXT;
+    CREATE TABLE versions (
+        job_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        image_path TEXT,
+        sha256 TEXT,
+        width INTEGER,
+        height INTEGER,
+        reason TEXT NOT NULL CHECK (reason IN ('rejected', 'edited', 'changed', 'missing')),
+        retired_at TEXT NOT NULL,
+        PRIMARY KEY (job_id, version)
+    );
+    CREATE TABLE reviews (
+        review_id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('approved', 'rejected', 'unreviewed')),
+        reviewer TEXT NOT NULL,
+        decided_at TEXT NOT NULL
+    );
+    CREATE INDEX reviews_of_version ON reviews (job_id, version, review_id);
+    """,
+)
+
+# The review of a job's current version (``j`` is the jobs row): its latest decision.
+REVIEW_OF_JOB = (
+    "COALESCE((SELECT decision FROM reviews r WHERE r.job_id = j.job_id AND r.version = j.version "
+    "ORDER BY r.review_id DESC LIMIT 1), 'unreviewed')"
 )
 
 
@@ -208,6 +247,34 @@ def connect_read_only(folder: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise StoreError(f"{folder} holds no image-runner checkpoint")
     return _connect_for_reading(path, "mode=ro")
+
+
+def connect_for_review(folder: Path) -> sqlite3.Connection:
+    """The checkpoint of ``folder``, to append review decisions to, without the folder's lock:
+    a run may be writing it meanwhile (WAL: one writer at a time, each waiting its turn up to
+    the ``busy_timeout``). Never created here; a checkpoint of an older version is brought up
+    to date first, as a run would."""
+    path = folder / DB_NAME
+    if not path.is_file():
+        raise StoreError(f"{folder} holds no image-runner checkpoint: run a manifest into it first")
+    try:
+        uri = f"{path.absolute().as_uri()}?mode=rw"
+        # Not same-thread: the review app writes from a worker thread, one at a time.
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA synchronous = FULL")
+        _migrate(db, path)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def connect_for_dry_run(folder: Path) -> sqlite3.Connection:

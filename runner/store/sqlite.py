@@ -55,6 +55,7 @@ from runner.store.base import AttemptState, Budget, ImageStat, JobRecord, Outcom
 from runner.store.groupcommit import GroupCommit
 from runner.store.schema import (
     DB_NAME,
+    REVIEW_OF_JOB,
     SPEND_SQL,
     connect_for_dry_run,
     connect_read_only,
@@ -302,7 +303,8 @@ class SqliteStore:
         """The records of those of ``job_ids`` the checkpoint has."""
         rows = self._by_ids(
             "SELECT job_id, content_hash, status, image_path, sha256, retryable, error_cause, "
-            "image_size_bytes, image_mtime_ns, image_ctime_ns FROM jobs WHERE job_id IN ({ids})",
+            f"image_size_bytes, image_mtime_ns, image_ctime_ns, version, {REVIEW_OF_JOB}, "
+            "edited_at FROM jobs j WHERE job_id IN ({ids})",
             job_ids,
         )
         make = JobRecord._make
@@ -328,12 +330,13 @@ class SqliteStore:
             db.executemany(
                 """
                 INSERT INTO jobs (job_id, content_hash, status, endpoint, model, size, prompt,
-                                  images, updated_at)
-                VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)
+                                  images, updated_at, vars, repeat_index, template)
+                VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (job_id) DO UPDATE SET
                     content_hash = excluded.content_hash, status = 'pending',
                     endpoint = excluded.endpoint, model = excluded.model, size = excluded.size,
-                    prompt = excluded.prompt, images = excluded.images,
+                    prompt = excluded.prompt, images = excluded.images, vars = excluded.vars,
+                    repeat_index = excluded.repeat_index, template = excluded.template,
                     image_path = NULL, width = NULL, height = NULL, sha256 = NULL,
                     image_size_bytes = NULL, image_mtime_ns = NULL, image_ctime_ns = NULL,
                     error = NULL, error_cause = NULL, retryable = 0,
@@ -350,6 +353,9 @@ class SqliteStore:
                         job.prompt,
                         json.dumps([str(p) for p in job.images]) if job.images else "[]",
                         stamp,
+                        json.dumps(dict(job.vars), ensure_ascii=False) if job.vars else "{}",
+                        job.repeat_index,
+                        job.template or None,
                     )
                     for job in jobs
                 ),

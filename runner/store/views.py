@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 from runner.jobs import JobStatus
+from runner.store.base import ReviewState
 
 
 class JobState(NamedTuple):
@@ -35,6 +36,9 @@ class JobState(NamedTuple):
     error: str | None
     error_cause: str | None
     retryable: bool  # a failure a rerun of the manifest tries again
+    version: int  # of the image recorded, or (pending) of the one to make; 1 for a first image
+    review: ReviewState  # of that version
+    edited: bool  # its image was found edited by hand, and kept
 
 
 class JobSpend(NamedTuple):
@@ -161,6 +165,56 @@ class ExportJob(NamedTuple):
     width: int
     height: int
     sha256: str
+    vars: dict[str, str | int | float]  # a matrix row's variables; {} for none
+    repeat_index: int | None  # the copy number of a row with ``repeat``
+    template: str | None  # a matrix row's prompt template
+    version: int
+    review: ReviewState
+    edited: bool
+
+
+class ReviewItem(NamedTuple):
+    """A job as the review app shows it: its current image, its references and its review."""
+
+    job_id: str
+    status: JobStatus
+    prompt: str
+    size: str | None
+    model: str
+    image_path: str | None
+    width: int | None
+    height: int | None
+    sha256: str | None
+    references: tuple[str, ...]  # the reference images' paths as recorded, in upload order
+    version: int
+    review: ReviewState
+    reviewed_by: str | None
+    reviewed_at: str | None
+    edited: bool
+    error: str | None
+    error_cause: str | None
+
+
+class ReviewPage(NamedTuple):
+    items: list[ReviewItem]  # in job id order
+    total: int  # of the jobs the filters select
+
+
+class VersionRecord(NamedTuple):
+    """An earlier image of a job, kept where it was moved (None when it was gone), with the
+    review it had."""
+
+    job_id: str
+    version: int
+    image_path: str | None
+    sha256: str | None
+    width: int | None
+    height: int | None
+    reason: Literal["rejected", "edited", "changed", "missing"]
+    retired_at: str
+    review: ReviewState
+    reviewed_by: str | None
+    reviewed_at: str | None
 
 
 class Views(Protocol):
@@ -194,6 +248,28 @@ class Views(Protocol):
 
     def exportable_jobs(self) -> list[ExportJob]:
         """The succeeded jobs with an image recorded, in the order they were first planned."""
+        ...
+
+    def review_items(
+        self,
+        *,
+        status: JobStatus | None = None,
+        review: ReviewState | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> ReviewPage:
+        """A page of jobs in id order, filtered by status and review state (None: any)."""
+        ...
+
+    def review_item(self, job_id: str) -> ReviewItem | None: ...
+
+    def review_counts(self) -> dict[str, int]:
+        """Jobs by status (``succeeded``, ``failed``, ``pending``) and succeeded jobs by review
+        state (``approved``, ``rejected``, ``unreviewed``), every key present."""
+        ...
+
+    def job_versions(self, job_id: str) -> list[VersionRecord]:
+        """The earlier images of a job, oldest first."""
         ...
 
 
