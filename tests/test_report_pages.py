@@ -1,7 +1,8 @@
 """The report at scale: a contact sheet shown a page of cards at a time, the failures table
-capped, an edit's references beside its output, the page without JavaScript, and the summary
-and jobs read from one snapshot. The basics (summary, thumbnails, escaping): ``test_report.py``;
-speed and memory on 100,000 jobs: ``python -m bench report``."""
+capped, an edit's references beside its output, review decisions shown and filtered, the page
+without JavaScript, and the summary and jobs read from one snapshot. The basics (summary,
+thumbnails, escaping): ``test_report.py``; speed and memory on 100,000 jobs: ``python -m bench
+report``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from runner.emulator import Emulator, EmulatorConfig
 from runner.images.files import sha256_file
 from runner.outputs import report, thumbs
 from runner.outputs.report_page import CARDS_PER_PAGE
+from runner.store import open_review_log
+from runner.store.base import Decision
 from runner.store.sqlite import SqliteStore
 from tests.chromium import Browser
 from tests.conftest import db_exec, make_ref, run_manifest, write_manifest
@@ -160,3 +163,31 @@ def test_the_summary_and_the_jobs_are_of_one_moment(many: Path, tmp_path: Path) 
             assert snap.summary.failed == 7
     finally:
         store.close()
+
+
+async def test_review_decisions_show_and_filter(many: Path, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(many, tmp_path / "out"))
+    log = open_review_log(out)
+    try:
+        log.decide(
+            [Decision("j001", "approved"), Decision("j002", "rejected"),
+             Decision("j003", "rejected")],
+            reviewer="ana",
+        )  # fmt: skip
+    finally:
+        log.close()
+    page_html = report_of(out)
+    assert '<b id="reviews">1 approved, 2 rejected, 291 unreviewed</b>' in page_html
+    reviews = {r["id"]: r["review"] for r in rows_of(page_html)}
+    assert (reviews["j001"], reviews["j002"], reviews["j000"], reviews["j007"]) == (
+        "approved", "rejected", "unreviewed", "",  # j007 failed: nothing to review
+    )  # fmt: skip
+    async with Browser(tmp_path) as browser:
+        page = await browser.open((out / "report.html").as_uri() + "#review=rejected")
+        assert await page.evaluate(CARD_IDS) == ["j002", "j003"]
+        badges = "[...document.querySelectorAll('#job-j002 .badge')].map((b) => b.textContent)"
+        assert await page.evaluate(badges) == ["succeeded", "rejected"]
+        await page.click("#controls button[name=review][value=approved]")
+        await page.wait_for("document.getElementById('shown').textContent === '1 of 300 shown'")
+        assert await page.evaluate("location.hash") == "#status=all&review=approved&sort=id&page=1"
+        assert await page.evaluate(CARD_IDS) == ["j001"]

@@ -148,6 +148,9 @@ def _card(job: ReportJob, thumbs: Thumbnails) -> _Card:
         detail=detail,
         note=note,
         refs=[(t.name or "", label if t.name else t.note or label) for t, label in refs],
+        version=job.version,
+        review=job.review if job.status == "succeeded" else "",
+        edited=job.edited,
     )
     return _Card(row, names, job.status == "succeeded" and not thumb)
 
@@ -181,6 +184,9 @@ def _summary_html(summary: ReportSummary, unshown: int) -> str:
     )
     listed = ", ".join(f"{_e(cause)}: {n}" for cause, n in summary.failures) or "none"
     notes = f'<p>Failures by cause: <b id="causes">{listed}</b></p>'
+    if summary.succeeded:
+        reviewed = ", ".join(f"{n} {review}" for review, n in summary.reviews.items())
+        notes += f'<p>Review of the finished images: <b id="reviews">{reviewed}</b></p>'
     if summary.pending:
         notes += f'<p class="sub">{summary.pending} pending: run the manifest again.</p>'
     if unshown:

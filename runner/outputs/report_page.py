@@ -5,7 +5,8 @@ The page is written by :mod:`runner.outputs.report` in three parts: :data:`HEAD`
 :data:`TAIL`, which holds the script. The script reads the rows and shows one page of
 cards at a time, so that a folder of 100,000 jobs opens as fast as one of a hundred: the
 browser holds the rows, a few megabytes, and only ever lays out :data:`CARDS_PER_PAGE` cards.
-Filter, sort and page live in the URL's hash (``report.html#status=failed&sort=cost&page=2``;
+Filters (status, and review of the finished images), sort and page live in the URL's hash
+(``report.html#status=failed&sort=cost&page=2``, ``#review=rejected``;
 ``&job=ID`` opens the page with that job's card and scrolls to it). Cards are built with
 ``textContent``, never markup, so prompts and errors cannot inject any.
 
@@ -40,6 +41,9 @@ class CardRow(NamedTuple):
     detail: str  # what the placeholder of a card without a thumb says
     note: str  # what went wrong with the image, if anything
     refs: list[tuple[str, str]]  # an edit's references: (thumb name or "", what to call it)
+    version: int  # of the image shown (or, pending, of the one to make)
+    review: str  # approved, rejected or unreviewed: of a succeeded job's image; "" otherwise
+    edited: bool  # the image was edited by hand since it was made, and kept
 
 
 SCRIPT: Final = (
@@ -50,26 +54,30 @@ SCRIPT: Final = (
   const [@@fields@@] = [...Array(@@field_count@@).keys()];
   const PER_PAGE = @@per_page@@, PROMPT_CHARS = @@prompt_chars@@;
   const sheet = $("sheet"), select = $("sort"), shown = $("shown");
-  const buttons = [...document.querySelectorAll("#controls button[value]")];
+  const buttons = [...document.querySelectorAll("#controls button[name]")];
   const rank = {failed: 0, pending: 1, succeeded: 2};
+  const reviews = {approved: 0, rejected: 1, unreviewed: 2};
   const cost = (i) => rows[i][CONFIRMED] + rows[i][POSSIBLE];
   const sorts = {id: null,
                  status: (a, b) => rank[rows[a][STATUS]] - rank[rows[b][STATUS]] || a - b,
                  cost: (a, b) => cost(b) - cost(a) || a - b};
   const state = () => {
     const h = new URLSearchParams(location.hash.slice(1));
-    const status = h.get("status"), sort = h.get("sort");
+    const status = h.get("status"), review = h.get("review"), sort = h.get("sort");
     return {status: Object.hasOwn(rank, status) ? status : "all",
+            review: Object.hasOwn(reviews, review) ? review : "all",
             sort: Object.hasOwn(sorts, sort) ? sort : "id",
             page: Math.max(1, parseInt(h.get("page"), 10) || 1), job: h.get("job")};
   };
   let memo = {key: null, order: []};
   const order = (s) => {
-    const key = s.status + " " + s.sort;
+    const key = [s.status, s.review, s.sort].join(" ");
     if (memo.key !== key) {
       const picked = [];
       for (let i = 0; i < rows.length; i++) {
-        if (s.status === "all" || rows[i][STATUS] === s.status) picked.push(i);
+        // Only a finished image is reviewed: a review filter picks succeeded jobs.
+        if ((s.status === "all" || rows[i][STATUS] === s.status)
+            && (s.review === "all" || rows[i][REVIEW] === s.review)) picked.push(i);
       }
       if (sorts[s.sort]) picked.sort(sorts[s.sort]);
       memo = {key, order: picked};
@@ -123,9 +131,16 @@ SCRIPT: Final = (
     let spent = usd(r[CONFIRMED]);
     if (r[POSSIBLE]) spent += " + " + usd(r[POSSIBLE]) + " possible";
     const tries = r[ATTEMPTS] + " attempt" + (r[ATTEMPTS] === 1 ? "" : "s");
+    const facts = [r[SIZE], spent, tries];
+    if (r[VERSION] > 1) facts.push("version " + r[VERSION]);
+    if (r[EDITED]) facts.push("edited by hand");
+    const badges = el("div", "badges");
+    badges.append(el("span", "badge b-" + status, status));
+    if (r[REVIEW] && r[REVIEW] !== "unreviewed") {
+      badges.append(el("span", "badge r-" + r[REVIEW], r[REVIEW]));
+    }
     const meta = el("div", "meta");
-    meta.append(el("span", "badge b-" + status, status), id, prompt,
-                el("p", "facts", [r[SIZE], spent, tries].join(" \\u00b7 ")));
+    meta.append(badges, id, prompt, el("p", "facts", facts.join(" \\u00b7 ")));
     if (r[NOTE]) meta.append(el("p", "note", r[NOTE]));
     c.append(pic, meta);
     return c;
@@ -138,7 +153,7 @@ SCRIPT: Final = (
     current = at >= 0 ? Math.floor(at / PER_PAGE) + 1 : Math.min(s.page, pages);
     const first = (current - 1) * PER_PAGE;
     sheet.replaceChildren(...picked.slice(first, first + PER_PAGE).map(card));
-    for (const b of buttons) b.setAttribute("aria-pressed", String(b.value === s.status));
+    for (const b of buttons) b.setAttribute("aria-pressed", String(b.value === s[b.name]));
     select.value = s.sort;
     shown.textContent = picked.length + " of " + rows.length + " shown";
     for (const pager of document.querySelectorAll(".pager")) {
@@ -155,9 +170,10 @@ SCRIPT: Final = (
   };
   const go = (change) => {
     const s = Object.assign(state(), {page: 1}, change);
-    location.hash = "status=" + s.status + "&sort=" + s.sort + "&page=" + s.page;
+    const review = s.review === "all" ? "" : "&review=" + s.review;
+    location.hash = "status=" + s.status + review + "&sort=" + s.sort + "&page=" + s.page;
   };
-  for (const b of buttons) b.addEventListener("click", () => go({status: b.value}));
+  for (const b of buttons) b.addEventListener("click", () => go({[b.name]: b.value}));
   select.addEventListener("change", () => go({sort: select.value}));
   for (const pager of document.querySelectorAll(".pager")) {
     for (const [button, step] of [[".prev", -1], [".next", 1]]) {
@@ -227,7 +243,9 @@ td.error { font: 12px ui-monospace, monospace; max-width: 640px; overflow-wrap: 
 .badge { align-self: flex-start; font-size: 11px; font-weight: 600; padding: 1px 8px;
   border-radius: 10px; color: #fff; text-transform: uppercase; }
 .b-succeeded { background: var(--ok); } .b-failed { background: var(--bad); }
-.b-pending { background: var(--wait); }
+.b-pending { background: var(--wait); } .r-approved { background: #0969da; }
+.r-rejected { background: #6e7781; } .badges { display: flex; gap: 4px; }
+.sep { width: 12px; }
 .id { font: 600 13px ui-monospace, monospace; white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; }
 .prompt { margin: 0; font-size: 13px; overflow: hidden; display: -webkit-box;
@@ -244,10 +262,15 @@ td.error { font: 12px ui-monospace, monospace; max-width: 640px; overflow-wrap: 
 <p id="needs-js" class="note">The contact sheet of the @@jobs@@ job(s) needs JavaScript: allow \
 it for this page (the summary and failures above show without it).</p>
 <div id="controls" hidden>
-<button type="button" value="all">all</button>
-<button type="button" value="succeeded">succeeded</button>
-<button type="button" value="failed">failed</button>
-<button type="button" value="pending">pending</button>
+<button type="button" name="status" value="all">all</button>
+<button type="button" name="status" value="succeeded">succeeded</button>
+<button type="button" name="status" value="failed">failed</button>
+<button type="button" name="status" value="pending">pending</button>
+<span class="sep"></span>
+<button type="button" name="review" value="all">any review</button>
+<button type="button" name="review" value="approved">approved</button>
+<button type="button" name="review" value="rejected">rejected</button>
+<button type="button" name="review" value="unreviewed">unreviewed</button>
 <label>&nbsp;sort by <select id="sort"><option value="id">id</option>
 <option value="status">status</option><option value="cost">cost</option></select></label>
 <span id="shown"></span></div>

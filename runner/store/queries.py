@@ -47,7 +47,8 @@ _REPORT_JOBS = (
     "j.error, j.error_cause, j.retryable, COALESCE(a.n, 0), COALESCE(a.confirmed, 0), "
     "COALESCE(a.possible, 0), "
     "(SELECT error FROM attempts WHERE attempts.job_id = j.job_id "
-    "ORDER BY attempt DESC LIMIT 1), j.images "
+    "ORDER BY attempt DESC LIMIT 1), j.images, j.version, "
+    f"{REVIEW_OF_JOB}, j.edited_at IS NOT NULL "
     "FROM jobs j LEFT JOIN (SELECT job_id, COUNT(*) AS n, "
     "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
     "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) AS possible "
@@ -196,11 +197,18 @@ class SqliteViews:
                     "WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
                 )
             ]
+            reviews: dict[ReviewState, int] = {"approved": 0, "rejected": 0, "unreviewed": 0}
+            for review, n in self._all(
+                f"SELECT {REVIEW_OF_JOB}, COUNT(*) FROM jobs j "
+                "WHERE j.status = 'succeeded' GROUP BY 1"
+            ):
+                reviews[review] = int(n)
             summary = ReportSummary(
                 succeeded=int(by_status.get("succeeded", 0)),
                 failed=int(by_status.get("failed", 0)),
                 pending=int(by_status.get("pending", 0)),
                 failures=failures,
+                reviews=reviews,
                 spend=self._spend(),
                 runs=self._run_spans(),
             )
@@ -209,7 +217,9 @@ class SqliteViews:
     def _report_jobs(self) -> Iterator[ReportJob]:
         make = ReportJob._make
         for r in self._cursor().execute(_REPORT_JOBS):
-            yield make((*r[:10], bool(r[10]), *r[11:15], tuple(json.loads(r[15]))))
+            yield make(
+                (*r[:10], bool(r[10]), *r[11:15], tuple(json.loads(r[15])), *r[16:18], bool(r[18]))
+            )
 
     def _run_spans(self) -> list[RunSpan]:
         starts = self._all("SELECT started_at, finished_at FROM runs ORDER BY started_at")

@@ -118,6 +118,9 @@ class ReportJob(NamedTuple):
     possible_micro_usd: int
     last_error: str | None  # of its latest attempt: why a pending job is not done yet
     references: tuple[str, ...]  # an edit's reference images, as recorded, in upload order
+    version: int  # of the image recorded, or (pending) of the one to make
+    review: ReviewState  # of that version
+    edited: bool  # its image was found edited by hand, and kept
 
 
 class RunSpan(NamedTuple):
@@ -136,6 +139,7 @@ class ReportSummary:
     failed: int
     pending: int
     failures: list[tuple[str, int]]  # (error cause, failed jobs), most first; "unknown" for none
+    reviews: dict[ReviewState, int]  # succeeded jobs by the review of their current image
     spend: Spend
     runs: list[RunSpan]  # in the order they started
 
