@@ -232,8 +232,8 @@ td.error { font: 12px ui-monospace, monospace; max-width: 640px; overflow-wrap: 
 .card.target { outline: 3px solid #0969da; }
 .thumb { height: 200px; display: flex; align-items: center; justify-content: center; gap: 4px;
   background: #e9ecef; } .thumb img { max-width: 100%; max-height: 100%; }
-.thumb .out { flex: 1 1 0; min-width: 0; height: 100%; display: flex; align-items: center;
-  justify-content: center; }
+.thumb .out { flex: 1 1 0; min-width: 0; height: 100%; display: flex; flex-direction: column;
+  align-items: center; justify-content: center; }
 .refs { flex: 0 0 64px; display: flex; flex-direction: column; gap: 4px; padding: 4px;
   max-height: 100%; overflow: hidden; border-right: 2px dashed var(--line); }
 .refs img, .refs .ph { max-height: 60px; padding: 0; font-size: 10px; }
