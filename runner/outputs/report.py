@@ -57,13 +57,13 @@ class _Card(NamedTuple):
 def write_report(store: Viewable) -> Path:
     """Write ``<folder>/report.html`` (atomically) and the thumbnails it needs; return its path."""
     folder = store.folder
-    thumbs = Thumbnails(folder)
     failed: list[ReportJob] = []
     unshown = 0
     with (
         store.views().report_snapshot() as snap,
         tempfile.TemporaryFile(dir=folder) as rows,
     ):
+        thumbs = Thumbnails(folder)  # once the checkpoint could be read
         rows.write(b"[")
         comma = b""
         for card, job in _cards(snap.jobs, thumbs):
