@@ -2,17 +2,18 @@
 
 The folder is made as a user's is: a run of 100,000 jobs (``--quick``: 1,000) against the
 emulator at its smallest size, 1280x544 (flat PNGs of about 1 KB: the smallest images it
-makes), concurrency 16. That run writes its report at its end, making every thumbnail. Then,
-each a fresh process timed from start to exit, with its peak RSS:
+makes), concurrency 16. That run writes its report at its end, making every thumbnail. Then
+(each report a fresh process, timed from start to exit, with its peak RSS):
 
 * ``image-runner report OUT`` as the run left the folder: every thumbnail there, none decoded;
-* the same with ``thumbs/`` deleted first: every image decoded, shrunk and encoded again
-  (about 2 ms of CPU an image, on every core);
+* the page opened in a headless Chromium (the tests' DevTools driver, a fresh profile each
+  time): the time from the navigation's start (the page's ``performance.now()``, polled every
+  50 ms) until the first :data:`FIRST_CARDS` cards' thumbnails are loaded (``complete`` and
+  ``naturalWidth > 0``); target < 3 s;
+* ``image-runner report OUT`` with ``thumbs/`` deleted first: every image decoded, shrunk and
+  encoded again (about 2 ms of CPU an image, on every core).
 
-targets < 60 s and < 300 MB each. Last, the page opened in a headless Chromium (the tests'
-DevTools driver, a fresh profile each time): the time from the navigation's start (the page's
-``performance.now()``, polled every 50 ms) until the first :data:`FIRST_CARDS` cards' thumbnails
-are loaded (``complete`` and ``naturalWidth > 0``); target < 3 s.
+Targets for both reports: < 60 s and < 300 MB.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TARGET_S = 60.0
 TARGET_MB = 300
 TARGET_FIRST_THUMBS_S = 3.0
 RUN_TIMEOUT_S = 1800.0
-REPORT_TIMEOUT_S = 3 * TARGET_S
+REPORT_TIMEOUT_S = 10 * TARGET_S  # decoding 100,000 images on a busy machine takes minutes
 FIRST_THUMBS_TIMEOUT_S = 60.0
 _POLL_S = 0.05
 _FIRST_THUMBS_JS = (
@@ -62,8 +63,8 @@ def measure(options: Options) -> list[Row]:
         reason = f"the run failed: {first.failure()}"
         return [Row(f"{label}, time", reason, f"< {TARGET_S:.0f} s", None)]
     rows = _reports(options, out_dir, f"{label}, thumbnails there", cold=False)
+    rows.append(_first_thumbs(options, out_dir, label))  # while every thumbnail is there
     rows += _reports(options, out_dir, f"{label}, thumbnails made", cold=True)
-    rows.append(_first_thumbs(options, out_dir, label))
     shutil.rmtree(out_dir, ignore_errors=True)
     return rows
 
