@@ -19,5 +19,6 @@ Modules, one subject each:
 * :mod:`bench.manifests`: big CSV and YAML manifests, written as a stream;
 * :mod:`bench.bare`: the bare aiohttp loop the overhead figure compares the runner with;
 * one module per figure: :mod:`bench.overhead`, :mod:`bench.latency`, :mod:`bench.rate_limit`,
-  :mod:`bench.memory`, :mod:`bench.scale`.
+  :mod:`bench.memory`, :mod:`bench.scale`, :mod:`bench.report` (which also opens the report's
+  page in Chromium, with the tests' DevTools driver).
 """

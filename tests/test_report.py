@@ -1,18 +1,18 @@
 """The HTML report: summary, failures and contact sheet from a real run on the emulator, the
-thumbnail cache, and the page as a real headless Chromium renders it (script run, screenshot)."""
+thumbnail cache, and the page as a real headless Chromium renders it (script run, screenshot).
+Paging, edits' references and big folders: ``test_report_pages.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import html
-import io
+import json
 import re
 import shutil
 import sqlite3
-import subprocess
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,12 +21,13 @@ from PIL import Image
 from runner.emulator import Emulator, EmulatorConfig
 from runner.errors import StoreError
 from runner.images.files import is_temp_name
-from runner.outputs import report
+from runner.outputs import thumbs
 from runner.outputs.report import write_report
+from runner.outputs.report_page import CardRow
 from runner.store.sqlite import SqliteStore
+from tests.chromium import Browser
 from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
 
-CHROMIUM = Path("/usr/bin/chromium")
 LONG_PROMPT = "<script>alert('owned')</script> a cat & a \"dog\", " + "very detailed, " * 12
 JOBS = [
     {"id": "fox-red", "prompt": "a red fox in the snow", "size": "1280x720"},
@@ -47,7 +48,7 @@ STATUS = {
     "stopper": "pending",
     "never": "pending",
 }
-CARD = re.compile(r'<article class="card[^"]*" id="job-([^"]+)"[^>]*data-status="(\w+)"[^>]*>')
+ROWS = re.compile(r'<script type="application/json" id="jobs">(.*?)</script>', re.DOTALL)
 
 
 async def make_run(folder: Path, base_url: str, jobs: list[dict[str, str]] = JOBS) -> Path:
@@ -68,9 +69,15 @@ def report_of(out: Path) -> str:
     return path.read_text()
 
 
-def thumbnails(page: str) -> list[Image.Image]:
-    uris = re.findall(r'src="data:image/webp;base64,([^"]+)"', page)
-    return [Image.open(io.BytesIO(base64.b64decode(uri))) for uri in uris]
+def rows_of(page: str) -> list[dict[str, Any]]:
+    """The jobs' rows the page embeds, each as a dict of its fields."""
+    (text,) = ROWS.findall(page)
+    return [dict(zip(CardRow._fields, row, strict=True)) for row in json.loads(text)]
+
+
+def thumbnails(out: Path, page: str) -> list[Image.Image]:
+    """The thumbnails the page shows, in the order of its rows, read from ``thumbs/``."""
+    return [Image.open(out / "thumbs" / r["thumb"]) for r in rows_of(page) if r["thumb"]]
 
 
 @pytest.fixture(scope="module")
@@ -109,48 +116,56 @@ def test_summary_counts_spend_and_wall_time(made: tuple[Path, str]) -> None:
 
 def test_every_job_has_a_card_with_its_status(made: tuple[Path, str]) -> None:
     _, page = made
-    assert dict(CARD.findall(page)) == STATUS
-    # Without JavaScript every card shows, and the controls (which would do nothing) do not.
-    assert not re.search(r"<article[^>]* hidden", page)
+    rows = {r["id"]: r for r in rows_of(page)}
+    assert list(rows) == sorted(STATUS)  # in job id order
+    assert {job_id: r["status"] for job_id, r in rows.items()} == STATUS
+    # Without JavaScript a note says what the contact sheet needs; the controls stay hidden.
+    assert (
+        '<p id="needs-js" class="note">The contact sheet of the 7 job(s) needs JavaScript' in page
+    )
     assert '<div id="controls" hidden>' in page
-    assert "1280&times;720 &middot; $0.03" in page  # actual size and cost
-    assert "asked 1280x544 &middot; $0.00" in page  # a failed job: the size it asked for
-    assert "last try: HTTP 401 invalid_api_key" in page  # a pending job's last attempt
+    assert (rows["fox-red"]["size"], rows["fox-red"]["confirmed"]) == ("1280\u00d7720", 30_000)
+    assert rows["fox-red"]["image"] == "images/fox-red.png"
+    assert (rows["banned"]["size"], rows["banned"]["confirmed"]) == ("asked 1280x544", 0)
+    assert rows["maybe"]["possible"] == 30_000
+    assert rows["stopper"]["detail"].startswith(
+        "last try: HTTP 401 invalid_api_key"
+    )  # its last attempt
+    assert rows["never"]["detail"] == "not tried yet"
 
 
 def test_failures_are_listed_with_error_and_cause(made: tuple[Path, str]) -> None:
     out, page = made
     table = page[page.index('<table id="failures-table">') : page.index("</table>")]
-    rows = re.findall(r"<tr><td><a href=\"#job-(\w+)\">.*?</tr>", table)
+    rows = re.findall(r'<tr><td><a href="#status=failed&amp;job=(\w+)">.*?</tr>', table)
     assert rows == ["banned", "maybe"]
     error = db_rows(out, "SELECT error FROM jobs WHERE job_id = 'banned'")[0][0]
     assert "content_policy_violation" in error
     assert f'<td>content_policy_violation</td><td class="error">{html.escape(error)}<' in table
     assert "<td>ambiguous</td>" in table and "next run" in table
+    assert 'id="failures-more"' not in page  # all of them are listed
 
 
 def test_untrusted_text_is_escaped(made: tuple[Path, str]) -> None:
     _, page = made
-    assert page.count("<script") == 1  # the page's own
-    assert "alert('owned')" not in page
-    assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;" in page
-    # Truncated on the card, whole in its title attribute.
-    full = html.escape(LONG_PROMPT)
-    assert f'title="{full}"' in page
-    assert f">{full}<" not in page and "\u2026</p>" in page
+    # The page's own two script elements, and no prompt can close one or open another.
+    assert page.count("<script") == 2 and page.count("</script>") == 2
+    assert "<script>alert" not in page and "\\u003cscript>alert('owned')\\u003c/script>" in page
+    (xss,) = [r for r in rows_of(page) if r["id"] == "xss"]
+    assert xss["prompt"] == LONG_PROMPT  # whole: the card truncates it, its title shows it all
 
 
-def test_self_contained_thumbnails(made: tuple[Path, str]) -> None:
+def test_thumbnails_are_files_beside_the_page(made: tuple[Path, str]) -> None:
     out, page = made
-    thumbs = thumbnails(page)
+    thumbs = thumbnails(out, page)
     assert [t.format for t in thumbs] == ["WEBP"] * 3
-    # Cards are in job id order: fox-red 1280x720, fox-url 848x1280, xss 1280x1280.
+    # Rows are in job id order: fox-red 1280x720, fox-url 848x1280, xss 1280x1280.
     assert [t.size for t in thumbs] == [(256, 144), (170, 256), (256, 256)]
-    links = re.findall(r'(?:src|href)="([^"]*)"', page)
-    assert links and all(link.startswith(("data:image/webp;base64,", "#")) for link in links)
-    assert "http" not in page.replace("http-equiv", "")
+    assert "img-src 'self';" in page  # local files only: no data: URI, nothing from a network
+    assert "data:" not in page and "http" not in page.replace("http-equiv", "")
     assert not re.search(r"<link|@import|url\(", page)
     files = sorted(p.name for p in (out / "thumbs").iterdir())
+    assert files == sorted(r["thumb"] for r in rows_of(page) if r["thumb"])
     assert [f.rsplit("-", 1)[0] for f in files] == ["fox-red", "fox-url", "xss"]
     for name in files:
         sha = db_rows(out, f"SELECT sha256 FROM jobs WHERE job_id = '{name.rsplit('-', 1)[0]}'")
@@ -170,9 +185,9 @@ async def test_thumbnails_reused_then_replaced_when_the_image_changes(
         raise AssertionError(f"{source} decoded again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(report, "_make_thumb", no_decoding)
+        patch.setattr(thumbs, "make_thumb", no_decoding)
         page = report_of(out)
-    assert first.stat().st_mtime_ns == mtime_ns and len(thumbnails(page)) == 1
+    assert first.stat().st_mtime_ns == mtime_ns and len(thumbnails(out, page)) == 1
 
     # A new prompt under the same id: a new image, so a new thumb, and the old one goes.
     jobs[0]["prompt"] = "a green fox"
@@ -180,9 +195,8 @@ async def test_thumbnails_reused_then_replaced_when_the_image_changes(
     page = report_of(out)
     (second,) = (out / "thumbs").iterdir()
     assert second.name != first.name and second.name.startswith("fox-")
-    expected = thumbnails(page)[0].convert("RGB").getpixel((5, 5))
-    with Image.open(second) as image:
-        assert image.convert("RGB").getpixel((5, 5)) == expected
+    assert [r["thumb"] for r in rows_of(page)] == [second.name]
+    assert second.read_bytes() == thumbs.make_thumb(out / "images" / "fox.png")  # the new image
 
 
 async def test_missing_or_unreadable_images_show_a_placeholder(
@@ -198,10 +212,12 @@ async def test_missing_or_unreadable_images_show_a_placeholder(
     (out / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     shutil.rmtree(out / "thumbs")  # the run's own report made them while the images were good
     page = report_of(out)
-    assert "image file missing: images/gone.png" in page
-    assert "image unreadable: images/broken.png" in page
+    notes = {r["id"]: r["note"] for r in rows_of(page)}
+    assert notes["gone"] == "image file missing: images/gone.png"
+    assert notes["broken"].startswith("image unreadable: images/broken.png (")
+    assert notes["fine"] == ""
     assert "2 finished image(s) cannot be shown" in page
-    assert len(thumbnails(page)) == 1
+    assert len(thumbnails(out, page)) == 1
     assert [p.name.split("-")[0] for p in (out / "thumbs").iterdir()] == ["fine"]
 
 
@@ -221,72 +237,65 @@ def test_wall_time_counts_an_unfinished_run_until_its_last_attempt(tmp_path: Pat
 
 # --- in a real browser ------------------------------------------------------------------------
 
-
-def chromium(tmp_path: Path, *args: str) -> str:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: run `make test`, which installs Chromium first")
-    command = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-        "--virtual-time-budget=5000", *args,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+CARDS_JS = (
+    "[...document.querySelectorAll('#sheet article')].map((c) => [c.id.slice(4), c.dataset.status])"
+)
 
 
-def visible_cards(dom: str) -> list[tuple[str, str, bool]]:
-    """(job id, status, visible) of each card, in the order of the DOM."""
-    cards = re.findall(r"<article ([^>]*)>", dom)
-    attrs = [dict(re.findall(r'([\w-]+)(?:="([^"]*)")?', card)) for card in cards]
-    return [(a["id"].removeprefix("job-"), a["data-status"], "hidden" not in a) for a in attrs]
-
-
-def test_browser_runs_the_script_and_filters_by_hash(
+async def test_browser_runs_the_script_and_filters_by_hash(
     made: tuple[Path, str], tmp_path: Path
 ) -> None:
     out, _ = made
     url = (out / "report.html").as_uri()
-    dom = chromium(tmp_path, "--dump-dom", url)
-    # All shown, in job id order (as the page was written).
-    assert [(i, s) for i, s, shown in visible_cards(dom) if shown] == sorted(STATUS.items())
-    assert '<span id="shown">7 of 7 shown</span>' in dom  # written by the script
-    assert '<div id="controls">' in dom
+    async with Browser(tmp_path) as browser:
+        page = await browser.open(url)
+        # All shown, in job id order; the note for pages without JavaScript is gone.
+        assert await page.evaluate(CARDS_JS) == [list(item) for item in sorted(STATUS.items())]
+        assert await page.evaluate("document.getElementById('shown').textContent") == (
+            "7 of 7 shown"
+        )
+        assert await page.evaluate("document.getElementById('needs-js')") is None
+        assert not await page.evaluate("document.getElementById('controls').hidden")
+        # The prompt is text, truncated on the card, whole in its title; it ran no script.
+        prompt = await page.evaluate(
+            "(() => { const p = document.querySelector('#job-xss .prompt');"
+            " return [p.textContent, p.title, document.scripts.length]; })()"
+        )
+        assert prompt == [LONG_PROMPT[:139] + "\u2026", LONG_PROMPT, 2]
+        facts = await page.evaluate("document.querySelector('#job-fox-red .facts').textContent")
+        assert facts == "1280\u00d7720 \u00b7 $0.03 \u00b7 1 attempt"
 
-    dom = chromium(tmp_path, "--dump-dom", url + "#status=failed&sort=status")
-    cards = visible_cards(dom)
-    assert [(i, shown) for i, s, shown in cards if s == "failed"] == [
-        ("banned", True),
-        ("maybe", True),
-    ]
-    assert not any(shown for _, s, shown in cards if s != "failed")
-    # Sorted by status (problems first), then by id.
-    assert [i for i, _, _ in cards] == [
-        "banned",
-        "maybe",
-        "never",
-        "stopper",
-        "fox-red",
-        "fox-url",
-        "xss",
-    ]
-    assert '<span id="shown">2 of 7 shown</span>' in dom
-    assert '<button type="button" value="failed" aria-pressed="true">' in dom
+        page = await browser.open(url + "#status=failed&sort=status")  # a fresh load
+        assert await page.evaluate(CARDS_JS) == [["banned", "failed"], ["maybe", "failed"]]
+        assert await page.evaluate("document.getElementById('shown').textContent") == (
+            "2 of 7 shown"
+        )
+        pressed = "document.querySelector('button[aria-pressed=\"true\"]').value"
+        assert await page.evaluate(pressed) == "failed"
+        # A click changes the hash; sorted by status, problems come first, then by id.
+        await page.click("#controls button[value=all]")
+        await page.wait_for("document.getElementById('shown').textContent === '7 of 7 shown'")
+        assert await page.evaluate("location.hash") == "#status=all&sort=status&page=1"
+        assert [i for i, _ in await page.evaluate(CARDS_JS)] == [
+            "banned", "maybe", "never", "stopper", "fox-red", "fox-url", "xss",
+        ]  # fmt: skip
 
 
-def test_browser_screenshot_shows_the_thumbnails(made: tuple[Path, str], tmp_path: Path) -> None:
-    out, page = made
+async def test_browser_screenshot_shows_the_thumbnails(
+    made: tuple[Path, str], tmp_path: Path
+) -> None:
+    out, page_html = made
     shot = tmp_path / "shot.png"
-    chromium(
-        tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars",
-        (out / "report.html").as_uri(),
-    )  # fmt: skip
+    async with Browser(tmp_path, width=1280, height=1600) as browser:
+        page = await browser.open((out / "report.html").as_uri())
+        loaded = "[...document.images].filter((i) => i.complete && i.naturalWidth > 0).length"
+        assert await page.wait_for(f"{loaded} === 3 && {loaded}") == 3
+        await page.screenshot(shot)
     with Image.open(shot) as image:
         assert image.size == (1280, 1600)
         pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "the screenshot is blank"
-    thumbs = thumbnails(page)
+    thumbs = thumbnails(out, page_html)
     assert len(thumbs) == 3
     for thumb in thumbs:
         # The emulator paints each image mostly in one colour, taken from its prompt.
@@ -308,4 +317,4 @@ def test_a_checkpoint_being_created_is_a_store_error(tmp_path: Path) -> None:
             write_report(store)
     finally:
         store.close()
-    assert not (tmp_path / "out" / "report.html").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint.sqlite"]

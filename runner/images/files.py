@@ -48,7 +48,7 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     fsyncs, for caches that are checked when read (a power cut may then leave the file empty,
     never half of another).
     """
-    with _atomic_file(path, durable=durable) as f:
+    with atomic_file(path, durable=durable) as f:
         f.write(data)
 
 
@@ -59,7 +59,7 @@ def write_atomic_copy(
     applied: ``(offset, bytes removed, bytes inserted)`` in file order (see
     :class:`runner.images.provenance.Splice`). Return the sha256 of what was written."""
     digest = hashlib.sha256()
-    with _atomic_file(path) as out, open(source, "rb") as src:
+    with atomic_file(path) as out, open(source, "rb") as src:
 
         def put(data: bytes) -> None:
             digest.update(data)
@@ -90,7 +90,9 @@ def _copy(src: BinaryIO, put: Callable[[bytes], None], size_bytes: int | None) -
 
 
 @contextmanager
-def _atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A new file to write, in binary, renamed onto ``path`` when the block ends well (deleted
+    if it raises): :func:`write_atomic` for what is written piece by piece."""
     tmp = temp_path_for(path)
     try:
         with open(tmp, "xb") as f:

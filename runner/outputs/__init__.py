@@ -3,8 +3,9 @@
 - :mod:`~runner.outputs.ledger`: ``results.parquet`` / ``results.csv`` (one row per job of the
   manifest) and ``ledger.csv`` (one row per billed or possibly billed request), written at the
   end of every run;
-- :mod:`~runner.outputs.report`: ``report.html``, the summary and contact sheet, with its
-  thumbnail cache;
+- :mod:`~runner.outputs.report`: ``report.html``, the summary and contact sheet, written as a
+  stream; its page's style and script are :mod:`~runner.outputs.report_page`, its thumbnail
+  cache ``thumbs/`` is :mod:`~runner.outputs.thumbs`;
 - :mod:`~runner.outputs.status`: ``image-runner status``, where a run stands, live or not;
 - :mod:`~runner.outputs.export`: ``image-runner export``, the finished images as a Hugging Face
   dataset;

@@ -29,7 +29,7 @@ from typing import Final
 from aiohttp import web
 
 from runner.errors import ReviewError
-from runner.outputs.report import THUMBS_DIR, thumbnail
+from runner.outputs.thumbs import Thumbnails
 from runner.provider import sniff_format
 from runner.review import items
 from runner.store import open_review_log
@@ -104,7 +104,7 @@ class ReviewServer:
     def _app(self, log: ReviewLog) -> web.Application:
         app = web.Application(middlewares=[self._guard])
         app.on_response_prepare.append(_security_headers)
-        routes = _Routes(log, self.reviewer, self.folder / THUMBS_DIR)
+        routes = _Routes(log, self.reviewer, Thumbnails(self.folder))
         for path in _STATIC:
             app.router.add_get(path, self._static)
         app.router.add_get("/api/items", routes.items)
@@ -147,7 +147,7 @@ class _Routes:
     """The API and the files, over one review log. Its calls are quick local SQLite reads
     and one-row writes, made on the event loop; thumbnails are made in a thread."""
 
-    def __init__(self, log: ReviewLog, reviewer: str, thumbs: Path) -> None:
+    def __init__(self, log: ReviewLog, reviewer: str, thumbs: Thumbnails) -> None:
         self.log = log
         self.reviewer = reviewer
         self.thumbs = thumbs
@@ -187,13 +187,11 @@ class _Routes:
         image = items.recorded_image(self.log.views(), job_id, request.match_info.get("version"))
         if image is None:
             return _error(404, f"{job_id}: no such image recorded")
-        self.thumbs.mkdir(exist_ok=True)
-        folder = self.log.folder
-        _, data, note = await asyncio.to_thread(
-            thumbnail, folder, self.thumbs, job_id, image.path, image.sha256
-        )
-        if data is None:
-            return _error(404, f"{job_id}: {note}")
+        # The report's cache: a thumb either makes serves the other.
+        thumb = await asyncio.to_thread(self.thumbs.of_image, job_id, image.path, image.sha256)
+        if thumb.name is None:
+            return _error(404, f"{job_id}: {thumb.note}")
+        data = await asyncio.to_thread((self.thumbs.dir / thumb.name).read_bytes)
         return web.Response(body=data, content_type="image/webp")
 
     async def image(self, request: web.Request) -> web.StreamResponse:

@@ -4,8 +4,9 @@
 Every query here only reads. Status and the report read in one transaction each (``BEGIN`` ...
 ``ROLLBACK``): in WAL mode that is one snapshot, which the writer never waits for and which never
 sees half of a commit, so counts, spend and cards agree while a run writes. The results' lookups
-read a few hundred ids a query and the ledger's attempts stream from a cursor, as plain tuples
-made into named tuples: a manifest of a million jobs costs no more memory than a thousand.
+read a few hundred ids a query, and the ledger's attempts and the report's jobs stream from a
+cursor (the report's while its snapshot stays open), as plain tuples made into named tuples: a
+manifest of a million jobs costs no more memory than a thousand.
 Any error of SQLite's is raised as :class:`StoreError`, ``<folder>: cannot read the checkpoint``.
 """
 
@@ -29,6 +30,7 @@ from runner.store.views import (
     LastRun,
     ReportJob,
     ReportSnapshot,
+    ReportSummary,
     ReviewItem,
     ReviewPage,
     RunSpan,
@@ -45,7 +47,8 @@ _REPORT_JOBS = (
     "j.error, j.error_cause, j.retryable, COALESCE(a.n, 0), COALESCE(a.confirmed, 0), "
     "COALESCE(a.possible, 0), "
     "(SELECT error FROM attempts WHERE attempts.job_id = j.job_id "
-    "ORDER BY attempt DESC LIMIT 1) "
+    "ORDER BY attempt DESC LIMIT 1), j.images, j.version, "
+    f"{REVIEW_OF_JOB}, j.edited_at IS NOT NULL "
     "FROM jobs j LEFT JOIN (SELECT job_id, COUNT(*) AS n, "
     "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
     "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) AS possible "
@@ -183,26 +186,57 @@ class SqliteViews:
 
     # --- report -------------------------------------------------------------------------------
 
-    def report_snapshot(self) -> ReportSnapshot:
+    @contextmanager
+    def report_snapshot(self) -> Iterator[ReportSnapshot]:
         with self._reading(), self._snapshot():
-            make = ReportJob._make
-            jobs = [make((*r[:10], bool(r[10]), *r[11:])) for r in self._all(_REPORT_JOBS)]
-            spend = self._spend()
-            starts = self._all("SELECT started_at, finished_at FROM runs ORDER BY started_at")
-            runs = []
-            for i, (started_at, finished_at) in enumerate(starts):
-                end = finished_at
-                if end is None:  # still running, or cut off: count it until its last attempt
-                    # ISO-8601 UTC stamps compare as text; "9" sorts after any of them.
-                    until = starts[i + 1][0] if i + 1 < len(starts) else "9"
-                    last = self._one(
-                        "SELECT MAX(COALESCE(finished_at, started_at)) FROM attempts "
-                        "WHERE started_at >= ? AND started_at < ?",
-                        (started_at, until),
-                    )
-                    end = last or started_at
-                runs.append(RunSpan(started_at, end))
-        return ReportSnapshot(jobs, spend, runs)
+            by_status = dict(self._all("SELECT status, COUNT(*) FROM jobs GROUP BY 1"))
+            failures = [
+                (str(cause), int(n))
+                for cause, n in self._all(
+                    "SELECT COALESCE(error_cause, 'unknown'), COUNT(*) FROM jobs "
+                    "WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 1"
+                )
+            ]
+            reviews: dict[ReviewState, int] = {"approved": 0, "rejected": 0, "unreviewed": 0}
+            for review, n in self._all(
+                f"SELECT {REVIEW_OF_JOB}, COUNT(*) FROM jobs j "
+                "WHERE j.status = 'succeeded' GROUP BY 1"
+            ):
+                reviews[review] = int(n)
+            summary = ReportSummary(
+                succeeded=int(by_status.get("succeeded", 0)),
+                failed=int(by_status.get("failed", 0)),
+                pending=int(by_status.get("pending", 0)),
+                failures=failures,
+                reviews=reviews,
+                spend=self._spend(),
+                runs=self._run_spans(),
+            )
+            yield ReportSnapshot(summary, self._report_jobs())
+
+    def _report_jobs(self) -> Iterator[ReportJob]:
+        make = ReportJob._make
+        for r in self._cursor().execute(_REPORT_JOBS):
+            yield make(
+                (*r[:10], bool(r[10]), *r[11:15], tuple(json.loads(r[15])), *r[16:18], bool(r[18]))
+            )
+
+    def _run_spans(self) -> list[RunSpan]:
+        starts = self._all("SELECT started_at, finished_at FROM runs ORDER BY started_at")
+        runs = []
+        for i, (started_at, finished_at) in enumerate(starts):
+            end = finished_at
+            if end is None:  # still running, or cut off: count it until its last attempt
+                # ISO-8601 UTC stamps compare as text; "9" sorts after any of them.
+                until = starts[i + 1][0] if i + 1 < len(starts) else "9"
+                last = self._one(
+                    "SELECT MAX(COALESCE(finished_at, started_at)) FROM attempts "
+                    "WHERE started_at >= ? AND started_at < ?",
+                    (started_at, until),
+                )
+                end = last or started_at
+            runs.append(RunSpan(started_at, end))
+        return runs
 
     # --- export -------------------------------------------------------------------------------
 

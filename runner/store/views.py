@@ -16,6 +16,7 @@ run) raises :class:`~runner.errors.StoreError` saying ``<folder>: cannot read th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
@@ -116,6 +117,10 @@ class ReportJob(NamedTuple):
     confirmed_micro_usd: int
     possible_micro_usd: int
     last_error: str | None  # of its latest attempt: why a pending job is not done yet
+    references: tuple[str, ...]  # an edit's reference images, as recorded, in upload order
+    version: int  # of the image recorded, or (pending) of the one to make
+    review: ReviewState  # of that version
+    edited: bool  # its image was found edited by hand, and kept
 
 
 class RunSpan(NamedTuple):
@@ -127,12 +132,29 @@ class RunSpan(NamedTuple):
 
 
 @dataclass(frozen=True)
-class ReportSnapshot:
-    """Everything the report shows from the store, of one moment."""
+class ReportSummary:
+    """The report's figures, summed by the store: their size does not grow with the jobs."""
 
-    jobs: list[ReportJob]  # in job id order
+    succeeded: int
+    failed: int
+    pending: int
+    failures: list[tuple[str, int]]  # (error cause, failed jobs), most first; "unknown" for none
+    reviews: dict[ReviewState, int]  # succeeded jobs by the review of their current image
     spend: Spend
     runs: list[RunSpan]  # in the order they started
+
+    @property
+    def jobs(self) -> int:
+        return self.succeeded + self.failed + self.pending
+
+
+@dataclass(frozen=True)
+class ReportSnapshot:
+    """Everything the report shows from the store, of one moment: the summary, and the jobs
+    read as they are consumed (a folder may hold millions), while the snapshot is open."""
+
+    summary: ReportSummary
+    jobs: Iterator[ReportJob]  # in job id order
 
 
 class ExportJob(NamedTuple):
@@ -224,7 +246,10 @@ class Views(Protocol):
         the store."""
         ...
 
-    def report_snapshot(self) -> ReportSnapshot: ...
+    def report_snapshot(self) -> AbstractContextManager[ReportSnapshot]:
+        """``with views.report_snapshot() as snap:`` the summary and the jobs of one read
+        transaction: the jobs stream from it until the block ends."""
+        ...
 
     def exportable_jobs(self) -> list[ExportJob]:
         """The succeeded jobs with an image recorded, in the order they were first planned."""
