@@ -131,16 +131,25 @@ class Thumbnails:
 
 
 def make_thumb(source: Path) -> bytes:
-    """A WebP of ``source`` at most 256 px a side. Shrunk by whole factors first (box filter,
-    ``reducing_gap=1``) and encoded with less effort (``method=2``): about 2 ms a 1280x544 PNG,
-    half the defaults' time, for a thumb of the same look a few percent bigger."""
+    """A WebP of ``source`` at most 256 px a side, made for speed: a report may make 100,000.
+    A palette image (a flat PNG) is first cut to about twice the thumb's size by nearest
+    neighbour (converting 700,000 palette pixels to RGB costs more than the rest); then the
+    image is shrunk by whole factors (box filter, ``reducing_gap=1``) and bilinear, and encoded
+    with the least effort (``method=0``): 1.5 ms a 1280x544 PNG where the defaults take 4 ms,
+    for a thumb of the same look a few percent bigger."""
     with Image.open(source) as image:
         image.draft("RGB", (THUMB_MAX_PX, THUMB_MAX_PX))  # JPEG decodes at 1/2..1/8 scale
-        alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        small: Image.Image = image
+        factor = max(image.size) // (2 * THUMB_MAX_PX)
+        if image.mode == "P" and factor > 1:
+            small = image.resize(
+                (image.width // factor, image.height // factor), Image.Resampling.NEAREST
+            )
+        alpha = small.mode in ("RGBA", "LA", "PA") or "transparency" in small.info
         mode = "RGBA" if alpha else "RGB"
         # Palette images would be resized with nearest-neighbour: convert them first.
-        small = image if image.mode == mode else image.convert(mode)
-        small.thumbnail((THUMB_MAX_PX, THUMB_MAX_PX), reducing_gap=1.0)
+        small = small if small.mode == mode else small.convert(mode)
+        small.thumbnail((THUMB_MAX_PX, THUMB_MAX_PX), Image.Resampling.BILINEAR, reducing_gap=1.0)
         buffer = io.BytesIO()
-        small.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=2)
+        small.save(buffer, format="WEBP", quality=THUMB_QUALITY, method=0)
     return buffer.getvalue()
