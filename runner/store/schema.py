@@ -10,6 +10,8 @@
   applied together, in one transaction, so nobody ever sees it half upgraded; a checkpoint from
   a newer version is refused untouched, by a run and by the read-only commands, which also
   refuse an older one (a run upgrades it): their queries name the columns of every migration.
+  The review log upgrades an older one only if it can take the folder's lock at once, so never
+  under a live run of the older version.
 - A folder this process may not write is refused when a run opens it (:func:`check_writable`),
   before anything is sent, not met after.
 - Every failure to open is a :class:`~runner.errors.StoreError` saying what to do, and leaves no
