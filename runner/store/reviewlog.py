@@ -58,7 +58,8 @@ class SqliteReviewLog:
         self.close()
 
     def close(self) -> None:
-        self._db.close()
+        with self._writing:  # after a decision still being written in another thread
+            self._db.close()
         self._reader.close()
 
     def views(self) -> SqliteViews:
