@@ -4,6 +4,7 @@ and a helper that runs the core exactly as the CLI does."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import shutil
 import socket
@@ -176,3 +177,35 @@ def folder_state(out: Path) -> dict[str, Any]:
             finally:
                 db.close()
     return {"files": files, "checkpoint": dump}
+
+
+async def dry_run(manifest: Path, out: Path, base_url: str) -> RunReport:
+    dry = dataclasses.replace(options(out, base_url), dry_run=True)
+    return await Run(load_manifest(manifest), dry).execute()
+
+
+def mixed_manifest(tmp_path: Path) -> Path:
+    make_ref(tmp_path / "refs", "a.png", (64, 48))
+    make_ref(tmp_path / "refs", "b.jpg", (48, 64))
+    make_ref(tmp_path / "refs", "c.webp", (50, 50))
+    return write_manifest(
+        tmp_path,
+        [
+            {"id": "gen-b64", "prompt": "a red fox", "size": "1280x720"},
+            {"id": "gen-url", "prompt": "a blue fox", "size": "848x1280", "response_format": "url"},
+            {"prompt": "a fox without an id", "size": "1280x544"},
+            {
+                "id": "edit-three",
+                "prompt": "Place image1 on image2 in the style of image3",
+                "images": ["refs/a.png", "refs/b.jpg", "refs/c.webp"],
+                "size": "2048x1152",
+            },
+            {
+                "id": "edit-auto-url",
+                "prompt": "Modify image1: make it blue",
+                "images": ["refs/b.jpg"],
+                "response_format": "url",
+            },
+        ],
+        defaults={"model": "gpt-image-2-vip"},
+    )
