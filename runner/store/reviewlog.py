@@ -58,9 +58,11 @@ class SqliteReviewLog:
         self.close()
 
     def close(self) -> None:
+        # The writer last: the last connection to close folds the WAL back into the checkpoint
+        # and removes it, which a read-only one cannot do.
+        self._reader.close()
         with self._writing:  # after a decision still being written in another thread
             self._db.close()
-        self._reader.close()
 
     def views(self) -> SqliteViews:
         return SqliteViews(self._reader, self.folder)
