@@ -2,7 +2,8 @@
 alone; a file in an image's place that does not decode is no edit (kept in edited/, the job
 made again); a move is finished only when recorded as not done (a user's cleaned-out rejected/
 is not looked for again), a crash-window file follows its version even when the prompt then
-changes, and a batch's moves are made durable before they are recorded as done."""
+changes (a dry run planning the same, moving nothing), and a batch's moves are made durable
+before they are recorded as done."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from runner.emulator import Emulator
 from runner.images.verify import inspect_image
 from runner.manifest.load import load_manifest
 from runner.store.sqlite import SqliteStore
-from tests.conftest import db_exec, db_rows, run_manifest, write_manifest
+from tests.conftest import db_exec, db_rows, folder_state, run_manifest, write_manifest
 from tests.test_cli import run_cli
 from tests.test_versions import IDS, decide, five_shots, results, retouch, run_with, sha256
 
@@ -134,9 +135,14 @@ async def test_a_crash_window_file_follows_its_version_when_the_prompt_changes(
     jobs = [{"id": i, "prompt": f"a picture of {i}", "size": "1280x544"} for i in IDS]
     jobs[3]["prompt"] = "another picture"
     manifest = write_manifest(tmp_path, jobs)
+    before = folder_state(out)
+    dry = await run_with(manifest, out, emulator.base_url, dry_run=True)
+    assert folder_state(out) == before
 
     report = await run_manifest(manifest, out, emulator.base_url)
-    assert report.plan.changed == ["shot-3"] and report.plan.adopted == 0
+    assert report.plan.changed == dry.plan.changed == ["shot-3"]
+    assert report.plan.adopted == dry.plan.adopted == 0
+    assert [j.id for j in dry.plan.todo] == [j.id for j in report.plan.todo] == ["shot-3"]
     assert len(emulator.requests) == 6
     kept = out / "rejected" / "shot-3.v1.png"
     assert (sha256(kept), kept.stat().st_ino) == (rejected, inode)
