@@ -14,10 +14,10 @@ Run once at the start of every run, before any request, in this order:
    made again); a file in the image's place that does not decode (empty, cut short) is no
    edit: it goes to ``edited/`` as an earlier version (``unreadable``) and the job is made
    again; an image a reviewer rejected goes to ``rejected/`` and the job is made again at its
-   next version. Approved and unreviewed images are never touched. Why an edit is kept in
-   place rather than moved to ``edited/``: moved, it would leave the job without its image, to
-   be made again (the repayment the user did not ask for), or a folder of images that is no
-   longer the manifest's results;
+   next version. An approved image that is still there and decodes is never touched. Why an
+   edit is kept in place rather than moved to ``edited/``: moved, it would leave the job
+   without its image, to be made again (the repayment the user did not ask for), or a folder
+   of images that is no longer the manifest's results;
 5. an image on disk with no success recorded (a crash between the rename and the commit) is
    verified and adopted, with no new request;
 6. everything else that is pending, or failed in a way a later run may retry, is to do; jobs
