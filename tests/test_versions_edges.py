@@ -176,3 +176,31 @@ async def test_moves_are_durable_before_they_are_recorded_done(
     *synced, recorded = events
     assert recorded == ("recorded", [("shot-0", 1), ("shot-4", 1)])
     assert {folder for _, folder in synced} == {out, out / "images", out / "rejected"}
+
+
+async def test_a_crash_after_the_move_before_it_is_recorded_done(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is in rejected/ but its move is not recorded as done: the next run records it
+    done and makes the job again, without touching the kept file."""
+    manifest, out = five_shots(tmp_path), tmp_path / "out"
+    await run_manifest(manifest, out, emulator.base_url)
+    decide(out, "rejected", "shot-2")
+
+    def crash(store: SqliteStore, versions: list[tuple[str, int]]) -> None:
+        raise SystemExit("killed before recording the move")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SqliteStore, "mark_moved", crash)
+        with SqliteStore.open(out) as store, pytest.raises(SystemExit):
+            make_plan(load_manifest(manifest), store)
+    kept = out / "rejected" / "shot-2.v1.png"
+    inode = kept.stat().st_ino
+    assert moves(out) == [("shot-2", 1, "rejected/shot-2.v1.png", "rejected", 0)]
+
+    report = await run_manifest(manifest, out, emulator.base_url)
+    assert [j.id for j in report.plan.todo] == ["shot-2"] and len(emulator.requests) == 6
+    assert kept.stat().st_ino == inode and sorted(p.name for p in kept.parent.iterdir()) == [
+        "shot-2.v1.png"
+    ]
+    assert moves(out) == [("shot-2", 1, "rejected/shot-2.v1.png", "rejected", 1)]
