@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 from runner.jobs import JobStatus
-from runner.store.base import ImageStat, ReviewState
+from runner.store.base import ImageStat, RetireReason, ReviewState
 
 
 class JobState(NamedTuple):
@@ -217,7 +217,7 @@ class VersionRecord(NamedTuple):
     sha256: str | None
     width: int | None
     height: int | None
-    reason: Literal["rejected", "edited", "changed", "missing"]
+    reason: RetireReason
     retired_at: str
     review: ReviewState
     reviewed_by: str | None
