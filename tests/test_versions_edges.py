@@ -8,6 +8,7 @@ before they are recorded as done."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def test_the_cli_says_what_it_did_with_a_file_that_does_not_decode(tmp_path: Pat
     assert "1 unreadable (not an image), made again" in again.stderr
     assert "1 image file that did not decode: made again (kept in " in again.stdout
     assert "1 request this run" in again.stdout
+    (out / "images" / "shot-2.png").write_bytes(b"not a png")
+    summary = json.loads(
+        run_cli("run", manifest, "--out", out, "--emulate", "--no-progress", "--json").stdout
+    )
+    assert summary["versions"]["unreadable_redone"] == 1
+    assert summary["counts"]["requests"] == 1
 
 
 async def test_a_version_whose_file_the_user_deleted_is_not_looked_for(
