@@ -94,8 +94,9 @@ class RunReport:
     the folder's, over all its runs, as the CLI's summary gives them; ``requests`` are this
     run's. After a dry run they are the plan's: ``succeeded`` done before,
     ``failed`` failed before and not retried, ``pending`` to do. ``rejected_redone``,
-    ``edited_kept`` and ``edited_redone`` are what the plan found of images reviewed or edited
-    by hand since they were made (see the README, "Review and regenerate"). ``exit_code`` is what
+    ``edited_kept``, ``edited_redone`` and ``unreadable_redone`` are what the plan found of
+    images reviewed, edited by hand or broken since they were made (see the README, "Review and
+    regenerate"). ``exit_code`` is what
     ``image-runner run`` would exit with (0 all done, 1 some failed, 3 stopped early or jobs
     left). ``details`` is the core's report, for what the CLI's summary says beyond these: the
     plan, the pool's counters (failures by cause, rate limits), the files written. Its
@@ -116,6 +117,7 @@ class RunReport:
     rejected_redone: int  # images rejected in review, moved to rejected/ and made again
     edited_kept: int  # images found edited by hand by this run, kept as they are
     edited_redone: int  # images edited by hand, moved to edited/ and made again (redo_edited)
+    unreadable_redone: int  # image files that no longer decode, moved to edited/, made again
     details: lifecycle.RunReport = dataclasses.field(compare=False)
 
     @classmethod
@@ -150,6 +152,7 @@ class RunReport:
             rejected_redone=len(outcome.plan.rejected),
             edited_kept=len(outcome.plan.edited),
             edited_redone=len(outcome.plan.redo_edited),
+            unreadable_redone=len(outcome.plan.unreadable),
             details=outcome,
         )
 
@@ -190,6 +193,7 @@ class RunReport:
                 ("rejected_redone", self.rejected_redone),
                 ("edited_kept", self.edited_kept),
                 ("edited_redone", self.edited_redone),
+                ("unreadable_redone", self.unreadable_redone),
             )
             if n
         )

@@ -121,8 +121,8 @@ def test_a_matrix_run_with_edits_loads_with_its_variables_and_references(
     assert "# fill in" in card.splitlines()[1]
     for text in (
         "A {style} photo of a {subject}`: 4 images",
-        "`style`: watercolor, oil",
-        "`scale`: 1, 2.5",
+        "`style`: `watercolor`, `oil`",
+        "`scale`: `1`, `2.5`",
         "| 1280x544 | 5 |",
         "image-runner 0.1.0",
         "$0.30 confirmed",  # ten images at $0.03

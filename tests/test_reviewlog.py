@@ -120,7 +120,7 @@ def test_the_review_of_a_version_does_not_follow_the_job_to_its_next(out: Path) 
     db_exec(out, "UPDATE jobs SET version = 2 WHERE job_id = 'a'")
     db_exec(
         out,
-        "INSERT INTO versions VALUES ('a', 1, 'rejected/a.v1.png', 'x', 8, 8, 'rejected', 't')",
+        "INSERT INTO versions VALUES ('a', 1, 'rejected/a.v1.png', 'x', 8, 8, 'rejected', 't', 1)",
     )
     with open_review_log(out) as log:
         item = log.views().review_item("a")

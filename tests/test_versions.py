@@ -257,7 +257,12 @@ def test_the_cli_counts_them_and_redoes_edits_on_request(tmp_path: Path) -> None
     done = run_cli("run", manifest, "--out", out, "--emulate", "--no-progress", "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["versions"] == {"rejected_redone": 1, "edited_kept": 1, "edited_redone": 0}
+    assert summary["versions"] == {
+        "rejected_redone": 1,
+        "edited_kept": 1,
+        "edited_redone": 0,
+        "unreadable_redone": 0,
+    }
     assert summary["counts"]["requests"] == 1
     assert "1 rejected image made again" in done.stderr
     assert "1 image found edited by hand: kept in place" in done.stderr

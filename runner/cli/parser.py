@@ -192,7 +192,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         "redo_edited",
         action="store_true",
         help="make again the images edited by hand since they were made (kept as they are "
-        "by default), each moved to edited/ first",
+        "by default), each moved to edited/ first; an approved one is never made again",
     )
     _option(
         run,

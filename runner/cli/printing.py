@@ -47,6 +47,8 @@ class ProgressBar:
             parts.append(f"{len(plan.missing)} redone (image missing)")
         if plan.rejected:
             parts.append(f"{len(plan.rejected)} rejected in review, made again")
+        if plan.unreadable:
+            parts.append(f"{len(plan.unreadable)} unreadable (not an image), made again")
         if plan.redo_edited:
             parts.append(f"{len(plan.redo_edited)} edited by hand, made again")
         if plan.edited:
@@ -179,11 +181,15 @@ def print_plan(
 
 def version_lines(plan: Plan, out_dir: Path, label: str) -> list[str]:
     """What the plan does with images reviewed or edited since they were made: those rejected
-    and made again, those edited by hand and kept (or made again); none if nothing."""
+    and made again, those replaced by a file that does not decode and made again, those edited
+    by hand and kept (or made again); none if nothing."""
     notes = []
     if plan.rejected:
         rejected = plural(len(plan.rejected), "rejected image")
         notes.append(f"{rejected} made again (the old ones kept in {out_dir / 'rejected'}/)")
+    if plan.unreadable:
+        files = plural(len(plan.unreadable), "image file")
+        notes.append(f"{files} that did not decode: made again (kept in {out_dir / 'edited'}/)")
     if plan.redo_edited:
         edited = plural(len(plan.redo_edited), "image")
         notes.append(

@@ -25,7 +25,7 @@ SUMMARY_KEYS: Final = {
     "stop_reason": None,
     "dry_run": None,
     "counts": ("succeeded", "failed", "pending", "requests"),
-    "versions": ("rejected_redone", "edited_kept", "edited_redone"),
+    "versions": ("rejected_redone", "edited_kept", "edited_redone", "unreadable_redone"),
     "spend_usd": ("confirmed", "possible"),
     "paths": ("out", "images", "results", "ledger", "report"),
     "timings": ("started_at", "finished_at", "wall_s"),
@@ -66,6 +66,7 @@ def run_summary(
             "rejected_redone": report.rejected_redone,
             "edited_kept": report.edited_kept,
             "edited_redone": report.edited_redone,
+            "unreadable_redone": report.unreadable_redone,
         },
         "spend_usd": None
         if report is None

@@ -79,7 +79,7 @@ class Options:
     ``error_cause`` column, e.g. ``{"server_error"}`` (``--only``)."""
     redo_edited: bool = False
     """Make again the images found edited by hand (kept as they are by default), each moved
-    to ``edited/`` first (``--redo-edited``)."""
+    to ``edited/`` first; one approved in review is never made again (``--redo-edited``)."""
     rpm: float | None = None
     """At most this many requests a minute per endpoint; below that, and with ``None``, the
     runner adapts to the provider's rate limit by itself (``--rpm``)."""

@@ -3,21 +3,23 @@
 Run once at the start of every run, before any request, in this order:
 
 1. delete temp files a crash left in ``images/`` (and of the results files, in the folder);
-2. turn attempts left in flight into possible charges;
+2. turn attempts left in flight into possible charges, and finish the moves of earlier
+   versions that a crash cut off (see :mod:`runner.core.versions`);
 3. record the manifest's jobs; a job whose content changed under the same id starts over at
    its next version (its old image is moved to ``replaced/``);
 4. a "succeeded" job is checked against its image on disk: an image gone is made again (the
    next version); an image whose sha256 differs was edited by hand: it is kept where it is,
    recorded as the job's next version (unreviewed, ``edited``), and not paid for again, unless
-   ``--redo-edited`` asks (then it goes to ``edited/`` and the job is made again); an image
-   a reviewer rejected goes to ``rejected/`` and the job is made again at its next version.
-   Approved and unreviewed images are never touched. Why an edit is kept in place rather than
-   moved to ``edited/``: moved, it would leave the job without its image, to be made again
-   (the repayment the user did not ask for), or a folder of images that is no longer the
-   manifest's results;
+   ``--redo-edited`` asks and it is not approved (then it goes to ``edited/`` and the job is
+   made again); a file in the image's place that does not decode (empty, cut short) is no
+   edit: it goes to ``edited/`` as an earlier version (``unreadable``) and the job is made
+   again; an image a reviewer rejected goes to ``rejected/`` and the job is made again at its
+   next version. An approved image that is still there and decodes is never touched. Why an
+   edit is kept in place rather than moved to ``edited/``: moved, it would leave the job
+   without its image, to be made again (the repayment the user did not ask for), or a folder
+   of images that is no longer the manifest's results;
 5. an image on disk with no success recorded (a crash between the rename and the commit) is
-   verified and adopted, with no new request; unless it is an earlier version whose move a
-   crash cut off (see :mod:`runner.core.versions`), which is finished instead;
+   verified and adopted, with no new request;
 6. everything else that is pending, or failed in a way a later run may retry, is to do; jobs
    that failed for good only with ``--retry-failed`` (``--only CAUSE`` narrows it).
 
@@ -53,7 +55,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, overload
+from typing import Final, Literal, overload
 
 from runner.core.versions import EDITED_DIR, REJECTED_DIR, REPLACED_DIR, Moves
 from runner.errors import StoreError
@@ -65,6 +67,9 @@ from runner.store.base import ImageStat, JobRecord, RetireReason, SavedImage, St
 
 IMAGES_DIR: Final = "images"
 PLAN_BATCH_JOBS: Final = 5000
+
+# What a plan finds of a finished image on disk, besides its being gone (see _Planner._check).
+_Found = Literal["intact", "edited", "unreadable"]
 
 # Image file extensions in the order find_image() tries them.
 _EXTENSION_ORDER: Final = {ext: rank for rank, ext in enumerate(EXTENSIONS.values())}
@@ -110,6 +115,7 @@ class Plan:
     missing: list[str] = field(default_factory=list)  # succeeded, but the image is gone: redone
     changed: list[str] = field(default_factory=list)  # content changed under the same id
     rejected: list[str] = field(default_factory=list)  # rejected in review: moved aside, redone
+    unreadable: list[str] = field(default_factory=list)  # image replaced by a file not decoding
     edited: list[str] = field(default_factory=list)  # found edited by hand now, and kept
     redo_edited: list[str] = field(default_factory=list)  # edited, moved aside, redone
     retried_failed: list[str] = field(default_factory=list)  # failed for good, retried on request
@@ -153,6 +159,7 @@ def make_plan(
         redo_edited=redo_edited,
         dry_run=dry_run,
     )
+    planner.moves.finish_interrupted(images_dir)
     planner.find_unrecorded_images(batch_size)
     batch: list[Job] = []
     start = 0
@@ -196,7 +203,7 @@ class _Planner:
         # job id -> names of its image files that no recorded success accounts for
         self.unrecorded: dict[str, list[str]] = {}
         self.dry_run = dry_run
-        self.moves = Moves(self.folder, dry_run=dry_run)
+        self.moves = Moves(store, dry_run=dry_run)
         # What a dry run's adoptions would book: their attempts, confirmed at the image price,
         # and the possible charges those attempts were until then.
         self.adopted_confirmed_micro_usd = 0
@@ -292,31 +299,38 @@ class _Planner:
             self._retire(record, "missing", None)
             plan.missing.append(job_id)
             return False
-        record, found_edited = checked
+        record, found = checked
+        if found == "unreadable":
+            self._retire(record, "unreadable", EDITED_DIR, unreadable=True)
+            plan.unreadable.append(job_id)
+            return False
         if record.review == "rejected":
             self._retire(record, "rejected", REJECTED_DIR)
             plan.rejected.append(job_id)
             return False
-        if record.edited_at is not None and self.redo_edited:
+        # An approved edit is the image the user wants: --redo-edited is for the others.
+        if self.redo_edited and record.edited_at is not None and record.review != "approved":
             self._retire(record, "edited", EDITED_DIR)
             plan.redo_edited.append(job_id)
             return False
-        if found_edited:
+        if found == "edited":
             plan.edited.append(job_id)
         plan.done += 1
         return True
 
-    def _check(self, record: JobRecord) -> tuple[JobRecord, bool] | None:
+    def _check(self, record: JobRecord) -> tuple[JobRecord, _Found] | None:
         """The record of a success after looking at its image: None when the image is gone;
-        else the record, and whether the image was found edited by hand just now (then it is
-        recorded as the job's next version, and the record returned is of that)."""
+        else the record and what was found. An image found edited by hand just now is recorded
+        as the job's next version, and the record returned is of that; a file that no longer
+        decodes is not an edit (an empty file, one cut short by a copy): nothing is recorded,
+        and the record returned has its sha256."""
         if not record.image_path:
             return None
         path = self.folder / record.image_path
         try:
             stat = ImageStat.of(path.stat())
             if stat == record.image_stat:
-                return record, False
+                return record, "intact"
             self.plan.rehashed += 1
             sha256 = sha256_file(path)
         except FileNotFoundError:
@@ -328,28 +342,40 @@ class _Planner:
         if sha256 == record.sha256:
             if not self.dry_run:
                 self.store.record_image_stat(record.job_id, stat)
-            return record, False
+            return record, "intact"
+        size = _pixel_size(path)
+        if size is None:
+            return record._replace(sha256=sha256), "unreadable"
         if not self.dry_run:
-            self.store.record_edit(record.job_id, sha256, stat, _pixel_size(path))
+            self.store.record_edit(record.job_id, sha256, stat, size)
         edited = record._replace(
             version=record.version + 1,
             review="unreviewed",
             edited_at="found by this plan",  # what the store records is its own clock's
             sha256=sha256,
         )
-        return edited, True
+        return edited, "edited"
 
-    def _retire(self, record: JobRecord, reason: RetireReason, aside: str | None) -> None:
+    def _retire(
+        self,
+        record: JobRecord,
+        reason: RetireReason,
+        aside: str | None,
+        *,
+        unreadable: bool = False,
+    ) -> None:
         """Make the image of a success an earlier version, its file (if ``aside``) moved to
-        that folder once the batch has committed; the job is to be made again."""
+        that folder once the batch has committed; the job is to be made again. ``unreadable``:
+        the file is not the image but one that does not decode, ``record.sha256`` its sha256."""
         target = None
         if aside is not None and record.image_path:
             source = self.folder / record.image_path
             target = self.moves.target(source, aside, record.job_id, record.version)
-            self.moves.add(source, target)
+            self.moves.add(source, target, (record.job_id, record.version))
         if not self.dry_run:
             moved_to = target.relative_to(self.folder).as_posix() if target else None
-            self.store.retire_image(record.job_id, reason, moved_to)
+            found_sha256 = record.sha256 if unreadable else None
+            self.store.retire_image(record.job_id, reason, moved_to, found_sha256)
 
     def _retire_changed(self, old: JobRecord) -> None:
         """A job whose content changed: its image, if it has one, becomes an earlier version in
@@ -359,7 +385,8 @@ class _Planner:
             if checked is None:
                 self._retire(old, "changed", None)
             else:
-                self._retire(checked[0], "changed", REPLACED_DIR)
+                record, found = checked
+                self._retire(record, "changed", REPLACED_DIR, unreadable=found == "unreadable")
             return
         stray = find_image(self.images_dir, old.job_id)
         if stray is not None and stray not in self.moves.sources:
@@ -371,8 +398,6 @@ class _Planner:
             return False
         paths = [self.images_dir / name for name in names]
         paths = [p for p in paths if p not in self.moves.sources and p.is_file()]
-        if paths:
-            paths = self.moves.finish_interrupted(self.store, job.id, paths)
         if not paths:
             return False
         path = paths[0]
@@ -404,8 +429,7 @@ class _Planner:
 
 
 def _pixel_size(path: Path) -> tuple[int, int] | None:
-    """The width and height of an image edited by hand; None if it no longer decodes (then
-    it is kept all the same: what to do with it is the user's call, ``--redo-edited``)."""
+    """The width and height of an image changed on disk; None if it does not decode."""
     try:
         info = inspect_image(path)
     except (ImageInvalid, OSError):

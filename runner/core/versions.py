@@ -7,16 +7,19 @@ file goes to ``rejected/``), when the user asks to redo an image edited by hand
 overwrites a file already there: ``<job id>.v<N>.1.<ext>``, ``.2``, ... Every one of them was
 paid for, so every one is kept.
 
-**Record first, move after.** The planner records the earlier version, with the path its file
-is going to, in the planning batch's transaction (:meth:`~runner.store.base.Store.retire_image`),
-and :class:`Moves` moves the files only once that batch has committed. A crash between the
-two leaves a committed version whose file is still in ``images/``, its job pending: the next
-plan finds that file as an image no success accounts for, and before adopting it as the new
-image of the pending job, :meth:`Moves.finish_interrupted` compares its sha256 with those of
-the job's kept versions whose file is not where it was recorded: a match is that move, finished
-then. The other order would be worse: a crash after the move and before the commit would leave
-a success whose image is gone, made again as missing, and a file in ``rejected/`` that nothing
-records.
+**Record first, move after, then record the move.** The planner records the earlier version,
+with the path its file is going to, in the planning batch's transaction
+(:meth:`~runner.store.base.Store.retire_image`), as a move not done yet; :class:`Moves` moves
+the files only once that batch has committed, fsyncs the folders they left and entered, and
+then records the moves as done (:meth:`~runner.store.base.Store.mark_moved`). A crash in
+between leaves a version whose move is recorded as not done: the next plan, before anything
+else (:meth:`Moves.finish_interrupted`), moves the file still in ``images/`` to where its
+version is recorded, if its sha256 is that version's, and records the move done either way. Only
+a move recorded as not done is finished: a version whose file a user later deleted from
+``rejected/`` is never looked for again, so an image that happens to match it is not taken away
+from its job. The other order would be worse: a crash after the move and before the commit
+would leave a success whose image is gone, made again as missing, and a file in ``rejected/``
+that nothing records.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import contextlib
 from pathlib import Path
 from typing import Final
 
-from runner.images.files import sha256_file
+from runner.images.files import fsync_dir, sha256_file
 from runner.store.base import Store
 
 REJECTED_DIR: Final = "rejected"
@@ -38,10 +41,12 @@ class Moves:
     run, those it would move (never moved, but no longer in ``images/`` as far as the plan is
     concerned)."""
 
-    def __init__(self, folder: Path, *, dry_run: bool) -> None:
-        self.folder = folder
+    def __init__(self, store: Store, *, dry_run: bool) -> None:
+        self.store = store
+        self.folder = store.folder
         self.dry_run = dry_run
-        self._pending: list[tuple[Path, Path]] = []
+        # (source, target, the (job id, version) recorded as going there, if one is)
+        self._pending: list[tuple[Path, Path, tuple[str, int] | None]] = []
         self.sources: set[Path] = set()  # files moved aside, or to be, by this plan
         self._targets: set[Path] = set()  # names promised to files not moved yet
 
@@ -55,9 +60,10 @@ class Moves:
             target, n = folder / f"{stem}.{n}{ext}", n + 1
         return target
 
-    def add(self, source: Path, target: Path) -> None:
-        """Move ``source`` to ``target`` at :meth:`finish`."""
-        self._pending.append((source, target))
+    def add(self, source: Path, target: Path, version: tuple[str, int] | None = None) -> None:
+        """Move ``source`` to ``target`` at :meth:`finish`; ``version`` (job id, version) is
+        the earlier version recorded as going there, if one is, to record as moved then."""
+        self._pending.append((source, target, version))
         self._targets.add(target)
         self.sources.add(source)
 
@@ -67,35 +73,47 @@ class Moves:
         self._targets.clear()
 
     def finish(self) -> None:
-        """Move the files of the batch that just committed (a dry run moves nothing)."""
+        """Move the files of the batch that just committed, durably, and record their versions
+        as moved (a dry run moves nothing)."""
         pending, self._pending = self._pending, []
         self._targets.clear()
-        if self.dry_run:
+        if self.dry_run or not pending:
             return
-        for source, target in pending:
+        for source, target, _ in pending:
             _move(source, target)
+        self._done([(s, t) for s, t, _ in pending], [v for _, _, v in pending if v is not None])
 
-    def finish_interrupted(self, store: Store, job_id: str, paths: list[Path]) -> list[Path]:
-        """Of ``paths``, image files in ``images/`` no success of ``job_id`` accounts for, move
-        those that are a kept version of the job that a crash left unmoved to where that version
-        is recorded; return the others."""
-        kept = {
-            version.sha256: self.folder / version.image_path
-            for version in store.kept_versions(job_id)
-            if version.sha256 and not (self.folder / version.image_path).exists()
-        }
-        if not kept:
-            return paths
-        others = []
-        for path in paths:
-            target = kept.pop(sha256_file(path), None)
-            if target is None:
-                others.append(path)
-            elif self.dry_run:
-                self.sources.add(path)
-            else:
-                _move(path, target)
-        return others
+    def finish_interrupted(self, images_dir: Path) -> None:
+        """Finish the moves a crash cut off: each earlier version recorded as not moved yet
+        whose file is still in ``images_dir`` (its job's image name, with the sha256 recorded)
+        goes where the version is recorded; every such move is then recorded as done, the
+        file found or not (a dry run only counts the file as moved aside)."""
+        moved: list[tuple[Path, Path]] = []
+        done: list[tuple[str, int]] = []
+        for kept in self.store.unmoved_versions():
+            target = self.folder / kept.image_path
+            source = images_dir / f"{kept.job_id}{target.suffix}"
+            if not target.exists() and source.is_file() and sha256_file(source) == kept.sha256:
+                self.sources.add(source)
+                moved.append((source, target))
+            done.append((kept.job_id, kept.version))
+        if self.dry_run or not done:
+            return
+        for source, target in moved:
+            _move(source, target)
+        self._done(moved, done)
+
+    def _done(self, moved: list[tuple[Path, Path]], versions: list[tuple[str, int]]) -> None:
+        """Make the renames of ``moved`` durable (both folders of each, and the output folder,
+        which may have gained ``rejected/``...), then record the moves of ``versions`` as done:
+        never recorded before a power cut could undo them."""
+        folders = {path.parent for pair in moved for path in pair}
+        if folders:
+            folders.add(self.folder)
+        for folder in folders:
+            fsync_dir(folder)
+        if versions:
+            self.store.mark_moved(versions)
 
 
 def _move(source: Path, target: Path) -> None:

@@ -94,7 +94,7 @@ def render_card(facts: CardFacts, tally: CardTally, columns: Columns) -> str:
             f"# {facts.title}",
             "",
             f"{images} images generated with image-runner from the output folder "
-            f"`{facts.output_folder}`, exported as {facts.fmt} on {facts.exported_at[:10]}.",
+            f"`{_code(facts.output_folder)}`, exported as {facts.fmt} on {facts.exported_at[:10]}.",
             "",
             "## Splits",
             "",
@@ -119,7 +119,7 @@ def render_card(facts: CardFacts, tally: CardTally, columns: Columns) -> str:
             "## How it was made",
             "",
             f"- image-runner {facts.version}, exported {facts.exported_at} (UTC)",
-            f"- command: `{facts.command}`",
+            f"- command: `{_code(facts.command)}`",
             "- only approved images" if facts.approved_only else "- every intact image",
             "",
             "## License",
@@ -183,10 +183,10 @@ def _templates(tally: CardTally) -> list[str]:
     for template, count in tally.templates.items():
         lines.append(f"- `{_code(template)}`: {plural(count, 'image')}")
         for name, values in tally.values.get(template, {}).items():
-            shown = [" ".join(str(v).split()) for v in list(values)[:VALUES_SHOWN]]
+            shown = [f"`{_code(str(v))}`" for v in list(values)[:VALUES_SHOWN]]
             more = len(values) - len(shown)
             text = ", ".join(shown) + (f" and {more} more" if more else "")
-            lines.append(f"  - `{name}`: {text}")
+            lines.append(f"  - `{_code(name)}`: {text}")
     if tally.untemplated:
         lines.append(f"- no template (a prompt of its own): {plural(tally.untemplated, 'image')}")
     return [*lines, ""]

@@ -8,7 +8,7 @@ whose current image was approved in review. DEST is a folder, in one of two form
 
 - ``imagefolder``: a folder per split (``DEST/train/``...) with copies of its images (not hard
   links: a user editing an exported image would alter the run's own, which the next run would
-  pay to make again) and its ``metadata.jsonl``, for
+  take for an edit by hand, the job's next version, unreviewed) and its ``metadata.jsonl``, for
   ``datasets.load_dataset("imagefolder", data_dir=DEST)``. The split folders are not
   decoration: with the images at the top of DEST, ``datasets`` takes a file named like
   ``test-1.png`` or ``validation_2.png`` for a split of its own and drops the metadata; and a

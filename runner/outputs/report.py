@@ -1,6 +1,7 @@
 """The HTML report of an output folder: ``report.html``, with its thumbnails under ``thumbs/``.
 
-One page that opens offline from disk (copy ``thumbs/`` along with it): a summary (jobs by
+One page that opens offline from disk (to move it, copy ``thumbs/`` along, and ``images/`` for
+the thumbnails' links to the full-size images): a summary (jobs by
 status, spend, wall time, throughput, failures by cause), the failures with their errors (the
 first :data:`FAILURES_LISTED`), and a contact sheet with one card per job, an edit's references
 beside its output, shown a page at a time by the page's script (:mod:`runner.outputs.report_page`)
@@ -75,7 +76,6 @@ def write_report(store: Viewable) -> Path:
             if job.status == "failed" and len(failed) < FAILURES_LISTED:
                 failed.append(job)
         rows.write(b"]")
-        thumbs.sweep()
         fields = {
             "script_sha256": SCRIPT_SHA256,
             "folder": _e(folder.name),
@@ -91,6 +91,7 @@ def write_report(store: Viewable) -> Path:
             rows.seek(0)
             shutil.copyfileobj(rows, page)
             page.write(TAIL.encode())
+    thumbs.sweep()  # now that the page in place no longer shows the thumbs it leaves
     return path
 
 
@@ -123,7 +124,7 @@ def _card(job: ReportJob, thumbs: Thumbnails) -> _Card:
     note = ""
     thumb = ""
     if job.status == "succeeded":
-        made = thumbs.of_image(job.job_id, job.image_path, job.sha256)
+        made = thumbs.of_image(job.job_id, job.image_path, job.sha256, job.image_stat)
         thumb, note = made.name or "", made.note or ""
         names += [thumb] if thumb else []
         size = f"{job.width}\u00d7{job.height}"

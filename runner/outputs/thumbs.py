@@ -6,12 +6,19 @@ however many jobs share the file. That name is also that of a job called ``ref``
 has the same bytes, which would be the same picture: the one file serves both.
 
 Naming by content makes the cache check a ``stat``: a finished image's thumb is looked up by the
-sha256 the run recorded, so a report over a folder whose images have not changed decodes none of
-them, and an image changed since (a new sha) gets a new thumb. Thumbs are written with
-:func:`~runner.images.files.write_atomic` without fsync (a cache: a power cut may leave one
-empty, never half of another), so an empty file is a miss. The thumbs no report uses any more
-(an older image's, a job no longer done) are deleted by :meth:`Thumbnails.sweep`; to know them
-without a set of every name, it keeps an 8-byte hash of each name used: 0.8 MB for 100,000 jobs.
+sha256 the run recorded, as long as the file's stat (size, mtime, ctime) is still the one recorded
+with it, so a report over a folder whose images have not changed decodes none of them. An image
+whose stat differs is hashed: changed since the run (a new sha), it gets a new thumb and a note.
+Thumbs are written with :func:`~runner.images.files.write_atomic` without fsync (a cache: a power
+cut may leave one empty, never half of another), so an empty file is a miss.
+
+``thumbs/`` is shared: by the report, by a review app making thumbs on demand, maybe by a second
+report at the same time. The thumbs a report no longer uses (an older image's, a job no longer
+done) are deleted by :meth:`Thumbnails.sweep` once its page is in place, and only those older than
+its start: one a review app or another report made meanwhile is theirs. To know its own without a
+set of every name, a report keeps an 8-byte hash of each name used: 0.8 MB for 100,000 jobs. The
+temp files an interrupted write left go in the same pass, once an hour old: a younger one may be a
+thumb another process is writing.
 
 The methods making thumbs run in worker threads (decoding and shrinking release the GIL).
 """
@@ -22,15 +29,18 @@ import io
 import os
 import re
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from pathlib import Path
+from stat import S_ISREG
 from typing import Final, NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from runner.images.files import remove_temp_files, sha256_file, write_atomic
+from runner.images.files import is_temp_name, sha256_file, temp_path_for, write_atomic
+from runner.store.base import ImageStat
 
 THUMBS_DIR: Final = "thumbs"
 THUMB_MAX_PX: Final = 256
@@ -39,6 +49,9 @@ THUMB_QUALITY: Final = 70
 _THUMB_NAME = re.compile(r".+-[0-9a-f]{12}\.webp")
 _THUMB_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _REFERENCES_REMEMBERED = 1024  # distinct reference files whose thumb a report remembers
+# A thumb is written in milliseconds: a temp file an hour old is no write going on.
+_TEMP_FILE_AGE_NS = 3600 * 1_000_000_000
+CHANGED_NOTE: Final = "changed since the run: the next run keeps it as an edit"
 
 
 class Thumb(NamedTuple):
@@ -49,35 +62,42 @@ class Thumb(NamedTuple):
 
 
 class Thumbnails:
-    """The thumbs of one report of ``folder``: made or found, then the unused ones swept."""
+    """The thumbs of one report of ``folder`` (made or found, then the unused ones swept), or
+    of a review app's requests."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.dir = folder / THUMBS_DIR
         self.dir.mkdir(exist_ok=True)
-        remove_temp_files(self.dir)
+        self._started_ns = _file_time_now_ns(self.dir)
         self._kept = array("q")  # hash() of each name used: only this process compares them
         self._references: OrderedDict[tuple[str, int, int], Thumb] = OrderedDict()
         self._lock = threading.Lock()
 
-    def of_image(self, job_id: str, image_path: str | None, sha256: str | None) -> Thumb:
-        """The thumb of a job's finished image; decoded only when none of its sha exists."""
+    def of_image(
+        self, job_id: str, image_path: str | None, sha256: str | None, stat: ImageStat | None
+    ) -> Thumb:
+        """The thumb of a job's finished image, as the checkpoint records it (``stat``: None
+        when none was recorded). Named by the recorded sha256 while the file's stat is the one
+        recorded; else the file is hashed, and a changed image gets a thumb of its own, with a
+        note: a reviewer judges the picture there is, and knows it is not the generated one."""
         if not image_path:
             return Thumb(None, "no image recorded")
         source = self.folder / image_path
-        if not source.is_file():
-            return Thumb(None, f"image file missing: {image_path}")
-        if sha256 and self._cached(f"{job_id}-{sha256[:12]}.webp"):
-            return Thumb(f"{job_id}-{sha256[:12]}.webp", None)
         try:
+            found = source.stat()
+        except OSError:
+            return Thumb(None, f"image file missing: {image_path}")
+        if not S_ISREG(found.st_mode):
+            return Thumb(None, f"image file missing: {image_path}")
+        try:
+            if sha256 and stat is not None and ImageStat.of(found) == stat:
+                return Thumb(self._make(source, f"{job_id}-{sha256[:12]}.webp"), None)
             digest = sha256_file(source)
             name = self._make(source, f"{job_id}-{digest[:12]}.webp")
         except _THUMB_ERRORS as exc:
             return Thumb(None, f"image unreadable: {image_path} ({exc})")
-        note = (
-            None if digest == sha256 else "the image file changed since the run; rerun to redo it"
-        )
-        return Thumb(name, note)
+        return Thumb(name, None if digest == sha256 else CHANGED_NOTE)
 
     def of_reference(self, path: str) -> Thumb:
         """The thumb of a reference image (a path as the run recorded it), hashed once a report
@@ -107,15 +127,31 @@ class Thumbnails:
         self._kept.append(hash(name))
 
     def sweep(self) -> None:
-        """Delete the thumbs this report did not use."""
+        """Delete the thumbs this report did not use, made before it started, and the temp
+        files an interrupted write left over an hour ago. Called once the new page is in place:
+        the page it replaces shows the old thumbs until then, and stays if the new one cannot
+        be written."""
         kept = np.sort(np.frombuffer(self._kept, dtype=np.int64))
+        temps_before_ns = time.time_ns() - _TEMP_FILE_AGE_NS
         with os.scandir(self.dir) as entries:
             for entry in entries:
-                if not _THUMB_NAME.fullmatch(entry.name):
+                if entry.is_dir(follow_symlinks=False):
                     continue
-                at = int(np.searchsorted(kept, hash(entry.name)))
-                if at == len(kept) or kept[at] != hash(entry.name):
-                    Path(entry.path).unlink(missing_ok=True)
+                if is_temp_name(entry.name):  # checked first: ".tmp-<hex>-<thumb name>"
+                    before_ns = temps_before_ns
+                elif _THUMB_NAME.fullmatch(entry.name):
+                    key = hash(entry.name)
+                    at = int(np.searchsorted(kept, key))
+                    if at < len(kept) and kept[at] == key:
+                        continue
+                    before_ns = self._started_ns
+                else:
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime_ns < before_ns:
+                        Path(entry.path).unlink(missing_ok=True)
+                except FileNotFoundError:  # deleted meanwhile by another
+                    continue
 
     def _cached(self, name: str) -> bool:
         try:
@@ -128,6 +164,18 @@ class Thumbnails:
         if not self._cached(name):
             write_atomic(self.dir / name, make_thumb(source), durable=False)
         return name
+
+
+def _file_time_now_ns(folder: Path) -> int:
+    """The mtime a file made in ``folder`` now gets. File times are coarse (a clock tick behind
+    ``time.time_ns()``; two seconds on FAT), so a thumb made after this moment may be dated
+    before a ``time.time_ns()`` taken now, never before this."""
+    marker = temp_path_for(folder / "now")
+    marker.touch(exist_ok=False)
+    try:
+        return marker.stat().st_mtime_ns
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def make_thumb(source: Path) -> bytes:

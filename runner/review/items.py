@@ -15,7 +15,7 @@ from pathlib import PurePath
 from typing import Any, Final, NamedTuple, get_args
 
 from runner.jobs import JobStatus
-from runner.store.base import REVIEW_STATES, ReviewState
+from runner.store.base import REVIEW_STATES, ImageStat, ReviewState
 from runner.store.views import ReviewItem, VersionRecord, Views
 
 MAX_LIMIT: Final = 200
@@ -125,6 +125,7 @@ def parse_decision(body: object) -> tuple[str, ReviewState, int | None]:
 class RecordedImage(NamedTuple):
     path: str  # relative to the output folder
     sha256: str | None
+    stat: ImageStat | None  # recorded with the current image (None for an earlier version)
 
 
 def recorded_image(views: Views, job_id: str, version: str | None) -> RecordedImage | None:
@@ -134,8 +135,8 @@ def recorded_image(views: Views, job_id: str, version: str | None) -> RecordedIm
         item = views.review_item(job_id)
         if item is None or item.status != "succeeded" or item.image_path is None:
             return None
-        return RecordedImage(item.image_path, item.sha256)
+        return RecordedImage(item.image_path, item.sha256, item.image_stat)
     for record in views.job_versions(job_id):
         if record.version == int(version) and record.image_path is not None:
-            return RecordedImage(record.image_path, record.sha256)
+            return RecordedImage(record.image_path, record.sha256, None)
     return None

@@ -192,12 +192,23 @@ class _Routes:
         image = items.recorded_image(self.log.views(), job_id, request.match_info.get("version"))
         if image is None:
             return _error(404, f"{job_id}: no such image recorded")
-        # The report's cache: a thumb either makes serves the other.
-        thumb = await asyncio.to_thread(self.thumbs.of_image, job_id, image.path, image.sha256)
-        if thumb.name is None:
-            return _error(404, f"{job_id}: {thumb.note}")
-        data = await asyncio.to_thread((self.thumbs.dir / thumb.name).read_bytes)
-        return web.Response(body=data, content_type="image/webp")
+        # The report's cache: a thumb either makes serves the other, and a report's sweep may
+        # delete one between finding it and reading it: then it is made again, once.
+        for _ in range(2):
+            thumb = await asyncio.to_thread(
+                self.thumbs.of_image, job_id, image.path, image.sha256, image.stat
+            )
+            if thumb.name is None:
+                return _error(404, f"{job_id}: {thumb.note}")
+            try:
+                data = await asyncio.to_thread((self.thumbs.dir / thumb.name).read_bytes)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                return _error(404, f"{job_id}: thumbnail unreadable: {exc.strerror or exc}")
+            if data:
+                return web.Response(body=data, content_type="image/webp")
+        return _error(503, f"{job_id}: its thumbnail was deleted as it was made; reload the page")
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]

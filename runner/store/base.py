@@ -52,7 +52,7 @@ AttemptState = Literal["in_flight", "confirmed", "possible", "unbilled"]
 ReviewState = Literal["approved", "rejected", "unreviewed"]
 REVIEW_STATES: tuple[ReviewState, ...] = ("approved", "rejected", "unreviewed")
 # Why a job's image became an earlier version (see :meth:`Store.retire_image`).
-RetireReason = Literal["rejected", "edited", "changed", "missing"]
+RetireReason = Literal["rejected", "edited", "changed", "missing", "unreadable"]
 
 
 class ImageStat(NamedTuple):
@@ -122,9 +122,10 @@ class SavedImage:
 
 
 class KeptVersion(NamedTuple):
-    """An earlier image of a job that was recorded as moved to ``image_path`` (relative to the
-    output folder), with the sha256 of the file moved there."""
+    """An earlier image of a job recorded as going to ``image_path`` (relative to the output
+    folder), with the sha256 of the file to move there."""
 
+    job_id: str
     version: int
     image_path: str
     sha256: str | None
@@ -248,26 +249,37 @@ class Store(Protocol):
         template), for jobs recorded before the store kept it; nothing else changes."""
         ...
 
-    def retire_image(self, job_id: str, reason: RetireReason, moved_to: str | None) -> None:
+    def retire_image(
+        self,
+        job_id: str,
+        reason: RetireReason,
+        moved_to: str | None,
+        found_sha256: str | None = None,
+    ) -> None:
         """The succeeded job's image becomes an earlier version, kept at ``moved_to`` (relative
         to the folder; None: no file kept): a ``versions`` row with its version, sha256 and size
-        as recorded, and the job pending at the next version, its image and ``edited_at``
-        forgotten. Its attempts stay: what they cost stays spent. The caller moves the file
-        only once this is durable (see :mod:`runner.core.versions`)."""
+        as recorded (``found_sha256``: that of a file found in its place that does not decode,
+        recorded instead, with no size), and the job pending at the next version, its image and
+        ``edited_at`` forgotten. Its attempts stay: what they cost stays spent. The caller moves
+        the file only once this is durable, then records it moved (:meth:`mark_moved`; see
+        :mod:`runner.core.versions`)."""
         ...
 
-    def record_edit(
-        self, job_id: str, sha256: str, stat: ImageStat, size: tuple[int, int] | None
-    ) -> None:
+    def record_edit(self, job_id: str, sha256: str, stat: ImageStat, size: tuple[int, int]) -> None:
         """The succeeded job's image was edited by hand in place and is kept: the generated
         image's sha256 and size become an earlier version (reason ``edited``, no file: the
         edit overwrote it), and the job stays succeeded at the next version, unreviewed, with
-        the edited file's ``sha256``, ``stat`` and ``size`` in pixels (None: it does not
-        decode; the size recorded stays), ``edited_at`` set."""
+        the edited file's ``sha256``, ``stat`` and ``size`` in pixels, ``edited_at`` set."""
         ...
 
-    def kept_versions(self, job_id: str) -> list[KeptVersion]:
-        """The earlier images of ``job_id`` recorded with a file, oldest first."""
+    def unmoved_versions(self) -> list[KeptVersion]:
+        """The earlier images recorded as going to a file whose move is not recorded as done
+        (a crash cut it off)."""
+        ...
+
+    def mark_moved(self, versions: Sequence[tuple[str, int]]) -> None:
+        """Record the moves of ``versions`` ((job id, version) pairs) as done: their files are
+        durably in place, or can no longer get there."""
         ...
 
     def record_image_stat(self, job_id: str, stat: ImageStat) -> None: ...

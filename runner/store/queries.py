@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.jobs import JobStatus
-from runner.store.base import ReviewState
+from runner.store.base import ImageStat, ReviewState
 from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, reading, rows_by_ids
 from runner.store.views import (
     BilledAttempt,
@@ -42,13 +42,15 @@ from runner.store.views import (
 # Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
 # parameters a statement.
 
+_IMAGE_STAT = "j.image_size_bytes, j.image_mtime_ns, j.image_ctime_ns"
+
 _REPORT_JOBS = (
     "SELECT j.job_id, j.status, j.size, j.prompt, j.image_path, j.width, j.height, j.sha256, "
     "j.error, j.error_cause, j.retryable, COALESCE(a.n, 0), COALESCE(a.confirmed, 0), "
     "COALESCE(a.possible, 0), "
     "(SELECT error FROM attempts WHERE attempts.job_id = j.job_id "
     "ORDER BY attempt DESC LIMIT 1), j.images, j.version, "
-    f"{REVIEW_OF_JOB}, j.edited_at IS NOT NULL "
+    f"{REVIEW_OF_JOB}, j.edited_at IS NOT NULL, {_IMAGE_STAT} "
     "FROM jobs j LEFT JOIN (SELECT job_id, COUNT(*) AS n, "
     "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
     "SUM(CASE WHEN state = 'possible' THEN cost_micro_usd ELSE 0 END) AS possible "
@@ -59,7 +61,7 @@ _REPORT_JOBS = (
 _REVIEW_ITEMS = (
     "SELECT j.job_id, j.status, j.prompt, j.size, j.model, j.image_path, j.width, j.height, "
     "j.sha256, j.images, j.version, r.decision, r.reviewer, r.decided_at, "
-    "j.edited_at IS NOT NULL, j.error, j.error_cause FROM jobs j "
+    f"j.edited_at IS NOT NULL, j.error, j.error_cause, {_IMAGE_STAT} FROM jobs j "
     "LEFT JOIN reviews r ON r.review_id = (SELECT MAX(review_id) FROM reviews "
     "WHERE reviews.job_id = j.job_id AND reviews.version = j.version)"
 )
@@ -68,9 +70,20 @@ _REVIEW_ITEMS = (
 def _review_item(row: tuple[Any, ...]) -> ReviewItem:
     decision = row[11] if row[1] == "succeeded" and row[11] else "unreviewed"
     references = tuple(json.loads(row[9]))
+    stat = _image_stat(*row[17:])
     return ReviewItem._make(
-        (*row[:9], references, row[10], decision, *row[12:14], bool(row[14]), *row[15:])
+        (*row[:9], references, row[10], decision, *row[12:14], bool(row[14]), *row[15:17], stat)
     )
+
+
+def _image_stat(
+    size_bytes: int | None, mtime_ns: int | None, ctime_ns: int | None
+) -> ImageStat | None:
+    """The stat recorded with a job's image; None when there is none (no image, or one recorded
+    before migration 3), as :attr:`runner.store.base.JobRecord.image_stat` reads it."""
+    if size_bytes is None or mtime_ns is None:
+        return None
+    return ImageStat(size_bytes, mtime_ns, ctime_ns or 0)
 
 
 class SqliteViews:
@@ -217,9 +230,9 @@ class SqliteViews:
     def _report_jobs(self) -> Iterator[ReportJob]:
         make = ReportJob._make
         for r in self._cursor().execute(_REPORT_JOBS):
-            yield make(
-                (*r[:10], bool(r[10]), *r[11:15], tuple(json.loads(r[15])), *r[16:18], bool(r[18]))
-            )
+            references = tuple(json.loads(r[15]))
+            stat = _image_stat(*r[19:])
+            yield make((*r[:10], bool(r[10]), *r[11:15], references, *r[16:18], bool(r[18]), stat))
 
     def _run_spans(self) -> list[RunSpan]:
         starts = self._all("SELECT started_at, finished_at FROM runs ORDER BY started_at")

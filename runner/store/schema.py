@@ -94,7 +94,10 @@ MIGRATIONS = (
     """,
     # 4: review and versions (issue 11). A job's image is its version; a new image of the job
     # (a rejected one regenerated, one edited by hand and redone, a changed prompt) is the next
-    # version, the earlier ones kept in `versions`. Decisions are an append-only log, the only
+    # version, the earlier ones kept in `versions` (`unreadable`: a file that took the image's
+    # place and does not decode; `moved` 0 from the commit that records a version until its file
+    # is durably where `image_path` says, so that a run finishes the moves a crash cut off, and
+    # only those; 1 at once when no file is kept). Decisions are an append-only log, the only
     # table the review app writes (without the folder's lock, while a run may be going on): the
     # review of (job, version) is its latest row, 'unreviewed' an undo. And what a matrix row
     # made a job of, for the dataset's columns: NULL for jobs planned before this migration.
@@ -111,10 +114,13 @@ MIGRATIONS = (
         sha256 TEXT,
         width INTEGER,
         height INTEGER,
-        reason TEXT NOT NULL CHECK (reason IN ('rejected', 'edited', 'changed', 'missing')),
+        reason TEXT NOT NULL
+            CHECK (reason IN ('rejected', 'edited', 'changed', 'missing', 'unreadable')),
         retired_at TEXT NOT NULL,
+        moved INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job_id, version)
     );
+    CREATE INDEX versions_unmoved ON versions (job_id) WHERE moved = 0;
     CREATE TABLE reviews (
         review_id INTEGER PRIMARY KEY,
         job_id TEXT NOT NULL,

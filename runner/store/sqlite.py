@@ -378,24 +378,33 @@ class SqliteStore:
                 ((*_metadata(job), job.id) for job in jobs),
             )
 
-    def retire_image(self, job_id: str, reason: RetireReason, moved_to: str | None) -> None:
+    def retire_image(
+        self,
+        job_id: str,
+        reason: RetireReason,
+        moved_to: str | None,
+        found_sha256: str | None = None,
+    ) -> None:
         """Make the succeeded job's image an earlier version kept at ``moved_to``; the job is
         pending at the next version (see :meth:`Store.retire_image`)."""
         with self.batch() as db:
-            versioning.retire(db, job_id, reason, moved_to, now_iso())
+            versioning.retire(db, job_id, reason, moved_to, now_iso(), found_sha256)
 
-    def record_edit(
-        self, job_id: str, sha256: str, stat: ImageStat, size: tuple[int, int] | None
-    ) -> None:
+    def record_edit(self, job_id: str, sha256: str, stat: ImageStat, size: tuple[int, int]) -> None:
         """Keep the succeeded job's image, edited by hand, as its next version; the generated
         one's sha256 and size stay as an earlier version (see :meth:`Store.record_edit`)."""
         with self.batch() as db:
             versioning.record_edit(db, job_id, sha256, stat, size, now_iso())
 
-    def kept_versions(self, job_id: str) -> list[KeptVersion]:
-        """The earlier images of ``job_id`` recorded with a file, oldest first."""
+    def unmoved_versions(self) -> list[KeptVersion]:
+        """The earlier images whose move to their file is not recorded as done."""
         with reading(self.folder):
-            return versioning.kept_versions(self.db, job_id)
+            return versioning.unmoved_versions(self.db)
+
+    def mark_moved(self, versions: Sequence[tuple[str, int]]) -> None:
+        """Record the moves of ``versions`` as done (see :meth:`Store.mark_moved`)."""
+        with self.batch() as db:
+            versioning.mark_moved(db, versions)
 
     def record_image_stat(self, job_id: str, stat: ImageStat) -> None:
         """Note the stat of a finished image found intact by its sha256 after its stat had

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 from runner.jobs import JobStatus
-from runner.store.base import ReviewState
+from runner.store.base import ImageStat, RetireReason, ReviewState
 
 
 class JobState(NamedTuple):
@@ -121,6 +121,7 @@ class ReportJob(NamedTuple):
     version: int  # of the image recorded, or (pending) of the one to make
     review: ReviewState  # of that version
     edited: bool  # its image was found edited by hand, and kept
+    image_stat: ImageStat | None  # recorded with the image: its sha256 holds while this does
 
 
 class RunSpan(NamedTuple):
@@ -198,6 +199,7 @@ class ReviewItem(NamedTuple):
     edited: bool
     error: str | None
     error_cause: str | None
+    image_stat: ImageStat | None  # recorded with the image: its sha256 holds while this does
 
 
 class ReviewPage(NamedTuple):
@@ -215,7 +217,7 @@ class VersionRecord(NamedTuple):
     sha256: str | None
     width: int | None
     height: int | None
-    reason: Literal["rejected", "edited", "changed", "missing"]
+    reason: RetireReason
     retired_at: str
     review: ReviewState
     reviewed_by: str | None
