@@ -1,5 +1,5 @@
 """What the review app's tests share: a run with generations and edits (their references on
-disk) made on the emulator, and a client of the app that holds its token."""
+disk) made on the emulator, and a client of the app that sends its token as the page does."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from runner.review import ReviewServer
-from runner.review.server import AJAX_HEADER, AJAX_VALUE
+from runner.review.server import TOKEN_HEADER
 from runner.store import open_read_only
 from runner.store.views import ReviewItem
 from tests.conftest import make_ref, run_manifest, write_manifest
@@ -56,12 +56,10 @@ def item_of(out: Path, job_id: str) -> ReviewItem:
 
 @asynccontextmanager
 async def client_of(server: ReviewServer) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session that opened the page with the token, so it holds the cookie, as the browser
-    does; its requests are relative to the server."""
-    jar = aiohttp.CookieJar(unsafe=True)  # a cookie of 127.0.0.1, an IP address
-    async with aiohttp.ClientSession(server.origin, cookie_jar=jar) as session:
-        async with session.get("/", params={"token": server.token}) as response:
-            assert response.status == 200
+    """A session that sends the token in the header of every request, as the page sends it to
+    the API; its requests are relative to the server."""
+    headers = {TOKEN_HEADER: server.token}
+    async with aiohttp.ClientSession(server.origin, headers=headers) as session:
         yield session
 
 
@@ -69,6 +67,5 @@ async def post_decision(
     session: aiohttp.ClientSession, job_id: str, decision: str, version: int | None = None
 ) -> tuple[int, dict[str, Any]]:
     body = {"job_id": job_id, "decision": decision, "version": version}
-    headers = {AJAX_HEADER: AJAX_VALUE}
-    async with session.post("/api/review", json=body, headers=headers) as response:
+    async with session.post("/api/review", json=body) as response:
         return response.status, await response.json()

@@ -4,6 +4,7 @@ checkpoint records)."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from runner.emulator import Emulator
 from runner.review import ReviewServer
-from runner.review.server import AJAX_HEADER, AJAX_VALUE, CSP
+from runner.review.server import CSP, TOKEN_HEADER
 from runner.store import open_store
 from tests.conftest import db_exec
 from tests.reviewing import client_of, item_of, made_run, post_decision, shots
@@ -33,37 +34,50 @@ async def server(out: Path) -> AsyncIterator[ReviewServer]:
 
 
 async def test_every_request_needs_the_token(server: ReviewServer) -> None:
-    paths = ["/", "/static/review.js", "/api/items", "/image/shot-01", "/ref/shot-00/0"]
+    """In the header (the page's API calls) or the query (its images), never a cookie: one
+    of 127.0.0.1 would be sent to every port of the machine."""
+    paths = ["/", "/api/items", "/image/shot-01", "/thumb/shot-01", "/ref/shot-00/0",
+             "/refthumb/shot-00/0"]  # fmt: skip
     async with aiohttp.ClientSession(server.origin) as anyone:
         for path in paths:
-            for params in ({}, {"token": "not-the-token"}):
-                async with anyone.get(path, params=params) as response:
+            for params, headers in (({}, {}), ({"token": "x"}, {}), ({}, {TOKEN_HEADER: "x"})):
+                async with anyone.get(path, params=params, headers=headers) as response:
                     assert response.status == 403, path
                     assert "token" in (await response.json())["error"]
                     assert response.headers["Content-Security-Policy"] == CSP
-        async with anyone.get("/", cookies={f"image_runner_review_{server.port}": "x"}) as r:
-            assert r.status == 403
-    async with client_of(server) as session:  # the page set the cookie: no token needed now
-        (cookie,) = session.cookie_jar
-        assert cookie["httponly"] and cookie["samesite"] == "Strict"
-        for path in ("/", "/static/review.js", "/static/review.css", "/api/items"):
-            async with session.get(path) as response:
+        for path in paths:
+            async with anyone.get(path, params={"token": server.token}) as response:
                 assert response.status == 200, path
+                assert "Set-Cookie" not in response.headers
                 assert response.headers["Content-Security-Policy"] == CSP
                 assert response.headers["X-Content-Type-Options"] == "nosniff"
+                assert response.headers["Referrer-Policy"] == "no-referrer"
+        # The page's script and style are the same for everyone: served without the token.
+        for path in ("/static/review.js", "/static/review.css"):
+            async with anyone.get(path) as response:
+                assert response.status == 200, path
+    async with client_of(server) as session, session.get("/api/items") as response:
+        assert response.status == 200  # the token in the header, as the page sends it
 
 
 async def test_a_decision_only_from_the_page(server: ReviewServer, out: Path) -> None:
+    """A POST must carry the token in its header, which a cross-site form cannot send, nor a
+    cross-site fetch without a CORS preflight this server never grants."""
     body = {"job_id": "shot-01", "decision": "rejected"}
-    async with client_of(server) as session:
-        async with session.post("/api/review", json=body) as response:  # no header: a form
+    async with aiohttp.ClientSession(server.origin) as anyone:
+        params = {"token": server.token}  # as a form would send it, had it the token
+        async with anyone.post("/api/review", json=body, params=params) as response:
             assert response.status == 403
-        foreign = {AJAX_HEADER: AJAX_VALUE, "Origin": "http://evil.example"}
-        async with session.post("/api/review", json=body, headers=foreign) as response:
-            assert response.status == 403
+        async with anyone.post("/api/review", json=body, headers={TOKEN_HEADER: "x"}) as r:
+            assert r.status == 403
+        async with anyone.options("/api/review", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": TOKEN_HEADER,
+        }) as response:  # fmt: skip
+            assert "Access-Control-Allow-Origin" not in response.headers
         assert item_of(out, "shot-01").review == "unreviewed"
-        own = {AJAX_HEADER: AJAX_VALUE, "Origin": server.origin}
-        async with session.post("/api/review", json=body, headers=own) as response:
+        headers = {TOKEN_HEADER: server.token}
+        async with anyone.post("/api/review", json=body, headers=headers) as response:
             assert response.status == 200
     assert item_of(out, "shot-01").review == "rejected"
 
@@ -97,11 +111,9 @@ async def test_decisions_are_written_at_once_with_who(server: ReviewServer, out:
 async def test_a_decision_that_cannot_be_is_refused(
     server: ReviewServer, out: Path, body: object, status: int, error: str
 ) -> None:
-    async with client_of(server) as session:
-        headers = {AJAX_HEADER: AJAX_VALUE}
-        async with session.post("/api/review", json=body, headers=headers) as response:
-            assert response.status == status
-            assert error in (await response.json())["error"]
+    async with client_of(server) as session, session.post("/api/review", json=body) as r:
+        assert r.status == status
+        assert error in (await r.json())["error"]
     assert item_of(out, "shot-01").review == "unreviewed"
 
 
@@ -171,7 +183,17 @@ async def test_images_thumbnails_and_references_are_served(server: ReviewServer,
             async with session.get(f"/ref/shot-00/{index}") as response:
                 assert response.status == 200 and response.content_type == f"image/{kind}"
                 assert await response.read() == (refs / name).read_bytes()
-        for path in ("/ref/shot-00/2", "/ref/shot-01/0", "/image/banned", "/thumb/banned"):
+            # The grid's: the reference's thumbnail, in the report's cache (named by its sha).
+            async with session.get(f"/refthumb/shot-00/{index}") as response:
+                assert response.status == 200 and response.content_type == "image/webp"
+                digest = hashlib.sha256((refs / name).read_bytes()).hexdigest()
+                assert (out / "thumbs" / f"ref-{digest[:12]}.webp").read_bytes() == (
+                    await response.read()
+                )
+        for path in (
+            "/ref/shot-00/2", "/ref/shot-01/0", "/refthumb/shot-00/2", "/refthumb/shot-01/0",
+            "/image/banned", "/thumb/banned",
+        ):  # fmt: skip
             async with session.get(path) as response:
                 assert response.status == 404, path
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 import webbrowser
 from pathlib import Path
@@ -89,23 +90,35 @@ def test_decisions_while_a_run_holds_the_folder(out: Path) -> None:
 def test_serves_until_interrupted_and_opens_the_browser(
     out: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The browser is opened at the printed address once the app listens; Ctrl-C (raised
-    here by the browser's stand-in) stops it with exit 0. (That it serves there: below.)"""
-    opened: list[str] = []
+    """The browser is opened once the app listens, on a private file that redirects to the
+    printed address: the token is never on a command line, where ``ps`` shows it to every
+    user. Ctrl-C (raised here by the browser's stand-in) stops it with exit 0 and removes the
+    file. (That it serves there: below.)"""
+    opened: list[tuple[str, str, int, int]] = []
+
+    def file_of(url: str) -> Path:
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
 
     def browser(url: str) -> bool:
-        opened.append(url)
+        path = file_of(url)
+        modes = (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777)
+        opened.append((url, path.read_text(encoding="utf-8"), *modes))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(webbrowser, "open", browser)
     assert main(["review", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    (url,) = opened
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{32}", url)
+    ((opened_url, page, file_mode, dir_mode),) = opened
+    (url,) = re.findall(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{32}", printed[0])
     assert printed == [
         f"review: {url} (Ctrl-C to stop)",
         "review: stopped; every decision was saved as it was taken",
     ]
+    token = url.rsplit("=", 1)[1]
+    assert opened_url.startswith("file://") and token not in opened_url
+    assert (file_mode, dir_mode) == (0o600, 0o700)
+    assert f'<meta http-equiv="refresh" content="0;url={url}">' in page
+    assert not file_of(opened_url).parent.exists()
 
 
 def test_the_command_serves_in_its_own_process(out: Path) -> None:

@@ -103,6 +103,16 @@ def test_a_decision_is_written_while_a_run_holds_the_folder(out: Path) -> None:
         run.close()
 
 
+def test_closed_it_leaves_no_wal_behind(out: Path) -> None:
+    """It reads on a read-only connection and writes on another: the writer closes last, so
+    the WAL is folded back and removed, as after a run (a dry run then reads the main file)."""
+    before = sorted(p.name for p in out.iterdir())
+    with open_review_log(out) as log:
+        log.decide([Decision("a", "approved")], "ana")
+        assert log.views().review_item("a") is not None
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_the_review_of_a_version_does_not_follow_the_job_to_its_next(out: Path) -> None:
     with open_review_log(out) as log:
         log.decide([Decision("a", "rejected")], "ana")

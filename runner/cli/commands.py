@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import shlex
-import webbrowser
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +110,7 @@ def review(args: argparse.Namespace) -> int:
     """Serve the review app until Ctrl-C, or, given ``--approve`` / ``--reject``, write those
     decisions and exit. Neither takes the folder's lock: a run may be going on."""
     from runner.review import decide_ids, reviewer_name, serve_review
+    from runner.review.launch import browser_opener
     from runner.store import open_review_log
 
     reviewer = reviewer_name(args.reviewer)
@@ -121,20 +121,22 @@ def review(args: argparse.Namespace) -> int:
             print(f"{review.decision} {review.job_id} (version {review.version}) as {reviewer}")
         return EXIT_OK
 
-    def ready(url: str) -> None:
-        print(f"review: {url} (Ctrl-C to stop)", flush=True)
-        if not args.no_browser:
-            webbrowser.open(url)
+    with browser_opener() as open_page:  # its redirect file removed once the app stops
 
-    try:
-        asyncio.run(serve_review(args.out, reviewer=reviewer, port=args.port, on_ready=ready))
-    except KeyboardInterrupt:
-        print("review: stopped; every decision was saved as it was taken")
-    except OSError as exc:
-        raise RunnerError(
-            f"cannot serve on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
-            "try another --port, or 0 for a free one"
-        ) from None
+        def ready(url: str) -> None:
+            print(f"review: {url} (Ctrl-C to stop)", flush=True)
+            if not args.no_browser:
+                open_page(url)
+
+        try:
+            asyncio.run(serve_review(args.out, reviewer=reviewer, port=args.port, on_ready=ready))
+        except KeyboardInterrupt:
+            print("review: stopped; every decision was saved as it was taken")
+        except OSError as exc:
+            raise RunnerError(
+                f"cannot serve on 127.0.0.1:{args.port}: {exc.strerror or exc}; "
+                "try another --port, or 0 for a free one"
+            ) from None
     return EXIT_OK
 
 

@@ -1,19 +1,26 @@
 """The review app's HTTP side: an aiohttp server on 127.0.0.1 that only its user may use.
 
-Who may: whoever holds the random token printed in its URL. The first page, opened with
-``?token=...``, sets it as a cookie (HttpOnly, SameSite=Strict, named after the port, so two
-review apps do not overwrite each other's) for the page's own requests; any request with
-neither gets 403. A POST must also carry the page's ``X-Requested-With`` header, which a
+Who may: whoever holds the random token of its URL (printed, and handed to the browser in a
+private file, never on a command line: see :mod:`.launch`). No cookie: a cookie of 127.0.0.1
+would go to every port of the machine, other users' servers included. The page keeps the token
+of its own URL in memory and sends it in the ``X-Review-Token`` header of every API call, which a
 cross-site form cannot send and a cross-site ``fetch`` may send only after a CORS preflight this
-server never grants, and an ``Origin``, when there is one, of this server. Every response says
-``Content-Security-Policy: default-src 'none'`` but for the page's own script, style, images and
-API, and ``nosniff``: a prompt is only ever text on the page, and an image only an image.
+server never grants; the images it shows carry it as ``?token=`` (an ``<img>`` sends no header),
+on this server's address only. A decision (POST) is taken only with the header. Anything else
+without the token gets 403; only the page's script and style, the same for everyone, are served
+without. Every response says ``Content-Security-Policy: default-src 'none'`` but for the page's
+own script, style, images and API, ``nosniff`` and ``no-referrer``: a prompt is only ever text on
+the page, an image only an image, and the token never leaves in a ``Referer``.
+
+A decision waits for a run's write transaction (in a worker thread, so the app goes on
+serving) at most a few seconds; then it is refused with 503 and a message the page shows.
 
 Files served are only those the checkpoint records: a job's image (``/image/<job_id>``, an
 earlier version's ``/image/<job_id>/v<N>``), its thumbnail (``/thumb/...``, made on demand and
 cached under ``thumbs/`` as the report does), its reference images (``/ref/<job_id>/<i>``, the
-i-th path recorded for that job). No path ever comes from the request, and only png, jpeg and
-webp files are sent, with the type of their bytes.
+i-th path recorded for that job, full size for the viewer, and ``/refthumb/<job_id>/<i>``, its
+thumbnail from the same cache, for the grid). No path ever comes from the request, and only
+png, jpeg and webp files are sent, with the type of their bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Final
 
 from aiohttp import web
 
-from runner.errors import ReviewError
+from runner.errors import ReviewError, StoreError
 from runner.outputs.thumbs import Thumbnails
 from runner.provider import sniff_format
 from runner.review import items
@@ -36,8 +43,7 @@ from runner.store import open_review_log
 from runner.store.base import Decision, ReviewLog
 
 HOST: Final = "127.0.0.1"
-AJAX_HEADER: Final = "X-Requested-With"
-AJAX_VALUE: Final = "image-runner-review"
+TOKEN_HEADER: Final = "X-Review-Token"
 CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -48,6 +54,7 @@ _STATIC: Final = {
     "/static/review.css": ("review.css", "text/css"),
 }
 _MIME: Final = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_PUBLIC: Final = frozenset({"/static/review.js", "/static/review.css"})
 _NO_TOKEN: Final = "open the address image-runner review printed: it carries the token"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -115,37 +122,31 @@ class ReviewServer:
         app.router.add_get("/image/{job_id}", routes.image)
         app.router.add_get(r"/image/{job_id}/v{version:\d+}", routes.image)
         app.router.add_get(r"/ref/{job_id}/{index:\d+}", routes.reference)
+        app.router.add_get(r"/refthumb/{job_id}/{index:\d+}", routes.reference_thumb)
         return app
-
-    @property
-    def _cookie(self) -> str:
-        return f"image_runner_review_{self.port}"
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.query.get("token") or request.cookies.get(self._cookie, "")
+        if request.method == "GET" and request.path in _PUBLIC:
+            return await handler(request)
+        header = request.headers.get(TOKEN_HEADER)
+        if request.method == "POST" and header is None:
+            return _error(403, "a decision is taken only from the review page itself")
+        given = header or request.query.get("token", "")
         if not secrets.compare_digest(given.encode(), self.token.encode()):
             return _error(403, _NO_TOKEN)
-        if request.method == "POST":
-            origin = request.headers.get("Origin")
-            if request.headers.get(AJAX_HEADER) != AJAX_VALUE or origin not in (None, self.origin):
-                return _error(403, "a decision is taken only from the review page itself")
         return await handler(request)
 
     async def _static(self, request: web.Request) -> web.Response:
         name, content_type = _STATIC[request.path]
         body = resources.files(__package__).joinpath("static", name).read_bytes()
-        response = web.Response(body=body, content_type=content_type, charset="utf-8")
-        if request.path == "/" and "token" in request.query:
-            response.set_cookie(
-                self._cookie, self.token, httponly=True, samesite="Strict", path="/"
-            )
-        return response
+        return web.Response(body=body, content_type=content_type, charset="utf-8")
 
 
 class _Routes:
-    """The API and the files, over one review log. Its calls are quick local SQLite reads
-    and one-row writes, made on the event loop; thumbnails are made in a thread."""
+    """The API and the files, over one review log. Its reads are quick local SQLite reads on
+    the event loop (a run's writes never block them); a decision, which may wait for a run's
+    write, and thumbnails are made in worker threads."""
 
     def __init__(self, log: ReviewLog, reviewer: str, thumbs: Thumbnails) -> None:
         self.log = log
@@ -172,9 +173,13 @@ class _Routes:
         except (ValueError, json.JSONDecodeError) as exc:
             return _error(400, str(exc))
         try:
-            self.log.decide([Decision(job_id, decision, version)], self.reviewer)
+            await asyncio.to_thread(
+                self.log.decide, [Decision(job_id, decision, version)], self.reviewer
+            )
         except ReviewError as exc:
             return _error(409, str(exc))
+        except StoreError as exc:  # busy past the timeout, or unwritable: nothing recorded
+            return _error(503, str(exc))
         views = self.log.views()
         found = views.review_item(job_id)
         assert found is not None  # decided, so it exists
@@ -218,6 +223,18 @@ class _Routes:
         if found is None or index >= len(found.references):
             return _error(404, f"{job_id}: no reference image {index}")
         return await _image_file(Path(found.references[index]))
+
+    async def reference_thumb(self, request: web.Request) -> web.Response:
+        job_id, index = request.match_info["job_id"], int(request.match_info["index"])
+        found = self.log.views().review_item(job_id)
+        if found is None or index >= len(found.references):
+            return _error(404, f"{job_id}: no reference image {index}")
+        # The report's cache again: a reference shared by many edits is made into one thumb.
+        thumb = await asyncio.to_thread(self.thumbs.of_reference, found.references[index])
+        if thumb.name is None:
+            return _error(404, f"{job_id}: {thumb.note}")
+        data = await asyncio.to_thread((self.thumbs.dir / thumb.name).read_bytes)
+        return web.Response(body=data, content_type="image/webp")
 
 
 async def _image_file(path: Path) -> web.StreamResponse:

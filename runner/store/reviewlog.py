@@ -3,31 +3,53 @@
 
 It opens the checkpoint without the folder's lock (a run may hold it) and writes one table,
 ``reviews``, appending: nothing the run writes is ever changed here, so a decision can never
-undo a run's bookkeeping, and the run reads the decisions when it next plans. Each call of
-:meth:`SqliteReviewLog.decide` is one ``BEGIN IMMEDIATE`` transaction that checks every decision
-against the jobs as they stand and records all of them or none; in WAL mode it waits its turn
-behind the run's group commits (``busy_timeout``), which are short.
+undo a run's bookkeeping, and the run reads the decisions when it next plans. (A checkpoint of
+an older version is upgraded on opening only if no run holds the folder, and refused if one
+does: :func:`~runner.store.schema.connect_for_review`.)
+
+Each call of :meth:`SqliteReviewLog.decide` is one ``BEGIN IMMEDIATE`` transaction that checks
+every decision against the jobs as they stand and records all of them or none. In WAL mode it
+waits its turn behind a run's write transactions, up to
+:data:`~runner.store.schema.REVIEW_BUSY_TIMEOUT_MS` (a run planning a large manifest may hold
+one longer: then :class:`~runner.errors.StoreWriteError`, and nothing is recorded). So that the
+review app can wait in a worker thread while it goes on serving, decisions are written on a
+connection of their own, one call at a time (a lock), and :meth:`SqliteReviewLog.views` read
+another, read-only, which a run's writes never block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from runner.errors import ReviewError, StoreWriteError
 from runner.store.base import REVIEW_STATES, Decision, Review
 from runner.store.queries import SqliteViews
-from runner.store.schema import connect_for_review, now_iso, reading, rows_by_ids
+from runner.store.schema import (
+    connect_for_review,
+    connect_read_only,
+    now_iso,
+    reading,
+    rows_by_ids,
+)
 
 
 class SqliteReviewLog:
-    """Review decisions of the checkpoint in ``folder``; close when done."""
+    """Review decisions of the checkpoint in ``folder``; close when done. :meth:`decide` may be
+    called from any thread."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._db = connect_for_review(folder)
+        try:
+            self._reader = connect_read_only(folder)
+        except BaseException:
+            self._db.close()
+            raise
+        self._writing = threading.Lock()
 
     def __enter__(self) -> SqliteReviewLog:
         return self
@@ -36,17 +58,25 @@ class SqliteReviewLog:
         self.close()
 
     def close(self) -> None:
-        self._db.close()
+        # The writer last: the last connection to close folds the WAL back into the checkpoint
+        # and removes it, which a read-only one cannot do.
+        self._reader.close()
+        with self._writing:  # after a decision still being written in another thread
+            self._db.close()
 
     def views(self) -> SqliteViews:
-        return SqliteViews(self._db, self.folder)
+        return SqliteViews(self._reader, self.folder)
 
     def decide(self, decisions: Sequence[Decision], reviewer: str) -> list[Review]:
+        with self._writing:
+            return self._decide(decisions, reviewer)
+
+    def _decide(self, decisions: Sequence[Decision], reviewer: str) -> list[Review]:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreWriteError(f"{self.folder}: cannot record the review: {exc}") from None
+            raise _not_recorded(self.folder, exc) from None
         try:
             with reading(self.folder):
                 rows = rows_by_ids(
@@ -73,7 +103,7 @@ class SqliteReviewLog:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             _roll_back(db)
-            raise StoreWriteError(f"{self.folder}: cannot record the review: {exc}") from None
+            raise _not_recorded(self.folder, exc) from None
         except BaseException:
             _roll_back(db)
             raise
@@ -96,6 +126,14 @@ def _problem(decision: Decision, job: tuple[str, int] | None) -> str | None:
             f"{version}); look at the new one first"
         )
     return None
+
+
+def _not_recorded(folder: Path, error: sqlite3.Error) -> StoreWriteError:
+    if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # waited its turn in vain
+        return StoreWriteError(
+            f"{folder}: not recorded: a run is writing the checkpoint; try again in a moment"
+        )
+    return StoreWriteError(f"{folder}: cannot record the review: {error}")
 
 
 def _roll_back(db: sqlite3.Connection) -> None:

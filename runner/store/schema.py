@@ -10,6 +10,8 @@
   applied together, in one transaction, so nobody ever sees it half upgraded; a checkpoint from
   a newer version is refused untouched, by a run and by the read-only commands, which also
   refuse an older one (a run upgrades it): their queries name the columns of every migration.
+  The review log upgrades an older one only if it can take the folder's lock at once, so never
+  under a live run of the older version.
 - A folder this process may not write is refused when a run opens it (:func:`check_writable`),
   before anything is sent, not met after.
 - Every failure to open is a :class:`~runner.errors.StoreError` saying what to do, and leaves no
@@ -255,11 +257,18 @@ def connect_read_only(folder: Path) -> sqlite3.Connection:
     return _connect_for_reading(path, "mode=ro")
 
 
+# How long a review decision waits for a run's write transaction (planning holds one for a
+# while) before the app answers "try again": well within a browser's patience.
+REVIEW_BUSY_TIMEOUT_MS = 5000
+
+
 def connect_for_review(folder: Path) -> sqlite3.Connection:
     """The checkpoint of ``folder``, to append review decisions to, without the folder's lock:
-    a run may be writing it meanwhile (WAL: one writer at a time, each waiting its turn up to
-    the ``busy_timeout``). Never created here; a checkpoint of an older version is brought up
-    to date first, as a run would."""
+    a run may be writing it meanwhile (WAL: one writer at a time, a decision waiting its turn
+    up to :data:`REVIEW_BUSY_TIMEOUT_MS`). Never created here. A checkpoint of an older version
+    is brought up to date only when no run holds the folder (a live run of that older version
+    would meet tables it does not know); otherwise it is refused, as status and report refuse
+    it."""
     path = folder / DB_NAME
     if not path.is_file():
         raise StoreError(f"{folder} holds no image-runner checkpoint: run a manifest into it first")
@@ -271,9 +280,11 @@ def connect_for_review(folder: Path) -> sqlite3.Connection:
         raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
     try:
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute(f"PRAGMA busy_timeout = {REVIEW_BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA synchronous = FULL")
-        _migrate(db, path)
+        problem = _version_problem(db, folder)
+        if problem is not None:
+            _upgrade_unless_in_use(db, folder, problem)
     except sqlite3.DatabaseError as exc:
         db.close()
         raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
@@ -281,6 +292,24 @@ def connect_for_review(folder: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _upgrade_unless_in_use(db: sqlite3.Connection, folder: Path, problem: str) -> None:
+    """Migrate ``db`` (``problem`` says how its version differs) holding the folder's lock,
+    taken without waiting: a run holding it is the one an upgrade must not disturb, so then
+    ``problem`` is the answer. A newer checkpoint is refused by the migration itself."""
+    try:
+        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(problem) from None
+        _migrate(db, folder / DB_NAME)
+    finally:
+        os.close(lock_fd)  # which releases the lock
 
 
 def connect_for_dry_run(folder: Path) -> sqlite3.Connection:

@@ -6,10 +6,15 @@
 // comes back to the same shot; decisions live on the server, so a reload shows them. Every
 // piece of text from the checkpoint is put in the page as text (textContent, attributes),
 // never as HTML.
+//
+// The token of the page's own URL is kept in memory and sent with every request: in a header
+// to the API, as ?token= on the images (an <img> sends no header). There is no cookie: the
+// browser would send a cookie of 127.0.0.1 to every port of the machine.
 "use strict";
 (() => {
   const LIMIT = 48;
-  const HEADERS = {"X-Requested-With": "image-runner-review", "Content-Type": "application/json"};
+  const TOKEN = new URLSearchParams(location.search).get("token") || "";
+  const HEADERS = {"X-Review-Token": TOKEN, "Content-Type": "application/json"};
   const $ = (id) => document.getElementById(id);
   const grid = $("grid"), message = $("message"), viewer = $("viewer");
   const enc = encodeURIComponent;
@@ -47,7 +52,7 @@
 
   async function api(path, init = {}) {
     const response = await fetch(path, Object.assign(
-      {credentials: "same-origin", headers: HEADERS, cache: "no-store"}, init));
+      {credentials: "omit", headers: HEADERS, cache: "no-store"}, init));
     let body = null;
     try { body = await response.json(); } catch (error) { body = null; }
     if (!response.ok) throw new Error((body && body.error) || `HTTP ${response.status}`);
@@ -66,10 +71,15 @@
     return node;
   }
 
+  const signed = (path, query = {}) =>
+    path + "?" + new URLSearchParams(Object.assign({}, query, {token: TOKEN}));
   const jobPath = (kind, item, version) =>
     `/${kind}/${enc(item.job_id)}` + (version ? `/v${version}` : "");
-  const thumbUrl = (item, version) => jobPath("thumb", item, version) + `?v=${version || item.version}`;
-  const refUrl = (item, i) => `/ref/${enc(item.job_id)}/${i}`;
+  const imageUrl = (item, version) => signed(jobPath("image", item, version));
+  const thumbUrl = (item, version) =>
+    signed(jobPath("thumb", item, version), {v: version || item.version});
+  const refUrl = (item, i) => signed(`/ref/${enc(item.job_id)}/${i}`);  // full size: the viewer
+  const refThumbUrl = (item, i) => signed(`/refthumb/${enc(item.job_id)}/${i}`);  // the grid
   const when = (iso) => (iso || "").slice(0, 16).replace("T", " ") + " UTC";
   // Why it was retired, and its review when that says more ("v1: changed · approved").
   const versionCaption = (v) => `v${v.version}: ${v.reason}` +
@@ -85,7 +95,7 @@
 
   function shots(item, index) {
     const list = item.references.map((name, i) => figure(
-      "ref", refUrl(item, i), `reference ${i + 1} of ${item.job_id}`, `ref ${i + 1}: ${name}`,
+      "ref", refThumbUrl(item, i), `reference ${i + 1} of ${item.job_id}`, `ref ${i + 1}: ${name}`,
       index));
     for (const v of item.versions) {
       list.push(v.has_image
@@ -292,10 +302,10 @@
     const list = item.references.map(
       (name, i) => big(refUrl(item, i), `reference ${i + 1}: ${name}`));
     for (const v of item.versions) {
-      if (v.has_image) list.push(big(jobPath("image", item, v.version), versionCaption(v)));
+      if (v.has_image) list.push(big(imageUrl(item, v.version), versionCaption(v)));
     }
     if (item.status === "succeeded" && item.has_image) {
-      list.push(big(jobPath("image", item), currentCaption(item)));
+      list.push(big(imageUrl(item), currentCaption(item)));
     }
     if (!list.length) return;
     if (selected !== index) select(index);
@@ -317,8 +327,14 @@
     r: () => items[selected] && decide(items[selected].job_id, "rejected"),
     u: undoLast, Enter: () => openViewer(selected), Escape: closeViewer,
   };
+  // Keys typed into a field are the field's; Enter on a focused button or link activates it.
+  // The letters and arrows stay shortcuts there: a button keeps the focus after a click.
+  const typedInto = (target) => target.closest("input, select, textarea, [contenteditable]");
+  const activates = (target) => target.closest("button, a[href]");
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey || !Object.hasOwn(keys, event.key)) return;
+    const target = event.target instanceof Element ? event.target : document.body;
+    if (typedInto(target) || (event.key === "Enter" && activates(target))) return;
     event.preventDefault();
     keys[event.key]();
   });
