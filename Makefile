@@ -43,7 +43,7 @@ browser:
 test: lint browser
 	$(BIN)/pytest -q
 
-# Not part of `make test`: about 8 minutes on 2 cores. `python -m bench --quick` for a smoke pass.
+# Not part of `make test`: about 25 minutes on 2 cores. `python -m bench --quick` for a smoke pass.
 bench: $(BIN)/.installed-dev
 	$(BIN)/python -m bench
 
