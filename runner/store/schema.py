@@ -272,15 +272,8 @@ def connect_for_review(folder: Path) -> sqlite3.Connection:
     path = folder / DB_NAME
     if not path.is_file():
         raise StoreError(f"{folder} holds no image-runner checkpoint: run a manifest into it first")
+    db = _open_uri(path, "mode=rw", REVIEW_BUSY_TIMEOUT_MS)
     try:
-        uri = f"{path.absolute().as_uri()}?mode=rw"
-        # Not same-thread: the review app writes from a worker thread, one at a time.
-        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout = {REVIEW_BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA synchronous = FULL")
         problem = _version_problem(db, folder)
         if problem is not None:
@@ -338,15 +331,8 @@ def connect_for_dry_run(folder: Path) -> sqlite3.Connection:
 def _connect_for_reading(path: Path, mode: str) -> sqlite3.Connection:
     """Open the checkpoint at ``path`` with the URI parameters ``mode``, for reading; one
     written by another version is refused with a message saying which way to go."""
+    db = _open_uri(path, mode, 10_000)
     try:
-        # Not same-thread: a dry run plans from a worker thread, one thread at a time.
-        uri = f"{path.absolute().as_uri()}?{mode}"
-        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout = 10000")
         problem = _version_problem(db, path.parent)
     except sqlite3.DatabaseError as exc:
         db.close()
@@ -354,6 +340,25 @@ def _connect_for_reading(path: Path, mode: str) -> sqlite3.Connection:
     if problem:
         db.close()
         raise StoreError(problem)
+    return db
+
+
+def _open_uri(path: Path, mode: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """The checkpoint at ``path``, opened with the URI parameters ``mode`` (never created:
+    every mode used here names ``ro`` or ``rw``), rows by name, waiting up to
+    ``busy_timeout_ms`` for a writer. Not same-thread: a dry run plans, and the review app
+    writes, from a worker thread, one thread at a time."""
+    try:
+        uri = f"{path.absolute().as_uri()}?{mode}"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise StoreError(f"{path} is not a usable checkpoint database: {exc}") from None
     return db
 
 
