@@ -176,6 +176,8 @@ class Page:
         if key in _KEYS:
             code, vk = _KEYS[key]
             down: dict[str, Any] = {"key": key, "code": code, "windowsVirtualKeyCode": vk}
+            if key == "Enter":
+                down["text"] = "\r"  # as a keyboard types it: what activates a focused button
         elif len(key) == 1:
             upper = key.upper()
             code = f"Key{upper}" if upper.isalpha() else f"Digit{key}" if key.isdigit() else ""

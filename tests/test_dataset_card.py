@@ -32,12 +32,12 @@ def job(variables: dict[str, str | int | float]) -> ExportJob:
     )
 
 
-def card_of(jobs: list[ExportJob], folder: str, command: str) -> str:
+def card_of(jobs: list[ExportJob], folder: str, command: str, title: str = "owls") -> str:
     tally = CardTally()
     for exported in jobs:
         tally.add(exported)
     facts = CardFacts(
-        title="owls",
+        title=title,
         output_folder=folder,
         fmt="imagefolder",
         split_files={"train": (len(jobs), "train/**")},
@@ -73,3 +73,9 @@ def test_a_variable_shows_its_first_values_then_a_count() -> None:
     card = card_of(jobs, folder="/data/out", command="image-runner export /data/out")
     (line,) = [line for line in card.splitlines() if line.startswith("  - `seed`")]
     assert line == "  - `seed`: " + ", ".join(f"`{i}`" for i in range(20)) + " and 5 more"
+
+
+def test_the_title_is_one_line_of_plain_text() -> None:
+    card = card_of([job({})], folder="/d", command="c", title="owls\n# injected <b>x</b>")
+    assert "# owls # injected &lt;b&gt;x&lt;/b&gt;\n" in card
+    assert "\n# injected" not in card

@@ -38,13 +38,6 @@ async def srcs(page: Page, selector: str) -> list[str]:
     return paths
 
 
-async def press_enter(page: Page) -> None:
-    """Enter as a keyboard types it (with its text, which is what activates a button)."""
-    down = {"key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}
-    await page.send("Input.dispatchKeyEvent", type="keyDown", text="\r", **down)
-    await page.send("Input.dispatchKeyEvent", type="keyUp", **down)
-
-
 async def test_the_page_in_chromium(
     tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,7 +64,7 @@ async def test_the_page_in_chromium(
         await page.evaluate(
             f"document.querySelector({json.dumps(card('shot-02'))} + ' button.approve').focus()"
         )
-        await press_enter(page)
+        await page.key("Enter")
         await page.wait_for(
             f"document.querySelector({json.dumps(card('shot-02'))})?.dataset.review === 'approved'"
         )

@@ -14,6 +14,7 @@ and the export's facts (:class:`CardFacts`); it reads nothing itself.
 
 from __future__ import annotations
 
+import html
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def render_card(facts: CardFacts, tally: CardTally, columns: Columns) -> str:
     return "\n".join(
         [
             *_front_matter(facts, images),
-            f"# {facts.title}",
+            f"# {_heading(facts.title)}",
             "",
             f"{images} images generated with image-runner from the output folder "
             f"`{_code(facts.output_folder)}`, exported as {facts.fmt} on {facts.exported_at[:10]}.",
@@ -224,6 +225,12 @@ def _usd(micro_usd: int) -> str:
 def _cell(text: str) -> str:
     """``text`` on one line, safe in a Markdown table cell."""
     return " ".join(text.split()).replace("|", "\\|")
+
+
+def _heading(text: str) -> str:
+    """``text`` (the dataset folder's name) as a heading's plain text: on one line, so it
+    starts nothing else, and with its HTML escaped."""
+    return html.escape(" ".join(text.split()), quote=False)
 
 
 def _code(text: str) -> str:
