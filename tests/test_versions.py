@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import pytest
@@ -68,6 +68,35 @@ def versions(out: Path) -> list[tuple[Any, ...]]:
 async def run_with(manifest: Path, out: Path, base_url: str, **changes: Any) -> RunReport:
     chosen = dataclasses.replace(options(out, base_url), **changes)
     return await Run(load_manifest(manifest), chosen).execute()
+
+
+class CrashedMove(NamedTuple):
+    manifest: Path
+    out: Path
+    image: Path  # shot-3's image, still in images/
+    rejected: str  # its sha256
+    inode: int
+
+
+async def crash_before_the_move(
+    tmp_path: Path, base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> CrashedMove:
+    """Five shots made, shot-3 rejected, then a plan whose process dies right after committing
+    shot-3's new version and before moving its old file to rejected/."""
+    manifest, out = five_shots(tmp_path), tmp_path / "out"
+    await run_manifest(manifest, out, base_url)
+    image = out / "images" / "shot-3.png"
+    rejected, inode = sha256(image), image.stat().st_ino
+    decide(out, "rejected", "shot-3")
+
+    def crash(self: versions_module.Moves) -> None:
+        raise SystemExit("killed right after the commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(versions_module.Moves, "finish", crash)
+        with SqliteStore.open(out) as store, pytest.raises(SystemExit):
+            make_plan(load_manifest(manifest), store)
+    return CrashedMove(manifest, out, image, rejected, inode)
 
 
 async def test_rejected_images_are_made_again_and_approved_ones_never_touched(
@@ -221,19 +250,9 @@ async def test_a_crash_between_recording_a_version_and_moving_it(
     """The version is committed, then the process dies before the file moves: the next run
     finds the old image in images/ as an unrecorded file of a pending job, and finishes the
     move instead of adopting it as the new image."""
-    manifest, out = five_shots(tmp_path), tmp_path / "out"
-    await run_manifest(manifest, out, emulator.base_url)
-    image = out / "images" / "shot-3.png"
-    rejected, inode = sha256(image), image.stat().st_ino
-    decide(out, "rejected", "shot-3")
-
-    def crash(self: versions_module.Moves) -> None:
-        raise SystemExit("killed right after the commit")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(versions_module.Moves, "finish", crash)
-        with SqliteStore.open(out) as store, pytest.raises(SystemExit):
-            make_plan(load_manifest(manifest), store)
+    manifest, out, image, rejected, inode = await crash_before_the_move(
+        tmp_path, emulator.base_url, monkeypatch
+    )
     assert db_rows(out, "SELECT status, version FROM jobs WHERE job_id = 'shot-3'") == [
         ("pending", 2)
     ]

@@ -22,7 +22,16 @@ from runner.manifest.load import load_manifest
 from runner.store.sqlite import SqliteStore
 from tests.conftest import db_exec, db_rows, folder_state, run_manifest, write_manifest
 from tests.test_cli import run_cli
-from tests.test_versions import IDS, decide, five_shots, results, retouch, run_with, sha256
+from tests.test_versions import (
+    IDS,
+    crash_before_the_move,
+    decide,
+    five_shots,
+    results,
+    retouch,
+    run_with,
+    sha256,
+)
 
 
 def moves(out: Path) -> list[tuple[object, ...]]:
@@ -125,19 +134,9 @@ async def test_a_crash_window_file_follows_its_version_when_the_prompt_changes(
     """The rejection is committed, the process dies before the file moves, and the user then
     changes the job's prompt: the file goes where its versions row says, not to replaced/
     under the next version's name with no row."""
-    manifest, out = five_shots(tmp_path), tmp_path / "out"
-    await run_manifest(manifest, out, emulator.base_url)
-    image = out / "images" / "shot-3.png"
-    rejected, inode = sha256(image), image.stat().st_ino
-    decide(out, "rejected", "shot-3")
-
-    def crash(self: versions_module.Moves) -> None:
-        raise SystemExit("killed right after the commit")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(versions_module.Moves, "finish", crash)
-        with SqliteStore.open(out) as store, pytest.raises(SystemExit):
-            make_plan(load_manifest(manifest), store)
+    manifest, out, _, rejected, inode = await crash_before_the_move(
+        tmp_path, emulator.base_url, monkeypatch
+    )
     assert moves(out) == [("shot-3", 1, "rejected/shot-3.v1.png", "rejected", 0)]
     jobs = [{"id": i, "prompt": f"a picture of {i}", "size": "1280x544"} for i in IDS]
     jobs[3]["prompt"] = "another picture"
