@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint browser bench clean
+.PHONY: demo test lint browser postgres bench clean
 
 # The demo needs the runtime dependencies only; the tests add the dev extras.
 $(BIN)/.venv-created:
@@ -40,7 +40,16 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	}
 
-test: lint browser
+# The scale-out tests start their own PostgreSQL cluster (initdb in a temp folder): Debian's.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing PostgreSQL for the scale-out tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	}
+
+test: lint browser postgres
 	$(BIN)/pytest -q
 
 # Not part of `make test`: about 25 minutes on 2 cores. `python -m bench --quick` for a smoke pass.

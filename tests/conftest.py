@@ -10,7 +10,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from runner.emulator import Emulator, EmulatorConfig
 from runner.http.client import ClientConfig
 from runner.jobs import _TOKEN, Job, content_hash
 from runner.manifest.load import load_manifest
+from tests import services
 
 TEST_KEY = "sk-test-0123456789abcdef"
 
@@ -209,3 +210,32 @@ def mixed_manifest(tmp_path: Path) -> Path:
         ],
         defaults={"model": "gpt-image-2-vip"},
     )
+
+
+# --- real services for the scale-out tests (see tests/services.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[services.Postgres]:
+    """One PostgreSQL cluster for the test session (per xdist worker)."""
+    with services.start_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: services.Postgres) -> str:
+    """The URL (password included) of a fresh, empty database of the session's cluster."""
+    return postgres.new_database()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[services.Moto]:
+    """moto's S3 server for the test session, ``AWS_ENDPOINT_URL`` pointing at it."""
+    with services.start_moto() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(moto_server: services.Moto) -> str:
+    """A fresh, empty bucket's name on the session's moto server."""
+    return moto_server.new_bucket()

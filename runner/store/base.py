@@ -314,6 +314,23 @@ class Store(Protocol):
 
     def start_run(self) -> int: ...
 
+    def queue(self, job_ids: Sequence[str]) -> None:
+        """The planned jobs this run is to send (its plan's to-do): what workers claim. On one
+        machine the plan hands them to the pool directly, so this does nothing; a shared
+        backend records them, and any worker joining the run claims from them."""
+        ...
+
+    def stop_requested(self) -> str | None:
+        """Why the run was stopped for every worker (an operator's ``image-runner stop``, or an
+        error final for the run that another worker met), if it was; cheap enough to poll
+        every second. On one machine there is no other worker: always None."""
+        ...
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the run for every worker, for ``reason`` (each finishes what is in flight); a
+        later ``run`` of the manifest starts it again. On one machine: nothing to tell."""
+        ...
+
     def finish_run(self, run_id: int, outcome: str) -> None: ...
 
     def claim(self, todo: Iterable[Job]) -> AsyncIterator[Job]:

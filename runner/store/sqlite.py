@@ -76,6 +76,7 @@ from runner.store.schema import (
     reading,
     rows_by_ids,
 )
+from runner.store.single import SingleProcess
 
 if TYPE_CHECKING:
     from runner.store.queries import SqliteViews
@@ -83,7 +84,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class SqliteStore:
+class SqliteStore(SingleProcess):
     """The checkpoint of one output folder. Open with :meth:`open` (a run),
     :meth:`open_read_only` (the views) or :meth:`open_for_dry_run`; close when done.
 
@@ -127,9 +128,8 @@ class SqliteStore:
         self.close()
 
     def close(self) -> None:
-        """Close the database, and release the folder's lock whatever that raises: an ended
-        run must never leave its folder locked. SQLite's refusal to close is raised as a
-        :class:`StoreError`."""
+        """Close the database, and release the folder's lock whatever that raises (an ended run
+        never leaves its folder locked); SQLite's refusal to close is a :class:`StoreError`."""
         try:
             try:
                 self._commits.close()
