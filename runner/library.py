@@ -83,6 +83,7 @@ class OptionFields(TypedDict, total=False):
     base_url: str | None
     api_key: str | None
     emulate: bool
+    state: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +292,16 @@ def exit_code(outcome: lifecycle.RunReport) -> int:
     if outcome.ledger.totals.failed:
         return EXIT_FAILED
     return EXIT_STOPPED if outcome.ledger.totals.pending else EXIT_OK
+
+
+def worker_exit_code(outcome: lifecycle.RunReport) -> int:
+    """The exit code of a worker that joined a run (``image-runner work``): 3 stopped early
+    (its share left to the others, or the run stopped), 1 some of the jobs it sent failed, 0
+    it found no job left. The run's own totals are the planning run's to tell."""
+    if outcome.stop_reason:
+        return EXIT_STOPPED
+    failed = outcome.pool.progress.failed if outcome.pool else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ def test_the_defaults_are_the_clis() -> None:
         "base_url": None,
         "api_key": None,
         "emulate": False,
+        "state": None,
     }
 
 
@@ -164,3 +165,17 @@ def test_the_key_and_base_url_are_looked_up_as_the_cli_looks_them_up(tmp_path: P
     assert lookup(Options(emulate=True), IMAGE_RUNNER_API_KEY="sk-runner-1")[1] == EMULATOR_KEY
     with pytest.raises(CredentialsError, match="no API key"):
         lookup(Options())
+
+
+def test_a_state_url_must_be_postgresql_and_its_password_is_never_shown() -> None:
+    assert Options(state="postgresql://runner@db.internal:5432/images").state is not None
+    with pytest.raises(OptionsError) as refused:
+        Options(state="mysql://runner:hunter2-secret@db/images")
+    message = refused.value.spelled(flag)
+    assert "--state must be a PostgreSQL URL" in message
+    assert "hunter2-secret" not in message and "***" in message
+    prepared = run_options(Options(state="postgres://u:pw-1234@h/db", emulate=True), Path("o"))
+    assert prepared.state_url == "postgres://u:pw-1234@h/db"
+    assert "pw-1234" not in repr(prepared) and "pw-1234" not in repr(
+        Options(state="postgres://u:pw-1234@h/db")
+    )

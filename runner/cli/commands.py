@@ -59,7 +59,7 @@ def emulate(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from runner.outputs.report import write_report
 
-    with _reading(args.out) as store:
+    with _reading(args.out, args.state) as store:
         path = write_report(store)
     print(f"report: {path}")
     return EXIT_OK
@@ -68,7 +68,7 @@ def report(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     from runner.outputs.status import format_status, read_status
 
-    with _reading(args.out) as store:
+    with _reading(args.out, args.state) as store:
         found = read_status(store)
     print(json.dumps(found.to_dict(), indent=2) if args.json else format_status(found))
     return EXIT_OK
@@ -80,7 +80,7 @@ def export(args: argparse.Namespace) -> int:
     words = ["image-runner", "export", str(args.out), str(args.dest), "--format", args.format]
     words += ["--split", str(args.split)] + ["--approved-only"] * args.approved_only
     command = shlex.join(words)  # as the card tells it: rebuilt, whatever else argv held
-    with _reading(args.out) as store:
+    with _reading(args.out, args.state) as store:
         result = export_dataset(
             store,
             args.dest,
@@ -115,7 +115,7 @@ def review(args: argparse.Namespace) -> int:
 
     reviewer = reviewer_name(args.reviewer)
     if args.approve or args.reject:
-        with contextlib.closing(open_review_log(args.out)) as log:
+        with contextlib.closing(open_review_log(args.out, args.state)) as log:
             decided = decide_ids(log, args.approve or (), args.reject or (), reviewer)
         for review in decided:
             print(f"{review.decision} {review.job_id} (version {review.version}) as {reviewer}")
@@ -129,7 +129,15 @@ def review(args: argparse.Namespace) -> int:
                 open_page(url)
 
         try:
-            asyncio.run(serve_review(args.out, reviewer=reviewer, port=args.port, on_ready=ready))
+            asyncio.run(
+                serve_review(
+                    args.out,
+                    reviewer=reviewer,
+                    port=args.port,
+                    on_ready=ready,
+                    state_url=args.state,
+                )
+            )
         except KeyboardInterrupt:
             print("review: stopped; every decision was saved as it was taken")
         except OSError as exc:
@@ -140,13 +148,23 @@ def review(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def stop(args: argparse.Namespace) -> int:
+    """Stop every worker of a run whose state is shared (``--state``): each finishes what it
+    has in flight, within a few seconds; a later ``run`` of the manifest starts it again."""
+    from runner.store import stop_run
+
+    stop_run(args.out, args.state, args.reason)
+    print(f"stop: every worker of {args.out} stops within a few seconds ({args.reason})")
+    return EXIT_OK
+
+
 @contextlib.contextmanager
-def _reading(out: Path) -> Iterator[Store]:
+def _reading(out: Path, state_url: str | None = None) -> Iterator[Store]:
     """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
     checkpoint of another version, a damaged one) or a file they cannot write becomes an error
     message and exit 2, through :func:`~runner.cli.main.main`, never a traceback."""
     try:
-        with contextlib.closing(open_read_only(out)) as store:
+        with contextlib.closing(open_read_only(out, state_url)) as store:
             yield store
     except OSError as exc:
         raise RunnerError(f"{exc.filename or out}: {exc.strerror or exc}") from None

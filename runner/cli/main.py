@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -30,7 +31,13 @@ from pathlib import Path
 
 from runner.cli import commands
 from runner.cli.parser import build_parser, flag, options_from
-from runner.cli.printing import ProgressBar, err, print_plan, print_summary
+from runner.cli.printing import (
+    ProgressBar,
+    err,
+    print_plan,
+    print_summary,
+    print_worker_summary,
+)
 from runner.cli.summary import run_summary, summary_json, summary_line
 from runner.core import lifecycle
 from runner.core.lifecycle import Run, RunOptions
@@ -43,7 +50,14 @@ from runner.errors import (
     RunnerError,
 )
 from runner.jobs import Job
-from runner.library import EXIT_INVALID, EXIT_LOCKED, EXIT_STOPPED, RunReport, execute
+from runner.library import (
+    EXIT_INVALID,
+    EXIT_LOCKED,
+    EXIT_STOPPED,
+    RunReport,
+    execute,
+    worker_exit_code,
+)
 from runner.logs import setup_logging
 from runner.manifest import load_manifest
 from runner.outputs.notify import post_summary
@@ -109,12 +123,16 @@ def _run_command(
         prepared = run_options(options, out_dir)
     except CredentialsError as exc:
         return refused(f"error: {exc}\nnothing was sent; to rehearse without a key, add --emulate")
-    try:
-        jobs = load_manifest(args.manifest)
-    except ManifestError as exc:
-        return refused(str(exc))
-    except KeyboardInterrupt:  # a large manifest is read before the run's own handlers exist
-        return refused("interrupted; nothing was sent", EXIT_STOPPED)
+    jobs: Sequence[Job] = []  # a worker claims the planning run's jobs from its state
+    if args.command == "work":
+        prepared = dataclasses.replace(prepared, join=True)
+    else:
+        try:
+            jobs = load_manifest(args.manifest)
+        except ManifestError as exc:
+            return refused(str(exc))
+        except KeyboardInterrupt:  # a large manifest is read before the run's handlers exist
+            return refused("interrupted; nothing was sent", EXIT_STOPPED)
     try:
         outcome = asyncio.run(_run(jobs, prepared, options, no_progress=args.no_progress))
     except KeyboardInterrupt:  # a Ctrl-C after the run's own handlers were gone (or a dry run's)
@@ -122,6 +140,9 @@ def _run_command(
         return refused("interrupted" + resume, EXIT_STOPPED)
     except RunnerError as exc:  # refused before anything was sent: the folder is in use, ...
         return refused(f"error: {exc}", exit_code_of(exc))
+    if prepared.join:
+        print_worker_summary(outcome, out_dir, shown)
+        return None, worker_exit_code(outcome), None
     report = RunReport.of(outcome, out_dir, dry_run=options.dry_run)
     if options.dry_run:
         print_plan(outcome, args.manifest, out_dir, options.max_cost_usd, shown)
@@ -186,6 +207,8 @@ def _install_signal_handlers(grace_s: float) -> Callable[[Run], None]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": run,
+    "work": run,
+    "stop": commands.stop,
     "validate": commands.validate,
     "emulate": commands.emulate,
     "report": commands.report,

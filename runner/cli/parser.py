@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     _add_run(command("run", "generate every image of a manifest not yet done"))
+    _add_run(
+        command("work", "join a run planned with --state as one more worker, until no job is left"),
+        worker=True,
+    )
+    _add_stop(command("stop", "stop every worker of a run with --state (each finishes in flight)"))
 
     command("validate", "check a manifest; send nothing").add_argument("manifest", type=Path)
 
@@ -62,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = command("report", "write OUT/report.html: summary and contact sheet")
     report.add_argument("out", type=Path, help="an output folder of image-runner run")
+    _add_state(report)
 
     status = command("status", "where a run stands; safe while it is running")
     status.add_argument("out", type=Path, help="an output folder of image-runner run")
+    _add_state(status)
     status.add_argument("--json", action="store_true", help="print JSON, for scripts and cron")
 
     _add_review(command("review", "approve or reject finished images, in the browser"))
@@ -103,14 +110,29 @@ def flag(name: str) -> str:
     return "--" + name.removesuffix("_s").removesuffix("_usd").replace("_", "-")
 
 
-def _add_run(run: argparse.ArgumentParser) -> None:
-    run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
+def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
+    """The options of ``run``; with ``worker``, those of ``work``: no manifest, and neither
+    what only planning decides (dry run, what to retry or redo) nor the budget's cap, which
+    is the planning run's."""
+    if not worker:
+        run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
     run.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
+        required=worker,
         help="output folder; {date} and {datetime} in it become the UTC date (2026-11-29) and "
-        "time (2026-11-29T0200Z) (default: output/<manifest stem>)",
+        "time (2026-11-29T0200Z)"
+        + (", as the planning run had them" if worker else " (default: output/<manifest stem>)"),
+    )
+    _option(
+        run,
+        "state",
+        metavar="URL",
+        required=worker,
+        help="the run's state in PostgreSQL (postgresql://user@host/db; the password best "
+        "in PGPASSWORD or ~/.pgpass), shared by every worker of the run "
+        + ("" if worker else "(default: the SQLite checkpoint in the output folder)"),
     )
     _option(run, "concurrency", type=_positive_int, metavar="N", help="requests at once")
     _option(run, "max_attempts", type=_positive_int, metavar="N", help="attempts per job per run")
@@ -150,20 +172,21 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         help="seconds in-flight requests get to finish after Ctrl-C or SIGTERM (a second "
         "Ctrl-C stops at once)",
     )
-    _option(
-        run,
-        "max_cost_usd",
-        type=_non_negative_float,
-        metavar="USD",
-        help="cap on the spend recorded in the output folder, confirmed + possible, all runs "
-        "(default: no cap)",
-    )
-    _option(
-        run,
-        "dry_run",
-        action="store_true",
-        help="show what would be done and its cost; send nothing",
-    )
+    if not worker:
+        _option(
+            run,
+            "max_cost_usd",
+            type=_non_negative_float,
+            metavar="USD",
+            help="cap on the spend recorded in the output folder, confirmed + possible, all runs; "
+            "with --state, for every worker of the run together (default: no cap)",
+        )
+        _option(
+            run,
+            "dry_run",
+            action="store_true",
+            help="show what would be done and its cost; send nothing",
+        )
     _option(
         run,
         "max_outage_s",
@@ -172,28 +195,32 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         help="seconds the provider may stay down (nearly every request failing) before the "
         "run stops",
     )
-    _option(
-        run,
-        "retry_failed",
-        action="store_true",
-        help="also retry jobs that failed for good in earlier runs (content policy, bad request)",
-    )
-    _option(
-        run,
-        "only",
-        default=None,  # a list to append to; None: no cause named
-        action="append",
-        metavar="CAUSE",
-        help="with --retry-failed: only jobs that failed with this cause (as in the results' "
-        "error_cause column, e.g. server_error); may be repeated (default: every cause)",
-    )
-    _option(
-        run,
-        "redo_edited",
-        action="store_true",
-        help="make again the images edited by hand since they were made (kept as they are "
-        "by default), each moved to edited/ first; an approved one is never made again",
-    )
+    if not worker:
+        _option(
+            run,
+            "retry_failed",
+            action="store_true",
+            help="also retry jobs that failed for good in earlier runs (content policy, "
+            "bad request)",
+        )
+    if not worker:
+        _option(
+            run,
+            "only",
+            default=None,  # a list to append to; None: no cause named
+            action="append",
+            metavar="CAUSE",
+            help="with --retry-failed: only jobs that failed with this cause (as in the results' "
+            "error_cause column, e.g. server_error); may be repeated (default: every cause)",
+        )
+    if not worker:
+        _option(
+            run,
+            "redo_edited",
+            action="store_true",
+            help="make again the images edited by hand since they were made (kept as they are "
+            "by default), each moved to edited/ first; an approved one is never made again",
+        )
     _option(
         run,
         "rpm",
@@ -203,6 +230,9 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         "provider's rate limit by itself (429s, x-ratelimit headers) (default: no ceiling)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if worker:  # the planning run's summary is the run's; a worker's is its share
+        run.set_defaults(json=False, notify=None)
+        return
     run.add_argument(
         "--json",
         action="store_true",
@@ -220,6 +250,7 @@ def _add_run(run: argparse.ArgumentParser) -> None:
 
 def _add_review(review: argparse.ArgumentParser) -> None:
     review.add_argument("out", type=Path, help="an output folder of image-runner run")
+    _add_state(review)
     review.add_argument(
         "--port", type=_port, default=0, help="the port on 127.0.0.1 to serve on; 0: a free one"
     )
@@ -251,6 +282,7 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
 
 def _add_export(export: argparse.ArgumentParser) -> None:
     export.add_argument("out", type=Path, help="an output folder of image-runner run")
+    _add_state(export)
     export.add_argument("dest", type=Path, help="the dataset's folder, new or empty")
     export.add_argument(
         "--format",
@@ -382,3 +414,23 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
+
+
+def _add_state(parser: argparse.ArgumentParser) -> None:
+    _option(
+        parser,
+        "state",
+        metavar="URL",
+        help="the run's state in PostgreSQL, for a run made with --state (default: the SQLite "
+        "checkpoint in the output folder)",
+    )
+
+
+def _add_stop(stop: argparse.ArgumentParser) -> None:
+    stop.add_argument("out", type=Path, help="the output folder of the run, as its workers have it")
+    _option(stop, "state", metavar="URL", required=True, help="the run's state in PostgreSQL")
+    stop.add_argument(
+        "--reason",
+        default="stopped by an operator (image-runner stop)",
+        help="what every worker and the run's status will say",
+    )

@@ -90,6 +90,24 @@ class ProgressBar:
             self.bar.close()
 
 
+def print_worker_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) -> None:
+    """The end of a worker that joined a run: what it did, and why it ended. The run's totals
+    are in the planning run's summary, and ``image-runner status``."""
+    progress = report.pool.progress if report.pool else None
+    done = (progress.succeeded, progress.failed, progress.requests) if progress else (0, 0, 0)
+    confirmed = progress.confirmed_micro_usd / MICRO if progress else 0.0
+    possible = progress.possible_micro_usd / MICRO if progress else 0.0
+    ended = f"stopped: {report.stop_reason}" if report.stop_reason else "no job left in the run"
+    lines = [
+        f"worker:    {done[0]} succeeded, {done[1]} failed, {plural(done[2], 'request')}; "
+        f"${confirmed:.2f} confirmed + ${possible:.2f} possible",
+        f"ended:     {ended}",
+        f"wall time: {report.wall_s:.1f} s",
+        f"the run:   image-runner status {out_dir} --state URL",
+    ]
+    print(redact("\n".join(lines)), file=file)
+
+
 def print_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) -> None:
     """The end of a run, on ``file`` (default: stdout): counts, spend, stops and where the
     files are."""

@@ -56,6 +56,8 @@ from runner.store import Store, check_writable, open_for_dry_run, open_store
 
 log = logging.getLogger(__name__)
 
+STOP_POLL_S = 1.0  # how often a worker looks whether the run was stopped for every worker
+
 T = TypeVar("T")
 
 
@@ -73,6 +75,11 @@ class RunOptions:
     retry_only: frozenset[str] = frozenset()  # ... or only those with these causes
     redo_edited: bool = False  # make again the images edited by hand (else kept)
     grace_s: float = 60.0  # after a first stop, how long requests in flight get to finish
+    # The run's shared state (a PostgreSQL URL), or None: the SQLite checkpoint in out_dir.
+    state_url: str | None = field(default=None, repr=False)
+    # Join a run planned by `run` as one more worker (`image-runner work`): no manifest, no
+    # plan; jobs are claimed from the run's queue, and the planning run writes the books.
+    join: bool = False
 
 
 @dataclass
@@ -147,7 +154,7 @@ class Run:
         cancel is passed on once the books are written."""
         if self.options.dry_run:
             return await self._plan_only()
-        store = open_store(self.options.out_dir)
+        store = open_store(self.options.out_dir, self.options.state_url)
         ending = asyncio.ensure_future(self._run_and_book(store))
         return await _to_the_end(ending, on_cancel=self._stop_at_once)
 
@@ -161,6 +168,7 @@ class Run:
             if self._grace is not None:
                 self._grace.cancel()  # the work is over: the timer must not cut into the books
             failure = None if work.cancelled() else work.exception()
+            self._tell_other_workers(store)
             # A refused write ends the run, whether the pool raised it or stopped on it.
             failure = failure or store.write_failure
             if isinstance(failure, RunnerError) and self._requests_sent():
@@ -185,12 +193,16 @@ class Run:
         )
 
     async def _plan_and_send(self, store: Store) -> None:
-        plan = await self._plan_in_thread(store)
+        if self.options.join:  # the planning run made the queue this worker claims from
+            plan: Plan | None = Plan(todo=[])
+            await asyncio.to_thread(store.settle_in_flight)
+        else:
+            plan = await self._plan_in_thread(store)
         if plan is None:
             return
         self._plan = plan
         self._on_plan(plan)
-        if not plan.todo or self._stop_reason is not None:
+        if (not plan.todo and not self.options.join) or self._stop_reason is not None:
             return
         # Twice the workers: url-mode downloads go to a second host.
         connections = 2 * self.options.concurrency
@@ -207,14 +219,40 @@ class Run:
                 on_progress=self._on_progress,
             )
             if self._stop_reason is None:  # else stopped while the client opened
-                await self._pool.run(plan.todo)
+                watching = asyncio.create_task(self._watch_for_stop(store))
+                try:
+                    await self._pool.run(plan.todo)
+                finally:
+                    watching.cancel()
+
+    async def _watch_for_stop(self, store: Store) -> None:
+        """Stop this worker (gracefully) when the run is stopped for every worker: an
+        operator's ``image-runner stop``, or an error final for the run met by another."""
+        while True:
+            await asyncio.sleep(STOP_POLL_S)
+            reason = store.stop_requested()
+            if reason is not None:
+                self.stop(reason)
+                return
+
+    def _tell_other_workers(self, store: Store) -> None:
+        """An error final for the run (a refused key, no quota, the budget, an outage) stops
+        every worker of it, not only this one; a stop this worker was told of (a signal, the
+        run's stop) is its own or already theirs."""
+        reason = self._pool.result().stop_reason if self._pool else None
+        if reason is None or self._stop_reason is not None:
+            return
+        try:
+            store.request_stop(reason)
+        except StoreError as exc:
+            log.warning("could not tell the run's other workers to stop: %s", exc)
 
     async def _plan_in_thread(self, store: Store, *, dry_run: bool = False) -> Plan | None:
         """The plan, made in a worker thread so that the event loop, and a stop with it, is
         heard while a large manifest is planned; None if a stop came first. The thread uses
         the store: a cancel waits for it to end (at its next job) before it is passed on."""
         plan = functools.partial(
-            make_plan,
+            _plan_and_queue,
             _UntilStopped(self.jobs, self._stopping),
             store,
             retry_failed=self.options.retry_failed,
@@ -252,15 +290,15 @@ class Run:
         except StoreError as exc:  # the next run settles them
             log.warning("could not count the requests left in flight as possible: %s", exc)
         ledger, books_error = None, None
+        if self.options.join:  # no manifest here: the planning run writes the books
+            self._finish_run(store, run_id, outcome)
+            return None, None
         try:  # a million rows take seconds: in a thread, so that signals are still heard
             ledger = await asyncio.to_thread(write_ledger, self.jobs, store)
         except (OSError, StoreError) as exc:
             books_error = f"could not write the results and ledger: {exc}"
             log.warning("%s", books_error)
-        try:
-            store.finish_run(run_id, outcome)
-        except StoreError as exc:
-            log.warning("could not record the end of the run: %s", exc)
+        self._finish_run(store, run_id, outcome)
         if not self._at_once:  # thumbnails take time: not when told to stop at once
             await asyncio.to_thread(self._write_report, store)
         return ledger, books_error
@@ -271,7 +309,7 @@ class Run:
         Planned in a thread as a run's plan is, so that a stop (or a cancel: Ctrl-C) ends a
         large one at once."""
         started = time.monotonic()
-        with closing(open_for_dry_run(self.options.out_dir)) as store:
+        with closing(open_for_dry_run(self.options.out_dir, self.options.state_url)) as store:
             plan = await self._plan_in_thread(store, dry_run=True)
         if plan is None:
             return RunReport(Plan(todo=[]), None, None, time.monotonic() - started, "stopped")
@@ -279,11 +317,37 @@ class Run:
         return RunReport(plan, None, None, time.monotonic() - started)
 
     @staticmethod
+    def _finish_run(store: Store, run_id: int, outcome: str) -> None:
+        try:
+            store.finish_run(run_id, outcome)
+        except StoreError as exc:
+            log.warning("could not record the end of the run: %s", exc)
+
+    @staticmethod
     def _write_report(store: Store) -> None:
         try:
             write_report(store)
         except (OSError, StoreError) as exc:  # the report is a view; the run's work is done
             log.warning("could not write the HTML report: %s", exc)
+
+
+def _plan_and_queue(
+    jobs: Sequence[Job],
+    store: Store,
+    *,
+    retry_failed: bool,
+    only: frozenset[str],
+    redo_edited: bool,
+    dry_run: bool,
+) -> Plan:
+    """The plan (:func:`~runner.core.plan.make_plan`), its to-do recorded as the run's queue
+    for every worker (a dry run records nothing); in the planning thread."""
+    plan = make_plan(
+        jobs, store, retry_failed=retry_failed, only=only, redo_edited=redo_edited, dry_run=dry_run
+    )
+    if not dry_run:
+        store.queue([job.id for job in plan.todo])
+    return plan
 
 
 def _micro(usd: float | None) -> int | None:

@@ -35,6 +35,7 @@ from runner.http.credentials import (
     base_url_problem,
     resolve_credentials,
 )
+from runner.store.urls import state_url_problem
 
 # Sent to the built-in emulator, which takes any key: the user's own key is not needed there,
 # so it is not sent, not even to the loopback.
@@ -93,6 +94,10 @@ class Options:
     emulate: bool = False
     """Run against the built-in emulator, started for the run: no key, no network
     (``--emulate``)."""
+    state: str | None = field(default=None, repr=False)
+    """Where the run's state lives when several workers share it: a PostgreSQL URL
+    (``postgresql://user@host/db``; a password in it is never shown). ``None``: the SQLite
+    checkpoint in the output folder, one worker (``--state``)."""
 
     def __post_init__(self) -> None:
         # Not truthiness: retry_failed="no" would re-send, and pay for, every failed job.
@@ -119,6 +124,8 @@ class Options:
                 raise OptionsError("{0} must be a string", name)
         if self.base_url and (problem := base_url_problem(self.base_url)):  # "": not set
             raise OptionsError("{0} " + problem.replace("{", "{{").replace("}", "}}"), "base_url")
+        if self.state is not None and (problem := state_url_problem(self.state)):
+            raise OptionsError("{0} " + problem, "state")
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -156,6 +163,7 @@ def run_options(
         retry_only=options.only,
         redo_edited=options.redo_edited,
         grace_s=options.grace_s,
+        state_url=options.state,
     )
 
 

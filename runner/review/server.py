@@ -64,8 +64,11 @@ class ReviewServer:
     """The review app of one output folder, served until :meth:`stop`; ``url`` (with its
     token) once started. Port 0 picks a free one."""
 
-    def __init__(self, folder: Path, *, reviewer: str, port: int = 0) -> None:
+    def __init__(
+        self, folder: Path, *, reviewer: str, port: int = 0, state_url: str | None = None
+    ) -> None:
         self.folder = folder
+        self.state_url = state_url  # a run whose state is in PostgreSQL; None: SQLite
         self.reviewer = reviewer
         self.port = port
         self.token = secrets.token_urlsafe(24)
@@ -83,7 +86,7 @@ class ReviewServer:
     async def start(self) -> None:
         """Open the folder's review log and listen; raises :class:`~runner.errors.StoreError`
         for a folder with no checkpoint, ``OSError`` for a port in use."""
-        self._log = open_review_log(self.folder)
+        self._log = open_review_log(self.folder, self.state_url)
         try:
             self._runner = web.AppRunner(self._app(self._log), access_log=None)
             await self._runner.setup()
@@ -261,10 +264,15 @@ async def _security_headers(_: web.Request, response: web.StreamResponse) -> Non
 
 
 async def serve_review(
-    folder: Path, *, reviewer: str, port: int, on_ready: Callable[[str], None]
+    folder: Path,
+    *,
+    reviewer: str,
+    port: int,
+    on_ready: Callable[[str], None],
+    state_url: str | None = None,
 ) -> None:
     """Serve the review app of ``folder`` until cancelled (Ctrl-C); ``on_ready`` gets its URL
     once it listens."""
-    async with ReviewServer(folder, reviewer=reviewer, port=port) as server:
+    async with ReviewServer(folder, reviewer=reviewer, port=port, state_url=state_url) as server:
         on_ready(server.url)
         await asyncio.Event().wait()

@@ -46,26 +46,53 @@ __all__ = [
     "open_read_only",
     "open_review_log",
     "open_store",
+    "stop_run",
 ]
 
 
-def open_store(folder: Path) -> Store:
-    """The state of ``folder`` for a run: locked for this process, created if need be, checked
-    writable before anything is sent."""
+def open_store(folder: Path, state_url: str | None = None) -> Store:
+    """The state of ``folder`` for a run. Without ``state_url``: its SQLite checkpoint, locked
+    for this process, created if need be, checked writable before anything is sent. With one
+    (a PostgreSQL URL): the run of ``folder`` in that database, this process one of its
+    workers."""
+    if state_url is not None:
+        from runner.store.postgres import open_pg_store
+
+        return open_pg_store(state_url, folder)
     return SqliteStore.open(folder)
 
 
-def open_read_only(folder: Path) -> Store:
+def open_read_only(folder: Path, state_url: str | None = None) -> Store:
     """The state of ``folder`` for the views, read while a run may be writing it."""
+    if state_url is not None:
+        from runner.store.postgres import open_pg_read_only
+
+        return open_pg_read_only(state_url, folder)
     return SqliteStore.open_read_only(folder)
 
 
-def open_for_dry_run(folder: Path) -> Store:
+def open_for_dry_run(folder: Path, state_url: str | None = None) -> Store:
     """The state of ``folder`` for a dry run: read, never changed, no lock taken."""
+    if state_url is not None:
+        from runner.store.postgres import open_pg_for_dry_run
+
+        return open_pg_for_dry_run(state_url, folder)
     return SqliteStore.open_for_dry_run(folder)
 
 
-def open_review_log(folder: Path) -> ReviewLog:
+def open_review_log(folder: Path, state_url: str | None = None) -> ReviewLog:
     """Where review decisions on ``folder``'s images are written: no lock taken, so a run may
-    be going on; the checkpoint must exist."""
+    be going on; the checkpoint (or the run in ``state_url``) must exist."""
+    if state_url is not None:
+        from runner.store.postgres import open_pg_review_log
+
+        return open_pg_review_log(state_url, folder)
     return SqliteReviewLog(folder)
+
+
+def stop_run(folder: Path, state_url: str, reason: str) -> None:
+    """Stop every worker of the run of ``folder`` whose state is in ``state_url``: each sees it
+    within a few seconds and finishes what it has in flight."""
+    from runner.store.postgres import stop_pg_run
+
+    stop_pg_run(state_url, folder, reason)
