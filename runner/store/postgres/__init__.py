@@ -24,7 +24,13 @@ from runner.store.postgres.connect import (
 from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
 from runner.store.postgres.store import PostgresStore
 
-__all__ = ["PostgresStore", "open_pg_for_dry_run", "open_pg_read_only", "open_pg_store"]
+__all__ = [
+    "PostgresStore",
+    "open_pg_for_dry_run",
+    "open_pg_read_only",
+    "open_pg_store",
+    "stop_pg_run",
+]
 
 
 def open_pg_store(state_url: str, out_url: str | Path, *, worker: bool = True) -> PostgresStore:
@@ -76,12 +82,14 @@ def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
     )
 
 
-def _store(
-    state_url: str, out_url: str, conn: psycopg.Connection[Any], *, worker: bool
-) -> PostgresStore:
-    return PostgresStore(
-        state_url, out_url, conn, lambda: _run_connection(state_url, out_url), worker=worker
-    )
+def stop_pg_run(state_url: str, out_url: str | Path, reason: str) -> None:
+    """Stop every worker of the run at ``out_url`` (it must exist): each hears it at its next
+    heartbeat and finishes what it has in flight; the next plan of the run lifts it."""
+    store = open_pg_read_only(state_url, out_url)
+    try:
+        store.request_stop(reason)
+    finally:
+        store.close()
 
 
 def _run_connection(state_url: str, out_url: str) -> psycopg.Connection[Any]:
