@@ -69,9 +69,8 @@ def open_remote(url: str) -> FsspecLocation:
             f"{install}"
         ) from None
     except ValueError:
-        raise StorageError(
-            f"{scheme}://{root}: {scheme}:// is not a known kind of storage"
-        ) from None
+        known = "s3://, gs://, az:// or a local folder"
+        raise StorageError(f"{scheme}://{root}: unknown kind of location; use {known}") from None
     if scheme in {"s3", "s3a"}:
         from runner.storage.s3 import S3Location
 
@@ -102,6 +101,7 @@ class FsspecLocation:
         return None
 
     def put_new(self, key: str, local_path: Path, sha256: str) -> PutResult:
+        check_key(key)
         size_bytes, sha256_hex, md5_hex = file_digests(local_path)
         if sha256_hex != sha256:
             raise ChecksumMismatch(
@@ -121,8 +121,9 @@ class FsspecLocation:
         return PutResult(True, stored)
 
     def put(self, key: str, local_path: Path) -> ObjectInfo:
+        path = self._path(key)
         try:
-            self._fs.put_file(str(local_path), self._path(key))
+            self._fs.put_file(str(local_path), path)
         except Exception as exc:
             raise self._error("store", key, exc) from exc
         stored = self.info(key)
@@ -131,21 +132,24 @@ class FsspecLocation:
         return stored
 
     def get(self, key: str, local_path: Path) -> None:
+        path = self._path(key)
         try:
-            self._fs.get_file(self._path(key), str(local_path))
+            self._fs.get_file(path, str(local_path))
         except Exception as exc:
             raise self._error("read", key, exc) from exc
 
     def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            data: bytes = self._fs.cat_file(self._path(key))
+            data: bytes = self._fs.cat_file(path)
         except Exception as exc:
             raise self._error("read", key, exc) from exc
         return data
 
     def info(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
         try:
-            found = self._fs.info(self._path(key))
+            found = self._fs.info(path)
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -166,16 +170,18 @@ class FsspecLocation:
                 yield object_info(key, entry)
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._fs.rm_file(self._path(key))
+            self._fs.rm_file(path)
         except FileNotFoundError:
             return
         except Exception as exc:
             raise self._error("delete", key, exc) from exc
 
     def copy(self, source_key: str, dest_key: str) -> None:
+        source, dest = self._path(source_key), self._path(dest_key)
         try:
-            self._fs.copy(self._path(source_key), self._path(dest_key))
+            self._fs.copy(source, dest)
         except Exception as exc:
             raise self._error(f"copy to {dest_key} from", source_key, exc) from exc
 
@@ -227,14 +233,24 @@ def verify_reported(stored: ObjectInfo, size_bytes: int, sha256: str, md5: str) 
 def object_info(key: str, entry: dict[str, Any]) -> ObjectInfo:
     """An :class:`ObjectInfo` from an fsspec ``info``/``find`` entry, or a boto3 object."""
     size_bytes = int(entry.get("size", entry.get("Size", entry.get("ContentLength", 0))))
-    modified = entry.get("LastModified", entry.get("updated", entry.get("mtime")))
-    if isinstance(modified, datetime):
-        mtime_s: float | None = modified.timestamp()
-    elif isinstance(modified, int | float):
-        mtime_s = float(modified)
-    else:
-        mtime_s = None
-    return ObjectInfo(key, size_bytes, reported_checksum(entry), mtime_s)
+    return ObjectInfo(key, size_bytes, reported_checksum(entry), _mtime_s(entry))
+
+
+def _mtime_s(entry: dict[str, Any]) -> float | None:
+    """The modification time under whichever name the backend uses (S3, Azure, GCS, fsspec's
+    own), as a datetime, an ISO string or seconds."""
+    for name in ("LastModified", "last_modified", "updated", "mtime", "created"):
+        value = entry.get(name)
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float):
+            return float(value)
+    return None
 
 
 def reported_checksum(entry: dict[str, Any]) -> str | None:

@@ -41,9 +41,10 @@ class S3Location(FsspecLocation):
         self._prefix = f"{prefix}/" if prefix else ""
 
     def info(self, key: str) -> ObjectInfo | None:
+        s3_key = self._key(key)
         try:
             head = self._fs.call_s3(
-                "head_object", Bucket=self._bucket, Key=self._key(key), ChecksumMode="ENABLED"
+                "head_object", Bucket=self._bucket, Key=s3_key, ChecksumMode="ENABLED"
             )
         except FileNotFoundError:
             return None
