@@ -183,7 +183,7 @@ class FsspecLocation:
         try:
             self._fs.copy(source, dest)
         except Exception as exc:
-            raise self._error(f"copy to {dest_key} from", source_key, exc) from exc
+            raise self._error("copy", f"{source_key} to {dest_key}", exc) from exc
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{check_key(key)}"
@@ -209,7 +209,10 @@ class FsspecLocation:
         if isinstance(exc, StorageError):
             return exc
         if isinstance(exc, FileNotFoundError):
-            return StorageError(f"cannot {verb} {where}: no such object (or no such bucket)")
+            missing = "no such object" if verb in {"read", "copy"} else "no such bucket"
+            return StorageError(
+                f"cannot {verb} {where}: {missing}; check the bucket's name in the location"
+            )
         if isinstance(exc, PermissionError):
             return StorageError(
                 f"cannot {verb} {where}: access denied; check the credentials the "
