@@ -85,9 +85,7 @@ def test_a_wrong_size_is_refused(location: Location, tmp_path: Path) -> None:
     assert list(location.list("")) == []
 
 
-def test_a_broken_object_in_place_is_never_overwritten(
-    location: Location, tmp_path: Path
-) -> None:
+def test_a_broken_object_in_place_is_never_overwritten(location: Location, tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     location.put("images/mug.png", broken)
