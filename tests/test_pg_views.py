@@ -7,7 +7,7 @@ ONLY`` transactions, and streams server-side cursors."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ class Twin:
 
 
 @pytest.fixture
-async def twin(tmp_path: Path, emulator: Emulator, pg_url: str) -> Iterator[Twin]:
+async def twin(tmp_path: Path, emulator: Emulator, pg_url: str) -> AsyncIterator[Twin]:
     out = await build_checkpoint(tmp_path, emulator.base_url)
     out_url = copy_to_postgres(out, pg_url)
     store: Store = open_read_only(out)
