@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 
 from runner.errors import StoreError, StoreWriteError
 from runner.redact import redact, register_secret
@@ -129,6 +130,12 @@ class Translated:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        """Also while a failed statement holds the transaction aborted: a savepoint may still
+        be rolled back to (:class:`runner.store.groupcommit.GroupCommit`)."""
+        return self.conn.info.transaction_status != TransactionStatus.IDLE
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
         return self.conn.execute(pg_sql(sql), params)
