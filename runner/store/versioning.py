@@ -36,9 +36,10 @@ class Db(Protocol):
 # of a file that took the image's place and does not decode (its size in pixels unknown).
 _KEEP_CURRENT = (
     "INSERT INTO versions (job_id, version, image_path, sha256, width, height, reason, "
-    "retired_at, moved) SELECT job_id, version, :moved_to, COALESCE(:found, sha256), "
-    "CASE WHEN :found IS NULL THEN width END, CASE WHEN :found IS NULL THEN height END, "
-    ":reason, :stamp, CASE WHEN :moved_to IS NULL THEN 1 ELSE 0 END "
+    "retired_at, moved) SELECT job_id, version, CAST(:moved_to AS TEXT), "
+    "COALESCE(:found, sha256), CASE WHEN :found IS NULL THEN width END, "
+    "CASE WHEN :found IS NULL THEN height END, :reason, :stamp, "
+    "CASE WHEN :moved_to IS NULL THEN 1 ELSE 0 END "
     "FROM jobs WHERE job_id = :job_id AND status = 'succeeded'"
 )
 
