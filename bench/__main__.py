@@ -2,9 +2,9 @@
 
 Figures, always run in this order: ``overhead``, ``latency``, ``rate-limit``, ``memory``,
 ``scale``, ``report``, ``scale-out`` (all when none is named). ``--quick`` is a smoke pass
-with fewer jobs and one run each: its numbers are not to be quoted. A figure that breaks is reported in the table
-and the others still run. The exit code is 0 whenever the suite ran, whether targets were met or
-not.
+with fewer jobs and one run each: its numbers are not to be quoted. A figure that breaks is
+reported in the table and the others still run. The exit code is 0 whenever the suite ran,
+whether targets were met or not.
 """
 
 from __future__ import annotations
