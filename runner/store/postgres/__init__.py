@@ -21,6 +21,7 @@ from runner.store.postgres.connect import (
     set_search_path,
     store_error,
 )
+from runner.store.postgres.reviewlog import PostgresReviewLog
 from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
 from runner.store.postgres.store import PostgresStore
 
@@ -28,6 +29,7 @@ __all__ = [
     "PostgresStore",
     "open_pg_for_dry_run",
     "open_pg_read_only",
+    "open_pg_review_log",
     "open_pg_store",
     "stop_pg_run",
 ]
@@ -80,6 +82,11 @@ def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
     return PostgresStore(
         state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
     )
+
+
+def open_pg_review_log(state_url: str, out_url: str | Path) -> PostgresReviewLog:
+    """Where review decisions on the run at ``out_url`` are written (it must exist)."""
+    return PostgresReviewLog(state_url, out_url)
 
 
 def stop_pg_run(state_url: str, out_url: str | Path, reason: str) -> None:

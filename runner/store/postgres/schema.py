@@ -55,34 +55,34 @@ SHARED_MIGRATIONS = (
 RUN_MIGRATIONS = (
     """
     CREATE TABLE jobs (
-        job_id TEXT PRIMARY KEY,
+        job_id TEXT COLLATE "C" PRIMARY KEY,
         seq BIGSERIAL NOT NULL,
-        content_hash TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
-        endpoint TEXT NOT NULL,
-        model TEXT NOT NULL,
-        size TEXT,
-        prompt TEXT NOT NULL,
-        images TEXT NOT NULL,
-        response_format TEXT NOT NULL,
-        row TEXT NOT NULL DEFAULT '',
-        variant TEXT NOT NULL DEFAULT '',
-        image_path TEXT,
+        content_hash TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+        endpoint TEXT COLLATE "C" NOT NULL,
+        model TEXT COLLATE "C" NOT NULL,
+        size TEXT COLLATE "C",
+        prompt TEXT COLLATE "C" NOT NULL,
+        images TEXT COLLATE "C" NOT NULL,
+        response_format TEXT COLLATE "C" NOT NULL,
+        row TEXT COLLATE "C" NOT NULL DEFAULT '',
+        variant TEXT COLLATE "C" NOT NULL DEFAULT '',
+        image_path TEXT COLLATE "C",
         width INTEGER,
         height INTEGER,
-        sha256 TEXT,
-        error TEXT,
-        error_cause TEXT,
+        sha256 TEXT COLLATE "C",
+        error TEXT COLLATE "C",
+        error_cause TEXT COLLATE "C",
         retryable INTEGER NOT NULL DEFAULT 0,
-        updated_at TEXT NOT NULL,
+        updated_at TEXT COLLATE "C" NOT NULL,
         image_size_bytes BIGINT,
         image_mtime_ns BIGINT,
         image_ctime_ns BIGINT,
         version INTEGER NOT NULL DEFAULT 1,
-        edited_at TEXT,
-        vars TEXT,
+        edited_at TEXT COLLATE "C",
+        vars TEXT COLLATE "C",
         repeat_index INTEGER,
-        template TEXT,
+        template TEXT COLLATE "C",
         queued BOOLEAN NOT NULL DEFAULT false,
         claimed_by BIGINT NULL
     );
@@ -90,20 +90,20 @@ RUN_MIGRATIONS = (
     CREATE INDEX jobs_queued ON jobs (seq) WHERE queued;
     CREATE INDEX jobs_claimed_by ON jobs (claimed_by) WHERE claimed_by IS NOT NULL;
     CREATE TABLE attempts (
-        job_id TEXT NOT NULL,
+        job_id TEXT COLLATE "C" NOT NULL,
         attempt INTEGER NOT NULL,
-        endpoint TEXT NOT NULL,
-        model TEXT NOT NULL,
-        size TEXT,
-        state TEXT NOT NULL
+        endpoint TEXT COLLATE "C" NOT NULL,
+        model TEXT COLLATE "C" NOT NULL,
+        size TEXT COLLATE "C",
+        state TEXT COLLATE "C" NOT NULL
             CHECK (state IN ('in_flight', 'confirmed', 'possible', 'unbilled')),
         cost_micro_usd BIGINT NOT NULL DEFAULT 0,
         input_tokens BIGINT,
         output_tokens BIGINT,
         total_tokens BIGINT,
-        error TEXT,
-        started_at TEXT NOT NULL,
-        finished_at TEXT,
+        error TEXT COLLATE "C",
+        started_at TEXT COLLATE "C" NOT NULL,
+        finished_at TEXT COLLATE "C",
         worker_id BIGINT NULL,
         PRIMARY KEY (job_id, attempt)
     );
@@ -111,38 +111,38 @@ RUN_MIGRATIONS = (
     CREATE INDEX attempts_in_flight ON attempts (worker_id) WHERE state = 'in_flight';
     CREATE TABLE runs (
         run_id BIGSERIAL PRIMARY KEY,
-        started_at TEXT NOT NULL,
-        finished_at TEXT,
-        outcome TEXT,
+        started_at TEXT COLLATE "C" NOT NULL,
+        finished_at TEXT COLLATE "C",
+        outcome TEXT COLLATE "C",
         pid INTEGER,
         worker_id BIGINT NULL
     );
     CREATE TABLE versions (
-        job_id TEXT NOT NULL,
+        job_id TEXT COLLATE "C" NOT NULL,
         version INTEGER NOT NULL,
-        image_path TEXT,
-        sha256 TEXT,
+        image_path TEXT COLLATE "C",
+        sha256 TEXT COLLATE "C",
         width INTEGER,
         height INTEGER,
-        reason TEXT NOT NULL
+        reason TEXT COLLATE "C" NOT NULL
             CHECK (reason IN ('rejected', 'edited', 'changed', 'missing', 'unreadable')),
-        retired_at TEXT NOT NULL,
+        retired_at TEXT COLLATE "C" NOT NULL,
         moved INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (job_id, version)
     );
     CREATE INDEX versions_unmoved ON versions (job_id) WHERE moved = 0;
     CREATE TABLE reviews (
         review_id BIGSERIAL PRIMARY KEY,
-        job_id TEXT NOT NULL,
+        job_id TEXT COLLATE "C" NOT NULL,
         version INTEGER NOT NULL,
-        decision TEXT NOT NULL CHECK (decision IN ('approved', 'rejected', 'unreviewed')),
-        reviewer TEXT NOT NULL,
-        decided_at TEXT NOT NULL
+        decision TEXT COLLATE "C" NOT NULL CHECK (decision IN ('approved', 'rejected', 'unreviewed')),
+        reviewer TEXT COLLATE "C" NOT NULL,
+        decided_at TEXT COLLATE "C" NOT NULL
     );
     CREATE INDEX reviews_of_version ON reviews (job_id, version, review_id);
     CREATE TABLE workers (
         worker_id BIGSERIAL PRIMARY KEY,
-        host TEXT,
+        host TEXT COLLATE "C",
         pid INTEGER,
         started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         lease_expires_at TIMESTAMPTZ NOT NULL,
@@ -150,9 +150,9 @@ RUN_MIGRATIONS = (
     );
     CREATE TABLE control (
         id INTEGER PRIMARY KEY CHECK (id = 1),
-        stop_reason TEXT NULL,
+        stop_reason TEXT COLLATE "C" NULL,
         stopped_at TIMESTAMPTZ,
-        budget TEXT NOT NULL
+        budget TEXT COLLATE "C" NOT NULL
     );
     """,
 )
