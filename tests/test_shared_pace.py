@@ -21,6 +21,7 @@ from runner.emulator import Emulator
 from runner.errors import StoreError
 from runner.http.headers import rate_limit_headers, retry_after_from
 from runner.store.base import Budget
+from runner.store.postgres.pacing import IDLE_RESET_S
 from tests.conftest import MakeEmulator
 from tests.services import PG_PASSWORD
 
@@ -242,3 +243,35 @@ async def test_a_dead_worker_holds_nothing(pg_url: str) -> None:
         await survivor.close()
         await doomed.close()
     assert time.slept <= 1.0
+
+
+async def test_a_lane_idle_for_long_starts_over(pg_url: str) -> None:
+    """A worker joining a lane in use takes its learned pace; one joining a lane idle for
+    longer than IDLE_RESET_S starts free, as a fresh run does (the limit may have changed)."""
+    first = SharedRateLimiter(pg_url, GROUP)
+    try:
+        assert await first.acquire(LANE) is not None
+    finally:
+        await first.close()
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("UPDATE image_runner.pace_lanes SET phase = 'cruise', rate_per_s = 1 / 60.0")
+    time = VirtualTime()
+    joining = SharedRateLimiter(pg_url, GROUP, clock=time.clock, sleep=time.sleep)
+    try:
+        assert await joining.acquire(LANE) is not None
+    finally:
+        await joining.close()
+    assert joining.lanes[LANE].phase == "cruise"
+    assert 59 < time.slept <= 60  # on the learned grid: one a minute
+    # Idle for longer than IDLE_RESET_S (the last grant took the slot a minute ahead).
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(
+            f"UPDATE image_runner.pace_lanes SET slot_at_s = slot_at_s - {IDLE_RESET_S + 61}"
+        )
+    time = VirtualTime()
+    fresh = SharedRateLimiter(pg_url, GROUP, clock=time.clock, sleep=time.sleep)
+    try:
+        assert await fresh.acquire(LANE) is not None
+    finally:
+        await fresh.close()
+    assert (fresh.lanes[LANE].phase, fresh.lanes[LANE].rate, time.slept) == ("free", None, 0.0)
