@@ -104,19 +104,21 @@ async def test_four_workers_share_an_unannounced_limit(
     emulator = await make_emulator(rate_limit_rpm=600, rate_limit_burst=10, latency_s=0.02)
     url = f"{emulator.base_url}/images/generations"
     limiters = [SharedRateLimiter(pg_url, GROUP) for _ in range(4)]
-    jobs = Jobs(300)
+    jobs = Jobs(400)
     try:
         await asyncio.gather(*(worker(limiter, url, jobs) for limiter in limiters))
     finally:
         for limiter in limiters:
             await limiter.close()
     ok, limited = books(emulator)
-    assert len(ok) == 300
+    assert len(ok) == 400
     rate = (len(ok) - 10) / (ok[-1] - ok[0]) / 10  # less the bucket's burst, against 10/s
     share = limited / (len(ok) + limited)
     print(f"accepted {rate:.2f} of the limit, 429s {share:.1%} of {len(ok) + limited} requests")
-    # Measured 0.9-0.95 and 2-5% on an idle machine; without sharing, each of the 4 would
-    # find the whole limit for itself and draw hundreds of 429s.
+    # Learning the limit costs some 20-35 429s (the first requests of the 4 workers at once,
+    # then the measurement, as pacer.Lane's); once cruising nearly none. Measured 0.98-1.0 and
+    # 5-7% of 330 requests on an idle machine, up to 12% under heavy load, hence 400 requests.
+    # Without sharing, each of the 4 would find the whole limit for itself: hundreds of 429s.
     assert rate >= 0.85
     assert share <= 0.10
     assert sum(limiter.lanes[LANE].limited_count for limiter in limiters) == limited
