@@ -11,7 +11,9 @@
      +-- StoreError             the output folder or its checkpoint cannot be used: unwritable,
      |    |                     untrustworthy, or written by another version (exit 2)
      |    +-- StoreWriteError   a write to the checkpoint failed (disk full, I/O error): final
-     |                          for the run (exit 3 once a request was sent, else exit 2)
+     |    |                     for the run (exit 3 once a request was sent, else exit 2)
+     |    +-- BudgetReached     the shared budget (PostgreSQL state) cannot take the next
+     |                          attempt's price: final for the run, nothing was sent for it
      +-- ImageWriteError        an image came back but the disk refused it (never a network
      |                          error: the client raises this only around its own file writes)
      +-- ApiError               one request's outcome; carries job_id, status, code, billing
@@ -109,6 +111,11 @@ class StoreError(RunnerError):
 class StoreWriteError(StoreError):
     """SQLite refused a write (disk full, I/O error, a read-only file): nothing more can be
     recorded, so nothing more may be sent."""
+
+
+class BudgetReached(StoreError):
+    """The budget row the run spends from (shared by the workers and runs that name it) cannot
+    take the next attempt's price: the attempt was not recorded, so it must not be sent."""
 
 
 class ImageWriteError(RunnerError):

@@ -12,6 +12,10 @@ Each write runs under its own savepoint, so one that fails is rolled back alone 
 own worker; the others commit. When SQLite ends the whole transaction itself instead (it may, on
 a full disk or an I/O error), or the ``COMMIT`` fails, every write of the batch fails with that
 error, and the transaction is rolled back so that the next batch starts clean.
+
+Both backends use it: any connection with ``execute`` and ``in_transaction`` will do (SQLite's
+own; for PostgreSQL, :class:`runner.store.postgres.connect.Translated`), with the ``transaction``
+that opens and commits a batch.
 """
 
 from __future__ import annotations
@@ -21,26 +25,38 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
-Write = Callable[[sqlite3.Connection], Any]
-Transaction = Callable[[], AbstractContextManager[sqlite3.Connection]]
+
+class Connection(Protocol):
+    """What the writer needs of a connection: statements, and whether a transaction is open
+    (a backend that ends the whole transaction on an error says False)."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def execute(self, sql: str, /) -> object: ...
 
 
-class GroupCommit:
+C = TypeVar("C", bound=Connection)
+
+
+class GroupCommit(Generic[C]):
     """Use as ``result = await commits.run(lambda db: db.execute(...))``. The connection must
     be opened with ``check_same_thread=False`` and used by nobody else while writes are
     pending (:meth:`drain` waits for them). ``transaction`` opens and commits the batch's
     transaction (default: ``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``db``)."""
 
-    def __init__(self, db: sqlite3.Connection, transaction: Transaction | None = None) -> None:
+    def __init__(
+        self, db: C, transaction: Callable[[], AbstractContextManager[C]] | None = None
+    ) -> None:
         self.db = db
         self._transaction = transaction or (lambda: _immediate(db))
         self.batches = 0  # transactions committed, for tests and benchmarks
         self.writes = 0
-        self._pending: list[tuple[Write, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Callable[[C], Any], asyncio.Future[Any]]] = []
         # Its own thread: commits never queue behind other work in the default executor.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
         self._writer: asyncio.Task[None] | None = None
@@ -48,7 +64,7 @@ class GroupCommit:
     def __repr__(self) -> str:
         return f"<GroupCommit batches={self.batches} writes={self.writes}>"
 
-    async def run(self, write: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, write: Callable[[C], T]) -> T:
         """Run ``write`` in a transaction and return its result once that is committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((write, future))
@@ -91,7 +107,7 @@ class GroupCommit:
                 else:
                     future.set_exception(value)
 
-    def _commit(self, writes: list[Write]) -> list[tuple[bool, Any]]:
+    def _commit(self, writes: list[Callable[[C], Any]]) -> list[tuple[bool, Any]]:
         """One transaction for the batch (in a worker thread)."""
         results: list[tuple[bool, Any]] = []
         with self._transaction() as db:
@@ -114,7 +130,8 @@ class GroupCommit:
 
 
 @contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def _immediate(db: Any) -> Iterator[Any]:
+    """SQLite's write transaction (the default when the connection is a sqlite3 one)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db

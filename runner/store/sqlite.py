@@ -365,7 +365,7 @@ class SqliteStore(SingleProcess):
                         job.prompt,
                         json.dumps([str(p) for p in job.images]) if job.images else "[]",
                         stamp,
-                        *_metadata(job),
+                        *metadata_columns(job),
                     )
                     for job in jobs
                 ),
@@ -375,7 +375,7 @@ class SqliteStore(SingleProcess):
         with self.batch() as db:
             db.executemany(
                 "UPDATE jobs SET vars = ?, repeat_index = ?, template = ? WHERE job_id = ?",
-                ((*_metadata(job), job.id) for job in jobs),
+                ((*metadata_columns(job), job.id) for job in jobs),
             )
 
     def retire_image(
@@ -494,7 +494,7 @@ class SqliteStore(SingleProcess):
         return SqliteViews(self.db, self.folder)
 
 
-def _metadata(job: Job) -> tuple[str, int | None, str | None]:
+def metadata_columns(job: Job) -> tuple[str, int | None, str | None]:
     """The ``vars``, ``repeat_index`` and ``template`` columns of ``job``."""
     variables = json.dumps(dict(job.vars), ensure_ascii=False) if job.vars else "{}"
     return variables, job.repeat_index, job.template or None

@@ -1,4 +1,6 @@
-"""The SQL of a job's image versions in a SQLite checkpoint, for :class:`~.sqlite.SqliteStore`.
+"""The SQL of a job's image versions, for both backends (:class:`~.sqlite.SqliteStore`, and
+:class:`~.postgres.store.PostgresStore` through its ``search_path`` and placeholder
+translation): one home for each statement.
 
 A job's image is its version (``jobs.version``); when a new image of the job is to take its
 place (the old one rejected in review, edited by hand, of a changed manifest entry, gone, or
@@ -11,23 +13,39 @@ are (:mod:`runner.core.versions`).
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from runner.store.base import ImageStat, KeptVersion, RetireReason
+
+
+class Rows(Protocol):
+    def fetchall(self) -> list[Any]: ...
+
+
+class Db(Protocol):
+    """A connection taking SQLite's placeholders: :mod:`sqlite3`'s, or PostgreSQL's through
+    :class:`runner.store.postgres.connect.Translated`."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Rows: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> object: ...
+
 
 # The job's current image as an earlier version at :moved_to; :found, when given, is the sha256
 # of a file that took the image's place and does not decode (its size in pixels unknown).
 _KEEP_CURRENT = (
     "INSERT INTO versions (job_id, version, image_path, sha256, width, height, reason, "
-    "retired_at, moved) SELECT job_id, version, :moved_to, COALESCE(:found, sha256), "
-    "CASE WHEN :found IS NULL THEN width END, CASE WHEN :found IS NULL THEN height END, "
-    ":reason, :stamp, :moved_to IS NULL FROM jobs WHERE job_id = :job_id AND status = 'succeeded'"
+    "retired_at, moved) SELECT job_id, version, CAST(:moved_to AS TEXT), "
+    "COALESCE(:found, sha256), CASE WHEN :found IS NULL THEN width END, "
+    "CASE WHEN :found IS NULL THEN height END, :reason, :stamp, "
+    "CASE WHEN :moved_to IS NULL THEN 1 ELSE 0 END "
+    "FROM jobs WHERE job_id = :job_id AND status = 'succeeded'"
 )
 
 
 def retire(
-    db: sqlite3.Connection,
+    db: Db,
     job_id: str,
     reason: RetireReason,
     moved_to: str | None,
@@ -50,7 +68,7 @@ def retire(
 
 
 def record_edit(
-    db: sqlite3.Connection,
+    db: Db,
     job_id: str,
     sha256: str,
     stat: ImageStat,
@@ -69,7 +87,7 @@ def record_edit(
     )
 
 
-def unmoved_versions(db: sqlite3.Connection) -> list[KeptVersion]:
+def unmoved_versions(db: Db) -> list[KeptVersion]:
     """The earlier images recorded as going to a file whose move is not recorded as done."""
     rows = db.execute(
         "SELECT job_id, version, image_path, sha256 FROM versions "
@@ -78,7 +96,7 @@ def unmoved_versions(db: sqlite3.Connection) -> list[KeptVersion]:
     return [KeptVersion(*row) for row in rows]
 
 
-def mark_moved(db: sqlite3.Connection, versions: Sequence[tuple[str, int]]) -> None:
+def mark_moved(db: Db, versions: Sequence[tuple[str, int]]) -> None:
     """Record the files of ``versions`` ((job id, version) pairs) as where they were to go,
     or as past moving there."""
     db.executemany("UPDATE versions SET moved = 1 WHERE job_id = ? AND version = ?", versions)

@@ -1,0 +1,91 @@
+"""The PostgreSQL backend of the Store: many runs in one database, many workers on each run.
+
+:mod:`.connect` (the ``--state`` URL, a run's identity, errors without the password),
+:mod:`.schema` (the shared schema and each run's, their migrations), :mod:`.store`
+(:class:`PostgresStore`), :mod:`.writes` (attempts, the shared budget, planning),
+:mod:`.claims` (workers, leases, claims). The factories below are how a run opens it; which
+backend a command uses is decided by :mod:`runner.store`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from runner.store.postgres.connect import (
+    connect,
+    normalise_out,
+    run_schema,
+    set_search_path,
+    store_error,
+)
+from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
+from runner.store.postgres.store import PostgresStore
+
+__all__ = ["PostgresStore", "open_pg_for_dry_run", "open_pg_read_only", "open_pg_store"]
+
+
+def open_pg_store(state_url: str, out_url: str | Path, *, worker: bool = True) -> PostgresStore:
+    """The run at ``out_url`` (a local folder or an object storage URL) in the database of
+    ``state_url``, for a run or a worker (``worker``: it registers and may claim and send;
+    False: it only plans or stops the run). Creates the schemas and the run as needed."""
+    out = normalise_out(out_url)
+    conn = open_run(state_url, out, create=True)
+    return PostgresStore(
+        state_url, out, conn, lambda: _run_connection(state_url, out), worker=worker
+    )
+
+
+def open_pg_read_only(state_url: str, out_url: str | Path) -> PostgresStore:
+    """The run at ``out_url`` for the views; it must exist. Changes nothing."""
+    out = normalise_out(out_url)
+    conn = open_run(state_url, out, create=False)
+    return PostgresStore(
+        state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
+    )
+
+
+def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
+    """The run at ``out_url`` to plan from while changing nothing: every transaction read
+    only. A run the database does not hold yet is planned against empty temporary tables, so
+    that nothing is created."""
+    out = normalise_out(out_url)
+    conn = connect(state_url)
+    try:
+        known = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (f'"{run_schema(out)}".migrations',)
+        ).fetchone()
+        if known and known[0]:
+            set_search_path(conn, run_schema(out))
+        else:
+            conn.execute("SET search_path TO pg_temp")
+            for script in RUN_MIGRATIONS:
+                conn.execute(script)
+            conn.execute("INSERT INTO control (id, budget) VALUES (1, %s)", (out,))
+        conn.execute("SET default_transaction_read_only = on")
+    except psycopg.Error as exc:
+        conn.close()
+        raise store_error(exc, state_url, f"cannot read the run of {out}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return PostgresStore(
+        state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
+    )
+
+
+def _store(
+    state_url: str, out_url: str, conn: psycopg.Connection[Any], *, worker: bool
+) -> PostgresStore:
+    return PostgresStore(
+        state_url, out_url, conn, lambda: _run_connection(state_url, out_url), worker=worker
+    )
+
+
+def _run_connection(state_url: str, out_url: str) -> psycopg.Connection[Any]:
+    """Another connection to the run (the writer's, the claimer's, the heartbeat's)."""
+    conn = connect(state_url)
+    set_search_path(conn, run_schema(out_url))
+    return conn

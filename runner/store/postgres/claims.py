@@ -1,0 +1,198 @@
+"""Workers of a PostgreSQL run: their rows and leases, the heartbeat, and claiming jobs.
+
+- A worker is one process running the pool on the run. Opening a store as a worker inserts its
+  ``workers`` row with a lease on the database's clock (``now()``: no worker's clock decides
+  whose lease expired); a :class:`Heartbeat` thread, on its own connection, renews it every
+  third of :func:`lease_s`, reads the run's stop (so that :meth:`stop_requested` costs nothing),
+  and settles what dead workers left in flight, so that a killed worker's attempts are
+  possible charges within about a lease.
+- A worker is *dead* when its lease expired or it finished (:data:`DEAD_WORKERS`): its claims
+  are free for others, its attempts in flight nobody's.
+- :func:`claim_batch` claims the next few queued jobs in planning order with ``FOR UPDATE SKIP
+  LOCKED`` (workers claiming together never wait on, nor take, each other's rows) and rebuilds
+  each :class:`~runner.jobs.Job` from its row, without the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from runner.jobs import Job
+from runner.manifest.spool import _restore
+from runner.provider import PRICE_PER_IMAGE_MICRO_USD
+from runner.store.postgres.connect import store_error
+from runner.store.schema import now_iso
+
+LEASE_ENV = "RUNNER_LEASE_S"
+DEFAULT_LEASE_S = 30.0
+
+DEAD_WORKERS = (
+    "SELECT worker_id FROM workers WHERE lease_expires_at < now() OR finished_at IS NOT NULL"
+)
+
+# Attempts in flight that nobody works on: this worker's own (at its start and end) and those
+# of dead workers (NULL: recorded by no worker).
+SETTLEABLE = (
+    "state = 'in_flight' AND (worker_id = %(me)s OR worker_id IS NULL "
+    f"OR worker_id IN ({DEAD_WORKERS}))"
+)
+
+# What rebuilds a job, in :func:`runner.manifest.spool._restore`'s order, then ``seq``.
+JOB_COLUMNS = (
+    "job_id, prompt, model, size, response_format, content_hash, images, row, variant, vars, "
+    "repeat_index, template, seq"
+)
+
+
+def lease_s() -> float:
+    """How long a worker's lease lasts without a renewal: ``RUNNER_LEASE_S`` (tests make it a
+    few seconds), else 30 s."""
+    text = os.environ.get(LEASE_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_LEASE_S
+    except ValueError:
+        value = DEFAULT_LEASE_S
+    return value if value > 0 else DEFAULT_LEASE_S
+
+
+def register(conn: psycopg.Connection[Any], lease: float) -> int:
+    """Insert this process's ``workers`` row, its lease starting now; returns its id."""
+    row = conn.execute(
+        "INSERT INTO workers (host, pid, lease_expires_at) "
+        "VALUES (%s, %s, now() + make_interval(secs => %s)) RETURNING worker_id",
+        (socket.gethostname(), os.getpid(), lease),
+    ).fetchone()
+    assert row is not None  # INSERT ... RETURNING returns its row
+    return int(row[0])
+
+
+def retire(conn: psycopg.Connection[Any], worker_id: int) -> None:
+    """The worker ends: its claims go back to the queue, its row says it finished."""
+    with conn.transaction():
+        conn.execute("UPDATE jobs SET claimed_by = NULL WHERE claimed_by = %s", (worker_id,))
+        conn.execute("UPDATE workers SET finished_at = now() WHERE worker_id = %s", (worker_id,))
+
+
+def settle(conn: psycopg.Connection[Any], worker_id: int | None) -> int:
+    """Attempts nobody works on become possible charges (their price, already reserved on the
+    budget, stays there), and dead workers' claims are cleared; returns how many attempts."""
+    cursor = conn.execute(
+        "UPDATE attempts SET state = 'possible', cost_micro_usd = %(price)s, "
+        f"error = 'interrupted while in flight', finished_at = %(stamp)s WHERE {SETTLEABLE}",
+        {"price": PRICE_PER_IMAGE_MICRO_USD, "stamp": now_iso(), "me": worker_id},
+    )
+    conn.execute(f"UPDATE jobs SET claimed_by = NULL WHERE claimed_by IN ({DEAD_WORKERS})")
+    return cursor.rowcount
+
+
+def claim_batch(conn: psycopg.Connection[Any], worker_id: int, limit: int) -> list[Job]:
+    """Claim up to ``limit`` queued jobs, in planning order, that nobody alive holds."""
+    rows = conn.execute(
+        f"UPDATE jobs SET claimed_by = %(me)s WHERE job_id IN (SELECT job_id FROM jobs "
+        "WHERE queued AND status <> 'succeeded' AND (claimed_by IS NULL OR claimed_by IN "
+        f"({DEAD_WORKERS})) ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+        f"RETURNING {JOB_COLUMNS}",
+        {"me": worker_id, "limit": limit},
+    ).fetchall()
+    rows.sort(key=lambda row: row[-1])
+    return [job_of(row) for row in rows]
+
+
+def others_hold_work(conn: psycopg.Connection[Any], worker_id: int) -> bool:
+    """Whether queued jobs are claimed by other live workers: they may still come back (if
+    those die), so the run is not over for this worker."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE queued AND status <> 'succeeded' "
+        f"AND claimed_by <> %s AND claimed_by NOT IN ({DEAD_WORKERS}))",
+        (worker_id,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def job_of(row: tuple[Any, ...]) -> Job:
+    """The job of a ``jobs`` row (:data:`JOB_COLUMNS`), as the manifest made it; its fields were
+    checked when it was planned."""
+    images = tuple(Path(p) for p in json.loads(row[6]))
+    variables = tuple(json.loads(row[9] or "{}").items())
+    job_id, prompt, model, size, response_format, content_hash = row[:6]
+    return _restore(
+        job_id,
+        prompt,
+        model,
+        size,
+        response_format,
+        content_hash,
+        images,
+        row[7],
+        row[8],
+        variables,
+        row[10],
+        row[11] or "",
+    )
+
+
+class Heartbeat:
+    """The thread that keeps this worker's lease (on its own connection), hears the run's stop
+    and settles dead workers' attempts, every third of the lease. A beat that fails leaves the
+    lease to expire, so the worker stops itself: others will take its jobs."""
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        state_url: str,
+        worker_id: int,
+        lease: float,
+    ) -> None:
+        self.worker_id = worker_id
+        self.lease = lease
+        self.db_stop: str | None = None  # control.stop_reason, as the last beat read it
+        self.failure: str | None = None  # why the lease could not be renewed
+        self.beats = 0
+        self._conn = connect()
+        self._state_url = state_url
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-heartbeat", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<Heartbeat worker={self.worker_id} beats={self.beats} stop={self.stop_reason!r}>"
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why this worker must stop: the run was stopped, or its lease is lost."""
+        return self.failure or self.db_stop
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.lease / 3):
+            try:
+                self.beat()
+            except psycopg.Error as exc:
+                error = store_error(exc, self._state_url, "cannot renew this worker's lease")
+                self.failure = self.failure or str(error)
+
+    def beat(self) -> None:
+        """Renew the lease, read the stop, settle dead workers' attempts."""
+        conn = self._conn
+        with conn.transaction():
+            conn.execute(
+                "UPDATE workers SET lease_expires_at = now() + make_interval(secs => %s) "
+                "WHERE worker_id = %s",
+                (self.lease, self.worker_id),
+            )
+            row = conn.execute("SELECT stop_reason FROM control").fetchone()
+            settle(conn, None)
+        self.db_stop = None if row is None or row[0] is None else str(row[0])
+        self.beats += 1

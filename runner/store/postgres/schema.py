@@ -1,0 +1,259 @@
+"""The PostgreSQL state's schema: one shared schema, one schema per run, and their migrations.
+
+- ``image_runner`` (shared by every run of the database): ``locations`` (which schema holds
+  the run of each output location), ``budgets`` (the spend caps runs share by name), its own
+  ``migrations``; the shared rate limit's tables are :mod:`.pacing`'s.
+- ``run_<16 hex of sha256(out_url)>`` (one run): the SQLite checkpoint's tables and columns
+  (:mod:`runner.store.schema`, its migrations 1-4 as one), so that the SQL of one backend runs
+  on the other through the ``search_path``: timestamps stay ISO-8601 text, money, sizes and
+  nanoseconds are ``BIGINT``. Plus what workers share: ``jobs.seq`` (planning order, as
+  SQLite's ``rowid``), the columns that rebuild a whole job without its manifest
+  (``response_format``, ``row``, ``variant``), the run's to-do (``queued``, with a partial
+  index in planning order) and who claimed each job (``claimed_by``), ``attempts.worker_id``,
+  ``workers`` (their leases, on the database's clock), ``control`` (a run-wide stop and the
+  budget the run spends from) and ``runs.worker_id``.
+- Creation and migrations run in one transaction under ``pg_advisory_xact_lock``: two workers
+  starting together wait for each other instead of racing. A schema written by a newer
+  image-runner is refused untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from runner.errors import StoreError
+from runner.store.postgres.connect import (
+    SHARED_SCHEMA,
+    connect,
+    run_schema,
+    safe_url,
+    set_search_path,
+    store_error,
+)
+from runner.store.schema import now_iso
+
+# Any constant both sides agree on: the key of the lock that serialises schema changes.
+SCHEMA_LOCK_KEY = 0x1A6E_5C4E_3A00
+
+SHARED_MIGRATIONS = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {SHARED_SCHEMA}.locations (
+        out_url TEXT PRIMARY KEY,
+        schema_name TEXT UNIQUE NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE IF NOT EXISTS {SHARED_SCHEMA}.budgets (
+        name TEXT PRIMARY KEY,
+        cap_micro_usd BIGINT NULL,
+        committed_micro_usd BIGINT NOT NULL DEFAULT 0
+    );
+    """,
+)
+
+RUN_MIGRATIONS = (
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        seq BIGSERIAL NOT NULL,
+        content_hash TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT,
+        prompt TEXT NOT NULL,
+        images TEXT NOT NULL,
+        response_format TEXT NOT NULL,
+        row TEXT NOT NULL DEFAULT '',
+        variant TEXT NOT NULL DEFAULT '',
+        image_path TEXT,
+        width INTEGER,
+        height INTEGER,
+        sha256 TEXT,
+        error TEXT,
+        error_cause TEXT,
+        retryable INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL,
+        image_size_bytes BIGINT,
+        image_mtime_ns BIGINT,
+        image_ctime_ns BIGINT,
+        version INTEGER NOT NULL DEFAULT 1,
+        edited_at TEXT,
+        vars TEXT,
+        repeat_index INTEGER,
+        template TEXT,
+        queued BOOLEAN NOT NULL DEFAULT false,
+        claimed_by BIGINT NULL
+    );
+    CREATE INDEX jobs_seq ON jobs (seq);
+    CREATE INDEX jobs_queued ON jobs (seq) WHERE queued;
+    CREATE INDEX jobs_claimed_by ON jobs (claimed_by) WHERE claimed_by IS NOT NULL;
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        size TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('in_flight', 'confirmed', 'possible', 'unbilled')),
+        cost_micro_usd BIGINT NOT NULL DEFAULT 0,
+        input_tokens BIGINT,
+        output_tokens BIGINT,
+        total_tokens BIGINT,
+        error TEXT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        worker_id BIGINT NULL,
+        PRIMARY KEY (job_id, attempt)
+    );
+    CREATE INDEX attempts_state ON attempts (state);
+    CREATE INDEX attempts_in_flight ON attempts (worker_id) WHERE state = 'in_flight';
+    CREATE TABLE runs (
+        run_id BIGSERIAL PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        outcome TEXT,
+        pid INTEGER,
+        worker_id BIGINT NULL
+    );
+    CREATE TABLE versions (
+        job_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        image_path TEXT,
+        sha256 TEXT,
+        width INTEGER,
+        height INTEGER,
+        reason TEXT NOT NULL
+            CHECK (reason IN ('rejected', 'edited', 'changed', 'missing', 'unreadable')),
+        retired_at TEXT NOT NULL,
+        moved INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, version)
+    );
+    CREATE INDEX versions_unmoved ON versions (job_id) WHERE moved = 0;
+    CREATE TABLE reviews (
+        review_id BIGSERIAL PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('approved', 'rejected', 'unreviewed')),
+        reviewer TEXT NOT NULL,
+        decided_at TEXT NOT NULL
+    );
+    CREATE INDEX reviews_of_version ON reviews (job_id, version, review_id);
+    CREATE TABLE workers (
+        worker_id BIGSERIAL PRIMARY KEY,
+        host TEXT,
+        pid INTEGER,
+        started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        lease_expires_at TIMESTAMPTZ NOT NULL,
+        finished_at TIMESTAMPTZ NULL
+    );
+    CREATE TABLE control (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        stop_reason TEXT NULL,
+        stopped_at TIMESTAMPTZ,
+        budget TEXT NOT NULL
+    );
+    """,
+)
+
+
+def open_run(
+    state_url: str, out_url: str, *, create: bool, autocommit: bool = True
+) -> psycopg.Connection[Any]:
+    """A connection to the run of ``out_url`` with its ``search_path`` set: its schema created
+    or brought up to date first when ``create`` (a run, a worker), else required to exist at
+    this version (the views, a dry run). The connection is closed on every failure."""
+    conn = connect(state_url, autocommit=True)
+    schema = run_schema(out_url)
+    try:
+        if create:
+            migrate(conn, state_url, out_url)
+        else:
+            check_exists(conn, state_url, out_url)
+        set_search_path(conn, schema)
+        conn.autocommit = autocommit
+    except psycopg.Error as exc:
+        conn.close()
+        raise store_error(exc, state_url, f"cannot open the run of {out_url}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn: psycopg.Connection[Any], state_url: str, out_url: str) -> None:
+    """Create the shared schema and the run's (tables, control row, budget row) or apply the
+    migrations they lack, all in one transaction under the schema lock."""
+    schema = run_schema(out_url)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SHARED_SCHEMA}")
+        _apply(conn, state_url, SHARED_SCHEMA, SHARED_MIGRATIONS, "the shared schema")
+        conn.execute(
+            f"INSERT INTO {SHARED_SCHEMA}.locations (out_url, schema_name) VALUES (%s, %s) "
+            "ON CONFLICT (out_url) DO NOTHING",
+            (out_url, schema),
+        )
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        _apply(conn, state_url, schema, RUN_MIGRATIONS, f"the run of {out_url}")
+        conn.execute(
+            f'INSERT INTO "{schema}".control (id, budget) VALUES (1, %s) '
+            "ON CONFLICT (id) DO NOTHING",
+            (out_url,),
+        )
+        conn.execute(
+            f"INSERT INTO {SHARED_SCHEMA}.budgets (name) "
+            f'SELECT budget FROM "{schema}".control ON CONFLICT (name) DO NOTHING'
+        )
+
+
+def _apply(
+    conn: psycopg.Connection[Any],
+    state_url: str,
+    schema: str,
+    migrations: tuple[str, ...],
+    what: str,
+) -> None:
+    conn.execute(
+        f'CREATE TABLE IF NOT EXISTS "{schema}".migrations '
+        "(version INTEGER PRIMARY KEY, applied_at TEXT)"
+    )
+    done = {r[0] for r in conn.execute(f'SELECT version FROM "{schema}".migrations')}
+    if done and max(done) > len(migrations):
+        raise StoreError(_newer(state_url, what, max(done), len(migrations)))
+    set_search_path(conn, schema)
+    for version, script in enumerate(migrations, start=1):
+        if version not in done:
+            conn.execute(script)
+            conn.execute(f'INSERT INTO "{schema}".migrations VALUES (%s, %s)', (version, now_iso()))
+
+
+def check_exists(conn: psycopg.Connection[Any], state_url: str, out_url: str) -> None:
+    """Refuse a run the database does not hold, or holds at another version than this one's."""
+    known = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+        (f"{SHARED_SCHEMA}.locations", f'"{run_schema(out_url)}".migrations'),
+    ).fetchone()
+    if known is None or not all(known):
+        raise StoreError(
+            f"PostgreSQL state {safe_url(state_url)} holds no run of {out_url}: "
+            "run a manifest into it first (--state and --out as given here)"
+        )
+    row = conn.execute(f'SELECT MAX(version) FROM "{run_schema(out_url)}".migrations').fetchone()
+    version = int(row[0] or 0) if row else 0
+    if version > len(RUN_MIGRATIONS):
+        raise StoreError(_newer(state_url, f"the run of {out_url}", version, len(RUN_MIGRATIONS)))
+    if version < len(RUN_MIGRATIONS):
+        raise StoreError(
+            f"the run of {out_url} in {safe_url(state_url)} was written by an older "
+            "image-runner: run `image-runner run` on it once to upgrade it"
+        )
+
+
+def _newer(state_url: str, what: str, version: int, known: int) -> str:
+    return (
+        f"{what} in PostgreSQL state {safe_url(state_url)} was written by a newer image-runner "
+        f"(its schema is at version {version}, this one knows up to {known}): use that "
+        "version, or upgrade this one; it was left as it is"
+    )

@@ -1,0 +1,192 @@
+"""The writes of a PostgreSQL run, each inside the caller's transaction: attempts with their
+budget reservations, a job's end, planning.
+
+The budget is exact because **the attempt row is the reservation**: :func:`intent` reserves the
+price on the run's budget row (``image_runner.budgets``, shared by every worker and every run
+that names it) and inserts the attempt ``in_flight`` in one transaction, or refuses with
+:class:`~runner.errors.BudgetReached`; :func:`finish_attempt` turns the reservation into what
+the attempt cost (an unbilled one gives its price back); settling (in flight to possible) and
+adoption keep it. A worker that dies leaks nothing: its attempts in flight become possible
+charges, which the budget already holds.
+
+Statements are written with SQLite's placeholders and run through
+:class:`~runner.store.postgres.connect.Translated`, as the shared ones
+(:mod:`runner.store.versioning`) are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import TypeVar
+
+from runner.errors import ApiError, BudgetReached
+from runner.jobs import Job
+from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.redact import redact
+from runner.store.base import ImageStat, Outcome, SavedImage
+from runner.store.postgres.connect import Translated
+from runner.store.schema import now_iso
+from runner.store.sqlite import metadata_columns
+
+T = TypeVar("T")
+
+# Rows a statement of planning sends at a time (psycopg pipelines each batch).
+PLAN_BATCH = 5000
+
+
+def intent(db: Translated, job: Job, worker_id: int | None, budget: str) -> int:
+    """Reserve the price on ``budget`` and record the attempt ``in_flight``; its number."""
+    price = PRICE_PER_IMAGE_MICRO_USD
+    reserved = db.execute(
+        "UPDATE budgets SET committed_micro_usd = committed_micro_usd + ? WHERE name = ? "
+        "AND (cap_micro_usd IS NULL OR committed_micro_usd + ? <= cap_micro_usd) "
+        "RETURNING committed_micro_usd",
+        (price, budget, price),
+    ).fetchone()
+    if reserved is None:
+        row = db.execute("SELECT cap_micro_usd FROM budgets WHERE name = ?", (budget,)).fetchone()
+        cap = (row[0] or 0) / MICRO if row else 0
+        raise BudgetReached(f"the budget of ${cap:.2f} is reached")
+    row = db.execute(
+        "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE job_id = ?", (job.id,)
+    ).fetchone()
+    attempt = int(row[0] if row else 0) + 1
+    db.execute(
+        "INSERT INTO attempts (job_id, attempt, endpoint, model, size, state, started_at, "
+        "worker_id) VALUES (?, ?, ?, ?, ?, 'in_flight', ?, ?)",
+        (job.id, attempt, job.endpoint, job.model, job.size, now_iso(), worker_id),
+    )
+    return attempt
+
+
+def finish_attempt(db: Translated, budget: str, job_id: str, attempt: int, o: Outcome) -> None:
+    """Record how the attempt ended, and settle its reservation with what it cost."""
+    charged = o.cost_micro_usd if o.billing != "none" else 0
+    before = db.execute(
+        "SELECT state FROM attempts WHERE job_id = ? AND attempt = ? FOR UPDATE", (job_id, attempt)
+    ).fetchone()
+    db.execute(
+        "UPDATE attempts SET state = ?, cost_micro_usd = ?, input_tokens = ?, "
+        "output_tokens = ?, total_tokens = ?, error = ?, finished_at = ? "
+        "WHERE job_id = ? AND attempt = ?",
+        (
+            "unbilled" if o.billing == "none" else o.billing,
+            charged,
+            o.input_tokens,
+            o.output_tokens,
+            o.total_tokens,
+            redact(o.error) if o.error else None,
+            now_iso(),
+            job_id,
+            attempt,
+        ),
+    )
+    if before is not None and before[0] in ("in_flight", "possible"):  # it holds the price
+        adjust(db, budget, charged - PRICE_PER_IMAGE_MICRO_USD)
+
+
+def adjust(db: Translated, budget: str, delta_micro_usd: int) -> None:
+    if delta_micro_usd:
+        db.execute(
+            "UPDATE budgets SET committed_micro_usd = committed_micro_usd + ? WHERE name = ?",
+            (delta_micro_usd, budget),
+        )
+
+
+def succeeded(
+    db: Translated, job_id: str, image: SavedImage, stat: ImageStat | tuple[None, None, None]
+) -> None:
+    """The job is done with ``image``, and leaves the run's to-do."""
+    db.execute(
+        "UPDATE jobs SET status = 'succeeded', image_path = ?, width = ?, height = ?, "
+        "sha256 = ?, image_size_bytes = ?, image_mtime_ns = ?, image_ctime_ns = ?, "
+        "error = NULL, error_cause = NULL, retryable = 0, updated_at = ?, queued = false "
+        "WHERE job_id = ?",
+        (image.path, image.width, image.height, image.sha256, *stat, now_iso(), job_id),
+    )
+
+
+def failed(db: Translated, job_id: str, error: ApiError, *, retry_later: bool) -> None:
+    """The job failed for this run, and leaves its to-do (the next run may queue it again)."""
+    db.execute(
+        "UPDATE jobs SET status = 'failed', error = ?, error_cause = ?, retryable = ?, "
+        "updated_at = ?, queued = false WHERE job_id = ?",
+        (redact(error.describe()), error.cause, int(retry_later), now_iso(), job_id),
+    )
+
+
+def adopt(
+    db: Translated, job_id: str, image: SavedImage, stat: ImageStat | tuple[None, None, None]
+) -> None:
+    """An image found in place without its success: the last attempt in flight or possible
+    made it, billed (its reserved price stays spent); the job is done."""
+    db.execute(
+        "UPDATE attempts SET state = 'confirmed', cost_micro_usd = ?, "
+        "finished_at = COALESCE(finished_at, ?) "
+        "WHERE job_id = ? AND attempt = (SELECT MAX(attempt) FROM attempts "
+        "WHERE job_id = ? AND state IN ('in_flight', 'possible'))",
+        (PRICE_PER_IMAGE_MICRO_USD, now_iso(), job_id, job_id),
+    )
+    succeeded(db, job_id, image, stat)
+
+
+_PLAN = """
+    INSERT INTO jobs (job_id, content_hash, status, endpoint, model, size, prompt, images,
+                      response_format, row, variant, updated_at, vars, repeat_index, template)
+    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (job_id) DO UPDATE SET
+        content_hash = excluded.content_hash, status = 'pending',
+        endpoint = excluded.endpoint, model = excluded.model, size = excluded.size,
+        prompt = excluded.prompt, images = excluded.images,
+        response_format = excluded.response_format, row = excluded.row,
+        variant = excluded.variant, vars = excluded.vars,
+        repeat_index = excluded.repeat_index, template = excluded.template,
+        image_path = NULL, width = NULL, height = NULL, sha256 = NULL,
+        image_size_bytes = NULL, image_mtime_ns = NULL, image_ctime_ns = NULL,
+        error = NULL, error_cause = NULL, retryable = 0,
+        updated_at = excluded.updated_at
+    WHERE jobs.content_hash <> excluded.content_hash
+"""
+
+
+def plan(db: Translated, jobs: Iterable[Job]) -> None:
+    """Record the manifest's jobs, :data:`PLAN_BATCH` rows a statement; a job whose content
+    changed starts over as pending (as :meth:`runner.store.sqlite.SqliteStore.plan_jobs`)."""
+    stamp = now_iso()
+    for chunk in chunks(jobs, PLAN_BATCH):
+        db.executemany(
+            _PLAN,
+            [
+                (
+                    job.id,
+                    job.content_hash,
+                    job.endpoint,
+                    job.model,
+                    job.size,
+                    job.prompt,
+                    json.dumps([str(p) for p in job.images]) if job.images else "[]",
+                    job.response_format,
+                    job.row,
+                    job.variant,
+                    stamp,
+                    *metadata_columns(job),
+                )
+                for job in chunk
+            ],
+        )
+
+
+def record_metadata(db: Translated, jobs: Iterable[Job]) -> None:
+    for chunk in chunks(jobs, PLAN_BATCH):
+        db.executemany(
+            "UPDATE jobs SET vars = ?, repeat_index = ?, template = ? WHERE job_id = ?",
+            [(*metadata_columns(job), job.id) for job in chunk],
+        )
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
