@@ -21,10 +21,19 @@ from runner.store.postgres.connect import (
     set_search_path,
     store_error,
 )
+from runner.store.postgres.reviewlog import PostgresReviewLog
 from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
 from runner.store.postgres.store import PostgresStore
 
-__all__ = ["PostgresStore", "open_pg_for_dry_run", "open_pg_read_only", "open_pg_store"]
+__all__ = [
+    "PostgresReviewLog",
+    "PostgresStore",
+    "open_pg_for_dry_run",
+    "open_pg_read_only",
+    "open_pg_review_log",
+    "open_pg_store",
+    "stop_pg_run",
+]
 
 
 def open_pg_store(state_url: str, out_url: str | Path, *, worker: bool = True) -> PostgresStore:
@@ -74,6 +83,17 @@ def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
     return PostgresStore(
         state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
     )
+
+
+def open_pg_review_log(state_url: str, folder: Path) -> PostgresReviewLog:
+    """Where review decisions on the run of ``folder`` are written; the run must exist."""
+    return PostgresReviewLog(state_url, folder)
+
+
+def stop_pg_run(state_url: str, out_url: str | Path, reason: str) -> None:
+    """Stop every worker of the run at ``out_url``, for ``reason``; it must exist."""
+    with open_pg_read_only(state_url, out_url) as store:
+        store.request_stop(reason)
 
 
 def _store(

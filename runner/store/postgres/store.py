@@ -49,6 +49,7 @@ from runner.store.base import (
 from runner.store.groupcommit import GroupCommit
 from runner.store.postgres import claims, writes
 from runner.store.postgres.connect import Translated, store_error
+from runner.store.postgres.views import PostgresViews
 from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, now_iso
 
 T = TypeVar("T")
@@ -87,6 +88,10 @@ class PostgresStore:
         self._claimer: ThreadPoolExecutor | None = None
         self._claim_conn: psycopg.Connection[Any] | None = None
         self._budget = ""
+        self._connect = connect
+        # The views' connection, opened when first read: a snapshot must not join a
+        # transaction of this store's writes.
+        self._views: tuple[PostgresViews, psycopg.Connection[Any]] | None = None
         try:
             with self._reading("cannot read the run's control row"):
                 row = conn.execute("SELECT budget FROM control").fetchone()
@@ -133,6 +138,8 @@ class PostgresStore:
         if self.worker_id is not None:
             worker_id = self.worker_id
             steps.append(lambda: claims.retire(self.conn, worker_id))
+        if self._views is not None:
+            steps.append(self._views[1].close)
         steps.append(self.conn.close)
         for step in steps:
             try:
@@ -140,6 +147,7 @@ class PostgresStore:
             except Exception as exc:
                 error = error or exc
         self._commits = self._claimer = self._claim_conn = self._heartbeat = None
+        self._views = None
         if isinstance(error, psycopg.Error):
             raise store_error(error, self.state_url, "cannot close the run's state") from None
         if error is not None:
@@ -456,10 +464,12 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else (row[0], int(row[1]))
 
-    def views(self) -> Any:
-        # PostgresViews is B's (branch h-pgviews, runner/store/postgres/views.py); until it
-        # lands on main, the views of a PostgreSQL run cannot be read.
-        raise NotImplementedError("the views of a PostgreSQL run come with PostgresViews")
+    def views(self) -> PostgresViews:
+        """The run's views (:mod:`.views`), on their own autocommit connection."""
+        if self._views is None:
+            conn = self._connect()
+            self._views = PostgresViews(conn, self.state_url, self.out_url), conn
+        return self._views[0]
 
 
 def local_folder(out_url: str) -> Path | None:
