@@ -6,6 +6,7 @@ emulator's bill within what the books say it may be."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 from ray.cluster_utils import Cluster
 
+from runner.cli.main import main
 from runner.core.lifecycle import RunReport
 from runner.core.pool import Progress
 from runner.emulator import Emulator
@@ -182,3 +184,17 @@ async def test_an_actor_killed_mid_run_is_restarted_and_the_run_completes(
     # What the killed actor had in flight may have been billed: never more than that.
     assert totals.confirmed_usd - 1e-9 <= emulator.billed_usd
     assert emulator.billed_usd <= totals.confirmed_usd + totals.possible_usd + 1e-9
+
+
+def test_the_cli_runs_a_manifest_on_ray_and_exits_0(
+    ray_cluster: Cluster, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = [{"id": f"c{n}", "prompt": f"picture {n}"} for n in range(10)]
+    path = write_manifest(tmp_path, jobs, defaults={"model": "gpt-image-2-vip"})
+    out = tmp_path / "out"
+    argv = ["run", str(path), "--out", str(out), "--state", pg_url, "--emulate", "--no-progress"]
+    code = main([*argv, "--ray", ray_cluster.address, "--workers", "2", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, summary
+    assert summary["counts"]["succeeded"] == 10 and summary["counts"]["requests"] == 10
+    assert len(list((out / "images").iterdir())) == 10
