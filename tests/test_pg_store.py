@@ -15,7 +15,7 @@ import pytest
 
 from runner.errors import ApiError, JobFailedError, StoreError
 from runner.jobs import Job
-from runner.manifest.spool import _restore
+from runner.manifest.spool import restore
 from runner.store import Outcome, SavedImage, SqliteStore, Store
 from runner.store.base import ImageStat
 from runner.store.postgres import (
@@ -160,9 +160,7 @@ def test_a_worker_rebuilds_every_job_from_its_row(pg_url: str, tmp_path: Path) -
     edit = make_job("edit", "make it blue", size="auto", images=(tmp_path / "ref.png",))
     plain = job(2)
     fields = [getattr(plain, f.name) for f in dataclasses.fields(Job)][:7]
-    matrix = _restore(
-        *fields, "row 3", "style=ink #2", (("style", "ink"), ("n", 2)), 2, "a {style}"
-    )
+    matrix = restore(*fields, "row 3", "style=ink #2", (("style", "ink"), ("n", 2)), 2, "a {style}")
     jobs = [job(1), edit, matrix]
     with open_pg_store(pg_url, tmp_path) as store:
         store.plan_jobs(jobs)

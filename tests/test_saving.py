@@ -20,7 +20,7 @@ from runner.images.files import is_temp_name, temp_path_for
 from runner.images.saving import save_image
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
-from runner.manifest.spool import _restore
+from runner.manifest.spool import restore
 from tests.conftest import make_job
 
 
@@ -136,7 +136,7 @@ def test_a_job_id_that_climbs_out_of_the_folder_is_refused_and_nothing_is_writte
     out.mkdir()
     images = out / "images"
     tmp = answer(images)
-    escaping = _restore(**{**dataclasses.asdict(job()), "id": "../../escape"})
+    escaping = restore(**{**dataclasses.asdict(job()), "id": "../../escape"})
     with pytest.raises(ValueError, match=re.escape("'../../escape' cannot name an image file")):
         save_image(escaping, tmp, images, out)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -11,13 +11,13 @@ import pytest
 
 from runner.jobs import Job
 from runner.manifest import spool as spool_module
-from runner.manifest.spool import JobSpool, Packed, _restore
+from runner.manifest.spool import JobSpool, Packed, restore
 from tests.conftest import make_job
 
 
 def job(n: int, images: tuple[Path, ...] = ()) -> Job:
     """A job as the spool gives one back: every kind of field, none checked."""
-    return _restore(
+    return restore(
         f"j{n}",
         f'prompt {n} \u6c34\u58a8 "quoted"\n',
         "gpt-image-2-vip",
@@ -45,7 +45,7 @@ def packed(jobs: Iterable[Job]) -> list[Packed]:
 def test_a_job_read_back_equals_the_one_that_was_checked() -> None:
     made = make_job("cat", size="auto", images=(Path("/refs/a.png"),))
     fields = [getattr(made, f.name) for f in dataclasses.fields(Job)]
-    assert _restore(*fields) == made
+    assert restore(*fields) == made
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import runner.core
 from runner.errors import StoreError, StoreWriteError
 from runner.jobs import Job
-from runner.manifest.spool import _restore
+from runner.manifest.spool import restore
 from runner.store import Outcome, Store, open_store
 from runner.store.schema import DB_NAME, LOCK_NAME, MIGRATIONS
 from runner.store.sqlite import SqliteStore
@@ -168,7 +168,7 @@ async def test_a_full_database_fails_group_commit_writes_as_write_errors(
     # Ids long enough that each intent needs pages of its own: longer than a manifest allows,
     # so rebuilt as the spool does, unchecked (the store does not care).
     big = [
-        _restore(**{**dataclasses.asdict(job(n)), "id": f"j{n}-" + "x" * 20_000}) for n in range(2)
+        restore(**{**dataclasses.asdict(job(n)), "id": f"j{n}-" + "x" * 20_000}) for n in range(2)
     ]
     store.plan_jobs(big)
     fill_up(store)

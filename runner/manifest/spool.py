@@ -124,7 +124,7 @@ class JobSpool(Sequence[Job]):
         images = packed[6]
         paths = tuple(map(self._path, images)) if images else ()
         # Not checked again: the spool holds jobs that were (see extend_packed).
-        return _restore(*packed[:6], paths, *packed[7:])
+        return restore(*packed[:6], paths, *packed[7:])
 
     def _path(self, text: str) -> Path:
         path = self._paths.get(text)
@@ -133,7 +133,7 @@ class JobSpool(Sequence[Job]):
         return path
 
 
-def _restore(
+def restore(
     id: str,
     prompt: str,
     model: str,
@@ -150,7 +150,9 @@ def _restore(
     """A job rebuilt from the fields of one the validator checked, without checking them again
     or asking for the constructor's token, as unpickling rebuilds an object: a run walks every
     job of a manifest several times, and this takes 0.5 µs a job where the constructor takes 2.
-    Only for the spool's own jobs: anything else gets its jobs from the validator."""
+    Only for jobs the validator made: the spool's own, and those a PostgreSQL run's workers
+    read back from the rows their plan recorded (:mod:`runner.store.postgres.claims`);
+    anything else gets its jobs from the validator."""
     job = object.__new__(Job)
     _set_id(job, id)
     _set_prompt(job, prompt)

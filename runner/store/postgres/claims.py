@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from runner.jobs import Job
-from runner.manifest.spool import _restore
+from runner.manifest.spool import restore
 from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.store.postgres.connect import store_error
 from runner.store.schema import now_iso
@@ -45,7 +45,7 @@ SETTLEABLE = (
     f"OR worker_id IN ({DEAD_WORKERS}))"
 )
 
-# What rebuilds a job, in :func:`runner.manifest.spool._restore`'s order, then ``seq``.
+# What rebuilds a job, in :func:`runner.manifest.spool.restore`'s order, then ``seq``.
 JOB_COLUMNS = (
     "job_id, prompt, model, size, response_format, content_hash, images, row, variant, vars, "
     "repeat_index, template, seq"
@@ -123,7 +123,7 @@ def job_of(row: tuple[Any, ...]) -> Job:
     images = tuple(Path(p) for p in json.loads(row[6]))
     variables = tuple(json.loads(row[9] or "{}").items())
     job_id, prompt, model, size, response_format, content_hash = row[:6]
-    return _restore(
+    return restore(
         job_id,
         prompt,
         model,
