@@ -19,6 +19,7 @@ from runner.emulator import Emulator
 from runner.errors import StoreError
 from runner.store import Decision, open_read_only, open_review_log
 from runner.store.base import Store
+from runner.store.postgres import open_pg_read_only
 from runner.store.postgres.connect import normalise_out
 from runner.store.postgres.schema import open_run
 from runner.store.postgres.views import PostgresViews
@@ -243,3 +244,14 @@ def test_a_read_that_fails_is_a_store_error_without_the_password(twin: Twin) -> 
     # The failed snapshot left no transaction behind: the next read works.
     twin.pg_conn.execute("ALTER TABLE attempts_gone RENAME TO attempts")
     same(twin.pg.spend(), twin.sqlite.spend())
+
+
+def test_the_postgres_store_reads_through_these_views(twin: Twin) -> None:
+    store = open_pg_read_only(twin.pg_url, twin.out)
+    try:
+        views = store.views()
+        assert isinstance(views, PostgresViews)
+        same(views.status_facts(), twin.sqlite.status_facts())
+        same(views.review_counts(), twin.sqlite.review_counts())
+    finally:
+        store.close()

@@ -30,20 +30,21 @@ from runner.errors import StoreWriteError
 from runner.store.base import Decision, Review
 from runner.store.postgres.connect import normalise_out, pg_sql, store_error
 from runner.store.postgres.schema import open_run
+from runner.store.postgres.store import local_folder
 from runner.store.postgres.views import PostgresReader, PostgresViews
 from runner.store.reviewlog import BUSY, JOBS_UNDER_REVIEW, RECORD_REVIEWS, checked
 from runner.store.schema import REVIEW_BUSY_TIMEOUT_MS
 
 
 class PostgresReviewLog:
-    """Review decisions of the run whose output folder is ``folder``, in the state at
-    ``state_url``; close when done. :meth:`decide` may be called from any thread. The run must
-    exist (planned by a run of a manifest)."""
+    """Review decisions of the run at ``out`` (its output location: a local folder or an
+    object storage URL) in the state at ``state_url``; close when done. :meth:`decide` may be
+    called from any thread. The run must exist (planned by a run of a manifest)."""
 
-    def __init__(self, state_url: str, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, state_url: str, out: str | Path) -> None:
         self._state_url = state_url
-        self._out_url = normalise_out(folder)
+        self._out_url = normalise_out(out)
+        self.folder = local_folder(self._out_url) or Path(self._out_url)  # as PostgresStore's
         self._db = open_run(state_url, self._out_url, create=False)
         try:
             self._reader = open_run(state_url, self._out_url, create=False)

@@ -88,10 +88,6 @@ class PostgresStore:
         self._claimer: ThreadPoolExecutor | None = None
         self._claim_conn: psycopg.Connection[Any] | None = None
         self._budget = ""
-        self._connect = connect
-        # The views' connection, opened when first read: a snapshot must not join a
-        # transaction of this store's writes.
-        self._views: tuple[PostgresViews, psycopg.Connection[Any]] | None = None
         try:
             with self._reading("cannot read the run's control row"):
                 row = conn.execute("SELECT budget FROM control").fetchone()
@@ -138,8 +134,6 @@ class PostgresStore:
         if self.worker_id is not None:
             worker_id = self.worker_id
             steps.append(lambda: claims.retire(self.conn, worker_id))
-        if self._views is not None:
-            steps.append(self._views[1].close)
         steps.append(self.conn.close)
         for step in steps:
             try:
@@ -147,7 +141,6 @@ class PostgresStore:
             except Exception as exc:
                 error = error or exc
         self._commits = self._claimer = self._claim_conn = self._heartbeat = None
-        self._views = None
         if isinstance(error, psycopg.Error):
             raise store_error(error, self.state_url, "cannot close the run's state") from None
         if error is not None:
@@ -465,11 +458,7 @@ class PostgresStore:
         return None if row is None else (row[0], int(row[1]))
 
     def views(self) -> PostgresViews:
-        """The run's views (:mod:`.views`), on their own autocommit connection."""
-        if self._views is None:
-            conn = self._connect()
-            self._views = PostgresViews(conn, self.state_url, self.out_url), conn
-        return self._views[0]
+        return PostgresViews(self.conn, self.state_url, self.out_url)
 
 
 def local_folder(out_url: str) -> Path | None:

@@ -115,8 +115,9 @@ class PostgresReader:
 
 class PostgresViews(SqlViews):
     """The views of the run of ``out_url`` in the state at ``state_url``, read on ``conn``: an
-    autocommit connection whose ``search_path`` is the run's, which these reads share with
-    nothing that writes (a snapshot would otherwise join the writer's transaction)."""
+    autocommit connection whose ``search_path`` is the run's. Shared with a store's writes (as
+    :class:`~runner.store.postgres.store.PostgresStore` shares its own, like the SQLite store),
+    a view read inside a write transaction reads that transaction's state."""
 
     def __init__(self, conn: psycopg.Connection[Any], state_url: str, out_url: str) -> None:
         super().__init__(PostgresReader(conn, state_url, out_url))
