@@ -16,6 +16,9 @@
      |                          attempt's price: final for the run, nothing was sent for it
      +-- ImageWriteError        an image came back but the disk refused it (never a network
      |                          error: the client raises this only around its own file writes)
+     +-- StorageError           an object store (S3, GCS, Azure) or folder refused an operation,
+     |    |                     or its bucket is unknown; names the object and what to do
+     |    +-- ChecksumMismatch  what the store holds is not the bytes that were sent
      +-- ApiError               one request's outcome; carries job_id, status, code, billing
           +-- RetryableError    worth another attempt, after a wait
           |    +-- NotSentError      the request never reached the server: billing "none"
@@ -120,6 +123,17 @@ class BudgetReached(StoreError):
 
 class ImageWriteError(RunnerError):
     """The disk refused an image that came back (so it was billed): final for the run."""
+
+
+class StorageError(RunnerError):
+    """An output location (a local folder or an object store) refused an operation: a missing
+    bucket or object, denied access, a missing extra. The message names the object, never a
+    credential."""
+
+
+class ChecksumMismatch(StorageError):
+    """The checksum the store reports for an object, or that of the file given to upload, is
+    not the one expected: the bytes were damaged on the way."""
 
 
 class ApiError(RunnerError):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from runner.errors import StoreError
-from runner.store.postgres.connect import normalise_out, pg_sql, run_schema, safe_url
+from runner.store.postgres.connect import normalise_out, pg_sql, run_schema
 from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
+from runner.store.urls import safe_url
 from tests.services import PG_PASSWORD
 
 
@@ -24,7 +25,7 @@ def test_out_locations_normalise_to_one_identity(tmp_path: Path) -> None:
 
 def test_safe_url_drops_the_password() -> None:
     url = f"postgresql://me:{PG_PASSWORD}@db:5432/runs?sslmode=require"
-    assert safe_url(url) == "postgresql://me@db:5432/runs?sslmode=require"
+    assert safe_url(url) == "postgresql://me:***@db:5432/runs?sslmode=require"
     assert PG_PASSWORD not in safe_url(f"postgresql://db/runs?password={PG_PASSWORD}")
     assert PG_PASSWORD not in safe_url(f"host=db password={PG_PASSWORD} dbname=runs")
 
@@ -69,4 +70,4 @@ def test_a_refused_connection_never_shows_the_password(pg_url: str, tmp_path: Pa
     with pytest.raises(StoreError, match="cannot connect") as e:
         open_run(wrong, normalise_out(tmp_path), create=True)
     assert PG_PASSWORD not in str(e.value)
-    assert "postgres@127.0.0.1" in str(e.value)
+    assert "postgres:***@127.0.0.1" in str(e.value)

@@ -204,7 +204,7 @@ def test_store_errors_never_show_the_password(pg_url: str, tmp_path: Path) -> No
             with pytest.raises(StoreError) as caught:
                 call()
             failures.append(str(caught.value))
-    assert all("postgres@127.0.0.1" in text and PG_PASSWORD not in text for text in failures)
+    assert all("postgres:***@127.0.0.1" in text and PG_PASSWORD not in text for text in failures)
     assert any('relation "attempts" does not exist' in text for text in failures)
     with pytest.raises(StoreError) as caught:
         open_pg_read_only(pg_url, tmp_path / "elsewhere")

@@ -58,6 +58,7 @@ def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
         (CANARY, "reset,reset,reset,reset,reset", 1),  # ambiguous, possible charges
         ("sk-the-right-key-0000", "", 3),  # 401: the server echoes the wrong key back
     ],
+    ids=["success", "failed", "ambiguous", "refused"],  # not the canary: random per process
 )
 def test_canary_key_is_in_no_output(
     tmp_path: Path, server_key: str, faults: str, exit_code: int

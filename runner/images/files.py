@@ -58,8 +58,18 @@ def write_atomic_copy(
     """Copy ``source`` to ``path`` as :func:`write_atomic` does, streamed, with ``splices``
     applied: ``(offset, bytes removed, bytes inserted)`` in file order (see
     :class:`runner.images.provenance.Splice`). Return the sha256 of what was written."""
+    with atomic_file(path) as out:
+        return copy_spliced(out, source, splices)
+
+
+def copy_spliced(
+    out: BinaryIO, source: Path, splices: Sequence[tuple[int, int, bytes]] = ()
+) -> str:
+    """Stream ``source`` into ``out`` with ``splices`` applied; return the sha256 of what was
+    written. The one copy loop of :func:`write_atomic_copy` and of the object-storage saver
+    (:mod:`runner.storage.images`), which stages its copy before uploading it."""
     digest = hashlib.sha256()
-    with atomic_file(path) as out, open(source, "rb") as src:
+    with open(source, "rb") as src:
 
         def put(data: bytes) -> None:
             digest.update(data)

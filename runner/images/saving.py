@@ -35,25 +35,9 @@ log = logging.getLogger(__name__)
 def save_image(job: Job, tmp: Path, images_dir: Path, folder: Path) -> tuple[ImageInfo, str, str]:
     """Verify the image in ``tmp``, tag it and write it durably into ``images_dir``; return what
     it is, the sha256 of the file written, and its path relative to ``folder`` (the output
-    folder, as the checkpoint records it). ``tmp`` is gone afterwards, whatever happened.
-
-    A job id that is not a manifest's (``../x``) raises :class:`ValueError` before any path is
-    made from it: the validator never makes one, so it is a bug, never a file outside
-    ``images_dir``."""
+    folder, as the checkpoint records it). ``tmp`` is gone afterwards, whatever happened."""
     try:
-        if not JOB_ID_RE.fullmatch(job.id):
-            raise ValueError(f"job id {job.id!r} cannot name an image file: not a manifest's id")
-        info = inspect_image(tmp, job.expected_size)
-        if job.expected_size is None and f"{info.width}x{info.height}" not in SIZE_SET:
-            raise WrongSize(f"is {info.width}x{info.height}, not one of the 30 sizes")
-        provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
-        provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
-        splices: list[Splice] = []
-        try:
-            with open(tmp, "rb") as f:
-                splices = provenance_splices(f, info.format, provenance)
-        except (ValueError, struct.error) as exc:  # an odd container: keep it untagged
-            log.warning("no provenance written into %s: %s", job.id, exc)
+        info, splices = prepare_image(job, tmp)
         path = images_dir / f"{job.id}.{info.extension}"
         sha256 = write_atomic_copy(path, tmp, splices)
     except OSError as exc:
@@ -61,3 +45,26 @@ def save_image(job: Job, tmp: Path, images_dir: Path, folder: Path) -> tuple[Ima
     finally:
         tmp.unlink(missing_ok=True)
     return info, sha256, path.relative_to(folder).as_posix()
+
+
+def prepare_image(job: Job, tmp: Path) -> tuple[ImageInfo, list[Splice]]:
+    """Verify the image in ``tmp`` (decode, size) and work out the provenance splices to apply
+    while it is copied to its final place; shared with :mod:`runner.storage.images`.
+
+    A job id that is not a manifest's (``../x``) raises :class:`ValueError` before any path is
+    made from it: the validator never makes one, so it is a bug, never a file outside the
+    images folder. ``OSError``: ``tmp`` cannot be read."""
+    if not JOB_ID_RE.fullmatch(job.id):
+        raise ValueError(f"job id {job.id!r} cannot name an image file: not a manifest's id")
+    info = inspect_image(tmp, job.expected_size)
+    if job.expected_size is None and f"{info.width}x{info.height}" not in SIZE_SET:
+        raise WrongSize(f"is {info.width}x{info.height}, not one of the 30 sizes")
+    provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}
+    provenance["size"] = f"{info.width}x{info.height}"  # also for "auto" and the default
+    splices: list[Splice] = []
+    try:
+        with open(tmp, "rb") as f:
+            splices = provenance_splices(f, info.format, provenance)
+    except (ValueError, struct.error) as exc:  # an odd container: keep it untagged
+        log.warning("no provenance written into %s: %s", job.id, exc)
+    return info, splices

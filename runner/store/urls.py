@@ -10,6 +10,7 @@ it: the password replaced by ``***``.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from runner.redact import register_secret
@@ -37,20 +38,18 @@ def state_url_problem(url: str) -> str | None:
     return None
 
 
-def safe_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``; a URL that does not parse is
-    shown as its scheme only, since the password could be anywhere in it."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url.split(":", 1)[0] + "://***"
-    if not password:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def safe_url(state_url: str) -> str:
+    """``state_url`` as shown in messages: without its password (in the URL's user part, or
+    a ``password`` parameter; or a ``password=`` key of a libpq key=value string)."""
+    if "://" in state_url:
+        try:
+            parts = urlsplit(state_url)
+        except ValueError:  # the password could be anywhere in it
+            return state_url.split(":", 1)[0] + "://***"
+        netloc = parts.netloc
+        if "@" in netloc:
+            user, host = netloc.rsplit("@", 1)
+            netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else netloc
+        query = re.sub(r"(?i)(^|&)password=[^&]*", r"\1password=***", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return re.sub(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", state_url)

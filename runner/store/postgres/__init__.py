@@ -85,23 +85,19 @@ def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
     )
 
 
-def open_pg_review_log(state_url: str, folder: Path) -> PostgresReviewLog:
-    """Where review decisions on the run of ``folder`` are written; the run must exist."""
-    return PostgresReviewLog(state_url, folder)
+def open_pg_review_log(state_url: str, out_url: str | Path) -> PostgresReviewLog:
+    """Where review decisions on the run at ``out_url`` are written; the run must exist."""
+    return PostgresReviewLog(state_url, out_url)
 
 
 def stop_pg_run(state_url: str, out_url: str | Path, reason: str) -> None:
-    """Stop every worker of the run at ``out_url``, for ``reason``; it must exist."""
-    with open_pg_read_only(state_url, out_url) as store:
+    """Stop every worker of the run at ``out_url`` (it must exist): each hears it at its next
+    heartbeat and finishes what it has in flight; the next plan of the run lifts it."""
+    store = open_pg_read_only(state_url, out_url)
+    try:
         store.request_stop(reason)
-
-
-def _store(
-    state_url: str, out_url: str, conn: psycopg.Connection[Any], *, worker: bool
-) -> PostgresStore:
-    return PostgresStore(
-        state_url, out_url, conn, lambda: _run_connection(state_url, out_url), worker=worker
-    )
+    finally:
+        store.close()
 
 
 def _run_connection(state_url: str, out_url: str) -> psycopg.Connection[Any]:

@@ -25,7 +25,6 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -33,6 +32,7 @@ from psycopg.pq import TransactionStatus
 
 from runner.errors import StoreError, StoreWriteError
 from runner.redact import redact, register_secret
+from runner.store.urls import safe_url
 
 SHARED_SCHEMA = "image_runner"
 # How long a statement may wait for a lock another worker holds before the store gives up with
@@ -54,20 +54,6 @@ def normalise_out(out: str | Path) -> str:
 def run_schema(out_url: str) -> str:
     """The schema holding the run at ``out_url``: ``run_`` + 16 hex digits of its sha256."""
     return "run_" + hashlib.sha256(out_url.encode()).hexdigest()[:16]
-
-
-def safe_url(state_url: str) -> str:
-    """``state_url`` as shown in messages: without its password (in the URL's user part, or
-    a ``password`` parameter or key)."""
-    if "://" in state_url:
-        parts = urlsplit(state_url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            user, host = netloc.rsplit("@", 1)
-            netloc = f"{user.split(':', 1)[0]}@{host}"
-        query = re.sub(r"(?i)(^|&)password=[^&]*", r"\1password=***", parts.query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return re.sub(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", state_url)
 
 
 def remember_password(state_url: str) -> None:

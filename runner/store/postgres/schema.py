@@ -28,11 +28,11 @@ from runner.store.postgres.connect import (
     SHARED_SCHEMA,
     connect,
     run_schema,
-    safe_url,
     set_search_path,
     store_error,
 )
 from runner.store.schema import now_iso
+from runner.store.urls import safe_url
 
 # Any constant both sides agree on: the key of the lock that serialises schema changes.
 SCHEMA_LOCK_KEY = 0x1A6E_5C4E_3A00
