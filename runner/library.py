@@ -84,6 +84,8 @@ class OptionFields(TypedDict, total=False):
     api_key: str | None
     emulate: bool
     state: str | None
+    ray_address: str | None
+    workers: int
 
 
 @dataclasses.dataclass(frozen=True)

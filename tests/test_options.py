@@ -35,6 +35,8 @@ def test_the_defaults_are_the_clis() -> None:
         "api_key": None,
         "emulate": False,
         "state": None,
+        "ray_address": None,
+        "workers": 0,
     }
 
 

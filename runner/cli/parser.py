@@ -107,7 +107,9 @@ def emulator_config_from(args: argparse.Namespace) -> EmulatorConfig:
 def flag(name: str) -> str:
     """The flag of the option named ``name`` in :class:`~runner.core.options.Options`: its
     name without the unit, dashed (``max_retry_after_s``: ``--max-retry-after``)."""
-    return "--" + name.removesuffix("_s").removesuffix("_usd").replace("_", "-")
+    return "--" + name.removesuffix("_s").removesuffix("_usd").removesuffix("_address").replace(
+        "_", "-"
+    )
 
 
 def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
@@ -134,6 +136,24 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
         "in PGPASSWORD or ~/.pgpass), shared by every worker of the run "
         + ("" if worker else "(default: the SQLite checkpoint in the output folder)"),
     )
+    if not worker:
+        _option(
+            run,
+            "ray_address",
+            nargs="?",
+            const="",  # --ray alone: Ray's own choice
+            metavar="ADDRESS",
+            help="send from --workers N worker actors on the Ray cluster at ADDRESS (with no "
+            "ADDRESS: $RAY_ADDRESS, else a Ray started here); needs --state "
+            "(default: no Ray, this process sends)",
+        )
+        _option(
+            run,
+            "workers",
+            type=_positive_int,
+            metavar="N",
+            help="with --ray: worker actors to start, each working as image-runner work does",
+        )
     _option(run, "concurrency", type=_positive_int, metavar="N", help="requests at once")
     _option(run, "max_attempts", type=_positive_int, metavar="N", help="attempts per job per run")
     _option(run, "timeout_s", type=_positive_float, metavar="S", help="request timeout, s")

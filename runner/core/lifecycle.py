@@ -53,6 +53,7 @@ from runner.outputs.ledger import LedgerFiles, write_ledger
 from runner.outputs.report import write_report
 from runner.provider import MICRO
 from runner.store import Store, check_writable, open_for_dry_run, open_store
+from runner.workers.ray import RayFleet
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ class RunOptions:
     # Join a run planned by `run` as one more worker (`image-runner work`): no manifest, no
     # plan; jobs are claimed from the run's queue, and the planning run writes the books.
     join: bool = False
+    # Worker actors on Ray doing the sending instead of this process (runner.workers.ray):
+    # the cluster's address ("": Ray's default), or None: no Ray.
+    ray_address: str | None = None
+    workers: int = 0
 
 
 @dataclass
@@ -114,7 +119,7 @@ class Run:
         self._on_plan = on_plan or (lambda _: None)
         self._on_progress = on_progress
         self._plan: Plan | None = None
-        self._pool: Pool | None = None
+        self._pool: Pool | RayFleet | None = None
         self._stop_reason: str | None = None  # what stop() was told
         self._fatal: str | None = None  # an error that ended the run after requests were sent
         self._at_once = False
@@ -204,6 +209,12 @@ class Run:
         self._on_plan(plan)
         if (not plan.todo and not self.options.join) or self._stop_reason is not None:
             return
+        # A shared backend: the run's cap, for every worker (also those on Ray).
+        budget = store.budget(_micro(self.options.max_cost_usd))
+        if self.options.workers:  # worker actors on Ray send; this process watches them
+            self._pool = RayFleet(store, self.options, on_progress=self._on_progress)
+            await self._send(store, plan.todo)
+            return
         # Twice the workers: url-mode downloads go to a second host.
         connections = 2 * self.options.concurrency
         async with ImagesClient(self.options.client, max_connections=connections) as client:
@@ -213,17 +224,22 @@ class Run:
                 store.folder / IMAGES_DIR,
                 concurrency=self.options.concurrency,
                 retry=self.options.retry,
-                budget=store.budget(_micro(self.options.max_cost_usd)),
+                budget=budget,
                 breaker=self.options.breaker,
                 pacer=self.options.pacer,
                 on_progress=self._on_progress,
             )
-            if self._stop_reason is None:  # else stopped while the client opened
-                watching = asyncio.create_task(self._watch_for_stop(store))
-                try:
-                    await self._pool.run(plan.todo)
-                finally:
-                    watching.cancel()
+            await self._send(store, plan.todo)
+
+    async def _send(self, store: Store, todo: Sequence[Job]) -> None:
+        """Run the pool (or the fleet) over ``todo``, stopping it on the run's stop."""
+        assert self._pool is not None
+        if self._stop_reason is None:  # else stopped while the client opened
+            watching = asyncio.create_task(self._watch_for_stop(store))
+            try:
+                await self._pool.run(todo)
+            finally:
+                watching.cancel()
 
     async def _watch_for_stop(self, store: Store) -> None:
         """Stop this worker (gracefully) when the run is stopped for every worker: an

@@ -14,6 +14,7 @@ key to the same place because they go through this one function. :func:`dated` f
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -98,6 +99,14 @@ class Options:
     """Where the run's state lives when several workers share it: a PostgreSQL URL
     (``postgresql://user@host/db``; a password in it is never shown). ``None``: the SQLite
     checkpoint in the output folder, one worker (``--state``)."""
+    ray_address: str | None = None
+    """Run the jobs on ``workers`` worker actors on Ray instead of in this process
+    (``--ray [ADDRESS]``): the address of the cluster, or ``""`` for Ray's own choice
+    (``$RAY_ADDRESS``, else a Ray started on this machine); ``None``: no Ray. Needs ``state``,
+    and Ray installed (``pip install "image-runner[ray]"``)."""
+    workers: int = RunOptions.workers
+    """How many worker actors ``ray_address`` starts, each working as ``image-runner work``
+    does (``--workers``); 0 without Ray."""
 
     def __post_init__(self) -> None:
         # Not truthiness: retry_failed="no" would re-send, and pay for, every failed job.
@@ -126,6 +135,33 @@ class Options:
             raise OptionsError("{0} " + problem.replace("{", "{{").replace("}", "}}"), "base_url")
         if self.state is not None and (problem := state_url_problem(self.state)):
             raise OptionsError("{0} " + problem, "state")
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        """Ray's options go together: workers need a cluster to start on and a state they
+        share; Ray must be installed (checked without importing it, which takes a second)."""
+        _check_number(self, "workers", integer=True, least=0)
+        if not isinstance(self.ray_address, str | None):
+            raise OptionsError("{0} must be a string", "ray_address")
+        if self.workers and self.ray_address is None:
+            raise OptionsError("{0} starts worker actors on Ray: add {1}", "workers", "ray_address")
+        if self.ray_address is None:
+            return
+        if not self.workers:
+            raise OptionsError(
+                "{0} needs {1}: how many worker actors to start", "ray_address", "workers"
+            )
+        if self.state is None:
+            raise OptionsError(
+                "{0} needs {1}: the worker actors share the run's state in PostgreSQL",
+                "ray_address",
+                "state",
+            )
+        if importlib.util.find_spec("ray") is None:
+            raise OptionsError(
+                '{0} needs Ray, which is not installed here: pip install "image-runner[ray]"',
+                "ray_address",
+            )
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -164,6 +200,8 @@ def run_options(
         redo_edited=options.redo_edited,
         grace_s=options.grace_s,
         state_url=options.state,
+        ray_address=options.ray_address,
+        workers=options.workers,
     )
 
 

@@ -26,6 +26,7 @@ from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
 from runner.store.postgres.store import PostgresStore
 
 __all__ = [
+    "PostgresReviewLog",
     "PostgresStore",
     "open_pg_for_dry_run",
     "open_pg_read_only",
