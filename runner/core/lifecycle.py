@@ -63,7 +63,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RunOptions:
-    out_dir: Path
+    out_dir: Path | str  # a local folder, or an object store's URL (needs state_url)
     client: ClientConfig
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
