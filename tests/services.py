@@ -78,8 +78,10 @@ def _as_postgres() -> tuple[list[str], int | None]:
 
 
 @contextlib.contextmanager
-def start_postgres() -> Iterator[Postgres]:
-    """A fresh cluster in a temp folder on a free port, stopped and removed afterwards."""
+def start_postgres(*, durable: bool = False) -> Iterator[Postgres]:
+    """A fresh cluster in a temp folder on a free port, stopped and removed afterwards. The
+    tests' cluster skips fsync (they kill workers, never the server); a ``durable`` one, for
+    the benchmarks, commits as a production server does."""
     bin_dir = postgres_bin()
     prefix, uid = _as_postgres()
     root = Path(tempfile.mkdtemp(prefix="ir-pg-"))
@@ -112,9 +114,10 @@ def start_postgres() -> Iterator[Postgres]:
         )
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={sockets} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=200 -c shared_buffers=64MB"
+            "-c max_connections=200 -c shared_buffers=128MB"
         )
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         subprocess.run(
             [
                 *prefix,

@@ -1,13 +1,20 @@
-"""The views' reads of a SQLite checkpoint: :class:`SqliteViews`, the :class:`Views` of
-:mod:`runner.store.sqlite`.
+"""The views' queries, each written once for every backend: :class:`SqlViews`, and
+:class:`SqliteViews`, the :class:`Views` of :mod:`runner.store.sqlite`.
 
-Every query here only reads. Status and the report read in one transaction each (``BEGIN`` ...
-``ROLLBACK``): in WAL mode that is one snapshot, which the writer never waits for and which never
-sees half of a commit, so counts, spend and cards agree while a run writes. The results' lookups
-read a few hundred ids a query, and the ledger's attempts and the report's jobs stream from a
-cursor (the report's while its snapshot stays open), as plain tuples made into named tuples: a
-manifest of a million jobs costs no more memory than a thousand.
-Any error of SQLite's is raised as :class:`StoreError`, ``<folder>: cannot read the checkpoint``.
+Every query here only reads, and is written once, in SQLite's dialect (``?`` placeholders):
+:class:`SqlViews` runs it through a :class:`Reader`, a backend's connection as these queries
+need it. SQLite's (:class:`SqliteReader`) runs it as it is; PostgreSQL's
+(:mod:`runner.store.postgres.views`) translates the placeholders and finds the same tables
+through its ``search_path``. So a view reads the same rows on both, by the same SQL.
+
+Status and the report read in one snapshot each (:meth:`Reader.snapshot`): in SQLite's WAL mode
+one read transaction, in PostgreSQL a ``REPEATABLE READ READ ONLY`` one; the writers never wait
+for it, and it never sees half of a commit, so counts, spend and cards agree while a run writes.
+The results' lookups read a few hundred ids a query, and the ledger's attempts and the report's
+jobs stream (:meth:`Reader.stream`: a cursor, server-side in PostgreSQL; the report's while its
+snapshot stays open), as plain tuples made into named tuples: a manifest of a million jobs costs
+no more memory than a thousand. Any error of the driver's is raised as :class:`StoreError`
+(SQLite's: ``<folder>: cannot read the checkpoint``).
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner.jobs import JobStatus
 from runner.store.base import ImageStat, ReviewState
@@ -38,9 +45,6 @@ from runner.store.views import (
     StatusFacts,
     VersionRecord,
 )
-
-# Lookups by id are split into queries of this many ids: SQLite before 3.32 allows 999
-# parameters a statement.
 
 _IMAGE_STAT = "j.image_size_bytes, j.image_mtime_ns, j.image_ctime_ns"
 
@@ -86,12 +90,45 @@ def _image_stat(
     return ImageStat(size_bytes, mtime_ns, ctime_ns or 0)
 
 
-class SqliteViews:
-    """The views' reads of the checkpoint open as ``db``, the checkpoint of ``folder``."""
+class Reader(Protocol):
+    """A backend's connection as the views' queries need it. The SQL it is given is SQLite's
+    (``?`` placeholders); tables are named as in :mod:`runner.store.schema`."""
 
-    def __init__(self, db: sqlite3.Connection, folder: Path) -> None:
-        self._db = db
-        self.folder = folder
+    # The column that orders jobs as they were first planned (SQLite's ``rowid``).
+    planned_order: str
+
+    def reading(self) -> AbstractContextManager[None]:
+        """Any error of the driver's inside, a table missing included, as :class:`StoreError`."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """One read transaction around the reads inside, unless one is open already (then
+        they are of its snapshot)."""
+        ...
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def stream(self, sql: str) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``sql``, read as they are consumed, of one snapshot."""
+        ...
+
+    def by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids
+        at a time."""
+        ...
+
+    def has_table(self, name: str) -> bool: ...
+
+    def first_by_name(self, sql: str) -> dict[str, Any] | None:
+        """The first row of ``sql``, by column name; None when there is none."""
+        ...
+
+
+class SqlViews:
+    """The views (:class:`~runner.store.views.Views`), each a query run through ``reader``."""
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
 
     # --- results and ledger -----------------------------------------------------------------
 
@@ -120,10 +157,10 @@ class SqliteViews:
 
     def billed_attempts(self) -> Iterator[BilledAttempt]:
         make = BilledAttempt._make
-        with self._reading():
+        with self._reader.reading():
             yield from map(
                 make,
-                self._cursor().execute(
+                self._reader.stream(
                     "SELECT job_id, attempt, endpoint, model, size, cost_micro_usd, state, "
                     "input_tokens, output_tokens, total_tokens, finished_at FROM attempts "
                     "WHERE state IN ('confirmed', 'possible') "
@@ -132,22 +169,21 @@ class SqliteViews:
             )
 
     def spend(self) -> Spend:
-        with self._reading():
+        with self._reader.reading():
             return self._spend()
 
     # --- status -------------------------------------------------------------------------------
 
     def status_facts(self) -> StatusFacts | None:
-        with self._reading(), self._snapshot():
-            tables = {
-                r[0] for r in self._all("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if "runs" not in tables:  # a first run is creating the checkpoint right now
+        with self._reader.reading(), self._reader.snapshot():
+            if not self._reader.has_table("runs"):  # a first run is creating the store right now
                 return None
             by_status = {
                 r[0]: int(r[1]) for r in self._all("SELECT status, COUNT(*) FROM jobs GROUP BY 1")
             }
-            retryable = self._one("SELECT COUNT(*) FROM jobs WHERE status = 'failed' AND retryable")
+            retryable = self._one(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'failed' AND retryable <> 0"
+            )
             failures = {
                 str(r[0]): int(r[1])
                 for r in self._all(
@@ -167,7 +203,7 @@ class SqliteViews:
                 "UNION ALL SELECT MAX(finished_at) FROM attempts "
                 "UNION ALL SELECT MAX(updated_at) FROM jobs "
                 "UNION ALL SELECT MAX(started_at) FROM runs "
-                "UNION ALL SELECT MAX(finished_at) FROM runs)"
+                "UNION ALL SELECT MAX(finished_at) FROM runs) AS moments"
             )
             last_run = self._last_run()
         return StatusFacts(
@@ -184,9 +220,8 @@ class SqliteViews:
         )
 
     def _last_run(self) -> LastRun | None:
-        cursor = self._db.cursor()
-        cursor.row_factory = sqlite3.Row  # by name: ``pid`` came with migration 2
-        row = cursor.execute("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+        # By name: ``pid`` came with migration 2.
+        row = self._reader.first_by_name("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1")
         if row is None:
             return None
         return LastRun(
@@ -194,14 +229,14 @@ class SqliteViews:
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             outcome=row["outcome"],
-            pid=dict(row).get("pid"),
+            pid=row.get("pid"),
         )
 
     # --- report -------------------------------------------------------------------------------
 
     @contextmanager
     def report_snapshot(self) -> Iterator[ReportSnapshot]:
-        with self._reading(), self._snapshot():
+        with self._reader.reading(), self._reader.snapshot():
             by_status = dict(self._all("SELECT status, COUNT(*) FROM jobs GROUP BY 1"))
             failures = [
                 (str(cause), int(n))
@@ -229,7 +264,7 @@ class SqliteViews:
 
     def _report_jobs(self) -> Iterator[ReportJob]:
         make = ReportJob._make
-        for r in self._cursor().execute(_REPORT_JOBS):
+        for r in self._reader.stream(_REPORT_JOBS):
             references = tuple(json.loads(r[15]))
             stat = _image_stat(*r[19:])
             yield make((*r[:10], bool(r[10]), *r[11:15], references, *r[16:18], bool(r[18]), stat))
@@ -254,12 +289,12 @@ class SqliteViews:
     # --- export -------------------------------------------------------------------------------
 
     def exportable_jobs(self) -> list[ExportJob]:
-        with self._reading():
+        with self._reader.reading():
             rows = self._all(
                 "SELECT job_id, prompt, size, model, images, image_path, width, height, sha256, "
                 f"vars, repeat_index, template, version, {REVIEW_OF_JOB}, edited_at IS NOT NULL, "
-                "content_hash "
-                "FROM jobs j WHERE status = 'succeeded' AND image_path IS NOT NULL ORDER BY rowid"
+                "content_hash FROM jobs j WHERE status = 'succeeded' AND image_path IS NOT NULL "
+                f"ORDER BY {self._reader.planned_order}"
             )
         return [
             ExportJob(
@@ -303,7 +338,7 @@ class SqliteViews:
             where.append(f"j.status = 'succeeded' AND {REVIEW_OF_JOB} = ?")
             params.append(review)
         condition = f"WHERE {' AND '.join(where)}" if where else ""
-        with self._reading(), self._snapshot():
+        with self._reader.reading(), self._reader.snapshot():
             total = self._one(f"SELECT COUNT(*) FROM jobs j {condition}", tuple(params))
             rows = self._all(
                 f"{_REVIEW_ITEMS} {condition} ORDER BY j.job_id LIMIT ? OFFSET ?",
@@ -312,12 +347,12 @@ class SqliteViews:
         return ReviewPage([_review_item(r) for r in rows], int(total))
 
     def review_item(self, job_id: str) -> ReviewItem | None:
-        with self._reading():
+        with self._reader.reading():
             rows = self._all(f"{_REVIEW_ITEMS} WHERE j.job_id = ?", (job_id,))
         return _review_item(rows[0]) if rows else None
 
     def review_counts(self) -> dict[str, int]:
-        with self._reading(), self._snapshot():
+        with self._reader.reading(), self._reader.snapshot():
             counts = dict.fromkeys(
                 ("succeeded", "failed", "pending", "approved", "rejected", "unreviewed"), 0
             )
@@ -331,7 +366,7 @@ class SqliteViews:
         return counts
 
     def job_versions(self, job_id: str) -> list[VersionRecord]:
-        with self._reading():
+        with self._reader.reading():
             rows = self._all(
                 "SELECT v.job_id, v.version, v.image_path, v.sha256, v.width, v.height, v.reason, "
                 "v.retired_at, r.decision, r.reviewer, r.decided_at FROM versions v "
@@ -345,16 +380,36 @@ class SqliteViews:
 
     # --- reading ------------------------------------------------------------------------------
 
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        """Any error of SQLite's inside, a table missing included, as :class:`StoreError`."""
-        with reading(self.folder):
-            yield
+    def _spend(self) -> Spend:
+        confirmed, possible = self._all(SPEND_SQL)[0]
+        return Spend(int(confirmed), int(possible))
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._reader.all(sql, params)
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The one value of a query that returns one row of one column."""
+        return self._all(sql, params)[0][0]
+
+    def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        with self._reader.reading():
+            return self._reader.by_ids(sql, job_ids)
+
+
+class SqliteReader:
+    """The :class:`Reader` of a SQLite checkpoint open as ``db``, the checkpoint of ``folder``."""
+
+    planned_order = "rowid"
+
+    def __init__(self, db: sqlite3.Connection, folder: Path) -> None:
+        self._db = db
+        self.folder = folder
+
+    def reading(self) -> AbstractContextManager[None]:
+        return reading(self.folder)
 
     @contextmanager
-    def _snapshot(self) -> Iterator[None]:
-        """One read transaction around the reads inside, unless one is open already (then they
-        are of its snapshot)."""
+    def snapshot(self) -> Iterator[None]:
         began = not self._db.in_transaction
         if began:
             self._db.execute("BEGIN")
@@ -364,24 +419,35 @@ class SqliteViews:
             if began and self._db.in_transaction:
                 self._db.execute("ROLLBACK")  # it only read: nothing to keep
 
-    def _spend(self) -> Spend:
-        confirmed, possible = self._all(SPEND_SQL)[0]
-        return Spend(int(confirmed), int(possible))
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._cursor().execute(sql, params).fetchall()
+
+    def stream(self, sql: str) -> Iterator[tuple[Any, ...]]:
+        # One statement reads one snapshot in SQLite, inside a transaction or not.
+        return self._cursor().execute(sql)
+
+    def by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        return rows_by_ids(self._db, sql, job_ids)
+
+    def has_table(self, name: str) -> bool:
+        found = self.all("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return bool(found)
+
+    def first_by_name(self, sql: str) -> dict[str, Any] | None:
+        cursor = self._db.cursor()
+        cursor.row_factory = sqlite3.Row
+        row = cursor.execute(sql).fetchone()
+        return None if row is None else dict(row)
 
     def _cursor(self) -> sqlite3.Cursor:
         cursor = self._db.cursor()
         cursor.row_factory = None  # plain tuples: these read up to millions of rows
         return cursor
 
-    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return self._cursor().execute(sql, params).fetchall()
 
-    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        """The one value of a query that returns one row of one column."""
-        return self._all(sql, params)[0][0]
+class SqliteViews(SqlViews):
+    """The views' reads of the checkpoint open as ``db``, the checkpoint of ``folder``."""
 
-    def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
-        """The rows of ``sql`` (its ``{ids}`` standing for the ids), queried a few hundred ids
-        at a time."""
-        with self._reading():
-            return rows_by_ids(self._db, sql, job_ids)
+    def __init__(self, db: sqlite3.Connection, folder: Path) -> None:
+        super().__init__(SqliteReader(db, folder))
+        self.folder = folder

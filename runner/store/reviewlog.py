@@ -24,6 +24,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from runner.errors import ReviewError, StoreWriteError
 from runner.store.base import REVIEW_STATES, Decision, Review
@@ -79,27 +80,9 @@ class SqliteReviewLog:
             raise _not_recorded(self.folder, exc) from None
         try:
             with reading(self.folder):
-                rows = rows_by_ids(
-                    db,
-                    "SELECT job_id, status, version FROM jobs WHERE job_id IN ({ids})",
-                    [d.job_id for d in decisions],
-                )
-            jobs = {job_id: (status, version) for job_id, status, version in rows}
-            problems = [p for d in decisions if (p := _problem(d, jobs.get(d.job_id)))]
-            if problems:
-                raise ReviewError(
-                    f"{self.folder}: nothing was recorded:\n"
-                    + "\n".join(f"  {p}" for p in problems)
-                )
-            stamp = now_iso()
-            recorded = [
-                Review(d.job_id, jobs[d.job_id][1], d.decision, reviewer, stamp) for d in decisions
-            ]
-            db.executemany(
-                "INSERT INTO reviews (job_id, version, decision, reviewer, decided_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                recorded,
-            )
+                rows = rows_by_ids(db, JOBS_UNDER_REVIEW, [d.job_id for d in decisions])
+            recorded = checked(self.folder, decisions, rows, reviewer)
+            db.executemany(RECORD_REVIEWS, recorded)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             _roll_back(db)
@@ -108,6 +91,31 @@ class SqliteReviewLog:
             _roll_back(db)
             raise
         return recorded
+
+
+# Shared with the PostgreSQL review log (runner.store.postgres.reviewlog): the jobs a batch of
+# decisions names, as they stand, and the decisions' record.
+JOBS_UNDER_REVIEW = "SELECT job_id, status, version FROM jobs WHERE job_id IN ({ids})"
+RECORD_REVIEWS = (
+    "INSERT INTO reviews (job_id, version, decision, reviewer, decided_at) VALUES (?, ?, ?, ?, ?)"
+)
+BUSY = "not recorded: a run is writing the checkpoint; try again in a moment"
+
+
+def checked(
+    where: object, decisions: Sequence[Decision], rows: Sequence[Sequence[Any]], reviewer: str
+) -> list[Review]:
+    """``decisions`` as the reviews to record, stamped now, given ``rows`` (those of
+    :data:`JOBS_UNDER_REVIEW`); or :class:`ReviewError` naming every one that cannot be
+    recorded, ``where`` first (the output location), when any cannot."""
+    jobs = {job_id: (status, version) for job_id, status, version in rows}
+    problems = [p for d in decisions if (p := _problem(d, jobs.get(d.job_id)))]
+    if problems:
+        raise ReviewError(
+            f"{where}: nothing was recorded:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+    stamp = now_iso()
+    return [Review(d.job_id, jobs[d.job_id][1], d.decision, reviewer, stamp) for d in decisions]
 
 
 def _problem(decision: Decision, job: tuple[str, int] | None) -> str | None:
@@ -130,9 +138,7 @@ def _problem(decision: Decision, job: tuple[str, int] | None) -> str | None:
 
 def _not_recorded(folder: Path, error: sqlite3.Error) -> StoreWriteError:
     if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # waited its turn in vain
-        return StoreWriteError(
-            f"{folder}: not recorded: a run is writing the checkpoint; try again in a moment"
-        )
+        return StoreWriteError(f"{folder}: {BUSY}")
     return StoreWriteError(f"{folder}: cannot record the review: {error}")
 
 

@@ -49,6 +49,7 @@ from runner.store.base import (
 from runner.store.groupcommit import GroupCommit
 from runner.store.postgres import claims, writes
 from runner.store.postgres.connect import Translated, store_error
+from runner.store.postgres.views import PostgresViews
 from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, now_iso
 
 T = TypeVar("T")
@@ -456,10 +457,8 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else (row[0], int(row[1]))
 
-    def views(self) -> Any:
-        # PostgresViews is B's (branch h-pgviews, runner/store/postgres/views.py); until it
-        # lands on main, the views of a PostgreSQL run cannot be read.
-        raise NotImplementedError("the views of a PostgreSQL run come with PostgresViews")
+    def views(self) -> PostgresViews:
+        return PostgresViews(self.conn, self.state_url, self.out_url)
 
 
 def local_folder(out_url: str) -> Path | None:
