@@ -1,10 +1,10 @@
 """Connecting to the PostgreSQL state: the ``--state`` URL, the run's identity, and errors.
 
 - A run is identified by its output location (``--out``), normalised into ``out_url`` by
-  :func:`runner.storage.base.location_url` (the one function that
-  names a location: ``file:///abs/path`` for a local folder, ``s3://bucket/prefix`` without a
-  trailing slash for a remote one): the same folder named two ways is one run. Its tables live
-  in the schema :func:`run_schema` names after it.
+  :func:`runner.storage.base.location_url`, the one function that names a location
+  (``file:///abs/path`` for a local folder, ``s3://bucket/prefix`` without a trailing slash
+  for a remote one): the same folder named two ways is one run. Its tables live in the schema
+  :func:`run_schema` names after it.
 - The ``--state`` URL may carry a password: :func:`safe_url` is the form every message shows,
   and opening a connection registers the password with :mod:`runner.redact`, so that a driver
   message quoting it is masked too (:func:`store_error`). libpq's own ways (``PGPASSWORD``,
