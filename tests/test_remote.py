@@ -100,7 +100,7 @@ async def test_an_image_whose_success_was_not_recorded_is_adopted(
     results = pd.read_parquet(io.BytesIO(open_location(out).read_bytes("results.parquet")))
     row = results.set_index("job_id").loc["shot-3"]
     assert row["status"] == "succeeded"
-    assert image_sha256s(out)[row["image_path"]] == row["sha256"]
+    assert image_sha256s(out)[str(row["image_path"])] == row["sha256"]
 
 
 def test_a_remote_out_without_state_is_refused_before_anything_is_sent(

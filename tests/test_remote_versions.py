@@ -30,7 +30,7 @@ async def test_an_image_edited_in_s3_is_kept_as_an_edit(
     out = f"s3://{s3_bucket}/edits"
     await run_to(manifest, out, emulator, pg_url)
     location = open_location(out)
-    key = results_of(out).loc["shot-1", "image_path"]
+    key = str(results_of(out).loc["shot-1", "image_path"])
     with Image.open(io.BytesIO(location.read_bytes(key))) as old:
         edited = tmp_path / "edited.png"
         Image.new("RGB", old.size, (1, 2, 3)).save(edited)
