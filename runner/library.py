@@ -106,7 +106,7 @@ class RunReport:
     ``plan.todo``, the jobs this run was to send, stays readable while the report is kept
     (the jobs :func:`run` read are freed with it)."""
 
-    out: Path
+    out: Path | str  # a local folder, or an object store's URL
     succeeded: int
     failed: int
     pending: int
@@ -124,7 +124,7 @@ class RunReport:
     details: lifecycle.RunReport = dataclasses.field(compare=False)
 
     @classmethod
-    def of(cls, outcome: lifecycle.RunReport, out: Path, *, dry_run: bool) -> RunReport:
+    def of(cls, outcome: lifecycle.RunReport, out: Path | str, *, dry_run: bool) -> RunReport:
         progress = outcome.pool.progress if outcome.pool else Progress()
         totals = outcome.ledger.totals if outcome.ledger else None
         if totals is not None:

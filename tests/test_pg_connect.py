@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from runner.errors import StoreError
-from runner.store.postgres.connect import normalise_out, pg_sql, run_schema
+from runner.storage.base import location_url as normalise_out
+from runner.store.postgres.connect import pg_sql, run_schema
 from runner.store.postgres.schema import RUN_MIGRATIONS, open_run
 from runner.store.urls import safe_url
 from tests.services import PG_PASSWORD

@@ -17,10 +17,10 @@ import pytest
 
 from runner.emulator import Emulator
 from runner.errors import StoreError
+from runner.storage.base import location_url as normalise_out
 from runner.store import Decision, open_read_only, open_review_log
 from runner.store.base import Store
 from runner.store.postgres import open_pg_read_only
-from runner.store.postgres.connect import normalise_out
 from runner.store.postgres.schema import open_run
 from runner.store.postgres.views import PostgresViews
 from runner.store.schema import now_iso

@@ -59,6 +59,7 @@ def emulate(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from runner.outputs.report import write_report
 
+    _local_only(args.out, "report")
     with _reading(args.out, args.state) as store:
         path = write_report(store)
     print(f"report: {path}")
@@ -77,6 +78,7 @@ def status(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from runner.outputs.export import export_dataset
 
+    _local_only(args.out, "export")
     words = ["image-runner", "export", str(args.out), str(args.dest), "--format", args.format]
     words += ["--split", str(args.split)] + ["--approved-only"] * args.approved_only
     command = shlex.join(words)  # as the card tells it: rebuilt, whatever else argv held
@@ -114,6 +116,8 @@ def review(args: argparse.Namespace) -> int:
     from runner.store import open_review_log
 
     reviewer = reviewer_name(args.reviewer)
+    if not (args.approve or args.reject):
+        _local_only(args.out, "review")
     if args.approve or args.reject:
         with contextlib.closing(open_review_log(args.out, args.state)) as log:
             decided = decide_ids(log, args.approve or (), args.reject or (), reviewer)
@@ -158,8 +162,19 @@ def stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _local_only(out: Path | str, command: str) -> None:
+    """Refuse ``command`` on a run whose images are in object storage (a URL): it reads them
+    as files (``status``, ``review --approve/--reject`` and the run's own results and ledger
+    work there)."""
+    if isinstance(out, str):
+        raise RunnerError(
+            f"{out}: {command} does not read images from object storage yet; read the run's "
+            "results.parquet and ledger.csv there, or use image-runner status"
+        )
+
+
 @contextlib.contextmanager
-def _reading(out: Path, state_url: str | None = None) -> Iterator[Store]:
+def _reading(out: Path | str, state_url: str | None = None) -> Iterator[Store]:
     """The checkpoint of ``out``, for report, status and export. A folder they cannot read (a
     checkpoint of another version, a damaged one) or a file they cannot write becomes an error
     message and exit 2, through :func:`~runner.cli.main.main`, never a traceback."""

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_command(
-    args: argparse.Namespace, out_dir: Path
+    args: argparse.Namespace, out_dir: Path | str
 ) -> tuple[RunReport | None, int, str | None]:
     """Run ``args.manifest`` into ``out_dir`` and print what happened: the report (``None``
     when the run was refused before it began), the exit code, and the error that refused it.
@@ -121,6 +121,8 @@ def _run_command(
         return refused(f"error: {exc.spelled(flag)}")
     try:  # a dry run sends nothing: it needs no key; --emulate sends none of the user's
         prepared = run_options(options, out_dir)
+    except OptionsError as exc:  # an object store's --out without --state
+        return refused(f"error: {exc.spelled(flag)}\nnothing was sent")
     except CredentialsError as exc:
         return refused(f"error: {exc}\nnothing was sent; to rehearse without a key, add --emulate")
     jobs: Sequence[Job] = []  # a worker claims the planning run's jobs from its state

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from runner import __version__
-from runner.core.options import ON_AMBIGUOUS, Options
+from runner.core.options import ON_AMBIGUOUS, Options, out_location
 from runner.emulator import FAULT_KINDS, EmulatorConfig
 from runner.http import client
 from runner.outputs.export_splits import TRAIN_ONLY, SplitSpec, parse_split
 from runner.outputs.notify import webhook_problem
 
 OPTION_DEFAULTS: Final = Options.defaults()
+OUT_HELP: Final = "an output folder (or s3://, gs://, az:// location) of image-runner run"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_emulate(command("emulate", "serve the built-in API emulator"))
 
     report = command("report", "write OUT/report.html: summary and contact sheet")
-    report.add_argument("out", type=Path, help="an output folder of image-runner run")
+    report.add_argument("out", type=out_location, help=OUT_HELP)
     _add_state(report)
 
     status = command("status", "where a run stands; safe while it is running")
-    status.add_argument("out", type=Path, help="an output folder of image-runner run")
+    status.add_argument("out", type=out_location, help=OUT_HELP)
     _add_state(status)
     status.add_argument("--json", action="store_true", help="print JSON, for scripts and cron")
 
@@ -120,10 +121,11 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
         run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
     run.add_argument(
         "--out",
-        type=Path,
-        metavar="DIR",
+        type=out_location,
+        metavar="DIR|URL",
         required=worker,
-        help="output folder; {date} and {datetime} in it become the UTC date (2026-11-29) and "
+        help="output folder, or s3://, gs://, az:// bucket/prefix (needs --state); {date} and "
+        "{datetime} in it become the UTC date (2026-11-29) and "
         "time (2026-11-29T0200Z)"
         + (", as the planning run had them" if worker else " (default: output/<manifest stem>)"),
     )
@@ -269,7 +271,7 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
 
 
 def _add_review(review: argparse.ArgumentParser) -> None:
-    review.add_argument("out", type=Path, help="an output folder of image-runner run")
+    review.add_argument("out", type=out_location, help=OUT_HELP)
     _add_state(review)
     review.add_argument(
         "--port", type=_port, default=0, help="the port on 127.0.0.1 to serve on; 0: a free one"
@@ -301,7 +303,7 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
 
 
 def _add_export(export: argparse.ArgumentParser) -> None:
-    export.add_argument("out", type=Path, help="an output folder of image-runner run")
+    export.add_argument("out", type=out_location, help=OUT_HELP)
     _add_state(export)
     export.add_argument("dest", type=Path, help="the dataset's folder, new or empty")
     export.add_argument(
@@ -447,7 +449,9 @@ def _add_state(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_stop(stop: argparse.ArgumentParser) -> None:
-    stop.add_argument("out", type=Path, help="the output folder of the run, as its workers have it")
+    stop.add_argument(
+        "out", type=out_location, help="the output location of the run, as its workers have it"
+    )
     _option(stop, "state", metavar="URL", required=True, help="the run's state in PostgreSQL")
     stop.add_argument(
         "--reason",

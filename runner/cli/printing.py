@@ -15,6 +15,7 @@ from typing import Never, TextIO
 from tqdm import tqdm
 
 from runner.core.lifecycle import RunReport
+from runner.core.options import under
 from runner.core.plan import Plan
 from runner.core.pool import Progress
 from runner.http import client
@@ -90,7 +91,9 @@ class ProgressBar:
             self.bar.close()
 
 
-def print_worker_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) -> None:
+def print_worker_summary(
+    report: RunReport, out_dir: Path | str, file: TextIO | None = None
+) -> None:
     """The end of a worker that joined a run: what it did, and why it ended. The run's totals
     are in the planning run's summary, and ``image-runner status``."""
     progress = report.pool.progress if report.pool else None
@@ -108,7 +111,7 @@ def print_worker_summary(report: RunReport, out_dir: Path, file: TextIO | None =
     print(redact("\n".join(lines)), file=file)
 
 
-def print_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) -> None:
+def print_summary(report: RunReport, out_dir: Path | str, file: TextIO | None = None) -> None:
     """The end of a run, on ``file`` (default: stdout): counts, spend, stops and where the
     files are."""
     if report.ledger is None:  # the disk refused them: say so, and what stopped the run
@@ -152,19 +155,19 @@ def print_summary(report: RunReport, out_dir: Path, file: TextIO | None = None) 
         left = plural(t.pending, "job")
         lines.append(f"           left to do: {left}, {usd(t.pending)} at $0.03 each")
     lines += [
-        f"images:    {out_dir / 'images'}/",
+        f"images:    {under(out_dir, 'images')}/",
         f"results:   {report.ledger.results_parquet} (and .csv)",
         f"ledger:    {report.ledger.ledger_csv}",
     ]
     if not report.cancelled:
-        lines.append(f"report:    {out_dir / 'report.html'}")
+        lines.append(f"report:    {under(out_dir, 'report.html')}")
     print(redact("\n".join(lines)), file=file)
 
 
 def print_plan(
     report: RunReport,
     manifest: Path,
-    out_dir: Path,
+    out_dir: Path | str,
     cap_usd: float | None,
     file: TextIO | None = None,
 ) -> None:
@@ -193,25 +196,27 @@ def print_plan(
         lines.append(f"  budget:    ${cap_usd:.2f} cap, ${left:.2f} left: {verdict}")
     for i, job in enumerate(plan.todo[:3]):
         label = "  samples:   " if i == 0 else "             "
-        lines.append(f"{label}{out_dir / 'images' / job.id}.png")
+        lines.append(f"{label}{under(out_dir, 'images', job.id)}.png")
     print(redact("\n".join(lines)), file=file)
 
 
-def version_lines(plan: Plan, out_dir: Path, label: str) -> list[str]:
+def version_lines(plan: Plan, out_dir: Path | str, label: str) -> list[str]:
     """What the plan does with images reviewed or edited since they were made: those rejected
     and made again, those replaced by a file that does not decode and made again, those edited
     by hand and kept (or made again); none if nothing."""
     notes = []
     if plan.rejected:
         rejected = plural(len(plan.rejected), "rejected image")
-        notes.append(f"{rejected} made again (the old ones kept in {out_dir / 'rejected'}/)")
+        notes.append(f"{rejected} made again (the old ones kept in {under(out_dir, 'rejected')}/)")
     if plan.unreadable:
         files = plural(len(plan.unreadable), "image file")
-        notes.append(f"{files} that did not decode: made again (kept in {out_dir / 'edited'}/)")
+        notes.append(
+            f"{files} that did not decode: made again (kept in {under(out_dir, 'edited')}/)"
+        )
     if plan.redo_edited:
         edited = plural(len(plan.redo_edited), "image")
         notes.append(
-            f"{edited} edited by hand made again (the edits kept in {out_dir / 'edited'}/)"
+            f"{edited} edited by hand made again (the edits kept in {under(out_dir, 'edited')}/)"
         )
     if plan.edited:
         n = len(plan.edited)

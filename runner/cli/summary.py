@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from runner.core.options import under
 from runner.library import RunReport
 from runner.redact import redact
 from runner.words import plural
@@ -35,7 +36,7 @@ SUMMARY_KEYS: Final = {
 
 def run_summary(
     report: RunReport | None,
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     started: datetime,
     finished: datetime,
@@ -76,10 +77,10 @@ def run_summary(
         },
         "paths": {
             "out": str(out_dir),
-            "images": None if report is None or dry_run else str(out_dir / "images"),
+            "images": None if report is None or dry_run else under(out_dir, "images"),
             "results": str(books.results_parquet) if books else None,
             "ledger": str(books.ledger_csv) if books else None,
-            "report": str(out_dir / "report.html") if books and not cancelled else None,
+            "report": under(out_dir, "report.html") if books and not cancelled else None,
         },
         "timings": {
             "started_at": _utc(started),

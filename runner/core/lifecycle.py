@@ -45,13 +45,16 @@ from runner.core.admission import BreakerConfig
 from runner.core.pacer import PacerConfig
 from runner.core.plan import IMAGES_DIR, Plan, make_plan
 from runner.core.pool import Pool, PoolResult, Progress
+from runner.core.remote_out import RemoteOut
 from runner.core.retry import RetryConfig
-from runner.errors import ApiError, RunnerError, StoreError
+from runner.core.sinks import LocationSink
+from runner.errors import ApiError, OptionsError, RunnerError, StorageError, StoreError
 from runner.http.client import ClientConfig, ImagesClient
 from runner.jobs import Job
 from runner.outputs.ledger import LedgerFiles, write_ledger
 from runner.outputs.report import write_report
 from runner.provider import MICRO
+from runner.storage import Location, is_remote
 from runner.store import Store, check_writable, open_for_dry_run, open_store
 from runner.workers.ray import RayFleet
 
@@ -64,7 +67,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RunOptions:
-    out_dir: Path
+    out_dir: Path | str  # a local folder, or an object store's URL (needs state_url)
     client: ClientConfig
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -125,6 +128,7 @@ class Run:
         self._at_once = False
         self._stopping = threading.Event()  # what the planning thread sees of a stop
         self._work: asyncio.Task[None] | None = None  # planning and requests, not the books
+        self._remote: RemoteOut | None = None  # an object store's out: see open_remote()
         self._grace: asyncio.TimerHandle | None = None
 
     def stop(self, reason: str = "interrupted") -> None:
@@ -157,16 +161,22 @@ class Run:
         nothing has been sent (:class:`~runner.errors.OutputLockedError`,
         :class:`~runner.errors.StoreError`, a bug). Cancelling it stops the run at once; the
         cancel is passed on once the books are written."""
-        if self.options.dry_run:
-            return await self._plan_only()
-        store = open_store(self.options.out_dir, self.options.state_url)
-        ending = asyncio.ensure_future(self._run_and_book(store))
-        return await _to_the_end(ending, on_cancel=self._stop_at_once)
+        self._remote = _open_remote(self.options)
+        try:
+            if self.options.dry_run:
+                return await self._plan_only()
+            store = open_store(self.options.out_dir, self.options.state_url)
+            ending = asyncio.ensure_future(self._run_and_book(store))
+            return await _to_the_end(ending, on_cancel=self._stop_at_once)
+        finally:
+            if self._remote is not None:
+                self._remote.close()
 
     async def _run_and_book(self, store: Store) -> RunReport:
         started = time.monotonic()
         try:
-            check_writable(store.folder / IMAGES_DIR)
+            if self._remote is None:
+                check_writable(store.folder / IMAGES_DIR)
             run_id = store.start_run()
             work = self._work = asyncio.ensure_future(self._plan_and_send(store))
             await asyncio.wait([work])  # this task is never cancelled: execute() shields it
@@ -217,17 +227,19 @@ class Run:
             return
         # Twice the workers: url-mode downloads go to a second host.
         connections = 2 * self.options.concurrency
+        remote = self._remote
         async with ImagesClient(self.options.client, max_connections=connections) as client:
             self._pool = Pool(
                 client,
                 store,
-                store.folder / IMAGES_DIR,
+                store.folder / IMAGES_DIR if remote is None else remote.spool,
                 concurrency=self.options.concurrency,
                 retry=self.options.retry,
                 budget=budget,
                 breaker=self.options.breaker,
                 pacer=self.options.pacer,
                 on_progress=self._on_progress,
+                sink=None if remote is None else LocationSink(remote.location),
             )
             await self._send(store, plan.todo)
 
@@ -275,6 +287,7 @@ class Run:
             only=self.options.retry_only,
             redo_edited=self.options.redo_edited,
             dry_run=dry_run,
+            location=None if self._remote is None else self._remote.location,
         )
         planning = asyncio.get_running_loop().run_in_executor(None, plan)
         try:
@@ -309,13 +322,16 @@ class Run:
         if self.options.join:  # no manifest here: the planning run writes the books
             self._finish_run(store, run_id, outcome)
             return None, None
+        write = write_ledger if self._remote is None else self._remote.write_ledger
         try:  # a million rows take seconds: in a thread, so that signals are still heard
-            ledger = await asyncio.to_thread(write_ledger, self.jobs, store)
-        except (OSError, StoreError) as exc:
+            ledger = await asyncio.to_thread(write, self.jobs, store)
+        except (OSError, StoreError, StorageError) as exc:
             books_error = f"could not write the results and ledger: {exc}"
             log.warning("%s", books_error)
         self._finish_run(store, run_id, outcome)
-        if not self._at_once:  # thumbnails take time: not when told to stop at once
+        # Thumbnails take time: not when told to stop at once. An object store's run has no
+        # HTML report yet (its thumbnails would come from downloading every image).
+        if not self._at_once and self._remote is None:
             await asyncio.to_thread(self._write_report, store)
         return ledger, books_error
 
@@ -355,15 +371,37 @@ def _plan_and_queue(
     only: frozenset[str],
     redo_edited: bool,
     dry_run: bool,
+    location: Location | None,
 ) -> Plan:
     """The plan (:func:`~runner.core.plan.make_plan`), its to-do recorded as the run's queue
     for every worker (a dry run records nothing); in the planning thread."""
     plan = make_plan(
-        jobs, store, retry_failed=retry_failed, only=only, redo_edited=redo_edited, dry_run=dry_run
+        jobs,
+        store,
+        retry_failed=retry_failed,
+        only=only,
+        redo_edited=redo_edited,
+        dry_run=dry_run,
+        location=location,
     )
     if not dry_run:
         store.queue([job.id for job in plan.todo])
     return plan
+
+
+def _open_remote(options: RunOptions) -> RemoteOut | None:
+    """The object store of a run whose ``out_dir`` is one (with its spool), else None. Only a
+    shared state (``state_url``) can tell its workers and later runs what was done there."""
+    if not is_remote(options.out_dir):
+        return None
+    if options.state_url is None:
+        out = str(options.out_dir).replace("{", "{{").replace("}", "}}")
+        raise OptionsError(
+            f"{{0}} {out} is object storage: it needs a shared state; add {{1}} postgresql://...",
+            "out",
+            "state",
+        )
+    return RemoteOut.open(str(options.out_dir))
 
 
 def _micro(usd: float | None) -> int | None:

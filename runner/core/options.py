@@ -36,6 +36,7 @@ from runner.http.credentials import (
     base_url_problem,
     resolve_credentials,
 )
+from runner.storage.base import is_remote
 from runner.store.urls import state_url_problem
 
 # Sent to the built-in emulator, which takes any key: the user's own key is not needed there,
@@ -170,13 +171,22 @@ class Options:
 
 
 def run_options(
-    options: Options, out_dir: Path, *, environ: Mapping[str, str] | None = None
+    options: Options, out_dir: Path | str, *, environ: Mapping[str, str] | None = None
 ) -> RunOptions:
     """The lifecycle's options for a run of ``options`` into ``out_dir``, with the key and base
     URL looked up in ``environ`` (default: ``os.environ``). Raises
     :class:`~runner.errors.CredentialsError` when no key may be sent to the base URL (never for
-    a dry run or an emulated one). With ``emulate``, the base URL is a placeholder: the caller
-    points it at the emulator once that listens (:func:`runner.library.execute`)."""
+    a dry run or an emulated one), and :class:`~runner.errors.OptionsError` for an object
+    store's ``out_dir`` without ``state``: its workers and the runs after them can only find
+    what was done there in a shared state. With ``emulate``, the base URL is a placeholder:
+    the caller points it at the emulator once that listens (:func:`runner.library.execute`)."""
+    if is_remote(out_dir) and options.state is None:
+        raise OptionsError(
+            f"{{0}} {_braced(str(out_dir))} is object storage: it needs a shared state; add {{1}} "
+            "postgresql://... (or write to a local folder)",
+            "out",
+            "state",
+        )
     credentials = _credentials(options, os.environ if environ is None else environ)
     return RunOptions(
         out_dir=out_dir,
@@ -205,16 +215,32 @@ def run_options(
     )
 
 
-def dated(out: str | os.PathLike[str], now: datetime | None = None) -> Path:
-    """The output folder ``out`` with ``{date}`` and ``{datetime}`` replaced by ``now`` (default:
-    the present) in UTC, ``2026-11-29`` and ``2026-11-29T0200Z``: a fresh folder per night from
-    one unchanging cron line. UTC so that a daylight-saving change neither repeats nor skips a
-    night; no colons, which some file systems and tools refuse in a path. Other braces are left
-    as they are: a folder may be named ``{x}``."""
+def dated(out: str | os.PathLike[str], now: datetime | None = None) -> Path | str:
+    """The output location ``out`` with ``{date}`` and ``{datetime}`` replaced by ``now``
+    (default: the present) in UTC, ``2026-11-29`` and ``2026-11-29T0200Z``: a fresh folder per
+    night from one unchanging cron line. UTC so that a daylight-saving change neither repeats
+    nor skips a night; no colons, which some file systems and tools refuse in a path. Other
+    braces are left as they are: a folder may be named ``{x}``. A local folder comes back as a
+    Path, an object store's URL as a string (:func:`out_location`)."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
     text = os.fspath(out)
     text = text.replace("{date}", f"{moment:%Y-%m-%d}")
-    return Path(text.replace("{datetime}", f"{moment:%Y-%m-%dT%H%MZ}"))
+    return out_location(text.replace("{datetime}", f"{moment:%Y-%m-%dT%H%MZ}"))
+
+
+def under(out: Path | str, *parts: str) -> str:
+    """The path or URL of ``parts`` in the output location ``out``, as shown to a user."""
+    return (
+        "/".join([str(out).rstrip("/"), *parts])
+        if isinstance(out, str)
+        else str(out.joinpath(*parts))
+    )
+
+
+def out_location(text: str) -> Path | str:
+    """``--out`` as given: an object store's URL (``s3://bucket/prefix``) stays a string, as a
+    Path would fold its ``//``; anything else is a local folder's Path."""
+    return text if is_remote(text) else Path(text)
 
 
 def _credentials(options: Options, environ: Mapping[str, str]) -> Credentials:
@@ -258,4 +284,8 @@ def _check_number(
 
 def _shown(value: object) -> str:
     """``value`` for a message template: its braces doubled."""
-    return repr(value).replace("{", "{{").replace("}", "}}")
+    return _braced(repr(value))
+
+
+def _braced(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")

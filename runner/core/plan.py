@@ -55,21 +55,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal, overload
+from typing import Final, overload
 
+from runner.core.remote_plan import Found, RemoteImages
 from runner.core.versions import EDITED_DIR, REJECTED_DIR, REPLACED_DIR, Moves
 from runner.errors import StoreError
 from runner.images.files import find_image, is_temp_name, remove_temp_files, sha256_file
 from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
 from runner.provider import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
+from runner.storage import Location
 from runner.store.base import ImageStat, JobRecord, RetireReason, SavedImage, Store
 
 IMAGES_DIR: Final = "images"
 PLAN_BATCH_JOBS: Final = 5000
-
-# What a plan finds of a finished image on disk, besides its being gone (see _Planner._check).
-_Found = Literal["intact", "edited", "unreadable"]
 
 # Image file extensions in the order find_image() tries them.
 _EXTENSION_ORDER: Final = {ext: rank for rank, ext in enumerate(EXTENSIONS.values())}
@@ -136,19 +135,26 @@ def make_plan(
     redo_edited: bool = False,
     batch_size: int = PLAN_BATCH_JOBS,
     dry_run: bool = False,
+    location: Location | None = None,
 ) -> Plan:
     """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
     refusal, a bad request), or with ``only`` just those whose cause is in it; ``redo_edited``
     the jobs whose image was edited by hand. ``dry_run`` changes nothing (open ``store`` with
-    :func:`runner.store.open_for_dry_run`) and plans the same."""
+    :func:`runner.store.open_for_dry_run`) and plans the same. ``location``: where the images
+    are, when not in ``store.folder`` (an object store: :mod:`runner.core.remote_plan`)."""
     images_dir = store.folder / IMAGES_DIR
     todo = TodoJobs(jobs)
     plan = Plan(todo=todo)
+    remote = None
+    if location is not None and not location.is_local:
+        remote = RemoteImages(store, location, dry_run=dry_run)
     if dry_run:
         plan.in_flight_settled = store.in_flight_count()
     else:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        plan.temp_files_removed = remove_temp_files(images_dir) + remove_temp_files(store.folder)
+        if remote is None:  # an object is created whole or not at all: no temp file to sweep
+            images_dir.mkdir(parents=True, exist_ok=True)
+            plan.temp_files_removed = remove_temp_files(images_dir)
+            plan.temp_files_removed += remove_temp_files(store.folder)
         plan.in_flight_settled = store.settle_in_flight()
     planner = _Planner(
         store,
@@ -158,8 +164,12 @@ def make_plan(
         only=only,
         redo_edited=redo_edited,
         dry_run=dry_run,
+        remote=remote,
     )
-    planner.moves.finish_interrupted(images_dir)
+    if remote is None:
+        planner.moves.finish_interrupted(images_dir)
+    else:
+        remote.finish_interrupted()
     planner.find_unrecorded_images(batch_size)
     batch: list[Job] = []
     start = 0
@@ -177,6 +187,7 @@ def make_plan(
         possible += plan.in_flight_settled * PRICE_PER_IMAGE_MICRO_USD
         possible -= planner.adopted_possible_micro_usd
     plan.spent_micro_usd = (confirmed, possible)
+    plan.rehashed += remote.rehashed if remote else 0
     return plan
 
 
@@ -191,8 +202,10 @@ class _Planner:
         only: frozenset[str],
         redo_edited: bool,
         dry_run: bool,
+        remote: RemoteImages | None,
     ) -> None:
         self.store = store
+        self.remote = remote  # the images are in an object store: it looks at them
         self.folder = store.folder
         self.images_dir = store.folder / IMAGES_DIR
         self.plan = plan
@@ -212,6 +225,9 @@ class _Planner:
     def find_unrecorded_images(self, batch_size: int) -> None:
         """List ``images/`` once; keep the image files no success accounts for (step 5)."""
         found: list[tuple[str, str]] = []  # (job id, file name)
+        if self.remote is not None:
+            self.unrecorded = self.remote.unrecorded(batch_size)
+            return
         if not self.images_dir.is_dir():  # a dry run before the first run
             return
         with os.scandir(self.images_dir) as entries:
@@ -269,9 +285,9 @@ class _Planner:
                     self.todo.add(position)
                     plan.todo_edits += bool(job.images)
         except BaseException:
-            self.moves.discard()
+            (self.remote or self.moves).discard()
             raise
-        self.moves.finish()
+        (self.remote or self.moves).finish()
 
     def _settled(self, job: Job, record: JobRecord | None) -> bool:
         """Whether ``job`` needs no request (done, or failed and not retried); ``record`` is
@@ -318,7 +334,7 @@ class _Planner:
         plan.done += 1
         return True
 
-    def _check(self, record: JobRecord) -> tuple[JobRecord, _Found] | None:
+    def _check(self, record: JobRecord) -> tuple[JobRecord, Found] | None:
         """The record of a success after looking at its image: None when the image is gone;
         else the record and what was found. An image found edited by hand just now is recorded
         as the job's next version, and the record returned is of that; a file that no longer
@@ -326,6 +342,8 @@ class _Planner:
         and the record returned has its sha256."""
         if not record.image_path:
             return None
+        if self.remote is not None:
+            return self.remote.check(record)
         path = self.folder / record.image_path
         try:
             stat = ImageStat.of(path.stat())
@@ -368,6 +386,13 @@ class _Planner:
         that folder once the batch has committed; the job is to be made again. ``unreadable``:
         the file is not the image but one that does not decode, ``record.sha256`` its sha256."""
         target = None
+        if aside is not None and record.image_path and self.remote is not None:
+            key = self.remote.target(record.image_path, aside, record.job_id, record.version)
+            self.remote.add(record.image_path, key, (record.job_id, record.version))
+            if not self.dry_run:
+                found_sha256 = record.sha256 if unreadable else None
+                self.store.retire_image(record.job_id, reason, key, found_sha256)
+            return
         if aside is not None and record.image_path:
             source = self.folder / record.image_path
             target = self.moves.target(source, aside, record.job_id, record.version)
@@ -388,6 +413,12 @@ class _Planner:
                 record, found = checked
                 self._retire(record, "changed", REPLACED_DIR, unreadable=found == "unreadable")
             return
+        if self.remote is not None:
+            key = self.remote.stray(old.job_id)
+            if key is not None:
+                target = self.remote.target(key, REPLACED_DIR, old.job_id, old.version)
+                self.remote.add(key, target)
+            return
         stray = find_image(self.images_dir, old.job_id)
         if stray is not None and stray not in self.moves.sources:
             self.moves.add(stray, self.moves.target(stray, REPLACED_DIR, old.job_id, old.version))
@@ -396,6 +427,11 @@ class _Planner:
         names = self.unrecorded.pop(job.id, None)
         if names is None:
             return False
+        if self.remote is not None:
+            adopted = self.remote.adopt(job, names)
+            if adopted and self.dry_run:
+                self._count_adoption_charge(job.id)
+            return bool(adopted)
         paths = [self.images_dir / name for name in names]
         paths = [p for p in paths if p not in self.moves.sources and p.is_file()]
         if not paths:

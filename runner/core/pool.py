@@ -37,6 +37,7 @@ from typing import Protocol
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import PacerConfig, RateLimiter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
+from runner.core.sinks import FolderSink, ImageSink
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -49,11 +50,10 @@ from runner.errors import (
     UnfetchedImageError,
 )
 from runner.http.client import ImageResult
-from runner.images.saving import save_image
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
-from runner.store.base import Budget, Outcome, SavedImage, Store
+from runner.store.base import Budget, Outcome, Store
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,13 @@ class Pool:
         pacer: PacerConfig | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        sink: ImageSink | None = None,
     ) -> None:
         self.source = source
         self.store = store
-        self.images_dir = images_dir
+        self.images_dir = images_dir  # where the source writes its temp files
+        # Where images go: the output folder's images/ unless told (an object store).
+        self.sink = sink or FolderSink(images_dir, store.folder)
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryConfig()
         self.admission = Admission(
@@ -302,9 +305,7 @@ class Pool:
             c.in_flight -= 1
             slot.give_back()  # the answer is in: the next request may go
             loop = asyncio.get_running_loop()
-            info, sha256, relative = await loop.run_in_executor(
-                self._savers, save_image, job, result.path, self.images_dir, self.store.folder
-            )
+            image = await loop.run_in_executor(self._savers, self.sink.save, job, result.path)
         except ImageInvalid as exc:
             error: ApiError
             if isinstance(exc, WrongSize):
@@ -330,7 +331,7 @@ class Pool:
             # Counted before the write: a checkpoint that refuses it must not hide the charge.
             c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
             await self.store.record_outcome(job.id, attempt, outcome)
-            raise Halt(f"cannot write images to {self.images_dir}: {exc}") from None
+            raise Halt(f"cannot write images to {self.sink.where}: {exc}") from None
         finally:
             if not answered:
                 c.in_flight -= 1
@@ -347,7 +348,6 @@ class Pool:
             usage.output_tokens if usage else None,
             usage.total_tokens if usage else None,
         )
-        image = SavedImage(relative, info.width, info.height, sha256)
         # The charge is counted before the write, the success after it: a checkpoint that
         # refuses the write must not hide a billed image from the run's summary, and a job is
         # done only once its success is recorded.

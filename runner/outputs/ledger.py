@@ -115,15 +115,17 @@ class Totals:
 
 @dataclass(frozen=True)
 class LedgerFiles:
-    results_parquet: Path
-    results_csv: Path
-    ledger_csv: Path
+    # Paths in the output folder, or URLs in its object store (runner.core.remote_out).
+    results_parquet: Path | str
+    results_csv: Path | str
+    ledger_csv: Path | str
     totals: Totals
 
 
-def write_ledger(jobs: Iterable[Job], store: Viewable) -> LedgerFiles:
-    """Write results and ledger into the output folder; return their paths and the totals."""
-    folder, views = store.folder, store.views()
+def write_ledger(jobs: Iterable[Job], store: Viewable, folder: Path | None = None) -> LedgerFiles:
+    """Write results and ledger into the output folder (or ``folder``: a spool, for a run
+    whose output is in object storage); return their paths and the totals."""
+    folder, views = folder or store.folder, store.views()
     parquet_path, csv_path = folder / "results.parquet", folder / "results.csv"
     ledger_path = folder / "ledger.csv"
     import pyarrow.parquet as pq

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from runner.storage.base import Location, ObjectInfo, PutResult
+from runner.storage.base import Location, ObjectInfo, PutResult, is_remote, location_url
 from runner.storage.images import SavedImage, save_image_to
 from runner.storage.local import LocalLocation
 
@@ -26,6 +26,8 @@ __all__ = [
     "ObjectInfo",
     "PutResult",
     "SavedImage",
+    "is_remote",
+    "location_url",
     "open_location",
     "save_image_to",
 ]
@@ -36,11 +38,11 @@ def open_location(url_or_path: str | Path) -> Location:
     ``s3://``, ``gs://``, ``az://`` ``bucket/prefix`` (these need their extra installed,
     ``pip install "image-runner[s3]"``, and raise :class:`~runner.errors.StorageError` saying so
     when it is missing)."""
-    text = str(url_or_path)
-    if isinstance(url_or_path, Path) or "://" not in text:
+    if not is_remote(url_or_path):
+        text = str(url_or_path)
+        if text.lower().startswith("file://"):
+            return LocalLocation(Path(unquote(urlparse(text).path)))
         return LocalLocation(Path(text).expanduser())
-    if text.lower().startswith("file://"):
-        return LocalLocation(Path(unquote(urlparse(text).path)))
     from runner.storage.remote import open_remote
 
-    return open_remote(text)
+    return open_remote(str(url_or_path))

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
 from runner.images.files import COPY_CHUNK_BYTES
 
@@ -103,6 +104,28 @@ class Location(Protocol):
     def copy(self, source_key: str, dest_key: str) -> None:
         """Copy ``source_key`` to ``dest_key`` (replaced), inside the store where it can."""
         ...
+
+
+def location_url(out: str | Path) -> str:
+    """The normalised URL of the location ``out`` names, which is a run's identity (the same
+    folder named two ways is one run): a local path or ``file://`` URL as ``file://`` + its
+    resolved absolute path; ``scheme://bucket/prefix`` with its scheme in lower case and no
+    slash around ``bucket/prefix``. Pure text: no backend is imported."""
+    if not is_remote(out):
+        text = str(out)
+        if text.lower().startswith("file://"):
+            text = unquote(urlsplit(text).path)
+        return Path(text).expanduser().resolve().as_uri()
+    scheme, _, rest = str(out).partition("://")
+    return f"{scheme.lower()}://{rest.strip('/')}"
+
+
+def is_remote(out: str | Path) -> bool:
+    """Whether ``out`` names an object store (``s3://``...), not a local folder."""
+    if isinstance(out, Path):
+        return False
+    scheme, found, _ = out.partition("://")
+    return bool(found) and scheme.lower() != "file"
 
 
 def check_key(key: str) -> str:

@@ -34,6 +34,7 @@ from runner.storage.base import (
     check_key,
     checksums_agree,
     file_digests,
+    location_url,
 )
 
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
@@ -51,9 +52,7 @@ _SECRET_VARIABLES = (
 
 def open_remote(url: str) -> FsspecLocation:
     """The location of ``scheme://bucket/prefix`` (a trailing slash is dropped)."""
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    root = rest.strip("/")
+    scheme, _, root = location_url(url).partition("://")
     if not root:
         raise StorageError(f"{scheme}://: the output location names no bucket ({scheme}://BUCKET)")
     for name in _SECRET_VARIABLES:

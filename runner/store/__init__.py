@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runner.errors import StoreError
 from runner.store.base import (
     AttemptState,
     Decision,
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-def open_store(folder: Path, state_url: str | None = None) -> Store:
+def open_store(folder: Path | str, state_url: str | None = None) -> Store:
     """The state of ``folder`` for a run. Without ``state_url``: its SQLite checkpoint, locked
     for this process, created if need be, checked writable before anything is sent. With one
     (a PostgreSQL URL): the run of ``folder`` in that database, this process one of its
@@ -59,40 +60,51 @@ def open_store(folder: Path, state_url: str | None = None) -> Store:
         from runner.store.postgres import open_pg_store
 
         return open_pg_store(state_url, folder)
-    return SqliteStore.open(folder)
+    return SqliteStore.open(_sqlite_folder(folder))
 
 
-def open_read_only(folder: Path, state_url: str | None = None) -> Store:
+def open_read_only(folder: Path | str, state_url: str | None = None) -> Store:
     """The state of ``folder`` for the views, read while a run may be writing it."""
     if state_url is not None:
         from runner.store.postgres import open_pg_read_only
 
         return open_pg_read_only(state_url, folder)
-    return SqliteStore.open_read_only(folder)
+    return SqliteStore.open_read_only(_sqlite_folder(folder))
 
 
-def open_for_dry_run(folder: Path, state_url: str | None = None) -> Store:
+def open_for_dry_run(folder: Path | str, state_url: str | None = None) -> Store:
     """The state of ``folder`` for a dry run: read, never changed, no lock taken."""
     if state_url is not None:
         from runner.store.postgres import open_pg_for_dry_run
 
         return open_pg_for_dry_run(state_url, folder)
-    return SqliteStore.open_for_dry_run(folder)
+    return SqliteStore.open_for_dry_run(_sqlite_folder(folder))
 
 
-def open_review_log(folder: Path, state_url: str | None = None) -> ReviewLog:
+def open_review_log(folder: Path | str, state_url: str | None = None) -> ReviewLog:
     """Where review decisions on ``folder``'s images are written: no lock taken, so a run may
     be going on; the checkpoint (or the run in ``state_url``) must exist."""
     if state_url is not None:
         from runner.store.postgres import open_pg_review_log
 
         return open_pg_review_log(state_url, folder)
-    return SqliteReviewLog(folder)
+    return SqliteReviewLog(_sqlite_folder(folder))
 
 
-def stop_run(folder: Path, state_url: str, reason: str) -> None:
+def stop_run(folder: Path | str, state_url: str, reason: str) -> None:
     """Stop every worker of the run of ``folder`` whose state is in ``state_url``: each sees it
     within a few seconds and finishes what it has in flight."""
     from runner.store.postgres import stop_pg_run
 
     stop_pg_run(state_url, folder, reason)
+
+
+def _sqlite_folder(folder: Path | str) -> Path:
+    """The local folder whose SQLite checkpoint holds the state; an object store's URL has
+    none (a string: see :func:`runner.core.options.out_location`), its state is shared."""
+    if isinstance(folder, str):
+        raise StoreError(
+            f"{folder} is object storage: its state is in a shared PostgreSQL database; add "
+            "--state postgresql://... as the run had it"
+        )
+    return folder

@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 
+from runner.storage.base import location_url
 from runner.store.postgres.connect import (
     connect,
-    normalise_out,
     run_schema,
     set_search_path,
     store_error,
@@ -40,7 +40,7 @@ def open_pg_store(state_url: str, out_url: str | Path, *, worker: bool = True) -
     """The run at ``out_url`` (a local folder or an object storage URL) in the database of
     ``state_url``, for a run or a worker (``worker``: it registers and may claim and send;
     False: it only plans or stops the run). Creates the schemas and the run as needed."""
-    out = normalise_out(out_url)
+    out = location_url(out_url)
     conn = open_run(state_url, out, create=True)
     return PostgresStore(
         state_url, out, conn, lambda: _run_connection(state_url, out), worker=worker
@@ -49,7 +49,7 @@ def open_pg_store(state_url: str, out_url: str | Path, *, worker: bool = True) -
 
 def open_pg_read_only(state_url: str, out_url: str | Path) -> PostgresStore:
     """The run at ``out_url`` for the views; it must exist. Changes nothing."""
-    out = normalise_out(out_url)
+    out = location_url(out_url)
     conn = open_run(state_url, out, create=False)
     return PostgresStore(
         state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
@@ -60,7 +60,7 @@ def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
     """The run at ``out_url`` to plan from while changing nothing: every transaction read
     only. A run the database does not hold yet is planned against empty temporary tables, so
     that nothing is created."""
-    out = normalise_out(out_url)
+    out = location_url(out_url)
     conn = connect(state_url)
     try:
         known = conn.execute(

@@ -1,9 +1,10 @@
 """Connecting to the PostgreSQL state: the ``--state`` URL, the run's identity, and errors.
 
-- A run is identified by its output location (``--out``), normalised by :func:`normalise_out`
-  into ``out_url`` (``file:///abs/path`` for a local folder, ``s3://bucket/prefix`` without a
-  trailing slash for a remote one): the same folder named two ways is one run. Its tables live
-  in the schema :func:`run_schema` names after it.
+- A run is identified by its output location (``--out``), normalised into ``out_url`` by
+  :func:`runner.storage.base.location_url`, the one function that names a location
+  (``file:///abs/path`` for a local folder, ``s3://bucket/prefix`` without a trailing slash
+  for a remote one): the same folder named two ways is one run. Its tables live in the schema
+  :func:`run_schema` names after it.
 - The ``--state`` URL may carry a password: :func:`safe_url` is the form every message shows,
   and opening a connection registers the password with :mod:`runner.redact`, so that a driver
   message quoting it is masked too (:func:`store_error`). libpq's own ways (``PGPASSWORD``,
@@ -23,7 +24,6 @@ import functools
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -38,17 +38,6 @@ SHARED_SCHEMA = "image_runner"
 # How long a statement may wait for a lock another worker holds before the store gives up with
 # a StoreError (a stuck transaction elsewhere must not hang every worker forever).
 LOCK_TIMEOUT_MS = 60_000
-
-
-def normalise_out(out: str | Path) -> str:
-    """The run's identity: ``out`` as a URL. A local path becomes ``file://`` + its resolved
-    absolute path; ``scheme://bucket/prefix`` loses its trailing slashes."""
-    text = str(out)
-    scheme = text.split("://", 1)[0] if "://" in text else ""
-    if scheme and scheme != "file":
-        return text.rstrip("/")
-    path = Path(text[len("file://") :] if scheme == "file" else text)
-    return path.expanduser().resolve().as_uri()
 
 
 def run_schema(out_url: str) -> str:

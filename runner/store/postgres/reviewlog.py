@@ -27,8 +27,9 @@ from pathlib import Path
 import psycopg
 
 from runner.errors import StoreWriteError
+from runner.storage.base import location_url
 from runner.store.base import Decision, Review
-from runner.store.postgres.connect import normalise_out, pg_sql, store_error
+from runner.store.postgres.connect import pg_sql, store_error
 from runner.store.postgres.schema import open_run
 from runner.store.postgres.store import local_folder
 from runner.store.postgres.views import PostgresReader, PostgresViews
@@ -43,7 +44,7 @@ class PostgresReviewLog:
 
     def __init__(self, state_url: str, out: str | Path) -> None:
         self._state_url = state_url
-        self._out_url = normalise_out(out)
+        self._out_url = location_url(out)
         self.folder = local_folder(self._out_url) or Path(self._out_url)  # as PostgresStore's
         self._db = open_run(state_url, self._out_url, create=False)
         try:

@@ -1,0 +1,82 @@
+"""Where the pool puts an image that came back: an :class:`ImageSink`, chosen once per run.
+
+- :class:`FolderSink`, the output folder on this machine: exactly what the pool always did
+  (:func:`~runner.images.saving.save_image`, its temp files in ``images/``), no step added.
+- :class:`LocationSink`, an object store (``--out s3://...``): the image is verified and tagged
+  in a local spool folder, then created at ``images/<job id>.<ext>`` only if absent
+  (:func:`~runner.storage.save_image_to`; an image already there is verified and adopted). Its
+  stat is what the store reports (size, and the modification time in whole seconds, which is
+  what every listing and HEAD agree on), so that the next plan checks it by one listing.
+
+Either blocks (decode, fsync, network): the pool calls :meth:`ImageSink.save` in a thread. A
+success is recorded only after it returned, so only once the image is durable in its place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final, Protocol
+
+from runner.errors import ImageWriteError
+from runner.images.saving import save_image
+from runner.jobs import Job
+from runner.storage import Location, ObjectInfo, save_image_to
+from runner.store.base import ImageStat, SavedImage
+
+NS_PER_S: Final = 1_000_000_000
+
+
+class ImageSink(Protocol):
+    @property
+    def where(self) -> str:
+        """Where the images go, as messages name it."""
+        ...
+
+    def save(self, job: Job, tmp: Path) -> SavedImage:
+        """Verify the image in the temp file ``tmp`` (then gone), put it in its place, and say
+        what is recorded of it. Raises ImageInvalid / WrongSize for an image that is not the
+        one paid for, ImageWriteError when its place refuses it."""
+        ...
+
+
+class FolderSink:
+    """``images_dir`` in the output folder ``folder``."""
+
+    def __init__(self, images_dir: Path, folder: Path) -> None:
+        self.images_dir = images_dir
+        self.folder = folder
+
+    @property
+    def where(self) -> str:
+        return str(self.images_dir)
+
+    def save(self, job: Job, tmp: Path) -> SavedImage:
+        info, sha256, relative = save_image(job, tmp, self.images_dir, self.folder)
+        return SavedImage(relative, info.width, info.height, sha256)
+
+
+class LocationSink:
+    """``images/`` in ``location``, an object store."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+
+    @property
+    def where(self) -> str:
+        return f"{self.location.url}/images"
+
+    def save(self, job: Job, tmp: Path) -> SavedImage:
+        saved = save_image_to(self.location, job, tmp)
+        found = self.location.info(saved.key)  # the put's answer has no modification time
+        if found is None:
+            raise ImageWriteError(
+                f"{job.id}: {self.location.url}/{saved.key} vanished right after it was written"
+            )
+        image = saved.image
+        return SavedImage(saved.key, image.width, image.height, saved.sha256, object_stat(found))
+
+
+def object_stat(found: ObjectInfo) -> ImageStat:
+    """What is recorded of an object to see later whether it changed: its size and its
+    modification time in whole seconds (a listing and a HEAD round it differently), no ctime."""
+    return ImageStat(found.size_bytes, int(found.mtime_s or 0) * NS_PER_S, 0)
