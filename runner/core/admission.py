@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from runner.core.pacer import RateLimiter
+from runner.core.pacer import Limiter
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, Endpoint
 from runner.store.base import Budget, BudgetExhausted
 
@@ -156,7 +156,7 @@ class Admission:
         self,
         budget: Budget,
         breaker: CircuitBreaker,
-        limiter: RateLimiter,
+        limiter: Limiter,
         *,
         keep_going: Callable[[], bool],
         last_error: Callable[[], str | None] = lambda: None,

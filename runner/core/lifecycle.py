@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, overload
 
 from runner.core.admission import BreakerConfig
-from runner.core.pacer import PacerConfig
+from runner.core.pacer import Limiter, PacerConfig
 from runner.core.plan import IMAGES_DIR, Plan, make_plan
 from runner.core.pool import Pool, PoolResult, Progress
 from runner.core.remote_out import RemoteOut
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 STOP_POLL_S = 1.0  # how often a worker looks whether the run was stopped for every worker
 
 T = TypeVar("T")
+Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -240,8 +242,27 @@ class Run:
                 pacer=self.options.pacer,
                 on_progress=self._on_progress,
                 sink=None if remote is None else LocationSink(remote.location),
+                limiter=self._shared_limiter(),
             )
             await self._send(store, plan.todo)
+
+    def _shared_limiter(self) -> Callable[[Sleep], Limiter] | None:
+        """With a shared state, the pace every worker of every run against the same API and
+        key shares (one rate limit for one key), kept in the state's database; None: this
+        process's own pacer."""
+        state_url = self.options.state_url
+        if state_url is None:
+            return None
+        from runner.core.sharedpace import SharedRateLimiter
+
+        client = self.options.client
+        key = hashlib.sha256((client.api_key or "").encode()).hexdigest()[:12]
+        group = f"{client.base_url} key {key}"  # a digest of the key, never the key
+
+        def make(sleep: Sleep) -> Limiter:
+            return SharedRateLimiter(state_url, group, self.options.pacer, sleep=sleep)
+
+        return make
 
     async def _send(self, store: Store, todo: Sequence[Job]) -> None:
         """Run the pool (or the fleet) over ``todo``, stopping it on the run's stop."""

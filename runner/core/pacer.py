@@ -44,9 +44,9 @@ import asyncio
 import math
 import time
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from runner.provider import RateLimitHeaders
 
@@ -252,6 +252,41 @@ def _trim(times: list[float], horizon: float) -> None:
         del times[: bisect_left(times, horizon)]
 
 
+class PacedLane(Protocol):
+    """What the run's summary reads of a lane: the 429s it saw, its pace (requests/s)."""
+
+    @property
+    def limited_count(self) -> int: ...
+
+    @property
+    def rate(self) -> float | None: ...
+
+
+class Limiter(Protocol):
+    """What :class:`~runner.core.admission.Admission` asks of a pacer: :class:`RateLimiter`
+    on one machine, or one shared by every worker of a run
+    (:class:`~runner.core.sharedpace.SharedRateLimiter`)."""
+
+    @property
+    def lanes(self) -> Mapping[str, PacedLane]: ...
+
+    async def acquire(
+        self, name: str, keep_going: Callable[[], bool] = lambda: True
+    ) -> float | None: ...
+
+    def observe(
+        self,
+        name: str,
+        sent_at: float,
+        *,
+        limited: bool,
+        retry_after_s: float | None = None,
+        headers: RateLimitHeaders | None = None,
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class RateLimiter:
     """The lanes of a run. ``sent_at = await acquire(lane)`` before each request (None: told
     to stop while waiting), ``observe(lane, sent_at, ...)`` with its answer."""
@@ -271,6 +306,9 @@ class RateLimiter:
 
     def __repr__(self) -> str:
         return f"<RateLimiter {list(self.lanes.values())}>"
+
+    async def close(self) -> None:
+        """Nothing to let go: the lanes live in this process."""
 
     def lane(self, name: str) -> Lane:
         if name not in self.lanes:

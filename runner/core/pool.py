@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
-from runner.core.pacer import PacerConfig, RateLimiter
+from runner.core.pacer import Limiter, PacerConfig, RateLimiter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.core.sinks import FolderSink, ImageSink
 from runner.errors import (
@@ -135,6 +135,7 @@ class Pool:
         on_progress: Callable[[Progress], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         sink: ImageSink | None = None,
+        limiter: Callable[[Callable[[float], Awaitable[None]]], Limiter] | None = None,
     ) -> None:
         self.source = source
         self.store = store
@@ -146,7 +147,10 @@ class Pool:
         self.admission = Admission(
             budget or Budget(None, 0),
             CircuitBreaker(breaker, sleep=self._sleep_unless_stopped),
-            RateLimiter(pacer, sleep=self._sleep_unless_stopped),
+            # The pacer: this process's, or one shared by the run's workers (``limiter``).
+            (limiter or (lambda sleep: RateLimiter(pacer, sleep=sleep)))(
+                self._sleep_unless_stopped
+            ),
             keep_going=lambda: not self.stopping,
             last_error=self._last_error,
         )
@@ -214,6 +218,7 @@ class Pool:
             # or its image could land after them, under another run; one not yet begun never
             # does (its attempt, left in flight, is a possible charge).
             await asyncio.to_thread(self._savers.shutdown, wait=True, cancel_futures=True)
+            await self.admission.limiter.close()
         return self.result()
 
     def result(self) -> PoolResult:

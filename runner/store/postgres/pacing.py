@@ -23,18 +23,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from runner.errors import StoreError, StoreWriteError
-from runner.redact import redact, register_secret
+from runner.redact import redact
+from runner.store.postgres.connect import SHARED_SCHEMA, connect
+from runner.store.postgres.schema import SCHEMA_LOCK_KEY
 
-SHARED_SCHEMA = "image_runner"
-# The key of the lock every schema change of the shared schema takes (the same as the store's
-# schema module), so that two workers starting together never race to create it.
-SCHEMA_LOCK_KEY = 0x1A6E_5C4E_3A00
 # A lane unused this long starts over, as a fresh run does: the limit it learned may be stale.
 IDLE_RESET_S = 600.0
 
@@ -169,23 +165,6 @@ class Grant:
     @property
     def seq(self) -> int:
         return self.row.grant_seq
-
-
-def connect(conninfo: str) -> psycopg.Connection[Any]:
-    """A connection (autocommit: each statement its own transaction) for the shared rate limit;
-    a failure is a :class:`StoreError` with the password masked."""
-    try:
-        password = conninfo_to_dict(conninfo).get("password")
-    except psycopg.Error:
-        password = None
-    if password:
-        register_secret(str(password))
-    try:
-        return psycopg.connect(conninfo, autocommit=True, connect_timeout=30)
-    except psycopg.Error as exc:
-        raise _error(
-            exc, "cannot connect (check the URL, the server and the credentials)"
-        ) from None
 
 
 class PaceTable:

@@ -135,7 +135,8 @@ RUN_MIGRATIONS = (
         review_id BIGSERIAL PRIMARY KEY,
         job_id TEXT COLLATE "C" NOT NULL,
         version INTEGER NOT NULL,
-        decision TEXT COLLATE "C" NOT NULL CHECK (decision IN ('approved', 'rejected', 'unreviewed')),
+        decision TEXT COLLATE "C" NOT NULL
+            CHECK (decision IN ('approved', 'rejected', 'unreviewed')),
         reviewer TEXT COLLATE "C" NOT NULL,
         decided_at TEXT COLLATE "C" NOT NULL
     );
