@@ -163,7 +163,9 @@ def exit_code_of(exc: RunnerError) -> int:
 async def _run(
     jobs: Sequence[Job], prepared: RunOptions, options: Options, *, no_progress: bool
 ) -> lifecycle.RunReport:
-    bar = ProgressBar(disable=True if no_progress or options.dry_run else None)
+    # A worker that joined a run has no plan of its own to show progress against.
+    quiet = no_progress or options.dry_run or prepared.join
+    bar = ProgressBar(disable=True if quiet else None)
     # A dry run changes nothing: a Ctrl-C may simply end it. A run's handlers are not removed
     # after it: closing the loop does that, so that a signal while the emulator shuts down is
     # heard too (and does nothing).
@@ -174,7 +176,7 @@ async def _run(
             prepared,
             emulate=options.emulate,
             on_run=on_run,
-            on_plan=bar.start,
+            on_plan=None if prepared.join else bar.start,
             on_progress=bar.update,
         )
     finally:

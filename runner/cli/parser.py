@@ -85,7 +85,7 @@ def options_from(args: argparse.Namespace) -> Options:
     """The options of ``run``, from its parsed arguments; raises
     :class:`~runner.errors.OptionsError` for options at odds (``--only`` alone)."""
     values = {name: getattr(args, name) for name in OPTION_DEFAULTS if hasattr(args, name)}
-    values["only"] = frozenset(args.only or ())
+    values["only"] = frozenset(getattr(args, "only", None) or ())  # `work` plans nothing
     return Options(**values)
 
 

@@ -213,6 +213,8 @@ class Run:
         if self.options.join:  # the planning run made the queue this worker claims from
             plan: Plan | None = Plan(todo=[])
             await asyncio.to_thread(store.settle_in_flight)
+            if (reason := store.stop_requested()) is not None:
+                self.stop(reason)  # a stopped run: nothing is claimed until it is planned again
         else:
             plan = await self._plan_in_thread(store)
         if plan is None:

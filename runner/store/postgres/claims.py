@@ -139,9 +139,12 @@ def job_of(row: tuple[Any, ...]) -> Job:
     )
 
 
+STOP_HEARD_S = 2.0  # the longest a worker goes without reading the run's stop
+
+
 class Heartbeat:
     """The thread that keeps this worker's lease (on its own connection), hears the run's stop
-    and settles dead workers' attempts, every third of the lease. A beat that fails leaves the
+    and settles dead workers' attempts, every third of the lease or ``STOP_HEARD_S``. A beat that fails leaves the
     lease to expire, so the worker stops itself: others will take its jobs."""
 
     def __init__(
@@ -159,6 +162,7 @@ class Heartbeat:
         self._conn = connect()
         self._state_url = state_url
         self._done = threading.Event()
+        self.beat()  # the run may be stopped already: known before the first claim
         self._thread = threading.Thread(target=self._run, name="pg-heartbeat", daemon=True)
         self._thread.start()
 
@@ -176,7 +180,8 @@ class Heartbeat:
         self._conn.close()
 
     def _run(self) -> None:
-        while not self._done.wait(self.lease / 3):
+        # A third of the lease keeps it; a run's stop is heard within STOP_HEARD_S.
+        while not self._done.wait(min(self.lease / 3, STOP_HEARD_S)):
             try:
                 self.beat()
             except psycopg.Error as exc:
