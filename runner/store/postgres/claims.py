@@ -144,8 +144,8 @@ STOP_HEARD_S = 2.0  # the longest a worker goes without reading the run's stop
 
 class Heartbeat:
     """The thread that keeps this worker's lease (on its own connection), hears the run's stop
-    and settles dead workers' attempts, every third of the lease or ``STOP_HEARD_S``. A beat that fails leaves the
-    lease to expire, so the worker stops itself: others will take its jobs."""
+    and settles dead workers' attempts, every third of the lease or ``STOP_HEARD_S``. A beat
+    that fails leaves the lease to expire, so the worker stops itself: others take its jobs."""
 
     def __init__(
         self,
