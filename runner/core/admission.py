@@ -129,10 +129,12 @@ class CircuitBreaker:
 
 class Halt(Exception):
     """No attempt may be sent: the run is stopping (``reason`` None) or must stop now, for
-    ``reason``."""
+    ``reason``; ``for_run``: a reason that holds for every worker of the run (the provider
+    down, the budget), not only this one (its disk refusing images)."""
 
-    def __init__(self, reason: str | None = None) -> None:
+    def __init__(self, reason: str | None = None, *, for_run: bool = False) -> None:
         self.reason = reason
+        self.for_run = for_run
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +180,7 @@ class Admission:
         except OutageTooLong as exc:
             last = self._last_error()
             seen = f" (last error: {last})" if last else ""
-            raise Halt(f"{exc}{seen}; the provider seems down") from None
+            raise Halt(f"{exc}{seen}; the provider seems down", for_run=True) from None
         try:
             if probe is None:
                 raise Halt
@@ -192,7 +194,7 @@ class Admission:
                 except BudgetExhausted:
                     if not self.budget.reserved_micro_usd:
                         cap = (self.budget.cap_micro_usd or 0) / MICRO
-                        raise Halt(f"the budget of ${cap:.2f} is reached") from None
+                        raise Halt(f"the budget of ${cap:.2f} is reached", for_run=True) from None
                 # Attempts in flight hold reservations; one that ends unbilled frees its price.
                 self._budget_settled.clear()
                 await self._budget_settled.wait()

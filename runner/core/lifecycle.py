@@ -26,36 +26,46 @@ A run's life is owned here; the CLI only wires signals to :meth:`Run.stop`.
 - Errors: :meth:`Run.execute` raises a :class:`~runner.errors.RunnerError` only while nothing
   has been sent (exit 2 in the CLI). After the first request, one (a database error above all)
   ends the run like a stop, its message the stop reason (exit 3).
+
+With a shared state (``state_url``: PostgreSQL; see :mod:`runner.core.shared`) the run is one of
+several workers: no folder lock; the plan's to-do is queued for all of them and the pool claims
+from that queue; a stop final for the run (the key refused, the budget, an outage) is told to
+every worker, and one told to every worker is heard within a second; the planning run writes
+the books once the queue is empty, and a worker that joined (``join``: ``image-runner work``)
+writes none. With ``ray_address`` the planning run sends nothing itself: a fleet of worker
+actors does (:mod:`runner.workers.ray`). An output in object storage
+(:mod:`runner.core.remote_out`) needs a shared state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, overload
 
 from runner.core.admission import BreakerConfig
-from runner.core.pacer import Limiter, PacerConfig
-from runner.core.plan import IMAGES_DIR, Plan, make_plan
+from runner.core.pacer import PacerConfig
+from runner.core.plan import IMAGES_DIR, Plan
 from runner.core.pool import Pool, PoolResult, Progress
 from runner.core.remote_out import RemoteOut
 from runner.core.retry import RetryConfig
+from runner.core.shared import plan_and_queue, shared_limiter
 from runner.core.sinks import LocationSink
 from runner.errors import ApiError, OptionsError, RunnerError, StorageError, StoreError
 from runner.http.client import ClientConfig, ImagesClient
+from runner.images.files import remove_temp_files
 from runner.jobs import Job
 from runner.outputs.ledger import LedgerFiles, write_ledger
 from runner.outputs.report import write_report
 from runner.provider import MICRO
-from runner.storage import Location, is_remote
+from runner.storage import is_remote
 from runner.store import Store, check_writable, open_for_dry_run, open_store
 from runner.workers.ray import RayFleet
 
@@ -64,7 +74,6 @@ log = logging.getLogger(__name__)
 STOP_POLL_S = 1.0  # how often a worker looks whether the run was stopped for every worker
 
 T = TypeVar("T")
-Sleep = Callable[[float], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,9 @@ class RunOptions:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     pacer: PacerConfig = field(default_factory=PacerConfig)  # --rpm, adaptive rate limiting
     concurrency: int = 8
-    max_cost_usd: float | None = None  # over the folder's whole history: see runner.core.admission
+    # Over the folder's whole history (see runner.core.admission); with a shared state, the
+    # run's budget in the database, for all its workers.
+    max_cost_usd: float | None = None
     dry_run: bool = False  # plan only: send nothing, change nothing
     retry_failed: bool = False  # also retry jobs that failed for good ...
     retry_only: frozenset[str] = frozenset()  # ... or only those with these causes
@@ -232,7 +243,8 @@ class Run:
         # Twice the workers: url-mode downloads go to a second host.
         connections = 2 * self.options.concurrency
         remote = self._remote
-        async with ImagesClient(self.options.client, max_connections=connections) as client:
+        o = self.options
+        async with ImagesClient(o.client, max_connections=connections) as client:
             self._pool = Pool(
                 client,
                 store,
@@ -244,27 +256,11 @@ class Run:
                 pacer=self.options.pacer,
                 on_progress=self._on_progress,
                 sink=None if remote is None else LocationSink(remote.location),
-                limiter=self._shared_limiter(),
+                limiter=shared_limiter(
+                    self.options.state_url, self.options.client, self.options.pacer
+                ),
             )
             await self._send(store, plan.todo)
-
-    def _shared_limiter(self) -> Callable[[Sleep], Limiter] | None:
-        """With a shared state, the pace every worker of every run against the same API and
-        key shares (one rate limit for one key), kept in the state's database; None: this
-        process's own pacer."""
-        state_url = self.options.state_url
-        if state_url is None:
-            return None
-        from runner.core.sharedpace import SharedRateLimiter
-
-        client = self.options.client
-        key = hashlib.sha256((client.api_key or "").encode()).hexdigest()[:12]
-        group = f"{client.base_url} key {key}"  # a digest of the key, never the key
-
-        def make(sleep: Sleep) -> Limiter:
-            return SharedRateLimiter(state_url, group, self.options.pacer, sleep=sleep)
-
-        return make
 
     async def _send(self, store: Store, todo: Sequence[Job]) -> None:
         """Run the pool (or the fleet) over ``todo``, stopping it on the run's stop."""
@@ -275,6 +271,10 @@ class Run:
                 await self._pool.run(todo)
             finally:
                 watching.cancel()
+            # The run stopped while nothing was in flight: the claims ended before the watch
+            # heard it, and this worker must not end as if the run were done.
+            if self._stop_reason is None and (reason := store.stop_requested()) is not None:
+                self.stop(reason)
 
     async def _watch_for_stop(self, store: Store) -> None:
         """Stop this worker (gracefully) when the run is stopped for every worker: an
@@ -290,9 +290,12 @@ class Run:
         """An error final for the run (a refused key, no quota, the budget, an outage) stops
         every worker of it, not only this one; a stop this worker was told of (a signal, the
         run's stop) is its own or already theirs."""
-        reason = self._pool.result().stop_reason if self._pool else None
-        if reason is None or self._stop_reason is not None:
+        result = self._pool.result() if self._pool else None
+        if result is None or result.stop_reason is None or not result.for_run:
+            return  # this worker's own trouble (its disk, its connection) stops it alone
+        if self._stop_reason is not None:
             return
+        reason = result.stop_reason
         try:
             store.request_stop(reason)
         except StoreError as exc:
@@ -303,7 +306,7 @@ class Run:
         heard while a large manifest is planned; None if a stop came first. The thread uses
         the store: a cancel waits for it to end (at its next job) before it is passed on."""
         plan = functools.partial(
-            _plan_and_queue,
+            plan_and_queue,
             _UntilStopped(self.jobs, self._stopping),
             store,
             retry_failed=self.options.retry_failed,
@@ -311,12 +314,17 @@ class Run:
             redo_edited=self.options.redo_edited,
             dry_run=dry_run,
             location=None if self._remote is None else self._remote.location,
+            shared=self.options.state_url is not None,
         )
         planning = asyncio.get_running_loop().run_in_executor(None, plan)
         try:
             return await _to_the_end(planning, on_cancel=self._stopping.set)
         except _PlanningStopped:
             return None
+
+    def _all_done(self) -> bool:
+        """The run's queue was worked to its end: not stopped, not broken."""
+        return self._work is not None and self._work.done() and not self._ending_reason()
 
     def _requests_sent(self) -> bool:
         return self._pool is not None and self._pool.result().progress.requests > 0
@@ -345,6 +353,11 @@ class Run:
         if self.options.join:  # no manifest here: the planning run writes the books
             self._finish_run(store, run_id, outcome)
             return None, None
+        if self.options.state_url is not None and self._remote is None and self._all_done():
+            # Every worker is done with the queue (the claims waited for them): the temp files
+            # of one killed mid-answer are orphans now, none a live worker's.
+            images = store.folder / IMAGES_DIR
+            await asyncio.to_thread(remove_temp_files, images)
         write = write_ledger if self._remote is None else self._remote.write_ledger
         try:  # a million rows take seconds: in a thread, so that signals are still heard
             ledger = await asyncio.to_thread(write, self.jobs, store)
@@ -384,32 +397,6 @@ class Run:
             write_report(store)
         except (OSError, StoreError) as exc:  # the report is a view; the run's work is done
             log.warning("could not write the HTML report: %s", exc)
-
-
-def _plan_and_queue(
-    jobs: Sequence[Job],
-    store: Store,
-    *,
-    retry_failed: bool,
-    only: frozenset[str],
-    redo_edited: bool,
-    dry_run: bool,
-    location: Location | None,
-) -> Plan:
-    """The plan (:func:`~runner.core.plan.make_plan`), its to-do recorded as the run's queue
-    for every worker (a dry run records nothing); in the planning thread."""
-    plan = make_plan(
-        jobs,
-        store,
-        retry_failed=retry_failed,
-        only=only,
-        redo_edited=redo_edited,
-        dry_run=dry_run,
-        location=location,
-    )
-    if not dry_run:
-        store.queue([job.id for job in plan.todo])
-    return plan
 
 
 def _open_remote(options: RunOptions) -> RemoteOut | None:

@@ -41,6 +41,7 @@ from runner.core.sinks import FolderSink, ImageSink
 from runner.errors import (
     AmbiguousError,
     ApiError,
+    BudgetReached,
     ConfirmedJobFailedError,
     ImageWriteError,
     RetryableError,
@@ -89,6 +90,10 @@ class PoolResult:
     progress: Progress
     stop_reason: str | None = None  # why the run stopped early, if it did
     stop_error: ApiError | None = None
+    # The stop holds for every worker of the run (the key refused, no quota, the budget, the
+    # provider down, a Retry-After too long), not only for this one (its disk, its database
+    # connection): a shared run's other workers are told (see runner.core.lifecycle).
+    for_run: bool = False
     failures: dict[str, int] = field(default_factory=dict)  # cause -> count
     failure_messages: dict[str, str] = field(default_factory=dict)  # cause -> latest message
     # endpoint -> (429s seen, the pace it ended at in requests/min), for endpoints that met one
@@ -180,11 +185,14 @@ class Pool:
     def stopping(self) -> bool:
         return self._stop_event.is_set()
 
-    def stop(self, reason: str = "interrupted") -> None:
-        """Stop admitting jobs and retries; attempts in flight finish and are recorded."""
+    def stop(self, reason: str = "interrupted", *, for_run: bool = False) -> None:
+        """Stop admitting jobs and retries; attempts in flight finish and are recorded.
+        ``for_run``: the reason holds for every worker of the run (see
+        :attr:`PoolResult.for_run`)."""
         if not self.stopping:
             log.info("stopping: %s", reason, extra={"stop_reason": reason})
             self._result.stop_reason = reason
+            self._result.for_run = for_run
             self._stop_event.set()
             self.admission.wake()
 
@@ -255,19 +263,21 @@ class Pool:
             await retrying(attempt)
         except Halt as halt:
             if halt.reason:
-                self.stop(halt.reason)
+                self.stop(halt.reason, for_run=halt.for_run)
             # the job stays pending for the next run
         except RetryAfterTooLong as exc:
             self._result.stop_error = exc.error
+            waited = f"{exc.error.retry_after_s:.0f} s"
+            allowed = f"{self.retry.max_retry_after_s:.0f} s"
             self.stop(
-                f"the API asked to wait {exc.error.retry_after_s:.0f} s before retrying, "
-                f"more than the {self.retry.max_retry_after_s:.0f} s allowed"
+                f"the API asked to wait {waited} before retrying, more than the {allowed} allowed",
+                for_run=True,
             )
-        except RunStoppedError as exc:
+        except RunStoppedError as exc:  # the key refused, no quota: so for every worker
             self._result.stop_error = exc
-            self.stop(exc.describe())
+            self.stop(exc.describe(), for_run=True)
         except StoreError as exc:  # the checkpoint refused a write: nothing more may be sent
-            self.stop(str(exc))
+            self.stop(str(exc), for_run=isinstance(exc, BudgetReached))
         except ApiError as exc:
             if not tries.failed:
                 return  # stopped between attempts: the job stays pending
