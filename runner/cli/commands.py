@@ -3,7 +3,9 @@ views of an output folder, ``report``, ``status`` and ``export``, and its ``revi
 
 Each takes its parsed arguments and returns an exit code. The views open the folder's
 checkpoint read-only, so they are safe while a run is going on; a folder they cannot read
-becomes an error message and exit 2, never a traceback.
+becomes an error message and exit 2, never a traceback. A run in object storage (``OUT`` a URL,
+``--state`` its database) is viewed alike: ``report`` puts its page and thumbnails there,
+``export`` and ``review`` read its images there.
 """
 
 from __future__ import annotations
