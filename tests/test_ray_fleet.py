@@ -25,7 +25,8 @@ from runner.core.pool import Progress
 from runner.emulator import Emulator
 from runner.library import execute
 from runner.manifest.load import load_manifest
-from runner.store.postgres.connect import normalise_out, run_schema
+from runner.storage.base import location_url as normalise_out
+from runner.store.postgres.connect import run_schema
 from tests.conftest import TEST_KEY, MakeEmulator, options, write_manifest
 from tests.services import PG_PASSWORD
 
