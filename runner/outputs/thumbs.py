@@ -24,7 +24,7 @@ The methods making thumbs run in worker threads (decoding and shrinking release 
 
 What is the same wherever the images are (naming, the references remembered, the names a report
 keeps) is :class:`ThumbCache`; where a finished image is read and a thumb kept is its seam,
-four methods: :class:`Thumbnails` for a folder, as above, and
+five methods: :class:`Thumbnails` for a folder, as above, and
 :class:`~runner.outputs.location_thumbs.LocationThumbnails` for a run in object storage.
 """
 
