@@ -9,10 +9,8 @@ import io
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from PIL import Image
 
-from runner.cli.main import main
 from runner.emulator import Emulator
 from runner.storage import open_location
 from runner.store.base import Decision
@@ -63,20 +61,3 @@ async def test_a_rejected_image_moves_to_rejected_and_is_made_again(
     row = results_of(out).loc["shot-2"]
     assert row["status"] == "succeeded" and row["version"] == 2
     assert hashlib.sha256(location.read_bytes("images/shot-2.png")).hexdigest() == row["sha256"]
-
-
-async def test_report_export_and_review_refuse_a_remote_run_with_exit_2(
-    tmp_path: Path,
-    emulator: Emulator,
-    pg_url: str,
-    s3_bucket: str,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """Until they read images from object storage, they say so instead of writing a local
-    folder named after the URL."""
-    out = f"s3://{s3_bucket}/views"
-    await run_to(manifest_of(tmp_path, jobs=1), out, emulator, pg_url)
-    for argv in (["report", out], ["export", out, str(tmp_path / "ds")], ["review", out]):
-        assert main([*argv, "--state", pg_url]) == 2
-        assert "object storage" in capsys.readouterr().err
-    assert not (Path.cwd() / "s3:").exists()

@@ -3,7 +3,9 @@ views of an output folder, ``report``, ``status`` and ``export``, and its ``revi
 
 Each takes its parsed arguments and returns an exit code. The views open the folder's
 checkpoint read-only, so they are safe while a run is going on; a folder they cannot read
-becomes an error message and exit 2, never a traceback.
+becomes an error message and exit 2, never a traceback. A run in object storage (``OUT`` a URL,
+``--state`` its database) is viewed alike: ``report`` puts its page and thumbnails there,
+``export`` and ``review`` read its images there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from runner.emulator import serve
 from runner.errors import ManifestError, RunnerError
 from runner.library import EXIT_INVALID, EXIT_OK
 from runner.manifest import load_manifest
+from runner.storage import is_remote, open_location
 from runner.store import Store, open_read_only
 from runner.words import plural, usd
 
@@ -57,11 +60,15 @@ def emulate(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
+    from runner.core.remote_out import RemoteOut
     from runner.outputs.report import write_report
 
-    _local_only(args.out, "report")
     with _reading(args.out, args.state) as store:
-        path = write_report(store)
+        if is_remote(args.out):
+            with contextlib.closing(RemoteOut.open(args.out)) as remote:
+                path: Path | str = remote.write_report(store)
+        else:
+            path = write_report(store)
     print(f"report: {path}")
     return EXIT_OK
 
@@ -78,7 +85,6 @@ def status(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from runner.outputs.export import export_dataset
 
-    _local_only(args.out, "export")
     words = ["image-runner", "export", str(args.out), str(args.dest), "--format", args.format]
     words += ["--split", str(args.split)] + ["--approved-only"] * args.approved_only
     command = shlex.join(words)  # as the card tells it: rebuilt, whatever else argv held
@@ -90,6 +96,7 @@ def export(args: argparse.Namespace) -> int:
             split=args.split,
             approved_only=args.approved_only,
             command=command,
+            location=open_location(args.out) if is_remote(args.out) else None,
         )
     for problem in result.reference_problems:
         err(f"left out: {problem}")
@@ -116,8 +123,6 @@ def review(args: argparse.Namespace) -> int:
     from runner.store import open_review_log
 
     reviewer = reviewer_name(args.reviewer)
-    if not (args.approve or args.reject):
-        _local_only(args.out, "review")
     if args.approve or args.reject:
         with contextlib.closing(open_review_log(args.out, args.state)) as log:
             decided = decide_ids(log, args.approve or (), args.reject or (), reviewer)
@@ -160,17 +165,6 @@ def stop(args: argparse.Namespace) -> int:
     stop_run(args.out, args.state, args.reason)
     print(f"stop: every worker of {args.out} stops within a few seconds ({args.reason})")
     return EXIT_OK
-
-
-def _local_only(out: Path | str, command: str) -> None:
-    """Refuse ``command`` on a run whose images are in object storage (a URL): it reads them
-    as files (``status``, ``review --approve/--reject`` and the run's own results and ledger
-    work there)."""
-    if isinstance(out, str):
-        raise RunnerError(
-            f"{out}: {command} does not read images from object storage yet; read the run's "
-            "results.parquet and ledger.csv there, or use image-runner status"
-        )
 
 
 @contextlib.contextmanager

@@ -365,9 +365,8 @@ class Run:
             books_error = f"could not write the results and ledger: {exc}"
             log.warning("%s", books_error)
         self._finish_run(store, run_id, outcome)
-        # Thumbnails take time: not when told to stop at once. An object store's run has no
-        # HTML report yet (its thumbnails would come from downloading every image).
-        if not self._at_once and self._remote is None:
+        # Thumbnails take time: not when told to stop at once.
+        if not self._at_once:
             await asyncio.to_thread(self._write_report, store)
         return ledger, books_error
 
@@ -391,11 +390,13 @@ class Run:
         except StoreError as exc:
             log.warning("could not record the end of the run: %s", exc)
 
-    @staticmethod
-    def _write_report(store: Store) -> None:
+    def _write_report(self, store: Store) -> None:
         try:
-            write_report(store)
-        except (OSError, StoreError) as exc:  # the report is a view; the run's work is done
+            if self._remote is None:
+                write_report(store)
+            else:
+                self._remote.write_report(store)
+        except (OSError, StoreError, StorageError) as exc:  # a view; the run's work is done
             log.warning("could not write the HTML report: %s", exc)
 
 

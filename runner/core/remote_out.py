@@ -1,9 +1,10 @@
 """A run whose output location is an object store (``--out s3://bucket/prefix``): the local
-spool its images pass through, and its books put there.
+spool its images pass through, and its books and report put there.
 
 The pool's client writes each answer into the spool, where it is verified and tagged before it
 is created in the store (:class:`~runner.core.sinks.LocationSink`); results and ledger are
-written into the spool as for a folder, then put in the location, replacing the earlier ones.
+written into the spool as for a folder, then put in the location, replacing the earlier ones;
+so is the HTML report, its thumbnails made from the images read back from the store.
 The spool is a fresh temp folder, removed when the run ends: nothing in it outlives the run,
 and nothing is in it for long.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from runner.jobs import Job
 from runner.outputs.ledger import LedgerFiles, write_ledger
+from runner.outputs.report import put_report
 from runner.storage import Location, open_location
 from runner.store.views import Viewable
 
@@ -52,3 +54,7 @@ class RemoteOut:
                 local.unlink(missing_ok=True)
             urls.append(f"{self.location.url}/{local.name}")
         return LedgerFiles(urls[0], urls[1], urls[2], files.totals)
+
+    def write_report(self, store: Viewable) -> str:
+        """The HTML report, with its thumbnails, put in the location; its URL."""
+        return put_report(store, self.location, self.spool)

@@ -26,6 +26,11 @@ in ``DEST/references/`` and the dataset card ``DEST/README.md``
 load either with its splits. Splits are by a hash of the job id
 (:mod:`~runner.outputs.export_splits`); a split that gets no image is not written.
 
+A run whose images are in object storage (``location``) is exported the same way to a local
+DEST: each image is read from the store once, downloaded into its place in DEST (imagefolder)
+or read for its row group (parquet), and checked by the sha256 of the bytes that came, so an
+image deleted or altered in the store is skipped and counted as a missing file is.
+
 Nothing is overwritten: an existing non-empty DEST is refused. The dataset is written beside
 DEST under a temporary name and renamed into place when complete. Export only reads the
 checkpoint, so it is safe while a run is going on; it takes the jobs finished when it starts.
@@ -40,18 +45,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runner import __version__
-from runner.errors import RunnerError
-from runner.images.files import temp_path_for
+from runner.errors import RunnerError, StorageError
+from runner.images.files import sha256_file, temp_path_for
 from runner.outputs.dataset_card import CardFacts, CardTally, render_card
 from runner.outputs.export_columns import Columns, ColumnType, Value
 from runner.outputs.export_references import ReferenceCopies, copy_hashing
 from runner.outputs.export_splits import TRAIN_ONLY, SplitSpec, imagefolder_problem
+from runner.storage import Location
 from runner.store.views import ExportJob, Spend, Viewable
 
 ExportFormat = Literal["imagefolder", "parquet"]
@@ -89,40 +95,44 @@ def export_dataset(
     split: SplitSpec = TRAIN_ONLY,
     approved_only: bool = False,
     command: str = "runner.outputs.export.export_dataset (Python)",
+    location: Location | None = None,
 ) -> ExportResult:
     """Export the folder's finished images to the folder ``dest`` as ``fmt``; refuse to
-    overwrite. ``command`` is how the export was asked for, for the dataset card."""
+    overwrite. ``command`` is how the export was asked for, for the dataset card; ``location``
+    the object store holding the images, when they are not in the folder."""
+    images: _Images = _FolderImages(store.folder) if location is None else _StoredImages(location)
+    where = store.folder if location is None else location.url
     if fmt == "imagefolder" and (problem := imagefolder_problem(split)) is not None:
         raise RunnerError(problem)
     _refuse_existing(dest)
     views = store.views()
     jobs = views.exportable_jobs()
     if not jobs:
-        raise RunnerError(f"{store.folder}: no succeeded job to export yet; nothing was written")
+        raise RunnerError(f"{where}: no succeeded job to export yet; nothing was written")
     if approved_only:
         jobs = [job for job in jobs if job.review == "approved"]
         if not jobs:
             raise RunnerError(
-                f"{store.folder}: none of the succeeded jobs is approved; approve images with "
-                f"`image-runner review {store.folder}`, or export without --approved-only; "
+                f"{where}: none of the succeeded jobs is approved; approve images with "
+                f"`image-runner review {where}`, or export without --approved-only; "
                 "nothing was written"
             )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(dest)
     tmp.mkdir()
     try:
-        writer = _Writer(store.folder, tmp, fmt, jobs)
+        writer = _Writer(images, tmp, fmt, jobs)
         counts = {name: writer.write_split(name, split) for name in split.names}
         if not writer.exported:
             raise RunnerError(
-                f"{store.folder}: none of the {len(jobs)} jobs could be exported "
+                f"{where}: none of the {len(jobs)} jobs could be exported "
                 f"({writer.skipped} with an image missing or altered, "
                 f"{len(writer.problems)} with a reference missing or changed); nothing was written"
             )
         spent = views.job_spend([job.job_id for job in writer.written]).values()
         facts = CardFacts(
             title=dest.name,
-            output_folder=str(store.folder),
+            output_folder=str(where),
             fmt=fmt,
             split_files={s: (n, writer.pattern(s)) for s, n in counts.items() if n},
             references=writer.references.copied,
@@ -175,12 +185,69 @@ def _refuse_existing(dest: Path) -> None:
         )
 
 
-class _Writer:
-    """Writes the splits of one export under ``root``, from the images of the output folder
-    ``folder``, keeping what the card and the result count."""
+class _Images(Protocol):
+    """Where an export reads the run's images (``path``: as recorded, relative to the run's
+    output location)."""
 
-    def __init__(self, folder: Path, root: Path, fmt: ExportFormat, jobs: list[ExportJob]) -> None:
+    def copy(self, path: str, target: Path) -> str | None:
+        """Copy the image to the file ``target``; the sha256 of what was copied, None (and no
+        ``target``) when there is no image."""
+        ...
+
+    def read(self, path: str) -> bytes:
+        """The image's bytes; empty when there is none."""
+        ...
+
+
+class _FolderImages:
+    """The images in the output folder ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
         self._folder = folder
+
+    def copy(self, path: str, target: Path) -> str | None:
+        try:
+            return copy_hashing(self._folder / path, target)
+        except FileNotFoundError:
+            return None
+
+    def read(self, path: str) -> bytes:
+        try:
+            return (self._folder / path).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return b""
+
+
+class _StoredImages:
+    """The images in ``location``, an object store: each downloaded once (a missing one, or
+    one the store cannot give, is no image: skipped and counted)."""
+
+    def __init__(self, location: Location) -> None:
+        self._location = location
+
+    def copy(self, path: str, target: Path) -> str | None:
+        try:
+            self._location.get(path, target)
+        except StorageError:
+            target.unlink(missing_ok=True)
+            return None
+        return sha256_file(target)
+
+    def read(self, path: str) -> bytes:
+        try:
+            return self._location.read_bytes(path)
+        except StorageError:
+            return b""
+
+
+class _Writer:
+    """Writes the splits of one export under ``root``, from the run's ``images``, keeping what
+    the card and the result count."""
+
+    def __init__(
+        self, images: _Images, root: Path, fmt: ExportFormat, jobs: list[ExportJob]
+    ) -> None:
+        self._images = images
         self._root = root
         self._fmt = fmt
         self.references = ReferenceCopies(root)
@@ -256,9 +323,8 @@ class _Writer:
     def _place(self, job: ExportJob, target: Path) -> bool:
         """Copy ``job``'s image to ``target`` and verify what landed there; on a missing or
         altered image leave nothing and return False."""
-        try:
-            digest = copy_hashing(self._folder / job.image_path, target)
-        except FileNotFoundError:
+        digest = self._images.copy(job.image_path, target)
+        if digest is None:
             self.skipped += 1
             return False
         if digest != job.sha256:
@@ -284,10 +350,7 @@ class _Writer:
         batch: list[dict[str, object]] = []
         batch_bytes = 0
         for job in jobs:
-            try:
-                data = (self._folder / job.image_path).read_bytes()
-            except (FileNotFoundError, IsADirectoryError):
-                data = b""
+            data = self._images.read(job.image_path)
             if hashlib.sha256(data).hexdigest() != job.sha256:
                 self.skipped += 1
                 continue

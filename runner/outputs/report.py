@@ -17,18 +17,22 @@ unnamed temp file, then copied into the page, itself written to a temp file rena
 grow with the number of jobs. The checkpoint is only read, so the report can be made while a
 run is writing. Prompts and errors are untrusted text: escaped in the HTML, and in the JSON
 every ``<`` is ``\\u003c``, so no text can close its script element.
+
+A run whose images are in object storage (:func:`put_report`) gets the same page, its links as
+relative: the thumbnails are made from the images read from the store and kept under
+``thumbs/`` there (:mod:`runner.outputs.location_thumbs`), the page is written in a local spool
+folder and put as ``report.html``.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import islice
@@ -37,8 +41,9 @@ from typing import Final, NamedTuple
 
 from runner.images.files import atomic_file
 from runner.outputs.report_page import HEAD, SCRIPT_SHA256, TAIL, CardRow
-from runner.outputs.thumbs import Thumbnails
+from runner.outputs.thumbs import ThumbCache, Thumbnails
 from runner.provider import MICRO
+from runner.storage import Location
 from runner.store.views import ReportJob, ReportSummary, Viewable
 
 REPORT_NAME: Final = "report.html"
@@ -58,13 +63,43 @@ class _Card(NamedTuple):
 def write_report(store: Viewable) -> Path:
     """Write ``<folder>/report.html`` (atomically) and the thumbnails it needs; return its path."""
     folder = store.folder
+    path = folder / REPORT_NAME
+    thumbs = _write_page(store, path, lambda: Thumbnails(folder), folder.name, str(folder))
+    thumbs.sweep()  # now that the page in place no longer shows the thumbs it leaves
+    return path
+
+
+def put_report(store: Viewable, location: Location, spool: Path) -> str:
+    """The report of a run whose images are in ``location``, an object store: its thumbnails
+    under ``thumbs/`` there (:mod:`~runner.outputs.location_thumbs`), the page written in the
+    local folder ``spool``, then put as ``report.html`` beside ``images/`` (replaced whole),
+    its links relative as in a folder's. Returns the page's URL."""
+    from runner.outputs.location_thumbs import LocationThumbnails
+
+    page = spool / REPORT_NAME
+    title = location.url.rstrip("/").rpartition("/")[2]
+    try:
+        thumbs = _write_page(store, page, lambda: LocationThumbnails(location), title, location.url)
+        location.put(REPORT_NAME, page)
+    finally:
+        page.unlink(missing_ok=True)
+    thumbs.sweep()
+    return f"{location.url}/{REPORT_NAME}"
+
+
+def _write_page(
+    store: Viewable, path: Path, open_thumbs: Callable[[], ThumbCache], title: str, where: str
+) -> ThumbCache:
+    """Write the page at ``path`` (atomically; its scratch files beside it) and find or make
+    the thumbnails it shows in the cache ``open_thumbs`` opens; return that cache, for its
+    sweep once the page is in its place."""
     failed: list[ReportJob] = []
     unshown = 0
     with (
         store.views().report_snapshot() as snap,
-        tempfile.TemporaryFile(dir=folder) as rows,
+        tempfile.TemporaryFile(dir=path.parent) as rows,
     ):
-        thumbs = Thumbnails(folder)  # once the checkpoint could be read
+        thumbs = open_thumbs()  # once the checkpoint could be read
         rows.write(b"[")
         comma = b""
         for card, job in _cards(snap.jobs, thumbs):
@@ -78,27 +113,25 @@ def write_report(store: Viewable) -> Path:
         rows.write(b"]")
         fields = {
             "script_sha256": SCRIPT_SHA256,
-            "folder": _e(folder.name),
-            "folder_path": _e(str(folder)),
+            "folder": _e(title),
+            "folder_path": _e(where),
             "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
             "summary": _summary_html(snap.summary, unshown),
             "failures": _failures_html(failed, snap.summary.failed),
             "jobs": f"{snap.summary.jobs:,}",
         }
-        path = folder / REPORT_NAME
         with atomic_file(path) as page:
             page.write(re.sub(r"@@(\w+)@@", lambda m: fields[m.group(1)], HEAD).encode())
             rows.seek(0)
             shutil.copyfileobj(rows, page)
             page.write(TAIL.encode())
-    thumbs.sweep()  # now that the page in place no longer shows the thumbs it leaves
-    return path
+    return thumbs
 
 
-def _cards(jobs: Iterable[ReportJob], thumbs: Thumbnails) -> Iterator[tuple[_Card, ReportJob]]:
+def _cards(jobs: Iterable[ReportJob], thumbs: ThumbCache) -> Iterator[tuple[_Card, ReportJob]]:
     """Each job's card, in the jobs' order, its thumbnails made by a pool of threads (decoding
     and shrinking release the GIL) a bounded number of chunks ahead."""
-    workers = os.cpu_count() or 2
+    workers = thumbs.threads
     pending: deque[tuple[list[ReportJob], Future[list[_Card]]]] = deque()
     it = iter(jobs)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -114,11 +147,11 @@ def _cards(jobs: Iterable[ReportJob], thumbs: Thumbnails) -> Iterator[tuple[_Car
             yield from zip(future.result(), chunk, strict=True)
 
 
-def _cards_of(jobs: list[ReportJob], thumbs: Thumbnails) -> list[_Card]:
+def _cards_of(jobs: list[ReportJob], thumbs: ThumbCache) -> list[_Card]:
     return [_card(job, thumbs) for job in jobs]
 
 
-def _card(job: ReportJob, thumbs: Thumbnails) -> _Card:
+def _card(job: ReportJob, thumbs: ThumbCache) -> _Card:
     refs = [(thumbs.of_reference(path), Path(path).name) for path in job.references]
     names = [thumb.name for thumb, _ in refs if thumb.name]
     note = ""

@@ -21,24 +21,34 @@ temp files an interrupted write left go in the same pass, once an hour old: a yo
 thumb another process is writing.
 
 The methods making thumbs run in worker threads (decoding and shrinking release the GIL).
+
+What is the same wherever the images are (naming, the references remembered, the names a report
+keeps) is :class:`ThumbCache`; where a finished image is read and a thumb kept is its seam,
+five methods: :class:`Thumbnails` for a folder, as above, and
+:class:`~runner.outputs.location_thumbs.LocationThumbnails` for a run in object storage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import threading
 import time
+from abc import ABC, abstractmethod
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from stat import S_ISREG
 from typing import Final, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
+from runner.errors import StorageError
 from runner.images.files import is_temp_name, sha256_file, temp_path_for, write_atomic
 from runner.store.base import ImageStat
 
@@ -46,8 +56,8 @@ THUMBS_DIR: Final = "thumbs"
 THUMB_MAX_PX: Final = 256
 THUMB_QUALITY: Final = 70
 
-_THUMB_NAME = re.compile(r".+-[0-9a-f]{12}\.webp")
-_THUMB_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+THUMB_NAME: Final = re.compile(r".+-[0-9a-f]{12}\.webp")
+_THUMB_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, StorageError)
 _REFERENCES_REMEMBERED = 1024  # distinct reference files whose thumb a report remembers
 # A thumb is written in milliseconds: a temp file an hour old is no write going on.
 _TEMP_FILE_AGE_NS = 3600 * 1_000_000_000
@@ -61,47 +71,78 @@ class Thumb(NamedTuple):
     note: str | None
 
 
-class Thumbnails:
-    """The thumbs of one report of ``folder`` (made or found, then the unused ones swept), or
-    of a review app's requests."""
+Source = Path | bytes  # a picture: its file on this machine, or its bytes read from a store
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.dir = folder / THUMBS_DIR
-        self.dir.mkdir(exist_ok=True)
-        self._started_ns = _file_time_now_ns(self.dir)
+
+class FoundImage(NamedTuple):
+    """A finished image where the run put it: ``load`` gives the picture (read only when a
+    thumb must be made or the image hashed), ``as_recorded`` says the sha256 recorded holds."""
+
+    load: Callable[[], Source]
+    as_recorded: bool
+
+
+class ThumbCache(ABC):
+    """The thumbs of one report (made or found, then the unused ones swept), or of a review
+    app's requests. Subclasses say where the finished images are read and the thumbs kept."""
+
+    threads: int = os.cpu_count() or 2  # how many make thumbs at once, one picture each
+
+    def __init__(self) -> None:
         self._kept = array("q")  # hash() of each name used: only this process compares them
         self._references: OrderedDict[tuple[str, int, int], Thumb] = OrderedDict()
         self._lock = threading.Lock()
+
+    @abstractmethod
+    def find_image(
+        self, image_path: str, sha256: str | None, stat: ImageStat | None
+    ) -> FoundImage | None:
+        """The finished image at ``image_path`` (relative to the output location), None when
+        there is none; raises one of the errors of an unreadable image."""
+
+    @abstractmethod
+    def read(self, name: str) -> bytes:
+        """The bytes of the thumb ``name``: FileNotFoundError when it is not (or no longer)
+        there."""
+
+    @abstractmethod
+    def sweep(self) -> None:
+        """Delete the thumbs this report did not use and made before it started: called once
+        the new page is in place (the page it replaces shows the old thumbs until then, and
+        stays if the new one cannot be written)."""
+
+    @abstractmethod
+    def _cached(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def _write(self, name: str, thumb: bytes) -> None: ...
 
     def of_image(
         self, job_id: str, image_path: str | None, sha256: str | None, stat: ImageStat | None
     ) -> Thumb:
         """The thumb of a job's finished image, as the checkpoint records it (``stat``: None
-        when none was recorded). Named by the recorded sha256 while the file's stat is the one
-        recorded; else the file is hashed, and a changed image gets a thumb of its own, with a
+        when none was recorded). Named by the recorded sha256 while the image is the one
+        recorded; else it is hashed, and a changed image gets a thumb of its own, with a
         note: a reviewer judges the picture there is, and knows it is not the generated one."""
         if not image_path:
             return Thumb(None, "no image recorded")
-        source = self.folder / image_path
         try:
-            found = source.stat()
-        except OSError:
-            return Thumb(None, f"image file missing: {image_path}")
-        if not S_ISREG(found.st_mode):
-            return Thumb(None, f"image file missing: {image_path}")
-        try:
-            if sha256 and stat is not None and ImageStat.of(found) == stat:
-                return Thumb(self._make(source, f"{job_id}-{sha256[:12]}.webp"), None)
-            digest = sha256_file(source)
-            name = self._make(source, f"{job_id}-{digest[:12]}.webp")
+            found = self.find_image(image_path, sha256, stat)
+            if found is None:
+                return Thumb(None, f"image file missing: {image_path}")
+            if sha256 and found.as_recorded:
+                return Thumb(self._make(found.load, f"{job_id}-{sha256[:12]}.webp"), None)
+            source = found.load()
+            digest = _sha256_of(source)
+            name = self._make(lambda: source, f"{job_id}-{digest[:12]}.webp")
         except _THUMB_ERRORS as exc:
             return Thumb(None, f"image unreadable: {image_path} ({exc})")
         return Thumb(name, None if digest == sha256 else CHANGED_NOTE)
 
     def of_reference(self, path: str) -> Thumb:
-        """The thumb of a reference image (a path as the run recorded it), hashed once a report
-        for each of the last thousand files asked for, decoded once for all reports."""
+        """The thumb of a reference image (a path on this machine, as the run recorded it),
+        hashed once a report for each of the last thousand files asked for, decoded once for
+        all reports."""
         source = Path(path)
         try:
             stat = source.stat()
@@ -113,7 +154,8 @@ class Thumbnails:
                 self._references.move_to_end(key)
                 return self._references[key]
         try:
-            thumb = Thumb(self._make(source, f"ref-{sha256_file(source)[:12]}.webp"), None)
+            name = f"ref-{sha256_file(source)[:12]}.webp"
+            thumb = Thumb(self._make(lambda: source, name), None)
         except _THUMB_ERRORS as exc:
             thumb = Thumb(None, f"reference unreadable: {path} ({exc})")
         with self._lock:
@@ -126,12 +168,62 @@ class Thumbnails:
         """Mark ``name`` as used by this report, so that :meth:`sweep` leaves it."""
         self._kept.append(hash(name))
 
+    def _kept_names(self) -> KeptNames:
+        return KeptNames.of(np.frombuffer(self._kept, dtype=np.int64))
+
+    def _make(self, load: Callable[[], Source], name: str) -> str:
+        """``name``, made from the picture ``load`` gives unless a thumb of that name is there
+        already."""
+        if not self._cached(name):
+            self._write(name, make_thumb(load()))
+        return name
+
+
+class KeptNames:
+    """A sorted array of names' ``hash()``: which thumbs to keep, 8 bytes a name."""
+
+    def __init__(self, hashes: npt.NDArray[np.int64]) -> None:
+        self._hashes = hashes
+
+    @classmethod
+    def of(cls, hashes: npt.NDArray[np.int64]) -> KeptNames:
+        return cls(np.sort(hashes))
+
+    def __contains__(self, name: str) -> bool:
+        key = hash(name)
+        at = int(np.searchsorted(self._hashes, key))
+        return at < len(self._hashes) and bool(self._hashes[at] == key)
+
+
+class Thumbnails(ThumbCache):
+    """The thumbs under ``folder/thumbs/`` of the images in ``folder``, on this machine."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.dir = folder / THUMBS_DIR
+        self.dir.mkdir(exist_ok=True)
+        self._started_ns = _file_time_now_ns(self.dir)
+
+    def find_image(
+        self, image_path: str, sha256: str | None, stat: ImageStat | None
+    ) -> FoundImage | None:
+        """The file, as recorded while its stat is the one recorded with its sha256."""
+        source = self.folder / image_path
+        try:
+            found = source.stat()
+        except OSError:
+            return None
+        if not S_ISREG(found.st_mode):
+            return None
+        return FoundImage(lambda: source, stat is not None and ImageStat.of(found) == stat)
+
+    def read(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
     def sweep(self) -> None:
-        """Delete the thumbs this report did not use, made before it started, and the temp
-        files an interrupted write left over an hour ago. Called once the new page is in place:
-        the page it replaces shows the old thumbs until then, and stays if the new one cannot
-        be written."""
-        kept = np.sort(np.frombuffer(self._kept, dtype=np.int64))
+        """Also the temp files an interrupted write left over an hour ago."""
+        kept = self._kept_names()
         temps_before_ns = time.time_ns() - _TEMP_FILE_AGE_NS
         with os.scandir(self.dir) as entries:
             for entry in entries:
@@ -139,10 +231,8 @@ class Thumbnails:
                     continue
                 if is_temp_name(entry.name):  # checked first: ".tmp-<hex>-<thumb name>"
                     before_ns = temps_before_ns
-                elif _THUMB_NAME.fullmatch(entry.name):
-                    key = hash(entry.name)
-                    at = int(np.searchsorted(kept, key))
-                    if at < len(kept) and kept[at] == key:
+                elif THUMB_NAME.fullmatch(entry.name):
+                    if entry.name in kept:
                         continue
                     before_ns = self._started_ns
                 else:
@@ -159,11 +249,14 @@ class Thumbnails:
         except OSError:
             return False
 
-    def _make(self, source: Path, name: str) -> str:
-        """``name``, made from ``source`` unless a thumb of that name is there already."""
-        if not self._cached(name):
-            write_atomic(self.dir / name, make_thumb(source), durable=False)
-        return name
+    def _write(self, name: str, thumb: bytes) -> None:
+        write_atomic(self.dir / name, thumb, durable=False)
+
+
+def _sha256_of(source: Source) -> str:
+    if isinstance(source, Path):
+        return sha256_file(source)
+    return hashlib.sha256(source).hexdigest()
 
 
 def _file_time_now_ns(folder: Path) -> int:
@@ -178,14 +271,15 @@ def _file_time_now_ns(folder: Path) -> int:
         marker.unlink(missing_ok=True)
 
 
-def make_thumb(source: Path) -> bytes:
-    """A WebP of ``source`` at most 256 px a side, made for speed: a report may make 100,000.
-    A palette image (a flat PNG) is first cut to about twice the thumb's size by nearest
-    neighbour (converting 700,000 palette pixels to RGB costs more than the rest); then the
-    image is shrunk by whole factors (box filter, ``reducing_gap=1``) and bilinear, and encoded
-    with the least effort (``method=0``): 1.5 ms a 1280x544 PNG where the defaults take 4 ms,
-    for a thumb of the same look a few percent bigger."""
-    with Image.open(source) as image:
+def make_thumb(source: Source) -> bytes:
+    """A WebP of ``source`` (a file, or an image's bytes) at most 256 px a side, made for
+    speed: a report may make 100,000. A palette image (a flat PNG) is first cut to about
+    twice the thumb's size by nearest neighbour (converting 700,000 palette pixels to RGB
+    costs more than the rest); then the image is shrunk by whole factors (box filter,
+    ``reducing_gap=1``) and bilinear, and encoded with the least effort (``method=0``): 1.5 ms
+    a 1280x544 PNG where the defaults take 4 ms, for a thumb of the same look a few percent
+    bigger."""
+    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
         image.draft("RGB", (THUMB_MAX_PX, THUMB_MAX_PX))  # JPEG decodes at 1/2..1/8 scale
         small: Image.Image = image
         factor = max(image.size) // (2 * THUMB_MAX_PX)

@@ -21,6 +21,12 @@ cached under ``thumbs/`` as the report does), its reference images (``/ref/<job_
 i-th path recorded for that job, full size for the viewer, and ``/refthumb/<job_id>/<i>``, its
 thumbnail from the same cache, for the grid). No path ever comes from the request, and only
 png, jpeg and webp files are sent, with the type of their bytes.
+
+A run in object storage (``--out s3://...``, its state in PostgreSQL) is reviewed the same way:
+its images are read from the store in a worker thread, whole (``read_bytes``: one image a
+request), and its thumbnails are the report's cache there
+(:class:`~runner.outputs.location_thumbs.LocationThumbnails`). Its references are files on this
+machine, as the run recorded them.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from typing import Final
 
 from aiohttp import web
 
-from runner.errors import ReviewError, StoreError
-from runner.outputs.thumbs import Thumbnails
+from runner.errors import ReviewError, StorageError, StoreError
+from runner.outputs.thumbs import ThumbCache, Thumbnails
 from runner.provider import sniff_format
 from runner.review import items
+from runner.storage import Location, is_remote, open_location
 from runner.store import open_review_log
 from runner.store.base import Decision, ReviewLog
 
@@ -61,11 +68,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ReviewServer:
-    """The review app of one output folder, served until :meth:`stop`; ``url`` (with its
-    token) once started. Port 0 picks a free one."""
+    """The review app of one output folder (or object store's URL), served until :meth:`stop`;
+    ``url`` (with its token) once started. Port 0 picks a free one."""
 
     def __init__(
-        self, folder: Path, *, reviewer: str, port: int = 0, state_url: str | None = None
+        self, folder: Path | str, *, reviewer: str, port: int = 0, state_url: str | None = None
     ) -> None:
         self.folder = folder
         self.state_url = state_url  # a run whose state is in PostgreSQL; None: SQLite
@@ -88,7 +95,9 @@ class ReviewServer:
         for a folder with no checkpoint, ``OSError`` for a port in use."""
         self._log = open_review_log(self.folder, self.state_url)
         try:
-            self._runner = web.AppRunner(self._app(self._log), access_log=None)
+            location = open_location(self.folder) if is_remote(self.folder) else None
+            thumbs = await asyncio.to_thread(_thumbs_of, self.folder, location)  # a LIST
+            self._runner = web.AppRunner(self._app(self._log, thumbs, location), access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, HOST, self.port).start()
         except BaseException:
@@ -111,10 +120,12 @@ class ReviewServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def _app(self, log: ReviewLog) -> web.Application:
+    def _app(
+        self, log: ReviewLog, thumbs: ThumbCache, location: Location | None
+    ) -> web.Application:
         app = web.Application(middlewares=[self._guard])
         app.on_response_prepare.append(_security_headers)
-        routes = _Routes(log, self.reviewer, Thumbnails(self.folder))
+        routes = _Routes(log, self.reviewer, thumbs, location)
         for path in _STATIC:
             app.router.add_get(path, self._static)
         app.router.add_get("/api/items", routes.items)
@@ -149,12 +160,16 @@ class ReviewServer:
 class _Routes:
     """The API and the files, over one review log. Its reads are quick local SQLite reads on
     the event loop (a run's writes never block them); a decision, which may wait for a run's
-    write, and thumbnails are made in worker threads."""
+    write, and thumbnails are made in worker threads, as images are read from an object store
+    (``location``; None: the images are in the folder)."""
 
-    def __init__(self, log: ReviewLog, reviewer: str, thumbs: Thumbnails) -> None:
+    def __init__(
+        self, log: ReviewLog, reviewer: str, thumbs: ThumbCache, location: Location | None
+    ) -> None:
         self.log = log
         self.reviewer = reviewer
         self.thumbs = thumbs
+        self.location = location
 
     async def items(self, request: web.Request) -> web.Response:
         try:
@@ -204,11 +219,13 @@ class _Routes:
             if thumb.name is None:
                 return _error(404, f"{job_id}: {thumb.note}")
             try:
-                data = await asyncio.to_thread((self.thumbs.dir / thumb.name).read_bytes)
+                data = await asyncio.to_thread(self.thumbs.read, thumb.name)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 return _error(404, f"{job_id}: thumbnail unreadable: {exc.strerror or exc}")
+            except StorageError as exc:
+                return _error(404, f"{job_id}: thumbnail unreadable: {exc}")
             if data:
                 return web.Response(body=data, content_type="image/webp")
         return _error(503, f"{job_id}: its thumbnail was deleted as it was made; reload the page")
@@ -218,6 +235,8 @@ class _Routes:
         image = items.recorded_image(self.log.views(), job_id, request.match_info.get("version"))
         if image is None:
             return _error(404, f"{job_id}: no such image recorded")
+        if self.location is not None:
+            return await _stored_image(self.location, image.path)
         return await _image_file(self.log.folder / image.path)
 
     async def reference(self, request: web.Request) -> web.StreamResponse:
@@ -236,7 +255,10 @@ class _Routes:
         thumb = await asyncio.to_thread(self.thumbs.of_reference, found.references[index])
         if thumb.name is None:
             return _error(404, f"{job_id}: {thumb.note}")
-        data = await asyncio.to_thread((self.thumbs.dir / thumb.name).read_bytes)
+        try:
+            data = await asyncio.to_thread(self.thumbs.read, thumb.name)
+        except (OSError, StorageError) as exc:
+            return _error(404, f"{job_id}: thumbnail unreadable: {exc}")
         return web.Response(body=data, content_type="image/webp")
 
 
@@ -252,6 +274,28 @@ async def _image_file(path: Path) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Content-Type": _MIME[kind]})
 
 
+def _thumbs_of(folder: Path | str, location: Location | None) -> ThumbCache:
+    """The thumbnail cache of the images in ``folder``, or in ``location`` when it is set."""
+    if location is None:
+        return Thumbnails(Path(folder))
+    from runner.outputs.location_thumbs import LocationThumbnails
+
+    return LocationThumbnails(location)
+
+
+async def _stored_image(location: Location, key: str) -> web.Response:
+    """The object ``key`` of ``location`` if it is a png, jpeg or webp image, with the type of
+    its bytes."""
+    try:
+        data = await asyncio.to_thread(location.read_bytes, key)
+    except StorageError as exc:
+        return _error(404, str(exc))
+    kind = sniff_format(data[:16])
+    if kind is None:
+        return _error(404, f"{location.url}/{key}: not a png, jpeg or webp image")
+    return web.Response(body=data, headers={"Content-Type": _MIME[kind]})
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -264,7 +308,7 @@ async def _security_headers(_: web.Request, response: web.StreamResponse) -> Non
 
 
 async def serve_review(
-    folder: Path,
+    folder: Path | str,
     *,
     reviewer: str,
     port: int,
