@@ -127,4 +127,4 @@ def _is_conflict(exc: BaseException) -> bool:
     response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None) or {}
     error = response.get("Error", {})
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return error.get("Code") == "ConditionalRequestConflict" or status == 409
+    return bool(error.get("Code") == "ConditionalRequestConflict" or status == 409)
