@@ -48,30 +48,25 @@ Temp files are left alone (a live run may be writing them) and not counted.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final, overload
 
-from runner.core.remote_plan import Found, RemoteImages
+from runner.core.finding import EXTENSION_RANK, Found, adoptable, judge, pixel_size
+from runner.core.remote_plan import RemoteImages
 from runner.core.versions import EDITED_DIR, REJECTED_DIR, REPLACED_DIR, Moves
 from runner.errors import StoreError
 from runner.images.files import find_image, is_temp_name, remove_temp_files, sha256_file
-from runner.images.verify import ImageInvalid, inspect_image
 from runner.jobs import Job
-from runner.provider import EXTENSIONS, PRICE_PER_IMAGE_MICRO_USD
+from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.storage import Location
-from runner.store.base import ImageStat, JobRecord, RetireReason, SavedImage, Store
+from runner.store.base import ImageStat, JobRecord, RetireReason, Store
 
 IMAGES_DIR: Final = "images"
 PLAN_BATCH_JOBS: Final = 5000
-
-# Image file extensions in the order find_image() tries them.
-_EXTENSION_ORDER: Final = {ext: rank for rank, ext in enumerate(EXTENSIONS.values())}
 
 
 class TodoJobs(Sequence[Job]):
@@ -233,14 +228,14 @@ class _Planner:
         with os.scandir(self.images_dir) as entries:
             for entry in entries:
                 stem, dot, ext = entry.name.rpartition(".")
-                if dot and ext in _EXTENSION_ORDER and not is_temp_name(entry.name):
+                if dot and ext in EXTENSION_RANK and not is_temp_name(entry.name):
                     found.append((stem, entry.name))
                     if len(found) == batch_size:
                         self._keep_unrecorded(found)
                         found = []
         self._keep_unrecorded(found)
         for names in self.unrecorded.values():
-            names.sort(key=lambda name: _EXTENSION_ORDER[name.rpartition(".")[2]])
+            names.sort(key=lambda name: EXTENSION_RANK[name.rpartition(".")[2]])
 
     def _keep_unrecorded(self, found: list[tuple[str, str]]) -> None:
         recorded = self.store.finished_images([job_id for job_id, _ in found])
@@ -252,6 +247,8 @@ class _Planner:
         """Steps 3-6 for the jobs at ``start`` and on, in one transaction; the files of the
         versions it retires are moved once it has committed."""
         plan = self.plan
+        if self.remote is not None:  # its HEADs and downloads, never inside the transaction
+            self.remote.prepare(jobs, self.unrecorded)
         transaction: AbstractContextManager[object] = (
             nullcontext() if self.dry_run else self.store.batch()
         )
@@ -357,22 +354,8 @@ class _Planner:
             raise StoreError(
                 f"cannot read {path} to check it: {exc.strerror}; fix it, rerun"
             ) from None
-        if sha256 == record.sha256:
-            if not self.dry_run:
-                self.store.record_image_stat(record.job_id, stat)
-            return record, "intact"
-        size = _pixel_size(path)
-        if size is None:
-            return record._replace(sha256=sha256), "unreadable"
-        if not self.dry_run:
-            self.store.record_edit(record.job_id, sha256, stat, size)
-        edited = record._replace(
-            version=record.version + 1,
-            review="unreviewed",
-            edited_at="found by this plan",  # what the store records is its own clock's
-            sha256=sha256,
-        )
-        return edited, "edited"
+        found = (stat, sha256, pixel_size(path) if sha256 != record.sha256 else None)
+        return judge(self.store, record, found, dry_run=self.dry_run)
 
     def _retire(
         self,
@@ -438,19 +421,16 @@ class _Planner:
             return False
         path = paths[0]
         stat = ImageStat.of(path.stat())
-        data = path.read_bytes()
-        try:
-            info = inspect_image(data, job.expected_size)
-        except ImageInvalid:
+        relative = path.relative_to(self.folder).as_posix()
+        image = adoptable(job, path.read_bytes(), relative, stat)
+        if image is None:
             if not self.dry_run:
                 path.unlink()  # not a finished image of this job: it will be made again
             return False
         if self.dry_run:
             self._count_adoption_charge(job.id)
             return True
-        relative = path.relative_to(self.folder).as_posix()
-        sha256 = hashlib.sha256(data).hexdigest()
-        self.store.adopt(job.id, SavedImage(relative, info.width, info.height, sha256, stat))
+        self.store.adopt(job.id, image)
         return True
 
     def _count_adoption_charge(self, job_id: str) -> None:
@@ -462,12 +442,3 @@ class _Planner:
             # settle_in_flight() would first have made one in flight a possible charge
             was_possible = PRICE_PER_IMAGE_MICRO_USD if state == "in_flight" else cost_micro_usd
             self.adopted_possible_micro_usd += was_possible
-
-
-def _pixel_size(path: Path) -> tuple[int, int] | None:
-    """The width and height of an image changed on disk; None if it does not decode."""
-    try:
-        info = inspect_image(path)
-    except (ImageInvalid, OSError):
-        return None
-    return info.width, info.height

@@ -37,7 +37,7 @@ from typing import Protocol
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import Limiter, PacerConfig, RateLimiter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
-from runner.core.sinks import FolderSink, ImageSink
+from runner.core.sinks import FolderSink, ImageSink, LocationSink
 from runner.errors import (
     AmbiguousError,
     ApiError,
@@ -244,6 +244,13 @@ class Pool:
             self.retry, sleep=self._sleep, keep_going=lambda: not self.stopping, rng=self._rng
         )
         c = self._counters
+        sink = self.sink  # with a shared state: a dead worker's image may be in place
+        if isinstance(sink, LocationSink) and await asyncio.to_thread(
+            sink.adopt_existing, self.store, job
+        ):
+            c.succeeded += 1  # its image was there: a worker died before recording it
+            self._report()
+            return
         waiting = False  # between a failed attempt and the next: counted in c.retrying
         tries = _JobTries()
 

@@ -10,6 +10,15 @@
 
 Either blocks (decode, fsync, network): the pool calls :meth:`ImageSink.save` in a thread. A
 success is recorded only after it returned, so only once the image is durable in its place.
+
+**Adoption before a request** (:meth:`LocationSink.adopt_existing`; a location is the sink
+of every run with a shared state, and only there do other workers write). With workers, a job
+is claimed again when the worker that had it died; if that one died between writing the image
+and recording it, its last attempt is a possible charge and its image is in place. Before such
+a job is sent, the sink looks for that image (:meth:`LocationSink.existing`: a HEAD per image
+extension, png first) and a good one is adopted: recorded as the job's success, the possible
+charge confirmed, no request sent. Only then: a job with no possible charge has no image to
+find, and costs no look.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final, Protocol
 
+from runner.core.finding import EXTENSION_RANK, adoptable
 from runner.errors import ImageWriteError
 from runner.images.saving import save_image
 from runner.jobs import Job
 from runner.storage import Location, ObjectInfo, save_image_to
-from runner.store.base import ImageStat, SavedImage
+from runner.storage.base import checksums_agree
+from runner.store.base import ImageStat, SavedImage, Store
 
 NS_PER_S: Final = 1_000_000_000
 
@@ -74,6 +85,32 @@ class LocationSink:
             )
         image = saved.image
         return SavedImage(saved.key, image.width, image.height, saved.sha256, object_stat(found))
+
+    def existing(self, job: Job) -> SavedImage | None:
+        """The good image of ``job`` already at ``images/<job id>.<ext>`` (it decodes at the
+        size asked for, and hashes to what its store reports), as adoption records it; None
+        when there is none."""
+        for ext in EXTENSION_RANK:
+            found = self.location.info(f"images/{job.id}.{ext}")
+            if found is not None:
+                data = self.location.read_bytes(found.key)
+                image = adoptable(job, data, found.key, object_stat(found))
+                reported = checksums_agree(found.checksum, f"sha256:{image and image.sha256}")
+                return None if reported is False else image
+        return None
+
+    def adopt_existing(self, store: Store, job: Job) -> bool:
+        """Adopt ``job``'s image when its last attempt is a possible charge and a good image
+        of it is in place; whether it was (then no request is to be sent). Blocks: the pool
+        calls it in a thread."""
+        charge = store.adoption_charge(job.id)
+        if charge is None or charge[0] != "possible":
+            return False
+        image = self.existing(job)
+        if image is None:
+            return False
+        store.adopt(job.id, image)
+        return True
 
 
 def object_stat(found: ObjectInfo) -> ImageStat:

@@ -25,6 +25,8 @@ that nothing records.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
 from typing import Final
 
@@ -53,12 +55,11 @@ class Moves:
     def target(self, source: Path, aside: str, job_id: str, version: int) -> Path:
         """Where ``source``, version ``version`` of ``job_id``, goes in the folder ``aside``:
         a name no file has, nor one promised to another file of this plan."""
-        folder = self.folder / aside
-        stem, ext = f"{job_id}.v{version}", source.suffix
-        target, n = folder / f"{stem}{ext}", 1
-        while target in self._targets or target.exists():
-            target, n = folder / f"{stem}.{n}{ext}", n + 1
-        return target
+        for name in aside_names(aside, job_id, version, source.suffix):
+            target = self.folder / name
+            if target not in self._targets and not target.exists():
+                return target
+        raise AssertionError("aside_names() never ends")
 
     def add(self, source: Path, target: Path, version: tuple[str, int] | None = None) -> None:
         """Move ``source`` to ``target`` at :meth:`finish`; ``version`` (job id, version) is
@@ -114,6 +115,15 @@ class Moves:
             fsync_dir(folder)
         if versions:
             self.store.mark_moved(versions)
+
+
+def aside_names(aside: str, job_id: str, version: int, ext: str) -> Iterator[str]:
+    """The names, in order, an earlier version (``ext`` with its dot) may take in the folder
+    ``aside``: ``<job id>.v<N><ext>``, then ``<job id>.v<N>.1<ext>``, ``.2``...; the first
+    free one is taken (on disk or in an object store alike)."""
+    yield f"{aside}/{job_id}.v{version}{ext}"
+    for n in count(1):
+        yield f"{aside}/{job_id}.v{version}.{n}{ext}"
 
 
 def _move(source: Path, target: Path) -> None:
