@@ -22,7 +22,6 @@ the writes and the budget: :mod:`.writes`):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 
-from runner.errors import ApiError, StoreError, StoreWriteError
+from runner.errors import ApiError, ClaimLost, StoreError, StoreWriteError
 from runner.jobs import Job
 from runner.store import versioning
 from runner.store.base import (
@@ -46,16 +45,15 @@ from runner.store.base import (
     RetireReason,
     SavedImage,
 )
-from runner.store.groupcommit import GroupCommit
+from runner.store.groupcommit import GroupCommit, batch_transaction
 from runner.store.postgres import claims, writes
-from runner.store.postgres.connect import Translated, store_error
+from runner.store.postgres.connect import Translated, id_chunks, store_error
 from runner.store.postgres.views import PostgresViews
 from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, now_iso
 
 T = TypeVar("T")
 
-# Ids a lookup sends at a time (one array parameter), and jobs a claim takes.
-IDS_PER_QUERY = 10_000
+# Jobs a claim takes.
 CLAIM_BATCH = 32
 
 
@@ -71,6 +69,7 @@ class PostgresStore:
         connect: Callable[[], psycopg.Connection[Any]],
         *,
         worker: bool,
+        planner: bool,
     ) -> None:
         self.state_url = state_url
         self.out_url = out_url
@@ -81,6 +80,7 @@ class PostgresStore:
         self.conn = conn
         self.write_failure: StoreWriteError | None = None
         self.worker_id: int | None = None
+        self.planner = planner  # the run that plans: it sets the budget's cap
         self._transacting = threading.Lock()  # held by the outermost batch() block
         self._thread = threading.local()  # .depth: this thread's nested batch() blocks
         self._heartbeat: claims.Heartbeat | None = None
@@ -88,6 +88,10 @@ class PostgresStore:
         self._claimer: ThreadPoolExecutor | None = None
         self._claim_conn: psycopg.Connection[Any] | None = None
         self._budget = ""
+        # The content each job in flight was sent with (by begin_attempt), which its outcome
+        # must still match; and every job claim() yielded, so that none is yielded twice.
+        self._hashes: dict[str, str] = {}
+        self._yielded: set[str] = set()
         try:
             with self._reading("cannot read the run's control row"):
                 row = conn.execute("SELECT budget FROM control").fetchone()
@@ -105,7 +109,9 @@ class PostgresStore:
             self.worker_id = claims.register(self.conn, lease)
         self._heartbeat = claims.Heartbeat(connect, self.state_url, self.worker_id, lease)
         writer = Translated(connect())
-        self._commits = GroupCommit(writer, lambda: _transaction(writer))
+        self._commits = GroupCommit(
+            writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error)
+        )
         self._claim_conn = connect()
         self._claimer = ThreadPoolExecutor(1, thread_name_prefix="pg-claims")
 
@@ -194,9 +200,14 @@ class PostgresStore:
 
     async def begin_attempt(self, job: Job) -> int:
         """Reserve the price on the run's budget and record the attempt in flight, together;
-        :class:`~runner.errors.BudgetReached` when the budget cannot take it."""
+        :class:`~runner.errors.BudgetReached` when the budget cannot take it,
+        :class:`~runner.errors.ClaimLost` when the job is no longer this worker's to send
+        (claimed by another, succeeded, or changed by a new plan): nothing is recorded, and
+        nothing may be sent for it."""
         worker = self._worker()
-        return await self._grouped(lambda db: writes.intent(db, job, worker, self._budget))
+        attempt = await self._grouped(lambda db: writes.intent(db, job, worker, self._budget))
+        self._hashes[job.id] = job.content_hash
+        return attempt
 
     async def record_outcome(self, job_id: str, attempt: int, outcome: Outcome) -> None:
         await self._grouped(
@@ -206,22 +217,38 @@ class PostgresStore:
     async def record_success(
         self, job_id: str, attempt: int, outcome: Outcome, image: SavedImage
     ) -> None:
+        """The attempt's outcome and the job's success. If the job moved on meanwhile (another
+        worker holds it or made it, or a new plan changed it), the outcome alone is recorded
+        and :class:`~runner.errors.ClaimLost` raised: ``image`` is a stray."""
         stat = image.stat or self._image_stat(image.path)
+        held = (self._hashes.get(job_id), self._worker())
 
-        def write(db: Translated) -> None:
+        def write(db: Translated) -> bool:
             writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            writes.succeeded(db, job_id, image, stat)
+            return writes.succeeded(db, job_id, image, stat, held)
 
-        await self._grouped(write)
+        self._settled(job_id, await self._grouped(write))
 
     async def record_failure(
         self, job_id: str, attempt: int, outcome: Outcome, error: ApiError, *, retry_later: bool
     ) -> None:
-        def write(db: Translated) -> None:
-            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            writes.failed(db, job_id, error, retry_later=retry_later)
+        """As :meth:`record_success`: a job that moved on is left as it is (ClaimLost)."""
+        held = (self._hashes.get(job_id), self._worker())
 
-        await self._grouped(write)
+        def write(db: Translated) -> bool:
+            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
+            return writes.failed(db, job_id, error, held, retry_later=retry_later)
+
+        self._settled(job_id, await self._grouped(write))
+
+    def _settled(self, job_id: str, recorded: bool) -> None:
+        self._hashes.pop(job_id, None)
+        if not recorded:
+            raise ClaimLost(
+                job_id,
+                f"job {job_id} moved on while this worker sent it (another worker holds it, "
+                "or a new plan changed it): its attempt is recorded, the job left as it is",
+            )
 
     async def drain(self) -> None:
         if self._commits is not None:
@@ -271,7 +298,9 @@ class PostgresStore:
             for taken, job in enumerate(batch, start=1):
                 if pending is None and taken >= len(batch) * 3 // 4:
                     pending = fetch()
-                yield job
+                if job.id not in self._yielded:
+                    self._yielded.add(job.id)
+                    yield job
             if self.stop_requested() is not None:
                 return
 
@@ -289,17 +318,29 @@ class PostgresStore:
         return await asyncio.get_running_loop().run_in_executor(self._claimer, ask)
 
     def queue(self, job_ids: Sequence[str]) -> None:
-        """This run's plan: its to-do becomes the queue workers claim from, and a stop an
-        earlier run was given is lifted."""
-        with self.batch() as db:
-            db.execute("UPDATE control SET stop_reason = NULL, stopped_at = NULL")
-            for start in range(0, len(job_ids), IDS_PER_QUERY):
-                chunk = list(job_ids[start : start + IDS_PER_QUERY])
+        """This run's plan: its to-do becomes the queue workers claim from, a chunk of ids a
+        transaction (no long transaction holding the rows others claim), then, last and alone,
+        the run marked planned (:meth:`planned`) and a stop an earlier run was given lifted."""
+        for chunk in id_chunks(job_ids):
+            with self.batch() as db:
                 db.execute(
-                    "UPDATE jobs SET queued = true WHERE job_id = ANY(?) AND NOT queued", (chunk,)
+                    "UPDATE jobs SET queued = true FROM unnest(?::text[]) AS todo(id) "
+                    "WHERE jobs.job_id = todo.id AND NOT jobs.queued",
+                    (chunk,),
                 )
+        with self.batch() as db:
+            db.execute(
+                "UPDATE control SET stop_reason = NULL, stopped_at = NULL, planned_at = now()"
+            )
         if self._heartbeat is not None:
-            self._heartbeat.db_stop = None
+            self._heartbeat.set_stop(None)
+
+    def planned(self) -> bool:
+        """Whether a run planned this one (its queue is made): a worker that joins earlier has
+        nothing to claim yet."""
+        with self._reading("cannot read the run's control row"):
+            row = self.conn.execute("SELECT planned_at IS NOT NULL FROM control").fetchone()
+        return bool(row and row[0])
 
     def stop_requested(self) -> str | None:
         """The run's stop as the heartbeat last read it (a worker), else as the database says."""
@@ -317,7 +358,7 @@ class PostgresStore:
                 (reason,),
             )
         if self._heartbeat is not None:
-            self._heartbeat.db_stop = self._heartbeat.db_stop or reason
+            self._heartbeat.set_stop(reason)
 
     # --- settling and the budget -----------------------------------------------------------
 
@@ -337,11 +378,13 @@ class PostgresStore:
 
     def budget(self, cap_micro_usd: int | None) -> Budget:
         """The pool's budget has no cap of its own: the database is the cap, reserved by
-        :meth:`begin_attempt` across all workers. ``cap_micro_usd`` (a run's ``--max-cost``),
-        when given, becomes the cap of the run's budget row; None keeps the row's (``work``)."""
-        if cap_micro_usd is not None:
+        :meth:`begin_attempt` across all workers (so no spend needs reading here). Opened by
+        the planning run, ``cap_micro_usd`` (its ``--max-cost``; None: no cap) becomes the cap
+        of the run's budget row, shared with every run naming it; a joining worker keeps the
+        row's."""
+        if self.planner:
             self.set_budget_cap(cap_micro_usd)
-        return Budget(None, sum(self.spend_micro_usd()))
+        return Budget(None, 0)
 
     def set_budget_cap(self, cap_micro_usd: int | None) -> None:
         """Cap the run's budget row (shared with every run naming it) at ``cap_micro_usd``."""
@@ -360,13 +403,26 @@ class PostgresStore:
     # --- the run ------------------------------------------------------------------------
 
     def start_run(self) -> int:
+        """The run's row names its worker (whose ``workers`` row has its host and OS pid); its
+        pid stays NULL: no pid tells another host whether a process lives (:meth:`live_workers`
+        does)."""
         with self.batch() as db:
             row = db.execute(
-                "INSERT INTO runs (started_at, pid, worker_id) VALUES (?, pg_backend_pid(), ?) "
-                "RETURNING run_id",
+                "INSERT INTO runs (started_at, worker_id) VALUES (?, ?) RETURNING run_id",
                 (now_iso(), self.worker_id),
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def live_workers(self) -> int:
+        """How many workers hold a valid lease on the run and have not finished (for
+        ``status``: the run is live while this is above zero)."""
+        with self._reading("cannot read the run's workers"):
+            return claims.live_workers(self.conn)
+
+    def queue_counts(self) -> claims.QueueCounts:
+        """The queue's progress (:class:`~.claims.QueueCounts`), cheap enough to poll."""
+        with self._reading("cannot read the run's queue"):
+            return claims.queue_counts(self.conn)
 
     def finish_run(self, run_id: int, outcome: str) -> None:
         with self.batch() as db:
@@ -398,8 +454,7 @@ class PostgresStore:
     def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = []
         with self._reading("cannot read the jobs"), self.conn.cursor() as cursor:
-            for start in range(0, len(job_ids), IDS_PER_QUERY):
-                chunk = list(job_ids[start : start + IDS_PER_QUERY])
+            for chunk in id_chunks(job_ids):
                 rows += cursor.execute(sql, (chunk,)).fetchall()
         return rows
 
@@ -465,17 +520,3 @@ def local_folder(out_url: str) -> Path | None:
     """The local folder of a ``file://`` output location; None for object storage."""
     parts = urlsplit(out_url)
     return Path(unquote(parts.path)) if parts.scheme == "file" else None
-
-
-@contextmanager
-def _transaction(db: Translated) -> Iterator[Translated]:
-    """The group commit's transaction on its writer connection."""
-    db.execute("BEGIN")
-    try:
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            with contextlib.suppress(psycopg.Error):  # the first error is the one to tell
-                db.execute("ROLLBACK")
-        raise
