@@ -3,7 +3,8 @@
 :mod:`.connect` (the ``--state`` URL, a run's identity, errors without the password),
 :mod:`.schema` (the shared schema and each run's, their migrations), :mod:`.store`
 (:class:`PostgresStore`), :mod:`.writes` (attempts, the shared budget, planning),
-:mod:`.claims` (workers, leases, claims). The factories below are how a run opens it; which
+:mod:`.claims` (workers, leases, claims), :mod:`.claimer` (a worker's claims, off the event
+loop). The factories below are how a run opens it; which
 backend a command uses is decided by :mod:`runner.store`.
 """
 

@@ -21,10 +21,8 @@ the writes and the budget: :mod:`.writes`):
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,14 +45,12 @@ from runner.store.base import (
 )
 from runner.store.groupcommit import GroupCommit, batch_transaction
 from runner.store.postgres import claims, writes
+from runner.store.postgres.claimer import Claimer
 from runner.store.postgres.connect import Translated, id_chunks, store_error
 from runner.store.postgres.views import PostgresViews
 from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, now_iso
 
 T = TypeVar("T")
-
-# Jobs a claim takes.
-CLAIM_BATCH = 32
 
 
 class PostgresStore:
@@ -85,13 +81,11 @@ class PostgresStore:
         self._thread = threading.local()  # .depth: this thread's nested batch() blocks
         self._heartbeat: claims.Heartbeat | None = None
         self._commits: GroupCommit[Translated] | None = None
-        self._claimer: ThreadPoolExecutor | None = None
-        self._claim_conn: psycopg.Connection[Any] | None = None
+        self._claimer: Claimer | None = None
         self._budget = ""
-        # The content each job in flight was sent with (by begin_attempt), which its outcome
-        # must still match; and every job claim() yielded, so that none is yielded twice.
+        # The content each job in flight was sent with (by begin_attempt): its outcome is
+        # recorded on the job only if the job still has it.
         self._hashes: dict[str, str] = {}
-        self._yielded: set[str] = set()
         try:
             with self._reading("cannot read the run's control row"):
                 row = conn.execute("SELECT budget FROM control").fetchone()
@@ -112,8 +106,7 @@ class PostgresStore:
         self._commits = GroupCommit(
             writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error)
         )
-        self._claim_conn = connect()
-        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="pg-claims")
+        self._claimer = Claimer(connect(), self.state_url, self.worker_id)
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self.out_url} worker={self.worker_id}>"
@@ -126,15 +119,16 @@ class PostgresStore:
 
     def close(self) -> None:
         """Stop the threads, give this worker's claims back, close every connection; each step
-        tried whatever the one before raised. The first database error is a StoreError."""
+        tried whatever the one before raised. The first database error is a StoreError. A
+        second close does nothing."""
+        if self.conn.closed:
+            return
         error: BaseException | None = None
         steps: list[Callable[[], object]] = []
         if self._commits is not None:
             steps += [self._commits.close, self._commits.db.conn.close]
         if self._claimer is not None:
-            steps.append(self._claimer.shutdown)  # waits for a claim under way
-        if self._claim_conn is not None:
-            steps.append(self._claim_conn.close)
+            steps.append(self._claimer.close)  # waits for a claim under way
         if self._heartbeat is not None:
             steps.append(self._heartbeat.close)
         if self.worker_id is not None:
@@ -146,7 +140,7 @@ class PostgresStore:
                 step()
             except Exception as exc:
                 error = error or exc
-        self._commits = self._claimer = self._claim_conn = self._heartbeat = None
+        self._commits = self._claimer = self._heartbeat = None
         if isinstance(error, psycopg.Error):
             raise store_error(error, self.state_url, "cannot close the run's state") from None
         if error is not None:
@@ -274,48 +268,12 @@ class PostgresStore:
 
     async def claim(self, todo: Iterable[Job]) -> AsyncIterator[Job]:
         """The run's queued jobs (``todo``, when this process planned them, was queued by
-        :meth:`queue`), claimed from the database a small batch at a time, the next batch
-        claimed in the claimer's thread while the pool takes the end of this one. Ends when no
-        job is left to claim and none is held by another live worker (if one dies, its jobs
-        come back to the queue), or the run is stopped."""
-        worker = self._worker()
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future[list[Job]] | None = None
-
-        def fetch() -> asyncio.Future[list[Job]]:
-            return loop.run_in_executor(self._claimer, self._claim_batch, worker)
-
-        pending = fetch()
-        while pending is not None:
-            batch = await pending
-            pending = None
-            if not batch:
-                if self.stop_requested() is not None or not await self._others_hold_work(worker):
-                    return
-                await asyncio.sleep(claims.lease_s() / 3)
-                pending = fetch()
-                continue
-            for taken, job in enumerate(batch, start=1):
-                if pending is None and taken >= len(batch) * 3 // 4:
-                    pending = fetch()
-                if job.id not in self._yielded:
-                    self._yielded.add(job.id)
-                    yield job
-            if self.stop_requested() is not None:
-                return
-
-    def _claim_batch(self, worker: int) -> list[Job]:
-        assert self._claim_conn is not None
-        with self._reading("cannot claim jobs"):
-            return claims.claim_batch(self._claim_conn, worker, CLAIM_BATCH)
-
-    async def _others_hold_work(self, worker: int) -> bool:
-        def ask() -> bool:
-            assert self._claim_conn is not None
-            with self._reading("cannot read the run's queue"):
-                return claims.others_hold_work(self._claim_conn, worker)
-
-        return await asyncio.get_running_loop().run_in_executor(self._claimer, ask)
+        :meth:`queue`), claimed from the database by this worker's :class:`Claimer`. Ends when
+        none is left, or the run is stopped (then :meth:`stop_requested` says why)."""
+        self._worker()
+        assert self._claimer is not None  # made with the worker
+        async for job in self._claimer.jobs(self.stop_requested):
+            yield job
 
     def queue(self, job_ids: Sequence[str]) -> None:
         """This run's plan: its to-do becomes the queue workers claim from, a chunk of ids a
