@@ -58,7 +58,7 @@ def test_a_worker_joining_a_run_nobody_planned_is_told_so(
     opener: Callable[..., PostgresStore], tmp_path: Path
 ) -> None:
     with pytest.raises(
-        StoreError, match="no run planned at .* plan it with `image-runner run`"
+        StoreError, match=r"no run planned at .* plan it with `image-runner run`"
     ) as e:
         opener(tmp_path / "never-planned", create=False)
     assert PG_PASSWORD not in str(e.value)
