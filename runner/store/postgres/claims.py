@@ -230,11 +230,6 @@ class Heartbeat:
     def stop_reason(self) -> str | None:
         """Why this worker must stop: its lease is lost (or about to be, the database out of
         reach), or the run was stopped."""
-        if self.failure is None and time.monotonic() - self._renewed_at > self._deadline_s():
-            self.failure = (
-                f"this worker's lease could not be renewed for {self.lease:g} s: others may "
-                "take its jobs, so it stops (check the database's reachability)"
-            )
         return self.failure or self.db_stop
 
     def set_stop(self, reason: str | None) -> None:
@@ -260,7 +255,13 @@ class Heartbeat:
                     self._conn = self._connect()
                 self.beat()
             except (psycopg.Error, StoreError):
-                pass  # a lost connection: tried again next beat; stop_reason tells when late
+                # A lost connection: tried again next beat, until others may see the lease
+                # as expired. (A beat merely late is no failure: the renewal says if it was.)
+                if time.monotonic() - self._renewed_at > self._deadline_s():
+                    self.failure = self.failure or (
+                        f"this worker's lease could not be renewed for {self.lease:g} s: "
+                        "others may take its jobs, so it stops (check the database)"
+                    )
 
     def beat(self) -> None:
         """Renew the lease, read the stop, settle dead workers' attempts."""
