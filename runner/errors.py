@@ -13,7 +13,9 @@
      |    +-- StoreWriteError   a write to the checkpoint failed (disk full, I/O error): final
      |    |                     for the run (exit 3 once a request was sent, else exit 2)
      |    +-- BudgetReached     the shared budget (PostgreSQL state) cannot take the next
-     |                          attempt's price: final for the run, nothing was sent for it
+     |    |                     attempt's price: final for the run, nothing was sent for it
+     |    +-- ClaimLost         this worker no longer holds the job (PostgreSQL state): drop
+     |                          it, send nothing; not final for the run
      +-- ImageWriteError        an image came back but the disk refused it (never a network
      |                          error: the client raises this only around its own file writes)
      +-- StorageError           an object store (S3, GCS, Azure) or folder refused an operation,
@@ -119,6 +121,18 @@ class StoreWriteError(StoreError):
 class BudgetReached(StoreError):
     """The budget row the run spends from (shared by the workers and runs that name it) cannot
     take the next attempt's price: the attempt was not recorded, so it must not be sent."""
+
+
+class ClaimLost(StoreError):
+    """The job moved on while this worker held it (PostgreSQL state): its lease expired and
+    another worker claimed it, it succeeded elsewhere, or a new plan changed its content.
+    Raised before a request (nothing was recorded: drop the job, send nothing) or after one
+    (the attempt's outcome was recorded, the job left untouched: an image made for it is a
+    stray). ``job_id`` names the job."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class ImageWriteError(RunnerError):

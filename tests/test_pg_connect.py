@@ -61,7 +61,9 @@ def test_schema_is_made_once_by_workers_starting_together(pg_url: str, tmp_path:
 
 
 def test_reading_a_run_that_is_not_there_says_what_to_do(pg_url: str, tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match=r"holds no run of .* run a manifest into it first") as e:
+    with pytest.raises(
+        StoreError, match=r"no run planned at .* plan it with `image-runner run`"
+    ) as e:
         open_run(pg_url, normalise_out(tmp_path), create=False)
     assert PG_PASSWORD not in str(e.value)
 

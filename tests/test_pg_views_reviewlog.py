@@ -124,6 +124,6 @@ def test_a_write_that_fails_is_a_store_error_without_the_password(
 def test_a_run_the_state_does_not_hold_is_refused(tmp_path: Path, pg_url: str) -> None:
     with pytest.raises(StoreError) as raised:
         PostgresReviewLog(pg_url, tmp_path / "never-run")
-    assert "holds no run of" in str(raised.value)
+    assert "no run planned at" in str(raised.value)
     assert PG_PASSWORD not in str(raised.value)
     assert not isinstance(raised.value, psycopg.Error)

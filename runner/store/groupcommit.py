@@ -53,7 +53,9 @@ class GroupCommit(Generic[C]):
         self, db: C, transaction: Callable[[], AbstractContextManager[C]] | None = None
     ) -> None:
         self.db = db
-        self._transaction = transaction or (lambda: _immediate(db))
+        self._transaction = transaction or (
+            lambda: batch_transaction(db, "BEGIN IMMEDIATE", sqlite3.Error)
+        )
         self.batches = 0  # transactions committed, for tests and benchmarks
         self.writes = 0
         self._pending: list[tuple[Callable[[C], Any], asyncio.Future[Any]]] = []
@@ -130,14 +132,16 @@ class GroupCommit(Generic[C]):
 
 
 @contextmanager
-def _immediate(db: Any) -> Iterator[Any]:
-    """SQLite's write transaction (the default when the connection is a sqlite3 one)."""
-    db.execute("BEGIN IMMEDIATE")
+def batch_transaction(db: C, begin: str, driver_error: type[Exception]) -> Iterator[C]:
+    """A batch's transaction on the writer's connection: ``begin`` (SQLite's ``BEGIN
+    IMMEDIATE``, the default; PostgreSQL's ``BEGIN``) ... ``COMMIT``, rolled back on any
+    error, whose first one (not the rollback's, a ``driver_error``) is the one raised."""
+    db.execute(begin)
     try:
         yield db
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:  # also after a failed COMMIT, which leaves it open
-            with suppress(sqlite3.Error):  # the first error is the one to tell
+            with suppress(driver_error):
                 db.execute("ROLLBACK")
         raise

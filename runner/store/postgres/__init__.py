@@ -3,7 +3,8 @@
 :mod:`.connect` (the ``--state`` URL, a run's identity, errors without the password),
 :mod:`.schema` (the shared schema and each run's, their migrations), :mod:`.store`
 (:class:`PostgresStore`), :mod:`.writes` (attempts, the shared budget, planning),
-:mod:`.claims` (workers, leases, claims). The factories below are how a run opens it; which
+:mod:`.claims` (workers, leases, claims), :mod:`.claimer` (a worker's claims, off the event
+loop). The factories below are how a run opens it; which
 backend a command uses is decided by :mod:`runner.store`.
 """
 
@@ -36,14 +37,33 @@ __all__ = [
 ]
 
 
-def open_pg_store(state_url: str, out_url: str | Path, *, worker: bool = True) -> PostgresStore:
+def open_pg_store(
+    state_url: str,
+    out_url: str | Path,
+    *,
+    worker: bool = True,
+    create: bool = True,
+    budget: str | None = None,
+) -> PostgresStore:
     """The run at ``out_url`` (a local folder or an object storage URL) in the database of
     ``state_url``, for a run or a worker (``worker``: it registers and may claim and send;
-    False: it only plans or stops the run). Creates the schemas and the run as needed."""
+    False: it only plans or stops the run).
+
+    ``create``: the planning run (``image-runner run``), which creates the schemas and the run
+    as needed, names the shared budget it spends from (``budget``; default: the run's own,
+    named after ``out_url``) and sets its cap (:meth:`PostgresStore.budget`). A joining worker
+    (``image-runner work``) opens with ``create=False``: a run nobody planned is a
+    :class:`~runner.errors.StoreError` saying so, not an empty run; the run's budget and cap
+    are the planner's."""
     out = location_url(out_url)
-    conn = open_run(state_url, out, create=True)
+    conn = open_run(state_url, out, create=create, budget=budget)
     return PostgresStore(
-        state_url, out, conn, lambda: _run_connection(state_url, out), worker=worker
+        state_url,
+        out,
+        conn,
+        lambda: _run_connection(state_url, out),
+        worker=worker,
+        planner=create,
     )
 
 
@@ -52,7 +72,7 @@ def open_pg_read_only(state_url: str, out_url: str | Path) -> PostgresStore:
     out = location_url(out_url)
     conn = open_run(state_url, out, create=False)
     return PostgresStore(
-        state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
+        state_url, out, conn, lambda: _run_connection(state_url, out), worker=False, planner=False
     )
 
 
@@ -81,7 +101,7 @@ def open_pg_for_dry_run(state_url: str, out_url: str | Path) -> PostgresStore:
         conn.close()
         raise
     return PostgresStore(
-        state_url, out, conn, lambda: _run_connection(state_url, out), worker=False
+        state_url, out, conn, lambda: _run_connection(state_url, out), worker=False, planner=False
     )
 
 

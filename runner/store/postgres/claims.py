@@ -3,9 +3,12 @@
 - A worker is one process running the pool on the run. Opening a store as a worker inserts its
   ``workers`` row with a lease on the database's clock (``now()``: no worker's clock decides
   whose lease expired); a :class:`Heartbeat` thread, on its own connection, renews it every
-  third of :func:`lease_s`, reads the run's stop (so that :meth:`stop_requested` costs nothing),
-  and settles what dead workers left in flight, so that a killed worker's attempts are
-  possible charges within about a lease.
+  third of :func:`lease_s` (or more often, to hear a stop within ``STOP_HEARD_S``), reads the
+  run's stop (so that :meth:`stop_requested` costs nothing), and settles what dead workers
+  left in flight, so that a killed worker's attempts are possible charges within about a lease.
+- Leases fence: a lease is renewed only while it is valid (:data:`RENEW`), so a worker that
+  stalled past it cannot take it back; and every write about a job checks that this worker
+  still holds it (:mod:`.writes`).
 - A worker is *dead* when its lease expired or it finished (:data:`DEAD_WORKERS`): its claims
   are free for others, its attempts in flight nobody's.
 - :func:`claim_batch` claims the next few queued jobs in planning order with ``FOR UPDATE SKIP
@@ -19,12 +22,14 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
+from runner.errors import StoreError
 from runner.jobs import Job
 from runner.manifest.spool import restore
 from runner.provider import PRICE_PER_IMAGE_MICRO_USD
@@ -117,6 +122,34 @@ def others_hold_work(conn: psycopg.Connection[Any], worker_id: int) -> bool:
     return bool(row and row[0])
 
 
+class QueueCounts(NamedTuple):
+    """The run's queue at a glance, each count read from a partial index (cheap to poll at any
+    size): jobs still queued, those of them claimed by a live worker, and the run's failed
+    jobs. Succeeded jobs are the planned to-do less those still queued and failed."""
+
+    queued: int
+    claimed: int
+    failed: int
+
+
+def queue_counts(conn: psycopg.Connection[Any]) -> QueueCounts:
+    row = conn.execute(
+        "SELECT (SELECT COUNT(*) FROM jobs WHERE queued), "
+        "(SELECT COUNT(*) FROM jobs WHERE queued AND claimed_by IS NOT NULL "
+        f"AND claimed_by NOT IN ({DEAD_WORKERS})), "
+        "(SELECT COUNT(*) FROM jobs WHERE status = 'failed')"
+    ).fetchone()
+    return QueueCounts(*(int(n) for n in row)) if row else QueueCounts(0, 0, 0)
+
+
+def live_workers(conn: psycopg.Connection[Any]) -> int:
+    """Workers whose lease is valid and who have not finished: the run is being worked on."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM workers WHERE finished_at IS NULL AND lease_expires_at > now()"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def job_of(row: tuple[Any, ...]) -> Job:
     """The job of a ``jobs`` row (:data:`JOB_COLUMNS`), as the manifest made it; its fields were
     checked when it was planned."""
@@ -141,11 +174,27 @@ def job_of(row: tuple[Any, ...]) -> Job:
 
 STOP_HEARD_S = 2.0  # the longest a worker goes without reading the run's stop
 
+# A lease renewed only while it is still valid and the worker has not finished: a worker whose
+# lease expired (others may have taken its jobs and settled its attempts) cannot take it back.
+RENEW = (
+    "UPDATE workers SET lease_expires_at = now() + make_interval(secs => %s) "
+    "WHERE worker_id = %s AND lease_expires_at > now() AND finished_at IS NULL "
+    "RETURNING worker_id"
+)
+
 
 class Heartbeat:
     """The thread that keeps this worker's lease (on its own connection), hears the run's stop
-    and settles dead workers' attempts, every third of the lease or ``STOP_HEARD_S``. A beat
-    that fails leaves the lease to expire, so the worker stops itself: others take its jobs."""
+    and settles dead workers' attempts, every third of the lease but at least every
+    ``STOP_HEARD_S``.
+
+    Each beat renews the lease first, alone, in autocommit: nothing another worker holds can
+    delay it. Settling comes after, in its own transaction whose lock waits are cut short
+    (``lock_timeout`` a fraction of the lease); a settle that waits too long is left to the
+    next beat. A renewal refused (the lease had expired, or the worker was marked finished) is
+    final: the worker stops, others have its jobs. A beat that fails on the network is not:
+    the worker stops only once its last renewal is older than the lease minus a margin, before
+    others can see it as dead."""
 
     def __init__(
         self,
@@ -157,12 +206,20 @@ class Heartbeat:
         self.worker_id = worker_id
         self.lease = lease
         self.db_stop: str | None = None  # control.stop_reason, as the last beat read it
-        self.failure: str | None = None  # why the lease could not be renewed
+        self.failure: str | None = None  # why this worker's lease is lost
         self.beats = 0
-        self._conn = connect()
+        self._connect = connect
         self._state_url = state_url
+        self._renewed_at = time.monotonic()  # register() just set the lease
+        self._stops = threading.Lock()  # db_stop against queue() / request_stop()
+        self._generation = 0  # bumped when this process changes the stop itself
         self._done = threading.Event()
-        self.beat()  # the run may be stopped already: known before the first claim
+        self._conn = connect()  # a StoreError already, without the password
+        try:
+            self.beat()  # the run may be stopped already: known before the first claim
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise store_error(exc, state_url, "cannot start this worker's heartbeat") from None
         self._thread = threading.Thread(target=self._run, name="pg-heartbeat", daemon=True)
         self._thread.start()
 
@@ -171,33 +228,60 @@ class Heartbeat:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why this worker must stop: the run was stopped, or its lease is lost."""
+        """Why this worker must stop: its lease is lost (or about to be, the database out of
+        reach), or the run was stopped."""
         return self.failure or self.db_stop
+
+    def set_stop(self, reason: str | None) -> None:
+        """This process changed the run's stop (a plan lifted it, a stop was asked): a beat
+        that read the old value in the meantime must not bring it back."""
+        with self._stops:
+            self._generation += 1
+            self.db_stop = reason if reason is None else (self.db_stop or reason)
 
     def close(self) -> None:
         self._done.set()
         self._thread.join()
         self._conn.close()
 
+    def _deadline_s(self) -> float:
+        # A sixth of the lease (and a beat's wait at most) before others may see it expired.
+        return self.lease - max(self.lease / 6, min(self.lease / 3, STOP_HEARD_S))
+
     def _run(self) -> None:
-        # A third of the lease keeps it; a run's stop is heard within STOP_HEARD_S.
         while not self._done.wait(min(self.lease / 3, STOP_HEARD_S)):
             try:
+                if self._conn.closed or self._conn.broken:
+                    self._conn = self._connect()
                 self.beat()
-            except psycopg.Error as exc:
-                error = store_error(exc, self._state_url, "cannot renew this worker's lease")
-                self.failure = self.failure or str(error)
+            except (psycopg.Error, StoreError):
+                # A lost connection: tried again next beat, until others may see the lease
+                # as expired. (A beat merely late is no failure: the renewal says if it was.)
+                if time.monotonic() - self._renewed_at > self._deadline_s():
+                    self.failure = self.failure or (
+                        f"this worker's lease could not be renewed for {self.lease:g} s: "
+                        "others may take its jobs, so it stops (check the database)"
+                    )
 
     def beat(self) -> None:
         """Renew the lease, read the stop, settle dead workers' attempts."""
         conn = self._conn
-        with conn.transaction():
-            conn.execute(
-                "UPDATE workers SET lease_expires_at = now() + make_interval(secs => %s) "
-                "WHERE worker_id = %s",
-                (self.lease, self.worker_id),
+        if conn.execute(RENEW, (self.lease, self.worker_id)).fetchone() is None:
+            self.failure = self.failure or (
+                "this worker's lease expired before it was renewed: others may have taken its "
+                "jobs, so it stops (a stalled process or an unreachable database)"
             )
-            row = conn.execute("SELECT stop_reason FROM control").fetchone()
-            settle(conn, None)
-        self.db_stop = None if row is None or row[0] is None else str(row[0])
+            return
+        self._renewed_at = time.monotonic()
+        generation = self._generation
+        row = conn.execute("SELECT stop_reason FROM control").fetchone()
+        with self._stops:
+            if generation == self._generation:
+                self.db_stop = None if row is None or row[0] is None else str(row[0])
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = {int(self.lease * 1000 / 6)}")
+                settle(conn, None)
+        except psycopg.errors.LockNotAvailable:
+            pass  # another worker holds those rows now: the next beat settles them
         self.beats += 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -38,6 +38,8 @@ SHARED_SCHEMA = "image_runner"
 # How long a statement may wait for a lock another worker holds before the store gives up with
 # a StoreError (a stuck transaction elsewhere must not hang every worker forever).
 LOCK_TIMEOUT_MS = 60_000
+# Job ids a lookup sends at a time, as one array parameter.
+IDS_PER_QUERY = 10_000
 
 
 def run_schema(out_url: str) -> str:
@@ -78,6 +80,12 @@ def connect(state_url: str, *, autocommit: bool = True) -> psycopg.Connection[An
         raise store_error(
             exc, state_url, "cannot connect (check the URL, the server and the credentials)"
         ) from None
+
+
+def id_chunks(job_ids: Sequence[str]) -> Iterator[list[str]]:
+    """``job_ids`` :data:`IDS_PER_QUERY` at a time, each one array parameter of a lookup."""
+    for start in range(0, len(job_ids), IDS_PER_QUERY):
+        yield list(job_ids[start : start + IDS_PER_QUERY])
 
 
 def set_search_path(conn: psycopg.Connection[Any], schema: str) -> None:

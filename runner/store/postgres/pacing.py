@@ -26,9 +26,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from runner.errors import StoreError, StoreWriteError
-from runner.redact import redact
-from runner.store.postgres.connect import SHARED_SCHEMA, connect
+from runner.errors import StoreError
+from runner.store.postgres.connect import SHARED_SCHEMA, connect, store_error
 from runner.store.postgres.schema import SCHEMA_LOCK_KEY
 
 # A lane unused this long starts over, as a fresh run does: the limit it learned may be stale.
@@ -169,10 +168,13 @@ class Grant:
 
 class PaceTable:
     """The lanes of one rate group, over a connection of its own (used from one thread at a
-    time: the limiter runs it in a thread of its own, off the event loop)."""
+    time: the limiter runs it in a thread of its own, off the event loop). ``group`` is
+    stored as given and readable by every run of the database: the caller passes a digest
+    (of the base URL and of the key's digest), never a URL that may carry credentials."""
 
     def __init__(self, conninfo: str, group: str) -> None:
         self.group = group
+        self._state_url = conninfo
         self._conn = connect(conninfo)
         try:
             self._migrate()
@@ -213,7 +215,9 @@ class PaceTable:
                             (version,),
                         )
         except psycopg.Error as exc:
-            raise _error(exc, "cannot create the shared rate limit's tables", write=True) from None
+            raise store_error(
+                exc, self._state_url, "cannot create the shared rate limit's tables", write=True
+            ) from None
 
     def join(self, lane: str) -> None:
         """Make sure the lane has its row: a new one starts free, one idle for
@@ -222,7 +226,9 @@ class PaceTable:
         try:
             self._conn.execute(_JOIN, params)
         except psycopg.Error as exc:
-            raise _error(exc, f"cannot add the rate lane {lane}", write=True) from None
+            raise store_error(
+                exc, self._state_url, f"cannot add the rate lane {lane}", write=True
+            ) from None
 
     def grant(self, lane: str, ceiling_per_s: float | None) -> Grant:
         """The next start time of a request in the lane (its row must exist: :meth:`join`)."""
@@ -230,7 +236,9 @@ class PaceTable:
         try:
             found = self._conn.execute(_GRANT, params).fetchone()
         except psycopg.Error as exc:
-            raise _error(exc, f"cannot pace a request to {lane}", write=True) from None
+            raise store_error(
+                exc, self._state_url, f"cannot pace a request to {lane}", write=True
+            ) from None
         if found is None:
             raise StoreError(self._missing(lane))
         now_s, start_at_s, *state = found
@@ -251,12 +259,9 @@ class PaceTable:
                     conn.execute(_UPDATE, dataclasses.asdict(row))
                 return row
         except psycopg.Error as exc:
-            raise _error(exc, f"cannot change the pace of {lane}", write=True) from None
+            raise store_error(
+                exc, self._state_url, f"cannot change the pace of {lane}", write=True
+            ) from None
 
     def _missing(self, lane: str) -> str:
         return f"the rate lane {lane} of {self.group} is missing from {SHARED_SCHEMA}.pace_lanes"
-
-
-def _error(exc: psycopg.Error, doing: str, *, write: bool = False) -> StoreError:
-    message = f"PostgreSQL state (shared rate limit): {doing}: {redact(str(exc).strip())}"
-    return StoreWriteError(message) if write else StoreError(message)

@@ -156,20 +156,35 @@ RUN_MIGRATIONS = (
         budget TEXT COLLATE "C" NOT NULL
     );
     """,
+    # The plan marker; jobs rewritten in place often (claims, queue, outcomes): room on each
+    # page and early vacuums; attempts_state dropped (settling reads attempts_in_flight).
+    """
+    ALTER TABLE control ADD COLUMN planned_at TIMESTAMPTZ NULL;
+    ALTER TABLE jobs SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+                          autovacuum_analyze_scale_factor = 0.02);
+    DROP INDEX IF EXISTS attempts_state;
+    CREATE INDEX jobs_failed ON jobs (seq) WHERE status = 'failed';
+    """,
 )
 
 
 def open_run(
-    state_url: str, out_url: str, *, create: bool, autocommit: bool = True
+    state_url: str,
+    out_url: str,
+    *,
+    create: bool,
+    budget: str | None = None,
+    autocommit: bool = True,
 ) -> psycopg.Connection[Any]:
     """A connection to the run of ``out_url`` with its ``search_path`` set: its schema created
-    or brought up to date first when ``create`` (a run, a worker), else required to exist at
-    this version (the views, a dry run). The connection is closed on every failure."""
+    or brought up to date first when ``create`` (the planning run; ``budget`` names the shared
+    budget it spends from, default its own, ``out_url``), else required to exist at this
+    version (a joining worker, the views, a dry run). Closed on every failure."""
     conn = connect(state_url, autocommit=True)
     schema = run_schema(out_url)
     try:
         if create:
-            migrate(conn, state_url, out_url)
+            migrate(conn, state_url, out_url, budget or out_url)
         else:
             check_exists(conn, state_url, out_url)
         set_search_path(conn, schema)
@@ -183,9 +198,10 @@ def open_run(
     return conn
 
 
-def migrate(conn: psycopg.Connection[Any], state_url: str, out_url: str) -> None:
-    """Create the shared schema and the run's (tables, control row, budget row) or apply the
-    migrations they lack, all in one transaction under the schema lock."""
+def migrate(conn: psycopg.Connection[Any], state_url: str, out_url: str, budget: str) -> None:
+    """Create the shared schema and the run's (tables, control row) or apply the migrations
+    they lack, and make ``budget`` the run's budget (its row created if new), all in one
+    transaction under the schema lock."""
     schema = run_schema(out_url)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
@@ -200,12 +216,12 @@ def migrate(conn: psycopg.Connection[Any], state_url: str, out_url: str) -> None
         _apply(conn, state_url, schema, RUN_MIGRATIONS, f"the run of {out_url}")
         conn.execute(
             f'INSERT INTO "{schema}".control (id, budget) VALUES (1, %s) '
-            "ON CONFLICT (id) DO NOTHING",
-            (out_url,),
+            "ON CONFLICT (id) DO UPDATE SET budget = excluded.budget",
+            (budget,),
         )
         conn.execute(
-            f"INSERT INTO {SHARED_SCHEMA}.budgets (name) "
-            f'SELECT budget FROM "{schema}".control ON CONFLICT (name) DO NOTHING'
+            f"INSERT INTO {SHARED_SCHEMA}.budgets (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+            (budget,),
         )
 
 
@@ -238,8 +254,8 @@ def check_exists(conn: psycopg.Connection[Any], state_url: str, out_url: str) ->
     ).fetchone()
     if known is None or not all(known):
         raise StoreError(
-            f"PostgreSQL state {safe_url(state_url)} holds no run of {out_url}: "
-            "run a manifest into it first (--state and --out as given here)"
+            f"no run planned at {out_url} in PostgreSQL state {safe_url(state_url)}: plan it "
+            "with `image-runner run` first (--state and --out as given here)"
         )
     row = conn.execute(f'SELECT MAX(version) FROM "{run_schema(out_url)}".migrations').fetchone()
     version = int(row[0] or 0) if row else 0

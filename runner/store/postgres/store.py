@@ -21,11 +21,8 @@ the writes and the budget: :mod:`.writes`):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 
-from runner.errors import ApiError, StoreError, StoreWriteError
+from runner.errors import ApiError, ClaimLost, StoreError, StoreWriteError
 from runner.jobs import Job
 from runner.store import versioning
 from runner.store.base import (
@@ -46,17 +43,14 @@ from runner.store.base import (
     RetireReason,
     SavedImage,
 )
-from runner.store.groupcommit import GroupCommit
+from runner.store.groupcommit import GroupCommit, batch_transaction
 from runner.store.postgres import claims, writes
-from runner.store.postgres.connect import Translated, store_error
+from runner.store.postgres.claimer import Claimer
+from runner.store.postgres.connect import Translated, id_chunks, store_error
 from runner.store.postgres.views import PostgresViews
 from runner.store.schema import REVIEW_OF_JOB, SPEND_SQL, now_iso
 
 T = TypeVar("T")
-
-# Ids a lookup sends at a time (one array parameter), and jobs a claim takes.
-IDS_PER_QUERY = 10_000
-CLAIM_BATCH = 32
 
 
 class PostgresStore:
@@ -71,6 +65,7 @@ class PostgresStore:
         connect: Callable[[], psycopg.Connection[Any]],
         *,
         worker: bool,
+        planner: bool,
     ) -> None:
         self.state_url = state_url
         self.out_url = out_url
@@ -81,13 +76,16 @@ class PostgresStore:
         self.conn = conn
         self.write_failure: StoreWriteError | None = None
         self.worker_id: int | None = None
+        self.planner = planner  # the run that plans: it sets the budget's cap
         self._transacting = threading.Lock()  # held by the outermost batch() block
         self._thread = threading.local()  # .depth: this thread's nested batch() blocks
         self._heartbeat: claims.Heartbeat | None = None
         self._commits: GroupCommit[Translated] | None = None
-        self._claimer: ThreadPoolExecutor | None = None
-        self._claim_conn: psycopg.Connection[Any] | None = None
+        self._claimer: Claimer | None = None
         self._budget = ""
+        # The content each job in flight was sent with (by begin_attempt): its outcome is
+        # recorded on the job only if the job still has it.
+        self._hashes: dict[str, str] = {}
         try:
             with self._reading("cannot read the run's control row"):
                 row = conn.execute("SELECT budget FROM control").fetchone()
@@ -105,9 +103,10 @@ class PostgresStore:
             self.worker_id = claims.register(self.conn, lease)
         self._heartbeat = claims.Heartbeat(connect, self.state_url, self.worker_id, lease)
         writer = Translated(connect())
-        self._commits = GroupCommit(writer, lambda: _transaction(writer))
-        self._claim_conn = connect()
-        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="pg-claims")
+        self._commits = GroupCommit(
+            writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error)
+        )
+        self._claimer = Claimer(connect(), self.state_url, self.worker_id)
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self.out_url} worker={self.worker_id}>"
@@ -120,15 +119,16 @@ class PostgresStore:
 
     def close(self) -> None:
         """Stop the threads, give this worker's claims back, close every connection; each step
-        tried whatever the one before raised. The first database error is a StoreError."""
+        tried whatever the one before raised. The first database error is a StoreError. A
+        second close does nothing."""
+        if self.conn.closed:
+            return
         error: BaseException | None = None
         steps: list[Callable[[], object]] = []
         if self._commits is not None:
             steps += [self._commits.close, self._commits.db.conn.close]
         if self._claimer is not None:
-            steps.append(self._claimer.shutdown)  # waits for a claim under way
-        if self._claim_conn is not None:
-            steps.append(self._claim_conn.close)
+            steps.append(self._claimer.close)  # waits for a claim under way
         if self._heartbeat is not None:
             steps.append(self._heartbeat.close)
         if self.worker_id is not None:
@@ -140,7 +140,7 @@ class PostgresStore:
                 step()
             except Exception as exc:
                 error = error or exc
-        self._commits = self._claimer = self._claim_conn = self._heartbeat = None
+        self._commits = self._claimer = self._heartbeat = None
         if isinstance(error, psycopg.Error):
             raise store_error(error, self.state_url, "cannot close the run's state") from None
         if error is not None:
@@ -194,9 +194,14 @@ class PostgresStore:
 
     async def begin_attempt(self, job: Job) -> int:
         """Reserve the price on the run's budget and record the attempt in flight, together;
-        :class:`~runner.errors.BudgetReached` when the budget cannot take it."""
+        :class:`~runner.errors.BudgetReached` when the budget cannot take it,
+        :class:`~runner.errors.ClaimLost` when the job is no longer this worker's to send
+        (claimed by another, succeeded, or changed by a new plan): nothing is recorded, and
+        nothing may be sent for it."""
         worker = self._worker()
-        return await self._grouped(lambda db: writes.intent(db, job, worker, self._budget))
+        attempt = await self._grouped(lambda db: writes.intent(db, job, worker, self._budget))
+        self._hashes[job.id] = job.content_hash
+        return attempt
 
     async def record_outcome(self, job_id: str, attempt: int, outcome: Outcome) -> None:
         await self._grouped(
@@ -206,22 +211,38 @@ class PostgresStore:
     async def record_success(
         self, job_id: str, attempt: int, outcome: Outcome, image: SavedImage
     ) -> None:
+        """The attempt's outcome and the job's success. If the job moved on meanwhile (another
+        worker holds it or made it, or a new plan changed it), the outcome alone is recorded
+        and :class:`~runner.errors.ClaimLost` raised: ``image`` is a stray."""
         stat = image.stat or self._image_stat(image.path)
+        held = (self._hashes.get(job_id), self._worker())
 
-        def write(db: Translated) -> None:
+        def write(db: Translated) -> bool:
             writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            writes.succeeded(db, job_id, image, stat)
+            return writes.succeeded(db, job_id, image, stat, held)
 
-        await self._grouped(write)
+        self._settled(job_id, await self._grouped(write))
 
     async def record_failure(
         self, job_id: str, attempt: int, outcome: Outcome, error: ApiError, *, retry_later: bool
     ) -> None:
-        def write(db: Translated) -> None:
-            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            writes.failed(db, job_id, error, retry_later=retry_later)
+        """As :meth:`record_success`: a job that moved on is left as it is (ClaimLost)."""
+        held = (self._hashes.get(job_id), self._worker())
 
-        await self._grouped(write)
+        def write(db: Translated) -> bool:
+            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
+            return writes.failed(db, job_id, error, held, retry_later=retry_later)
+
+        self._settled(job_id, await self._grouped(write))
+
+    def _settled(self, job_id: str, recorded: bool) -> None:
+        self._hashes.pop(job_id, None)
+        if not recorded:
+            raise ClaimLost(
+                job_id,
+                f"job {job_id} moved on while this worker sent it (another worker holds it, "
+                "or a new plan changed it): its attempt is recorded, the job left as it is",
+            )
 
     async def drain(self) -> None:
         if self._commits is not None:
@@ -247,59 +268,37 @@ class PostgresStore:
 
     async def claim(self, todo: Iterable[Job]) -> AsyncIterator[Job]:
         """The run's queued jobs (``todo``, when this process planned them, was queued by
-        :meth:`queue`), claimed from the database a small batch at a time, the next batch
-        claimed in the claimer's thread while the pool takes the end of this one. Ends when no
-        job is left to claim and none is held by another live worker (if one dies, its jobs
-        come back to the queue), or the run is stopped."""
-        worker = self._worker()
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future[list[Job]] | None = None
-
-        def fetch() -> asyncio.Future[list[Job]]:
-            return loop.run_in_executor(self._claimer, self._claim_batch, worker)
-
-        pending = fetch()
-        while pending is not None:
-            batch = await pending
-            pending = None
-            if not batch:
-                if self.stop_requested() is not None or not await self._others_hold_work(worker):
-                    return
-                await asyncio.sleep(claims.lease_s() / 3)
-                pending = fetch()
-                continue
-            for taken, job in enumerate(batch, start=1):
-                if pending is None and taken >= len(batch) * 3 // 4:
-                    pending = fetch()
-                yield job
-            if self.stop_requested() is not None:
-                return
-
-    def _claim_batch(self, worker: int) -> list[Job]:
-        assert self._claim_conn is not None
-        with self._reading("cannot claim jobs"):
-            return claims.claim_batch(self._claim_conn, worker, CLAIM_BATCH)
-
-    async def _others_hold_work(self, worker: int) -> bool:
-        def ask() -> bool:
-            assert self._claim_conn is not None
-            with self._reading("cannot read the run's queue"):
-                return claims.others_hold_work(self._claim_conn, worker)
-
-        return await asyncio.get_running_loop().run_in_executor(self._claimer, ask)
+        :meth:`queue`), claimed from the database by this worker's :class:`Claimer`. Ends when
+        none is left, or the run is stopped (then :meth:`stop_requested` says why)."""
+        self._worker()
+        assert self._claimer is not None  # made with the worker
+        async for job in self._claimer.jobs(self.stop_requested):
+            yield job
 
     def queue(self, job_ids: Sequence[str]) -> None:
-        """This run's plan: its to-do becomes the queue workers claim from, and a stop an
-        earlier run was given is lifted."""
-        with self.batch() as db:
-            db.execute("UPDATE control SET stop_reason = NULL, stopped_at = NULL")
-            for start in range(0, len(job_ids), IDS_PER_QUERY):
-                chunk = list(job_ids[start : start + IDS_PER_QUERY])
+        """This run's plan: its to-do becomes the queue workers claim from, a chunk of ids a
+        transaction (no long transaction holding the rows others claim), then, last and alone,
+        the run marked planned (:meth:`planned`) and a stop an earlier run was given lifted."""
+        for chunk in id_chunks(job_ids):
+            with self.batch() as db:
                 db.execute(
-                    "UPDATE jobs SET queued = true WHERE job_id = ANY(?) AND NOT queued", (chunk,)
+                    "UPDATE jobs SET queued = true FROM unnest(?::text[]) AS todo(id) "
+                    "WHERE jobs.job_id = todo.id AND NOT jobs.queued",
+                    (chunk,),
                 )
+        with self.batch() as db:
+            db.execute(
+                "UPDATE control SET stop_reason = NULL, stopped_at = NULL, planned_at = now()"
+            )
         if self._heartbeat is not None:
-            self._heartbeat.db_stop = None
+            self._heartbeat.set_stop(None)
+
+    def planned(self) -> bool:
+        """Whether a run planned this one (its queue is made): a worker that joins earlier has
+        nothing to claim yet."""
+        with self._reading("cannot read the run's control row"):
+            row = self.conn.execute("SELECT planned_at IS NOT NULL FROM control").fetchone()
+        return bool(row and row[0])
 
     def stop_requested(self) -> str | None:
         """The run's stop as the heartbeat last read it (a worker), else as the database says."""
@@ -317,7 +316,7 @@ class PostgresStore:
                 (reason,),
             )
         if self._heartbeat is not None:
-            self._heartbeat.db_stop = self._heartbeat.db_stop or reason
+            self._heartbeat.set_stop(reason)
 
     # --- settling and the budget -----------------------------------------------------------
 
@@ -337,11 +336,13 @@ class PostgresStore:
 
     def budget(self, cap_micro_usd: int | None) -> Budget:
         """The pool's budget has no cap of its own: the database is the cap, reserved by
-        :meth:`begin_attempt` across all workers. ``cap_micro_usd`` (a run's ``--max-cost``),
-        when given, becomes the cap of the run's budget row; None keeps the row's (``work``)."""
-        if cap_micro_usd is not None:
+        :meth:`begin_attempt` across all workers (so no spend needs reading here). Opened by
+        the planning run, ``cap_micro_usd`` (its ``--max-cost``; None: no cap) becomes the cap
+        of the run's budget row, shared with every run naming it; a joining worker keeps the
+        row's."""
+        if self.planner:
             self.set_budget_cap(cap_micro_usd)
-        return Budget(None, sum(self.spend_micro_usd()))
+        return Budget(None, 0)
 
     def set_budget_cap(self, cap_micro_usd: int | None) -> None:
         """Cap the run's budget row (shared with every run naming it) at ``cap_micro_usd``."""
@@ -360,13 +361,26 @@ class PostgresStore:
     # --- the run ------------------------------------------------------------------------
 
     def start_run(self) -> int:
+        """The run's row names its worker (whose ``workers`` row has its host and OS pid); its
+        pid stays NULL: no pid tells another host whether a process lives (:meth:`live_workers`
+        does)."""
         with self.batch() as db:
             row = db.execute(
-                "INSERT INTO runs (started_at, pid, worker_id) VALUES (?, pg_backend_pid(), ?) "
-                "RETURNING run_id",
+                "INSERT INTO runs (started_at, worker_id) VALUES (?, ?) RETURNING run_id",
                 (now_iso(), self.worker_id),
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def live_workers(self) -> int:
+        """How many workers hold a valid lease on the run and have not finished (for
+        ``status``: the run is live while this is above zero)."""
+        with self._reading("cannot read the run's workers"):
+            return claims.live_workers(self.conn)
+
+    def queue_counts(self) -> claims.QueueCounts:
+        """The queue's progress (:class:`~.claims.QueueCounts`), cheap enough to poll."""
+        with self._reading("cannot read the run's queue"):
+            return claims.queue_counts(self.conn)
 
     def finish_run(self, run_id: int, outcome: str) -> None:
         with self.batch() as db:
@@ -398,8 +412,7 @@ class PostgresStore:
     def _by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = []
         with self._reading("cannot read the jobs"), self.conn.cursor() as cursor:
-            for start in range(0, len(job_ids), IDS_PER_QUERY):
-                chunk = list(job_ids[start : start + IDS_PER_QUERY])
+            for chunk in id_chunks(job_ids):
                 rows += cursor.execute(sql, (chunk,)).fetchall()
         return rows
 
@@ -465,17 +478,3 @@ def local_folder(out_url: str) -> Path | None:
     """The local folder of a ``file://`` output location; None for object storage."""
     parts = urlsplit(out_url)
     return Path(unquote(parts.path)) if parts.scheme == "file" else None
-
-
-@contextmanager
-def _transaction(db: Translated) -> Iterator[Translated]:
-    """The group commit's transaction on its writer connection."""
-    db.execute("BEGIN")
-    try:
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            with contextlib.suppress(psycopg.Error):  # the first error is the one to tell
-                db.execute("ROLLBACK")
-        raise

@@ -32,13 +32,11 @@ from psycopg.adapt import Buffer, Loader
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from runner.store.postgres.connect import pg_sql, store_error
+from runner.store.postgres.connect import id_chunks, pg_sql, store_error
 from runner.store.queries import SqlViews
 
 # Rows a server-side cursor fetches at a time: few round trips, and bounded memory.
 STREAM_ROWS = 2000
-# Ids a lookup sends at a time, as one array parameter.
-IDS_PER_QUERY = 5000
 
 # A job-id lookup's ``{ids}``: the ids as one text array, whatever their number.
 _IDS_ARRAY = "SELECT unnest(?::text[])"
@@ -100,8 +98,8 @@ class PostgresReader:
     def by_ids(self, sql: str, job_ids: Sequence[str]) -> list[tuple[Any, ...]]:
         query = sql.format(ids=_IDS_ARRAY)
         rows: list[tuple[Any, ...]] = []
-        for start in range(0, len(job_ids), IDS_PER_QUERY):
-            rows += self.all(query, (list(job_ids[start : start + IDS_PER_QUERY]),))
+        for chunk in id_chunks(job_ids):
+            rows += self.all(query, (chunk,))
         return rows
 
     def has_table(self, name: str) -> bool:

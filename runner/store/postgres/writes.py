@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import TypeVar
 
-from runner.errors import ApiError, BudgetReached
+from runner.errors import ApiError, BudgetReached, ClaimLost
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact
@@ -36,8 +36,29 @@ T = TypeVar("T")
 PLAN_BATCH = 5000
 
 
-def intent(db: Translated, job: Job, worker_id: int | None, budget: str) -> int:
-    """Reserve the price on ``budget`` and record the attempt ``in_flight``; its number."""
+# The job is still this worker's to send: not succeeded, the content it was claimed with, held
+# by this worker (or by nobody: its claim was cleared but nobody took it), and this worker's
+# lease valid. The jobs row stays locked to the end of the transaction, so two workers never
+# record attempts of one job at once.
+_HELD = (
+    "job_id = :job AND content_hash = COALESCE(:hash, content_hash) AND status <> 'succeeded' "
+    "AND (claimed_by = :me OR claimed_by IS NULL) AND EXISTS (SELECT 1 FROM workers "
+    "WHERE worker_id = :me AND lease_expires_at > statement_timestamp() AND finished_at IS NULL)"
+)
+
+
+def holds(db: Translated, job_id: str, content_hash: str | None, worker_id: int) -> bool:
+    """Whether this worker still holds the job (:data:`_HELD`), locking its row if so."""
+    params = {"job": job_id, "hash": content_hash, "me": worker_id}
+    return db.execute(f"SELECT 1 FROM jobs WHERE {_HELD} FOR UPDATE", params).fetchone() is not None
+
+
+def intent(db: Translated, job: Job, worker_id: int, budget: str) -> int:
+    """Reserve the price on ``budget`` and record the attempt ``in_flight``; its number.
+    :class:`~runner.errors.ClaimLost` (nothing written) when the job is no longer this
+    worker's to send."""
+    if not holds(db, job.id, job.content_hash, worker_id):
+        raise ClaimLost(job.id, f"job {job.id} is no longer this worker's to send: not sent")
     price = PRICE_PER_IMAGE_MICRO_USD
     reserved = db.execute(
         "UPDATE budgets SET committed_micro_usd = committed_micro_usd + ? WHERE name = ? "
@@ -49,6 +70,7 @@ def intent(db: Translated, job: Job, worker_id: int | None, budget: str) -> int:
         row = db.execute("SELECT cap_micro_usd FROM budgets WHERE name = ?", (budget,)).fetchone()
         cap = (row[0] or 0) / MICRO if row else 0
         raise BudgetReached(f"the budget of ${cap:.2f} is reached")
+    db.execute("UPDATE jobs SET claimed_by = ? WHERE job_id = ?", (worker_id, job.id))
     row = db.execute(
         "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE job_id = ?", (job.id,)
     ).fetchone()
@@ -96,25 +118,65 @@ def adjust(db: Translated, budget: str, delta_micro_usd: int) -> None:
 
 
 def succeeded(
-    db: Translated, job_id: str, image: SavedImage, stat: ImageStat | tuple[None, None, None]
-) -> None:
-    """The job is done with ``image``, and leaves the run's to-do."""
-    db.execute(
-        "UPDATE jobs SET status = 'succeeded', image_path = ?, width = ?, height = ?, "
-        "sha256 = ?, image_size_bytes = ?, image_mtime_ns = ?, image_ctime_ns = ?, "
-        "error = NULL, error_cause = NULL, retryable = 0, updated_at = ?, queued = false "
-        "WHERE job_id = ?",
-        (image.path, image.width, image.height, image.sha256, *stat, now_iso(), job_id),
+    db: Translated,
+    job_id: str,
+    image: SavedImage,
+    stat: ImageStat | tuple[None, None, None],
+    held: tuple[str | None, int] | None = None,
+) -> bool:
+    """The job is done with ``image``, and leaves the run's to-do. ``held``: (content hash,
+    worker id) the job must still be held with (:data:`_HELD`), else it is left as it is and
+    the answer is False (a planner's adoption passes None)."""
+    condition, params = _where(job_id, held)
+    cursor = db.execute(
+        "UPDATE jobs SET status = 'succeeded', image_path = :path, width = :width, "
+        "height = :height, sha256 = :sha, image_size_bytes = :size, image_mtime_ns = :mtime, "
+        "image_ctime_ns = :ctime, error = NULL, error_cause = NULL, retryable = 0, "
+        f"updated_at = :stamp, queued = false WHERE {condition}",
+        {
+            **params,
+            "path": image.path,
+            "width": image.width,
+            "height": image.height,
+            "sha": image.sha256,
+            "size": stat[0],
+            "mtime": stat[1],
+            "ctime": stat[2],
+            "stamp": now_iso(),
+        },
     )
+    return cursor.rowcount > 0
 
 
-def failed(db: Translated, job_id: str, error: ApiError, *, retry_later: bool) -> None:
-    """The job failed for this run, and leaves its to-do (the next run may queue it again)."""
-    db.execute(
-        "UPDATE jobs SET status = 'failed', error = ?, error_cause = ?, retryable = ?, "
-        "updated_at = ?, queued = false WHERE job_id = ?",
-        (redact(error.describe()), error.cause, int(retry_later), now_iso(), job_id),
+def failed(
+    db: Translated,
+    job_id: str,
+    error: ApiError,
+    held: tuple[str | None, int],
+    *,
+    retry_later: bool,
+) -> bool:
+    """The job failed for this run, and leaves its to-do (the next run may queue it again);
+    False, the job left as it is, when this worker no longer holds it (:data:`_HELD`)."""
+    condition, params = _where(job_id, held)
+    cursor = db.execute(
+        "UPDATE jobs SET status = 'failed', error = :error, error_cause = :cause, "
+        f"retryable = :retry, updated_at = :stamp, queued = false WHERE {condition}",
+        {
+            **params,
+            "error": redact(error.describe()),
+            "cause": error.cause,
+            "retry": int(retry_later),
+            "stamp": now_iso(),
+        },
     )
+    return cursor.rowcount > 0
+
+
+def _where(job_id: str, held: tuple[str | None, int] | None) -> tuple[str, dict[str, object]]:
+    if held is None:
+        return "job_id = :job", {"job": job_id}
+    return _HELD, {"job": job_id, "hash": held[0], "me": held[1]}
 
 
 def adopt(
@@ -146,14 +208,15 @@ _PLAN = """
         image_path = NULL, width = NULL, height = NULL, sha256 = NULL,
         image_size_bytes = NULL, image_mtime_ns = NULL, image_ctime_ns = NULL,
         error = NULL, error_cause = NULL, retryable = 0,
-        updated_at = excluded.updated_at
+        updated_at = excluded.updated_at, claimed_by = NULL
     WHERE jobs.content_hash <> excluded.content_hash
 """
 
 
 def plan(db: Translated, jobs: Iterable[Job]) -> None:
     """Record the manifest's jobs, :data:`PLAN_BATCH` rows a statement; a job whose content
-    changed starts over as pending (as :meth:`runner.store.sqlite.SqliteStore.plan_jobs`)."""
+    changed starts over as pending (as :meth:`runner.store.sqlite.SqliteStore.plan_jobs`),
+    claimed by nobody: a worker sending its old content finds it moved on (:data:`_HELD`)."""
     stamp = now_iso()
     for chunk in chunks(jobs, PLAN_BATCH):
         db.executemany(
