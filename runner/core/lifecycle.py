@@ -178,7 +178,7 @@ class Run:
         try:
             if self.options.dry_run:
                 return await self._plan_only()
-            store = open_store(self.options.out_dir, self.options.state_url)
+            store = open_store(self.options.out_dir, self.options.state_url, join=self.options.join)
             ending = asyncio.ensure_future(self._run_and_book(store))
             return await _to_the_end(ending, on_cancel=self._stop_at_once)
         finally:

@@ -42,6 +42,7 @@ from runner.errors import (
     AmbiguousError,
     ApiError,
     BudgetReached,
+    ClaimLost,
     ConfirmedJobFailedError,
     ImageWriteError,
     RetryableError,
@@ -283,6 +284,8 @@ class Pool:
         except RunStoppedError as exc:  # the key refused, no quota: so for every worker
             self._result.stop_error = exc
             self.stop(exc.describe(), for_run=True)
+        except ClaimLost:  # another worker has the job now (a shared state): leave it to them
+            log.info("job %s: no longer this worker's; left to the one that holds it", job.id)
         except StoreError as exc:  # the checkpoint refused a write: nothing more may be sent
             self.stop(str(exc), for_run=isinstance(exc, BudgetReached))
         except ApiError as exc:

@@ -51,15 +51,16 @@ __all__ = [
 ]
 
 
-def open_store(folder: Path | str, state_url: str | None = None) -> Store:
+def open_store(folder: Path | str, state_url: str | None = None, *, join: bool = False) -> Store:
     """The state of ``folder`` for a run. Without ``state_url``: its SQLite checkpoint, locked
     for this process, created if need be, checked writable before anything is sent. With one
     (a PostgreSQL URL): the run of ``folder`` in that database, this process one of its
-    workers."""
+    workers; one that ``join``s a run (``image-runner work``) never creates it: a run nobody
+    planned there (a mistyped ``--out``) is refused with a :class:`StoreError`."""
     if state_url is not None:
         from runner.store.postgres import open_pg_store
 
-        return open_pg_store(state_url, folder)
+        return open_pg_store(state_url, folder, create=not join)
     return SqliteStore.open(_sqlite_folder(folder))
 
 
