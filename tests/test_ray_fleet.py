@@ -25,7 +25,8 @@ from runner.core.pool import Progress
 from runner.emulator import Emulator
 from runner.library import execute
 from runner.manifest.load import load_manifest
-from runner.store.postgres.connect import normalise_out, run_schema
+from runner.storage.base import location_url
+from runner.store.postgres.connect import run_schema
 from tests.conftest import TEST_KEY, MakeEmulator, options, write_manifest
 from tests.services import PG_PASSWORD
 
@@ -83,7 +84,7 @@ async def run_on_ray(
 
 def run_rows(pg_url: str, out: Path, sql: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(pg_url) as conn:
-        conn.execute(f'SET search_path TO "{run_schema(normalise_out(out))}"')
+        conn.execute(f'SET search_path TO "{run_schema(location_url(out))}"')
         return conn.execute(sql).fetchall()
 
 
