@@ -45,6 +45,7 @@ from runner.store.postgres.connect import run_schema
 from tests.conftest import TEST_KEY
 
 REPO = Path(__file__).resolve().parent.parent
+LIMIT_RPM, BURST = 600, 10  # the emulator's unannounced limit: its token bucket
 
 
 class ThreadedEmulator:
@@ -75,6 +76,15 @@ class ThreadedEmulator:
     @property
     def billed_usd(self) -> float:
         return self.emulator.billed_usd
+
+
+def chaos_emulator() -> ThreadedEmulator:
+    """Started: the unannounced limit, and 10% of requests answered with a fault."""
+    emulator = ThreadedEmulator(
+        EmulatorConfig(rate_limit_rpm=LIMIT_RPM, rate_limit_burst=BURST, fault_rate=0.1, seed=5)
+    )
+    emulator.start()
+    return emulator
 
 
 def max_over_limit(times: Sequence[float], rate_per_min: float, burst: int) -> float:
@@ -318,9 +328,7 @@ SAVED = "SELECT job_id FROM attempts WHERE state = 'confirmed' AND error IS NULL
 UNUSABLE = "SELECT count(*) FROM attempts WHERE state = 'confirmed' AND error IS NOT NULL"
 
 
-def books(
-    emulator: ThreadedEmulator, out: str, pg_url: str, kills: int, rate: tuple[int, int]
-) -> Figures:
+def books(emulator: ThreadedEmulator, out: str, pg_url: str, kills: int) -> Figures:
     """The run's spend (its ``status``) beside the emulator's bills and rate, checked against
     each other: every image (an attempt confirmed without error) is one object under images/
     whose bytes hash to the sha256 its success recorded, and no other object is there; the
@@ -347,7 +355,7 @@ def books(
         spend["confirmed"],
         spend["possible"],
         refused / max(1, len(requests)),
-        max_over_limit(emulator.accepted_times(), *rate),
+        max_over_limit(emulator.accepted_times(), LIMIT_RPM, BURST),
         len(saved),
         run_rows(pg_url, out, UNUSABLE)[0][0],
     )
@@ -359,7 +367,7 @@ def books(
 
 
 def check_every_job_once(
-    emulator: ThreadedEmulator, out: str, pg_url: str, jobs: int, kills: int, rate: tuple[int, int]
+    emulator: ThreadedEmulator, out: str, pg_url: str, jobs: int, kills: int
 ) -> Figures:
     """Every job succeeded once, as the results (read from ``out``) say, with the sha256 of the
     object under images/ that is its image, and the :func:`books` hold."""
@@ -367,7 +375,7 @@ def check_every_job_once(
     results = pd.read_parquet(io.BytesIO(location.read_bytes("results.parquet")))
     assert len(results) == jobs
     assert (results["status"] == "succeeded").all(), results["status"].value_counts()
-    figures = books(emulator, out, pg_url, kills, rate)
+    figures = books(emulator, out, pg_url, kills)
     assert figures.images == jobs
     written = dict(zip(results["image_path"], results["sha256"], strict=True))
     recorded = dict(run_rows(pg_url, out, "SELECT image_path, sha256 FROM jobs"))

@@ -15,22 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from runner.emulator import EmulatorConfig
 from tests import services
-from tests.chaos import ThreadedEmulator, books, check_every_job_once, run_with_kills
+from tests.chaos import books, chaos_emulator, check_every_job_once, run_with_kills
 
 pytestmark = pytest.mark.slow
 
-LIMIT_RPM, BURST = 600, 10
 BUDGET_EXCEEDED = 3  # the exit code of a run its budget stopped
-
-
-def chaos_emulator() -> ThreadedEmulator:
-    emulator = ThreadedEmulator(
-        EmulatorConfig(rate_limit_rpm=LIMIT_RPM, rate_limit_burst=BURST, fault_rate=0.1, seed=5)
-    )
-    emulator.start()
-    return emulator
 
 
 def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
@@ -42,7 +32,7 @@ def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
             tmp_path, pg_url, emulator.url, out, jobs=2000, workers=4, timeout_s=480
         )
         assert pool.codes == [0, 0, 0, 0], pool.output()
-        figures = check_every_job_once(emulator, out, pg_url, 2000, pool.kills, (LIMIT_RPM, BURST))
+        figures = check_every_job_once(emulator, out, pg_url, 2000, pool.kills)
         assert pool.kills >= 20  # a kill every 3-6 s for >= 200 s
         with capsys.disabled():
             print(f"\n4 workers into S3: {figures}")
@@ -61,7 +51,7 @@ def test_four_workers_with_a_budget_bill_no_more_than_it(
         )  # fmt: skip
         assert pool.codes == [BUDGET_EXCEEDED] * 4, pool.output()
         assert emulator.billed_usd <= 15.0
-        figures = books(emulator, out, pg_url, pool.kills, (LIMIT_RPM, BURST))
+        figures = books(emulator, out, pg_url, pool.kills)
         assert figures.confirmed_usd + figures.possible_usd <= 15.0 + 1e-9
         logs = pool.output()
         assert "the budget of $15.00 is reached" in logs, logs

@@ -6,7 +6,8 @@ answers and the same records:
 
 - ``images/`` is listed once (pages of 1,000 keys) when planning starts; there is no temp file
   to sweep (an object is created whole or not at all) and no folder to make;
-- a finished image is checked against that listing: an object gone is made again; one whose
+- a finished image is checked against that listing (one missing from it, against a HEAD: another
+  worker may have saved it since the listing): an object gone is made again; one whose
   size or modification time (whole seconds, as recorded when it was written) differs from the
   record is checked by the sha256 its store reports (a HEAD), and downloaded and hashed only
   when the store reports none; a different image is an edit, recorded as locally, one that does
@@ -76,9 +77,16 @@ class RemoteImages:
     def check(self, record: JobRecord) -> tuple[JobRecord, Found] | None:
         """As :meth:`runner.core.plan._Planner._check`, on the object at the record's key."""
         key = record.image_path or ""
-        listed = self.listed.get(key)
-        if listed is None or key in self.sources:
+        if key in self.sources:
             return None
+        listed = self.listed.get(key)
+        if listed is None:
+            # The listing is as old as this plan, and other workers of the run go on saving
+            # meanwhile: an image created and recorded since is only missing from the
+            # listing. A HEAD says whether it is gone (one per miss, not per image).
+            listed = self.location.info(key)
+            if listed is None:
+                return None
         stat = object_stat(listed)
         if stat == record.image_stat:
             return record, "intact"
