@@ -24,7 +24,7 @@ BUDGET_EXCEEDED = 3  # the exit code of a run its budget stopped
 
 
 def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
-    tmp_path: Path, pg_url: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, pg_url: str, s3_bucket: str
 ) -> None:
     emulator, out = chaos_emulator(), f"s3://{s3_bucket}/run"
     try:
@@ -34,15 +34,12 @@ def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
         assert pool.codes == [0, 0, 0, 0], pool.output()
         figures = check_every_job_once(emulator, out, pg_url, 2000, pool.kills)
         assert pool.kills >= 20  # a kill every 3-6 s for >= 200 s
-        with capsys.disabled():
-            print(f"\n4 workers into S3: {figures}")
+        print(f"\n4 workers into S3: {figures}")  # shown by pytest -s, or -rP
     finally:
         emulator.stop()
 
 
-def test_four_workers_with_a_budget_bill_no_more_than_it(
-    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_four_workers_with_a_budget_bill_no_more_than_it(tmp_path: Path, pg_url: str) -> None:
     emulator, out = chaos_emulator(), str(tmp_path / "out")
     try:
         pool = run_with_kills(
@@ -56,7 +53,6 @@ def test_four_workers_with_a_budget_bill_no_more_than_it(
         logs = pool.output()
         assert "the budget of $15.00 is reached" in logs, logs
         assert services.PG_PASSWORD not in logs
-        with capsys.disabled():
-            print(f"\n4 workers, --max-cost 15: {figures}")
+        print(f"\n4 workers, --max-cost 15: {figures}")  # shown by pytest -s, or -rP
     finally:
         emulator.stop()

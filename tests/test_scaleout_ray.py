@@ -56,7 +56,6 @@ def test_four_ray_actors_killed_and_restarted_run_every_job_once_into_s3(
     tmp_path: Path,
     pg_url: str,
     s3_bucket: str,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     emulator, out = chaos_emulator(), f"s3://{s3_bucket}/ray"
     command = ["run", str(write_jobs(tmp_path, JOBS)), "--state", pg_url, "--out", out]
@@ -72,8 +71,7 @@ def test_four_ray_actors_killed_and_restarted_run_every_job_once_into_s3(
         assert code == [0], driver.output()
         figures = check_every_job_once(emulator, out, pg_url, JOBS, len(killed))
         assert len(killed) >= 20, driver.output()  # a kill every 3-6 s for >= 200 s
-        with capsys.disabled():
-            print(f"\n4 Ray actors into S3: {figures}")
+        print(f"\n4 Ray actors into S3: {figures}")  # shown by pytest -s, or -rP
     finally:
         driver.kill_all()
         emulator.stop()
