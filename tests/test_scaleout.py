@@ -29,7 +29,7 @@ def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
     emulator, out = chaos_emulator(), f"s3://{s3_bucket}/run"
     try:
         pool = run_with_kills(
-            tmp_path, pg_url, emulator.url, out, jobs=2000, workers=4, timeout_s=480
+            tmp_path, pg_url, emulator.url, out, jobs=2000, workers=4, timeout_s=900
         )
         assert pool.codes == [0, 0, 0, 0], pool.output()
         figures = check_every_job_once(emulator, out, pg_url, 2000, pool.kills)

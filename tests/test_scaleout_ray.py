@@ -67,7 +67,7 @@ def test_four_ray_actors_killed_and_restarted_run_every_job_once_into_s3(
         process = driver.processes[0]
         assert process is not None
         with killing_actors(pg_url, out, process.pid) as killed:
-            code = driver.wait(timeout_s=600)
+            code = driver.wait(timeout_s=900)
         assert code == [0], driver.output()
         figures = check_every_job_once(emulator, out, pg_url, JOBS, len(killed))
         assert len(killed) >= 20, driver.output()  # a kill every 3-6 s for >= 200 s
