@@ -50,7 +50,7 @@ postgres:
 	}
 
 test: lint browser postgres
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3
 
 # Not part of `make test`: about 25 minutes on 2 cores. `python -m bench --quick` for a smoke pass.
 bench: $(BIN)/.installed-dev

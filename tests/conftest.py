@@ -239,3 +239,10 @@ def moto_server() -> Iterator[services.Moto]:
 def s3_bucket(moto_server: services.Moto) -> str:
     """A fresh, empty bucket's name on the session's moto server."""
     return moto_server.new_bucket()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, in their order (a stable sort): under ``pytest -n`` each process
+    takes the next test as it finishes one, so the minutes-long chaos runs start at once, each
+    in a process of its own, and the quick tests fill the others around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

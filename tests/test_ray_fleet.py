@@ -25,12 +25,13 @@ from runner.core.pool import Progress
 from runner.emulator import Emulator
 from runner.library import execute
 from runner.manifest.load import load_manifest
-from runner.storage.base import location_url as normalise_out
+from runner.storage.base import location_url
 from runner.store.postgres.connect import run_schema
 from tests.conftest import TEST_KEY, MakeEmulator, options, write_manifest
-from tests.services import PG_PASSWORD
+from tests.services import PG_PASSWORD, free_port
 
-pytestmark = pytest.mark.slow
+# One process (pytest -n --dist loadgroup) runs both Ray modules, one cluster after the other.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 JOBS = 200
 LEASE_S = "3"  # a killed actor's claims come back to the queue within seconds
@@ -44,9 +45,14 @@ def ray_cluster() -> Iterator[Cluster]:
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RUNNER_LEASE_S", LEASE_S)
-        cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
-        )
+        # The head's dashboard agent takes a fixed port unless told: free, as another test
+        # process (pytest -n) may run a cluster of its own.
+        head = {
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": free_port(),
+        }
+        cluster = Cluster(initialize_head=True, head_node_args=head)
         try:
             cluster.add_node(num_cpus=2)
             yield cluster
@@ -84,7 +90,7 @@ async def run_on_ray(
 
 def run_rows(pg_url: str, out: Path, sql: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(pg_url) as conn:
-        conn.execute(f'SET search_path TO "{run_schema(normalise_out(out))}"')
+        conn.execute(f'SET search_path TO "{run_schema(location_url(out))}"')
         return conn.execute(sql).fetchall()
 
 

@@ -1,129 +1,58 @@
-"""Issue 12's acceptance: worker processes of one run, sharing its state in PostgreSQL, against
-one emulator with an unannounced rate limit and injected faults, while one worker after another
-is killed with SIGKILL and started again.
+"""Issue 12's acceptance: worker processes of one run, sharing its state in PostgreSQL and its
+output in S3 (moto), against one emulator with an unannounced rate limit and injected faults,
+while one worker after another is killed with SIGKILL and started again.
 
-Every job succeeds once, each image on disk is the one its success recorded (by sha256), the
-emulator never accepted more than its token bucket allows (the workers' shared pace never made
-it refuse much), confirmed spend is $0.03 an image, and what the emulator billed lies between
-the confirmed spend and the confirmed plus possible spend. With ``--max-cost`` the emulator
-bills no more than the cap across every worker.
+Every job succeeds once, each object under images/ is the image its success recorded (by
+sha256), the emulator never accepted more than its token bucket allows (the workers' shared
+pace kept it), confirmed spend is $0.03 an image, and what the emulator billed lies between the
+confirmed spend and the confirmed plus possible spend. With ``--max-cost`` the emulator bills no
+more than the cap across every worker. (The same with Ray actors: test_scaleout_ray.py.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import yaml
 
-from runner.emulator import EmulatorConfig
-from tests.chaos import REPO, ThreadedEmulator, Workers, max_over_limit
-from tests.conftest import TEST_KEY
+from tests import services
+from tests.chaos import books, chaos_emulator, check_every_job_once, run_with_kills
 
 pytestmark = pytest.mark.slow
 
-LIMIT_RPM, BURST = 600, 10
+BUDGET_EXCEEDED = 3  # the exit code of a run its budget stopped
 
 
-def write_jobs(folder: Path, count: int) -> Path:
-    manifest = folder / "jobs.yaml"
-    jobs = [{"id": f"j{i:05d}", "prompt": f"a lighthouse, study {i}"} for i in range(count)]
-    doc = {"defaults": {"size": "1280x544"}, "jobs": jobs}
-    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return manifest
-
-
-def status(out: Path, state: str, env: dict[str, str]) -> dict[str, object]:
-    shown = subprocess.run(
-        [sys.executable, "-m", "runner", "status", str(out), "--state", state, "--json"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found: dict[str, object] = json.loads(shown.stdout)
-    return found
-
-
-def run_with_kills(
-    tmp_path: Path,
-    pg_url: str,
-    emulator_url: str,
-    *,
-    jobs: int,
-    workers: int,
-    extra: list[str],
-    kill_every_s: tuple[float, float],
-    timeout_s: float,
-) -> tuple[Workers, Path, dict[str, str]]:
-    """Plan ``jobs`` with ``run`` (also a worker), add ``workers - 1`` ``work``-ers once the
-    queue is there, and kill one at random every few seconds until every process ended by
-    itself; returns the workers and the output folder."""
-    manifest, out = write_jobs(tmp_path, jobs), tmp_path / "out"
-    env = {**os.environ, "IMAGE_RUNNER_API_KEY": TEST_KEY, "RUNNER_LEASE_S": "3"}
-    common = ["--state", pg_url, "--out", str(out), "--base-url", emulator_url]
-    common += ["--concurrency", "8", "--timeout", "20", "--no-progress", *extra]
-    planner = ["run", str(manifest), *common]
-    worker = ["work", *[a for a in common if a != "--no-progress"], "--no-progress"]
-    pool = Workers([planner] + [worker] * (workers - 1), env, tmp_path / "logs")
-    pool.processes = [None] * workers
-    pool.start(0)
-    deadline = time.monotonic() + 60
-    while not (out / "images").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)  # the plan is queued before the first image
-    for slot in range(1, workers):
-        pool.start(slot)
-    rng = random.Random(12)
-    deadline = time.monotonic() + timeout_s
+def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
+    tmp_path: Path, pg_url: str, s3_bucket: str
+) -> None:
+    emulator, out = chaos_emulator(), f"s3://{s3_bucket}/run"
     try:
-        while pool.alive() and time.monotonic() < deadline:
-            time.sleep(rng.uniform(*kill_every_s))
-            if pool.alive():
-                pool.kill_one(rng)
-        codes = pool.wait(max(1.0, deadline - time.monotonic()))
+        pool = run_with_kills(
+            tmp_path, pg_url, emulator.url, out, jobs=2000, workers=4, timeout_s=900
+        )
+        assert pool.codes == [0, 0, 0, 0], pool.output()
+        figures = check_every_job_once(emulator, out, pg_url, 2000, pool.kills)
+        assert pool.kills >= 20  # a kill every 3-6 s for >= 200 s
+        print(f"\n4 workers into S3: {figures}")  # shown by pytest -s, or -rP
     finally:
-        pool.kill_all()
-    assert None not in codes, f"workers still running after {timeout_s} s\n{pool.output()}"
-    return pool, out, env
+        emulator.stop()
 
 
-def test_four_workers_killed_and_restarted_run_every_job_once(tmp_path: Path, pg_url: str) -> None:
-    emulator = ThreadedEmulator(
-        EmulatorConfig(rate_limit_rpm=LIMIT_RPM, rate_limit_burst=BURST, fault_rate=0.1, seed=5)
-    )
-    url = emulator.start()
+def test_four_workers_with_a_budget_bill_no_more_than_it(tmp_path: Path, pg_url: str) -> None:
+    emulator, out = chaos_emulator(), str(tmp_path / "out")
     try:
-        pool, out, env = run_with_kills(
-            tmp_path, pg_url, url, jobs=2000, workers=4, extra=[], kill_every_s=(3, 6),
-            timeout_s=480,
+        pool = run_with_kills(
+            tmp_path, pg_url, emulator.url, out, jobs=1000, workers=4,
+            extra=["--max-cost", "15"], timeout_s=300,
         )  # fmt: skip
-        # The last planning run ended after every job was done and wrote the books.
-        results = pd.read_parquet(out / "results.parquet")
-        assert len(results) == 2000, pool.output()
-        assert (results["status"] == "succeeded").all(), results["status"].value_counts()
-        images = sorted((out / "images").iterdir())
-        assert len(images) == 2000  # one image per job, no stray file
-        recorded = dict(zip(results["image_path"], results["sha256"], strict=True))
-        for image in images:
-            digest = hashlib.sha256(image.read_bytes()).hexdigest()
-            assert recorded[f"images/{image.name}"] == digest, image.name
-        facts = status(out, pg_url, env)
-        spend = facts["spend_usd"]
-        assert isinstance(spend, dict)
-        confirmed, possible = spend["confirmed"], spend["possible"]
-        assert confirmed == pytest.approx(0.03 * 2000)
-        assert confirmed - 1e-9 <= emulator.billed_usd <= confirmed + possible + 1e-9
-        over = max_over_limit(emulator.accepted_times(), LIMIT_RPM, BURST)
-        assert over <= 1, f"the emulator accepted {over:.1f} requests past its limit"
-        print(f"kills {pool.kills}, billed ${emulator.billed_usd:.2f}, possible ${possible:.2f}")
+        assert pool.codes == [BUDGET_EXCEEDED] * 4, pool.output()
+        assert emulator.billed_usd <= 15.0
+        figures = books(emulator, out, pg_url, pool.kills)
+        assert figures.confirmed_usd + figures.possible_usd <= 15.0 + 1e-9
+        logs = "".join(path.read_text() for path in sorted((tmp_path / "logs").glob("*.log")))
+        assert "the budget of $15.00 is reached" in logs, pool.output()
+        assert services.PG_PASSWORD not in logs
+        print(f"\n4 workers, --max-cost 15: {figures}")  # shown by pytest -s, or -rP
     finally:
         emulator.stop()
