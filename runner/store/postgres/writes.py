@@ -36,21 +36,26 @@ T = TypeVar("T")
 PLAN_BATCH = 5000
 
 
-# The job is still this worker's to send: not succeeded, the content it was claimed with, held
-# by this worker (or by nobody: its claim was cleared but nobody took it), and this worker's
-# lease valid. The jobs row stays locked to the end of the transaction, so two workers never
-# record attempts of one job at once.
+# The job is still this worker's: not succeeded, the content it was claimed with, held by this
+# worker (or by nobody: its claim was cleared but nobody took it). An outcome needs no more (an
+# image made for it is as good as another's); a request also needs this worker's lease valid
+# (:data:`_SENDABLE`), and locks the jobs row to the end of the transaction, so two workers
+# never record attempts of one job at once.
 _HELD = (
     "job_id = :job AND content_hash = COALESCE(:hash, content_hash) AND status <> 'succeeded' "
-    "AND (claimed_by = :me OR claimed_by IS NULL) AND EXISTS (SELECT 1 FROM workers "
-    "WHERE worker_id = :me AND lease_expires_at > statement_timestamp() AND finished_at IS NULL)"
+    "AND (claimed_by = :me OR claimed_by IS NULL)"
+)
+_SENDABLE = (
+    f"{_HELD} AND EXISTS (SELECT 1 FROM workers WHERE worker_id = :me "
+    "AND lease_expires_at > statement_timestamp() AND finished_at IS NULL)"
 )
 
 
 def holds(db: Translated, job_id: str, content_hash: str | None, worker_id: int) -> bool:
-    """Whether this worker still holds the job (:data:`_HELD`), locking its row if so."""
+    """Whether this worker may send the job (:data:`_SENDABLE`), locking its row if so."""
     params = {"job": job_id, "hash": content_hash, "me": worker_id}
-    return db.execute(f"SELECT 1 FROM jobs WHERE {_HELD} FOR UPDATE", params).fetchone() is not None
+    found = db.execute(f"SELECT 1 FROM jobs WHERE {_SENDABLE} FOR UPDATE", params).fetchone()
+    return found is not None
 
 
 def intent(db: Translated, job: Job, worker_id: int, budget: str) -> int:
