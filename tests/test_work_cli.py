@@ -72,3 +72,32 @@ def test_stop_reaches_the_run_and_a_new_plan_lifts_it(
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert worked.returncode == 3 and "maintenance" in worked.stdout, worked.stdout
+
+
+def test_a_worker_started_before_the_plan_waits_for_it(
+    tmp_path: Path, pg_url: str, emulator: ThreadedEmulator
+) -> None:
+    """A worker started with its planning run (docker compose, a Kubernetes Job) finds the run
+    not yet planned: it waits for the plan instead of ending as if the run were done."""
+    manifest = write_manifest(
+        tmp_path, [{"id": f"e{i}", "prompt": f"an egg {i}", "size": "1280x544"} for i in range(4)]
+    )
+    out = tmp_path / "out"
+    with contextlib.closing(open_pg_store(pg_url, out, worker=False)):
+        pass  # the run exists (its planning run opened it) but nothing is queued yet
+    common = ["--state", pg_url, "--out", str(out), "--base-url", emulator.url]
+    env = {"IMAGE_RUNNER_API_KEY": TEST_KEY, "PATH": "/usr/bin:/bin"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "runner", "work", *common, "--no-progress"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(timeout=3)  # still waiting: the run is not planned
+        with contextlib.closing(open_pg_store(pg_url, out, worker=False)) as store:
+            store.queue([job.id for job in make_plan(load_manifest(manifest), store).todo])
+        output, _ = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, output
+    assert "worker:    4 succeeded" in output

@@ -224,6 +224,9 @@ class Run:
         if self.options.join:  # the planning run made the queue this worker claims from
             plan: Plan | None = Plan(todo=[])
             await asyncio.to_thread(store.settle_in_flight)
+            # Started with (or before) the planning run: its plan is queued once it has read
+            # the manifest; claiming earlier would find nothing and end as if the run were done.
+            await self._wait_for_plan(store)
             if (reason := store.stop_requested()) is not None:
                 self.stop(reason)  # a stopped run: nothing is claimed until it is planned again
         else:
@@ -275,6 +278,13 @@ class Run:
             # heard it, and this worker must not end as if the run were done.
             if self._stop_reason is None and (reason := store.stop_requested()) is not None:
                 self.stop(reason)
+
+    async def _wait_for_plan(self, store: Store) -> None:
+        """Until the run's plan is queued, or this worker is stopped."""
+        while True:
+            if store.planned() or self._stop_reason is not None:
+                return
+            await asyncio.sleep(STOP_POLL_S)
 
     async def _watch_for_stop(self, store: Store) -> None:
         """Stop this worker (gracefully) when the run is stopped for every worker: an

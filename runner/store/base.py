@@ -320,6 +320,11 @@ class Store(Protocol):
         backend records them, and any worker joining the run claims from them."""
         ...
 
+    def planned(self) -> bool:
+        """Whether the run's plan is queued (:meth:`queue`): a worker that joins earlier (its
+        planning run still reading the manifest) waits for it. One machine: always."""
+        ...
+
     def stop_requested(self) -> str | None:
         """Why the run was stopped for every worker (an operator's ``image-runner stop``, or an
         error final for the run that another worker met), if it was; cheap enough to poll

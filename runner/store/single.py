@@ -16,6 +16,10 @@ class SingleProcess:
     def queue(self, job_ids: Sequence[str]) -> None:
         """Nothing to record: the plan's jobs go to this process's pool."""
 
+    def planned(self) -> bool:
+        """This process planned the run it works on."""
+        return True
+
     def stop_requested(self) -> str | None:
         """No other worker can stop this one."""
         return None
