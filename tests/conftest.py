@@ -246,3 +246,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     takes the next test as it finishes one, so the minutes-long chaos runs start at once, each
     in a process of its own, and the quick tests fill the others around them."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def open_worker(pg_url: str, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Workers (PostgreSQL stores) of the run at tmp_path/out, closed at the end."""
+    from runner.store.postgres import open_pg_store
+
+    opened: list[Any] = []
+
+    def make() -> Any:
+        opened.append(open_pg_store(pg_url, tmp_path / "out"))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def planned_jobs(store: Any, count: int) -> list[Job]:
+    """``count`` jobs j00000... planned into ``store`` and queued, as a planning run leaves them."""
+    jobs = [make_job(f"j{n:05d}", f"picture {n}") for n in range(count)]
+    store.plan_jobs(jobs)
+    store.queue([j.id for j in jobs])
+    return jobs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ from runner.errors import BudgetReached
 from runner.http.client import ClientConfig, ImagesClient
 from runner.jobs import Job
 from runner.store import Outcome, SavedImage
-from runner.store.postgres import PostgresStore, open_pg_store
+from runner.store.postgres import PostgresStore
 from tests.conftest import TEST_KEY, make_job
+from tests.conftest import planned_jobs as planned
 
 PRICE = 30_000
 LEASE_S = "1.5"
@@ -35,27 +36,6 @@ def job(n: int) -> Job:
 @pytest.fixture(autouse=True)
 def short_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNNER_LEASE_S", LEASE_S)
-
-
-@pytest.fixture
-def open_worker(pg_url: str, tmp_path: Path) -> Iterator[Callable[[], PostgresStore]]:
-    """Workers of the run at tmp_path/out, closed at the end."""
-    opened: list[PostgresStore] = []
-
-    def make() -> PostgresStore:
-        opened.append(open_pg_store(pg_url, tmp_path / "out"))
-        return opened[-1]
-
-    yield make
-    for store in opened:
-        store.close()
-
-
-def planned(store: PostgresStore, count: int) -> list[Job]:
-    jobs = [job(n) for n in range(count)]
-    store.plan_jobs(jobs)
-    store.queue([j.id for j in jobs])
-    return jobs
 
 
 def until(condition: Callable[[], Any], what: str, limit_s: float = 30.0) -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -16,8 +15,9 @@ import pytest
 from runner.errors import ClaimLost, JobFailedError
 from runner.jobs import Job
 from runner.store import Outcome, SavedImage
-from runner.store.postgres import PostgresStore, open_pg_store
+from runner.store.postgres import PostgresStore
 from tests.conftest import make_job
+from tests.conftest import planned_jobs as planned
 
 PRICE = 30_000
 
@@ -33,26 +33,6 @@ def image(n: int) -> SavedImage:
 @pytest.fixture(autouse=True)
 def short_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNNER_LEASE_S", "1.5")
-
-
-@pytest.fixture
-def open_worker(pg_url: str, tmp_path: Path) -> Iterator[Callable[[], PostgresStore]]:
-    opened: list[PostgresStore] = []
-
-    def make() -> PostgresStore:
-        opened.append(open_pg_store(pg_url, tmp_path / "out"))
-        return opened[-1]
-
-    yield make
-    for store in opened:
-        store.close()
-
-
-def planned(store: PostgresStore, count: int) -> list[Job]:
-    jobs = [job(n) for n in range(count)]
-    store.plan_jobs(jobs)
-    store.queue([j.id for j in jobs])
-    return jobs
 
 
 def sql(store: PostgresStore, statement: str, params: tuple[object, ...] = ()) -> list[tuple]:
