@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from runner.emulator import Emulator, EmulatorConfig
+from runner.emulator.faults import DEFAULT_FAULT_MIX
 from runner.storage import is_remote, open_location
 from runner.storage.base import location_url
 from runner.store.postgres.connect import run_schema
@@ -78,11 +79,25 @@ class ThreadedEmulator:
         return self.emulator.billed_usd
 
 
-def chaos_emulator() -> ThreadedEmulator:
-    """Started: the unannounced limit, and 10% of requests answered with a fault."""
-    emulator = ThreadedEmulator(
-        EmulatorConfig(rate_limit_rpm=LIMIT_RPM, rate_limit_burst=BURST, fault_rate=0.1, seed=5)
+# The emulator's default fault mix but its scattered 429s. The adaptive pacer still reads each
+# scattered 429 as the limit and settles near half of it (issue 13 is about that), so a run
+# of 2,000 jobs with them takes twice as long and measures the pacer, not the scale-out; the
+# limit's own 429s (a few percent of requests) and a Retry-After pausing every worker are
+# still met (the budget test keeps the 429 faults).
+WITHOUT_SCATTERED_429S = tuple(kind for kind in DEFAULT_FAULT_MIX if kind != "429")
+
+
+def chaos_emulator(fault_kinds: tuple[str, ...] = DEFAULT_FAULT_MIX) -> ThreadedEmulator:
+    """Started: the unannounced limit, and 10% of requests answered with a fault of
+    ``fault_kinds``."""
+    config = EmulatorConfig(
+        rate_limit_rpm=LIMIT_RPM,
+        rate_limit_burst=BURST,
+        fault_rate=0.1,
+        fault_kinds=fault_kinds,
+        seed=5,
     )
+    emulator = ThreadedEmulator(config)
     emulator.start()
     return emulator
 
@@ -192,6 +207,16 @@ def run_rows(pg_url: str, out: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 PLANNED = "SELECT count(*) FROM jobs WHERE queued OR status IN ('succeeded', 'failed')"
+GOING = (
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE queued) "
+    "AND NOT EXISTS (SELECT 1 FROM control WHERE stop_reason IS NOT NULL)"
+)
+
+
+def run_going(pg_url: str, out: str) -> bool:
+    """Whether the run still has work queued and was not stopped."""
+    going: bool = run_rows(pg_url, out, GOING)[0][0]
+    return going
 
 
 def wait_for_plan(pg_url: str, out: str, jobs: int, timeout_s: float = 60) -> None:
@@ -238,7 +263,13 @@ def run_with_kills(
 ) -> Workers:
     """Plan ``jobs`` into ``out`` with ``run`` (also a worker; ``extra`` are its options), add
     ``workers - 1`` ``work``-ers once the queue is there, and kill one at random every few
-    seconds (starting it again) until every process ended by itself."""
+    seconds (starting it again) while the run has work queued and no stop, then wait until
+    every process ended by itself.
+
+    The kills end with the queue: once it is empty the ``work``-ers end, and the planning
+    ``run`` alone writes the books (reading every image back for the report's thumbnails),
+    which takes longer than the pause between two kills: killing it again and again would
+    never let the run end."""
     manifest = write_jobs(folder, jobs)
     common = ["--state", pg_url, "--out", out, "--base-url", emulator_url]
     common += ["--concurrency", "8", "--timeout", "20", "--no-progress"]
@@ -261,8 +292,9 @@ def run_with_kills(
     try:
         while pool.alive() and time.monotonic() < deadline:
             time.sleep(rng.uniform(*kill_every_s))
-            if pool.alive():
-                pool.kill_one(rng)
+            if not run_going(pg_url, out):
+                break
+            pool.kill_one(rng)
         pool.codes = pool.wait(max(1.0, deadline - time.monotonic()))
     finally:
         pool.kill_all()

@@ -123,6 +123,31 @@ async def test_the_queue_counts_and_live_workers(
     ]
 
 
+async def test_a_job_a_worker_finished_after_it_was_planned_is_not_queued_again(
+    opener: Callable[..., PostgresStore], tmp_path: Path
+) -> None:
+    """A planning run computes its to-do, then queues it; a worker of the run may finish one
+    of those jobs in between (seen at 2000 jobs with workers killed and restarted: 10 jobs
+    succeeded and queued, so the queue never emptied)."""
+    planner = opener(tmp_path / "out")
+    worker = opener(tmp_path / "out", create=False)
+    jobs = [job(n) for n in range(3)]
+    planner.plan_jobs(jobs)
+    planner.queue([j.id for j in jobs])
+    claims = worker.claim([])
+    first = await anext(claims)
+    attempt = await worker.begin_attempt(first)
+    image = SavedImage(f"images/{first.id}.png", 8, 8, "0" * 64)
+    await worker.record_success(first.id, attempt, Outcome("confirmed", PRICE), image)
+    await claims.aclose()
+    planner.queue([j.id for j in jobs])  # a rerun's plan, made before that success
+    assert planner.queue_counts() == QueueCounts(queued=2, claimed=2, failed=0)
+    assert sql(planner, "SELECT job_id FROM jobs WHERE queued ORDER BY job_id") == [
+        (jobs[1].id,),
+        (jobs[2].id,),
+    ]
+
+
 def test_a_run_at_the_first_schema_version_is_migrated(
     opener: Callable[..., PostgresStore], tmp_path: Path
 ) -> None:

@@ -278,12 +278,15 @@ class PostgresStore:
     def queue(self, job_ids: Sequence[str]) -> None:
         """This run's plan: its to-do becomes the queue workers claim from, a chunk of ids a
         transaction (no long transaction holding the rows others claim), then, last and alone,
-        the run marked planned (:meth:`planned`) and a stop an earlier run was given lifted."""
+        the run marked planned (:meth:`planned`) and a stop an earlier run was given lifted. A
+        job another worker finished since it was planned stays out: a succeeded job left
+        queued would be counted as to do (:meth:`queue_counts`) forever."""
         for chunk in id_chunks(job_ids):
             with self.batch() as db:
                 db.execute(
                     "UPDATE jobs SET queued = true FROM unnest(?::text[]) AS todo(id) "
-                    "WHERE jobs.job_id = todo.id AND NOT jobs.queued",
+                    "WHERE jobs.job_id = todo.id AND NOT jobs.queued "
+                    "AND jobs.status <> 'succeeded'",
                     (chunk,),
                 )
         with self.batch() as db:
