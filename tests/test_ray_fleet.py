@@ -1,10 +1,12 @@
 """Ray as the launcher, on a 2-node local Ray cluster (started once for the module), a real
 PostgreSQL state and the emulator: worker actors on both nodes run every job once, and an actor
 whose process is killed mid-run is restarted and the run still completes, each job once, the
-emulator's bill within what the books say it may be."""
+emulator's bill within what the books say it may be; a stop at once books what the killed
+actors had in flight as possible charges."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -20,7 +22,7 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from runner.cli.main import main
-from runner.core.lifecycle import RunReport
+from runner.core.lifecycle import Run, RunReport
 from runner.core.pool import Progress
 from runner.emulator import Emulator
 from runner.library import execute
@@ -205,3 +207,43 @@ def test_the_cli_runs_a_manifest_on_ray_and_exits_0(
     assert code == 0, summary
     assert summary["counts"]["succeeded"] == 10 and summary["counts"]["requests"] == 10
     assert len(list((out / "images").iterdir())) == 10
+
+
+async def test_a_stop_at_once_settles_the_killed_actors_requests_before_the_books(
+    ray_cluster: Cluster, pg_url: str, tmp_path: Path, make_emulator: MakeEmulator
+) -> None:
+    """A second stop kills the actors with their requests in flight, their leases still
+    valid: the driver marks their workers finished and their requests possible charges before
+    it writes the books, so the books hold what the emulator may bill."""
+    latency_s = 4.0  # every request is still out when the run is stopped
+    emulator = await make_emulator(latency_s=latency_s)
+    runs: list[Run] = []
+    in_flight_at_stop: list[int] = []
+
+    def stop_twice() -> None:
+        runs[0].stop()
+        runs[0].stop()  # at once
+
+    def stop_when_sending(progress: Progress) -> None:
+        if not in_flight_at_stop and progress.in_flight >= 4:
+            in_flight_at_stop.append(progress.in_flight)
+            asyncio.get_running_loop().call_soon(stop_twice)
+
+    run = dataclasses.replace(
+        options(tmp_path / "out", emulator.base_url, concurrency=2),
+        state_url=pg_url,
+        ray_address=ray_cluster.address,
+        workers=4,
+    )
+    jobs = load_manifest(manifest(tmp_path))
+    report = await execute(jobs, run, on_run=runs.append, on_progress=stop_when_sending)
+    assert in_flight_at_stop and report.cancelled and report.ledger is not None
+    out = tmp_path / "out"
+    assert "in_flight" not in attempts_by_state(pg_url, out)
+    assert run_rows(pg_url, out, "SELECT COUNT(*) FROM workers WHERE finished_at IS NULL") == [(0,)]
+    totals = report.ledger.totals
+    assert totals.possible_usd >= 0.03
+    await asyncio.sleep(latency_s + 1)  # the emulator answers, and bills, what reached it
+    assert emulator.billed_usd > 0
+    assert totals.confirmed_usd - 1e-9 <= emulator.billed_usd
+    assert emulator.billed_usd <= totals.confirmed_usd + totals.possible_usd + 1e-9

@@ -5,10 +5,13 @@ that may be writing it: the store is opened read-only and without the folder's l
 number comes from one snapshot (:meth:`~runner.store.views.Views.status_facts`), so counts and
 spend belong to the same moment.
 
-A run is *live* when the latest run recorded has not finished and its process is still
-alive. Unfinished and without its process, the run died without settling (``kill -9``, power
-loss): it is *interrupted*, and the requests it had in flight may have been billed; the next run
-of the manifest counts them as possible charges and resumes the rest.
+A run on one machine is *live* when the latest run recorded has not finished and its process is
+still alive. A run in a database (``--state``) is worked on by processes on other machines, whose
+pids say nothing here: it is live while a worker holds a valid lease (its heartbeat renews it;
+:meth:`~runner.store.postgres.PostgresStore.live_workers`), and ``status`` says how many do.
+Unfinished and without a live process or worker, the run died without settling (``kill -9``,
+power loss): it is *interrupted*, and the requests it had in flight may have been billed; the
+next run of the manifest counts them as possible charges and resumes the rest.
 
 Jobs are those of the checkpoint: every job ever planned in the folder, so a manifest that
 shrank since shows more here than in ``results.csv``, which follows the manifest.
@@ -20,13 +23,20 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.store.views import LastRun, Viewable
 from runner.words import plural
 
 RunState = Literal["live", "finished", "interrupted", "never_run"]
+
+
+@runtime_checkable
+class Staffed(Protocol):
+    """A store whose run is worked on by leased workers, anywhere (the PostgreSQL one)."""
+
+    def live_workers(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ class RunStatus:
     idle_s: float | None  # since ``last_activity_at``
     last_run: LastRun | None
     failures: dict[str, int] = field(default_factory=dict)  # error cause -> failed jobs
+    # Workers holding a valid lease on a run in a database; None: a run on one machine.
+    workers_live: int | None = None
 
     @property
     def jobs(self) -> int:
@@ -69,6 +81,7 @@ class RunStatus:
                 "pending": self.pending,
             },
             "in_flight": self.in_flight,
+            "workers_live": self.workers_live,
             "cut_off": self.cut_off,
             "spend_usd": {"confirmed": self.confirmed_usd, "possible": self.possible_usd},
             "last_activity_at": last_at.isoformat(timespec="milliseconds") if last_at else None,
@@ -92,7 +105,8 @@ def read_status(store: Viewable, *, now: datetime | None = None) -> RunStatus:
     if facts is None:
         return _nothing_yet(store.folder)
     now = now or datetime.now(UTC)
-    state = _state(facts.last_run)
+    workers = store.live_workers() if isinstance(store, Staffed) else None
+    state = _state(facts.last_run, workers)
     # A live run settles nothing yet; an interrupted one left these without an outcome.
     cut_off = facts.in_flight if state == "interrupted" else 0
     possible_micro = facts.possible_micro_usd + cut_off * PRICE_PER_IMAGE_MICRO_USD
@@ -112,6 +126,7 @@ def read_status(store: Viewable, *, now: datetime | None = None) -> RunStatus:
         idle_s=max(0.0, (now - last_at).total_seconds()) if last_at else None,
         last_run=facts.last_run,
         failures=facts.failures,
+        workers_live=workers,
     )
 
 
@@ -133,12 +148,14 @@ def _nothing_yet(folder: Path) -> RunStatus:
     )
 
 
-def _state(last_run: LastRun | None) -> RunState:
+def _state(last_run: LastRun | None, workers_live: int | None) -> RunState:
+    if workers_live:
+        return "live"
     if last_run is None:
         return "never_run"
     if last_run.finished_at is not None:
         return "finished"
-    if last_run.pid is not None and _process_alive(last_run.pid):
+    if workers_live is None and last_run.pid is not None and _process_alive(last_run.pid):
         return "live"
     return "interrupted"
 
@@ -172,6 +189,8 @@ def format_status(status: RunStatus) -> str:
         f"state:     {_describe_state(s)}",
         f"jobs:      {s.jobs}: {s.succeeded} succeeded, {failed}, {s.pending} pending",
     ]
+    if s.workers_live is not None:
+        lines.append(f"workers:   {s.workers_live} live")
     if s.live:
         lines.append(f"in flight: {plural(s.in_flight, 'request')}")
     lines.append(
@@ -194,10 +213,18 @@ def format_status(status: RunStatus) -> str:
 
 def _describe_state(s: RunStatus) -> str:
     run = s.last_run
+    if s.state == "live" and s.workers_live is not None:
+        since = f", latest run {run.run_id} started {_when(run.started_at)}" if run else ""
+        return f"live: {plural(s.workers_live, 'worker')} holding a lease{since}"
     if run is None:
         return "no run recorded yet"
     if s.state == "live":
         return f"live: run {run.run_id}, pid {run.pid}, started {_when(run.started_at)}"
+    if s.state == "interrupted" and s.workers_live is not None:
+        return (
+            f"interrupted: run {run.run_id} ended without finishing and no worker holds a "
+            "lease; rerun the same command to resume"
+        )
     if s.state == "interrupted":
         return (
             f"interrupted: run {run.run_id} (pid {run.pid}) ended without finishing; "

@@ -19,12 +19,20 @@ hands the sending to a :class:`RayFleet`, which the lifecycle treats as it treat
   counted and logged.
 - An actor whose call returned found no job left: it is ended, freeing its CPU (an actor that
   waited for one, when ``workers`` exceeds the cluster's CPUs, then starts, finds nothing, ends).
-- Progress is read from the store every :data:`PROGRESS_POLL_S` seconds, the run's status less
-  what it was when the actors started, and handed to ``on_progress`` as a pool's counters are.
+- Progress is read from the store every :data:`PROGRESS_POLL_S` seconds from counts its
+  partial indexes keep (:meth:`~runner.store.postgres.PostgresStore.queue_counts`: a poll
+  costs the same at ten million jobs), less what they were when the actors started, and handed
+  to ``on_progress`` as a pool's counters are: the jobs done and failed exactly; the spend as
+  the run's budget row moved (its charges, confirmed and possible together, counted as
+  confirmed: a budget shared with other runs counts theirs too). When the actors are done, the
+  run's full status (one aggregation) gives the exact counters, spend split.
 - A stop (Ctrl-C, SIGTERM) is recorded as the run's stop in the database, where every actor
   hears it within a few seconds and finishes what it has in flight. A stop at once (a second
-  Ctrl-C, the end of the grace period) ends the actors' processes: what they had in flight
-  becomes possible charges when their leases expire.
+  Ctrl-C, the end of the grace period) ends the actors' processes; then (and at any end) the
+  workers of every actor process the fleet ended or saw die are marked finished, not left to
+  their leases, and what they had in flight becomes possible charges
+  (:meth:`~runner.store.postgres.PostgresStore.end_workers`) before the books are written. An
+  actor tells the driver its process by host and pid, which is how its worker registered.
 - Credentials: the API key (in the client's options) and the state URL reach an actor only as
   the argument of its call, which Ray neither logs nor shows; never in a runtime_env, an actor's
   name or options. In the actor, the store and the client register both with
@@ -41,6 +49,7 @@ import dataclasses
 import functools
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -49,16 +58,19 @@ from runner.core.pool import PoolResult, Progress
 from runner.errors import RunnerError, StoreError
 from runner.jobs import Job
 from runner.logs import setup_logging
+from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.store import Store
 from runner.store.views import StatusFacts
 
 if TYPE_CHECKING:
     from runner.core import lifecycle
     from runner.core.lifecycle import RunOptions
+    from runner.store.postgres.claims import QueueCounts
 
 log = logging.getLogger(__name__)
 
 PROGRESS_POLL_S: Final = 1.0  # how often the driver reads the run's progress from the store
+KILLED_WAIT_S: Final = 10.0  # the longest the driver waits for killed actors' calls to end
 
 
 @dataclass(frozen=True)
@@ -94,11 +106,12 @@ class _Worker:
         # Warnings, masked, on the actor's stderr, which Ray shows on the driver's.
         setup_logging(0)
 
-    def where(self) -> tuple[str, int]:
-        """The node this actor runs on, and its process's id."""
+    def where(self) -> tuple[str, str, int]:
+        """The node this actor runs on, its host's name and its process's id (the last two as
+        its worker registers: :func:`runner.store.postgres.claims.register`)."""
         import ray
 
-        return ray.get_runtime_context().get_node_id(), os.getpid()
+        return ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid()
 
     def work(self, options: RunOptions) -> WorkerShare:
         """Work as ``image-runner work`` does until no job is left or the run is stopped."""
@@ -140,6 +153,9 @@ class RayFleet:
         *,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
+        from runner.store.postgres import PostgresStore
+
+        assert isinstance(store, PostgresStore)  # Options requires --state for --ray
         self._store = store
         self._address = options.ray_address
         self._count = options.workers
@@ -151,7 +167,8 @@ class RayFleet:
         self._stop_reason: str | None = None  # what stop() was told
         self._stop_recorded = False
         self._run_stop: str | None = None  # the run's stop, as the store last said
-        self._pending: int | None = None  # the run's jobs left, as the store last said
+        self._queued: int | None = None  # the run's jobs left, as the store last said
+        self._processes: set[tuple[str, int]] = set()  # (host, pid) of every actor told
         self.restarts = 0
         self.placement: dict[int, tuple[str, int]] = {}
 
@@ -174,7 +191,7 @@ class RayFleet:
                 result.failures[cause] = result.failures.get(cause, 0) + count
             result.failure_messages.update(share.failure_messages)
             result.rate_limits.update(share.rate_limits)
-        left = self._pending is None or self._pending > 0
+        left = self._queued is None or self._queued > 0
         reasons = [self._run_stop, *(s.stop_reason for s in self._shares)]
         if left:  # an actor that could not start matters only if jobs were left for it
             reasons += [s.error for s in self._shares]
@@ -190,17 +207,19 @@ class RayFleet:
 
         connected_here = await asyncio.to_thread(_connect, self._address)
         actors: list[_Actor] = []
+        calls: dict[asyncio.Future[WorkerShare], _Actor] = {}
         try:
             start = await asyncio.to_thread(self._store.views().status_facts)
             if start is None:
                 raise StoreError("the run's state holds no plan: nothing to send")
+            counts = await asyncio.to_thread(self._store.queue_counts)
             if self._stop_reason is not None:  # stopped while Ray was being reached
                 return self.result()
             actors = [self._start(number) for number in range(1, self._count + 1)]
             calls = {self._call(actor): actor for actor in actors}
             while calls:
                 done, _ = await asyncio.wait(calls, timeout=PROGRESS_POLL_S)
-                await self._poll(start)
+                await self._poll(counts)
                 await self._record_stop()
                 for call in done:
                     actor = calls.pop(call)
@@ -208,11 +227,16 @@ class RayFleet:
                         calls[self._call(actor)] = actor
                     else:
                         ray.kill(actor.handle, no_restart=True)
+            await self._last_poll(start)
         finally:
             for actor in actors:
                 ray.kill(actor.handle, no_restart=True)
-            if connected_here:
-                ray.shutdown()
+            try:
+                await _ended(calls)
+            finally:
+                self._end_workers()
+                if connected_here:
+                    ray.shutdown()
         return self.result()
 
     def _start(self, number: int) -> _Actor:
@@ -223,11 +247,12 @@ class RayFleet:
     def _ask_where(self, actor: _Actor) -> None:
         """Log where the actor runs once it has started (it may wait for a CPU)."""
 
-        def told(answer: asyncio.Future[tuple[str, int]]) -> None:
+        def told(answer: asyncio.Future[tuple[str, str, int]]) -> None:
             if answer.cancelled() or answer.exception() is not None:
                 return  # it died before it answered: its call says so
-            node, pid = answer.result()
+            node, host, pid = answer.result()
             self.placement[actor.number] = node, pid
+            self._processes.add((host, pid))
             log.info("worker actor %d runs on node %s, pid %d", actor.number, node, pid)
 
         asyncio.wrap_future(actor.handle.where.remote().future()).add_done_callback(told)
@@ -243,7 +268,7 @@ class RayFleet:
         try:
             share = call.result()
         except ray.exceptions.RayActorError:
-            if self._stop_reason or self._run_stop or self._pending == 0:
+            if self._stop_reason or self._run_stop or self._queued == 0:
                 return False
             self.restarts += 1
             if isinstance(call.exception(), ray.exceptions.ActorDiedError):
@@ -268,18 +293,52 @@ class RayFleet:
         self._shares.append(share)
         return False
 
-    async def _poll(self, start: StatusFacts) -> None:
-        """Read the run's status and stop from the store; feed the progress since ``start``."""
+    async def _poll(self, start: QueueCounts) -> None:
+        """Read the run's queue and stop from the store; feed the progress since ``start``."""
         try:
-            facts = await asyncio.to_thread(self._store.views().status_facts)
+            counts = await asyncio.to_thread(self._store.queue_counts)
         except StoreError as exc:  # the actors go on; the next poll may read it
             log.warning("could not read the run's progress: %s", exc)
             return
         self._run_stop = self._store.stop_requested()
+        self._queued = counts.queued
+        self._progress = moved(start, counts, self._requests())
+        self._on_progress(dataclasses.replace(self._progress))
+
+    async def _last_poll(self, start: StatusFacts) -> None:
+        """The exact progress since ``start``, from the run's full status, once the actors
+        are done."""
+        try:
+            facts = await asyncio.to_thread(self._store.views().status_facts)
+        except StoreError as exc:  # the books, written next, are the run's account
+            log.warning("could not read the run's progress: %s", exc)
+            return
         if facts is not None:
-            self._pending = facts.pending
             self._progress = _since(start, facts, self._requests())
             self._on_progress(dataclasses.replace(self._progress))
+
+    def _end_workers(self) -> None:
+        """The workers of the actor processes this fleet ended (or saw die) finish, and what
+        they had in flight becomes possible charges, before the books are written: their leases
+        would otherwise run on after the books. A worker whose call returned finished already.
+        Blocking, and short: it must run even when the fleet is cancelled."""
+        if not self._processes:
+            return
+        try:
+            settled = self._store.end_workers(sorted(self._processes))
+        except StoreError as exc:
+            log.warning(
+                "could not settle what the worker actors had in flight: %s; those requests "
+                "become possible charges when their leases expire (the next run counts them)",
+                exc,
+            )
+            return
+        if settled:
+            log.warning(
+                "the worker actors were ended with %d requests in flight: counted as possible "
+                "charges",
+                settled,
+            )
 
     async def _record_stop(self) -> None:
         """Record a stop this fleet was told of as the run's, once: every actor hears it."""
@@ -310,6 +369,35 @@ def _connect(address: str | None) -> bool:
             f"cannot start or reach the Ray cluster {where}: {exc}; nothing was sent"
         ) from None
     return True
+
+
+async def _ended(calls: Iterable[asyncio.Future[WorkerShare]]) -> None:
+    """Until the calls of killed actors have failed (their processes are gone), at most
+    :data:`KILLED_WAIT_S`; their errors are expected, and read so that none is reported."""
+    pending = list(calls)
+    if not pending:
+        return
+    await asyncio.wait(pending, timeout=KILLED_WAIT_S)
+    for call in pending:
+        if call.done() and not call.cancelled():
+            call.exception()
+
+
+def moved(start: QueueCounts, now: QueueCounts, requests: int) -> Progress:
+    """The run's progress since ``start`` from its queue's counts: the jobs that left the queue,
+    those of them that failed (see :class:`~runner.store.postgres.claims.QueueCounts`) and
+    succeeded, the spend the budget row took beyond the reservations of attempts in flight."""
+    finished = max(0, start.queued - now.queued)
+    failed = (now.failed - start.failed) - (now.failed_queued - start.failed_queued)
+    failed = min(finished, max(0, failed))
+    reserved = (now.in_flight - start.in_flight) * PRICE_PER_IMAGE_MICRO_USD
+    return Progress(
+        succeeded=finished - failed,
+        failed=failed,
+        in_flight=now.in_flight,
+        requests=requests,
+        confirmed_micro_usd=now.committed_micro_usd - start.committed_micro_usd - reserved,
+    )
 
 
 def _since(start: StatusFacts, now: StatusFacts, requests: int) -> Progress:

@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -123,23 +123,53 @@ def others_hold_work(conn: psycopg.Connection[Any], worker_id: int) -> bool:
 
 
 class QueueCounts(NamedTuple):
-    """The run's queue at a glance, each count read from a partial index (cheap to poll at any
-    size): jobs still queued, those of them claimed by a live worker, and the run's failed
-    jobs. Succeeded jobs are the planned to-do less those still queued and failed."""
+    """The run at a glance, cheap enough to poll at any size: each count read from a partial
+    index, the spend from one row.
+
+    Jobs still queued, those of them claimed by a live worker, the run's failed jobs and those
+    of them queued again (a rerun retries them); attempts in flight; and what the run's budget
+    row holds (every charge of the runs spending from it, confirmed or possible, plus the price
+    of each attempt in flight: the attempt row is the reservation). Between two readings, the
+    jobs that left the queue split exactly into failures (the change of ``failed`` less that
+    of ``failed_queued``: a failed job retried that fails again leaves both alone) and
+    successes (the rest)."""
 
     queued: int
     claimed: int
     failed: int
+    failed_queued: int
+    in_flight: int
+    committed_micro_usd: int
 
 
-def queue_counts(conn: psycopg.Connection[Any]) -> QueueCounts:
+def queue_counts(conn: psycopg.Connection[Any], budget: str) -> QueueCounts:
     row = conn.execute(
         "SELECT (SELECT COUNT(*) FROM jobs WHERE queued), "
         "(SELECT COUNT(*) FROM jobs WHERE queued AND claimed_by IS NOT NULL "
         f"AND claimed_by NOT IN ({DEAD_WORKERS})), "
-        "(SELECT COUNT(*) FROM jobs WHERE status = 'failed')"
+        "(SELECT COUNT(*) FROM jobs WHERE status = 'failed'), "
+        "(SELECT COUNT(*) FROM jobs WHERE status = 'failed' AND queued), "
+        "(SELECT COUNT(*) FROM attempts WHERE state = 'in_flight'), "
+        "(SELECT COALESCE(MAX(committed_micro_usd), 0) FROM budgets WHERE name = %s)",
+        (budget,),
     ).fetchone()
-    return QueueCounts(*(int(n) for n in row)) if row else QueueCounts(0, 0, 0)
+    assert row is not None  # a SELECT of subqueries returns its row
+    return QueueCounts(*(int(n) for n in row))
+
+
+def end_processes(conn: psycopg.Connection[Any], processes: Sequence[tuple[str, int]]) -> int:
+    """The unfinished workers of these ``(host, pid)`` processes finish: the caller knows the
+    processes ended (it killed them), without their leases having expired yet. A live process
+    is named by its host and pid alone, as it registered (:func:`register`). Returns how many
+    workers; :func:`settle` then settles what they left."""
+    cursor = conn.execute(
+        "UPDATE workers SET finished_at = now() "
+        "FROM unnest(%s::text[], %s::int[]) AS ended(host, pid) "
+        "WHERE workers.finished_at IS NULL AND workers.host = ended.host "
+        "AND workers.pid = ended.pid",
+        ([host for host, _ in processes], [pid for _, pid in processes]),
+    )
+    return cursor.rowcount
 
 
 def live_workers(conn: psycopg.Connection[Any]) -> int:

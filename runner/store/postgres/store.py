@@ -383,7 +383,15 @@ class PostgresStore:
     def queue_counts(self) -> claims.QueueCounts:
         """The queue's progress (:class:`~.claims.QueueCounts`), cheap enough to poll."""
         with self._reading("cannot read the run's queue"):
-            return claims.queue_counts(self.conn)
+            return claims.queue_counts(self.conn, self._budget)
+
+    def end_workers(self, processes: Sequence[tuple[str, int]]) -> int:
+        """The workers of these ``(host, pid)`` processes, ended from outside (Ray actors their
+        driver killed), finish now, not when their leases expire: their claims go back to the
+        queue and their attempts in flight become possible charges (returns how many)."""
+        with self.batch() as db:
+            claims.end_processes(db.conn, processes)
+            return claims.settle(db.conn, None)
 
     def finish_run(self, run_id: int, outcome: str) -> None:
         with self.batch() as db:
