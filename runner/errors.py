@@ -120,7 +120,14 @@ class StoreWriteError(StoreError):
 
 class BudgetReached(StoreError):
     """The budget row the run spends from (shared by the workers and runs that name it) cannot
-    take the next attempt's price: the attempt was not recorded, so it must not be sent."""
+    take the next attempt's price: the attempt was not recorded, so it must not be sent.
+    ``in_flight``: attempts of the run in flight, each holding its price until its outcome is
+    known; one that ends unbilled gives it back, so while there are any the budget may yet
+    take this attempt."""
+
+    def __init__(self, message: str, *, in_flight: int = 0) -> None:
+        super().__init__(message)
+        self.in_flight = in_flight
 
 
 class ClaimLost(StoreError):

@@ -74,6 +74,7 @@ class OptionFields(TypedDict, total=False):
     max_retry_after_s: float
     grace_s: float
     max_cost_usd: float | None
+    budget: str | None
     dry_run: bool
     max_outage_s: float
     retry_failed: bool

@@ -25,6 +25,7 @@ def test_the_defaults_are_the_clis() -> None:
         "max_retry_after_s": 120,
         "grace_s": 60,
         "max_cost_usd": None,
+        "budget": None,
         "dry_run": False,
         "max_outage_s": 600,
         "retry_failed": False,

@@ -88,8 +88,10 @@ def test_runs_naming_one_budget_share_it_and_only_the_planner_caps_it(
     assert joiner.budget(None).cap_micro_usd is None  # the database is the cap
     assert sql(first, "SELECT cap_micro_usd FROM budgets WHERE name = 'team'") == [(2 * PRICE,)]
     replanned = opener(tmp_path / "a", budget="team")
-    replanned.budget(None)  # run without --max-cost: no cap, not the earlier run's
-    assert sql(first, "SELECT cap_micro_usd FROM budgets WHERE name = 'team'") == [(None,)]
+    replanned.budget(None)  # run without --max-cost: the cap stays as set
+    assert sql(first, "SELECT cap_micro_usd FROM budgets WHERE name = 'team'") == [(2 * PRICE,)]
+    replanned.budget(3 * PRICE)  # until a run sets it again
+    assert sql(first, "SELECT cap_micro_usd FROM budgets WHERE name = 'team'") == [(3 * PRICE,)]
     own = opener(tmp_path / "a")  # without a name: the run's own budget again
     assert sql(own, "SELECT budget FROM control") == [(own.out_url,)]
 
@@ -153,8 +155,9 @@ def test_a_run_at_the_first_schema_version_is_migrated(
 ) -> None:
     old = opener(tmp_path / "out", worker=False)
     for statement in (
-        "DELETE FROM migrations WHERE version = 2",
+        "DELETE FROM migrations WHERE version >= 2",
         "ALTER TABLE control DROP COLUMN planned_at",
+        "ALTER TABLE control DROP COLUMN rpm",
         "DROP INDEX jobs_failed",
         "CREATE INDEX attempts_state ON attempts (state)",
         "ALTER TABLE jobs RESET (fillfactor)",

@@ -115,8 +115,8 @@ def flag(name: str) -> str:
 
 def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
     """The options of ``run``; with ``worker``, those of ``work``: no manifest, and neither
-    what only planning decides (dry run, what to retry or redo) nor the budget's cap, which
-    is the planning run's."""
+    what only planning decides (dry run, what to retry or redo) nor the budget and its cap,
+    which are the planning run's."""
     if not worker:
         run.add_argument("manifest", type=Path, help="YAML or CSV manifest")
     run.add_argument(
@@ -200,8 +200,17 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
             "max_cost_usd",
             type=_non_negative_float,
             metavar="USD",
-            help="cap on the spend recorded in the output folder, confirmed + possible, all runs; "
-            "with --state, for every worker of the run together (default: no cap)",
+            help="cap on the spend recorded in the output folder, confirmed + possible, all runs "
+            "(default: no cap); with --state, the cap of the run's budget for every worker of "
+            "it together, which stays as set until a run sets it again (default: the cap the "
+            "budget has, none for a new one)",
+        )
+        _option(
+            run,
+            "budget",
+            metavar="NAME",
+            help="with --state: spend from the budget NAME, shared with every run naming it "
+            "(created if new); --max-cost sets its cap (default: the run's own budget)",
         )
         _option(
             run,
@@ -249,7 +258,13 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
         type=_positive_float,
         metavar="N",
         help="at most N requests a minute per endpoint; below that the runner adapts to the "
-        "provider's rate limit by itself (429s, x-ratelimit headers) (default: no ceiling)",
+        "provider's rate limit by itself (429s, x-ratelimit headers) (default: no ceiling)"
+        + (
+            "; the planning run's --rpm is the ceiling of all its workers together: this one "
+            "only lowers it, for this worker"
+            if worker
+            else "; with --state, for all the run's workers together"
+        ),
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     if worker:  # the planning run's summary is the run's; a worker's is its share

@@ -8,7 +8,9 @@ spend recorded in the output folder, confirmed plus
 possible, over all its runs (so a resumed run goes on under the same cap). Each attempt
 reserves its price when it is admitted and releases the reservation when its outcome is known,
 so even with requests in flight, retries and ambiguous outcomes, confirmed + possible can never
-pass the cap: an attempt whose price does not fit is never sent.
+pass the cap: an attempt whose price does not fit is never sent. A shared budget (PostgreSQL)
+is reserved by the store as it records the attempt, and waited for the same way
+(:meth:`Admission.intent`).
 
 **Circuit breaker.** When nearly every recent request failed in a way that says the provider is
 down (5xx, 429, timeouts, resets), sending every job's remaining attempts into the outage would
@@ -20,14 +22,23 @@ than ``max_outage_s`` the run stops, resumable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from runner.core.pacer import Limiter
+from runner.errors import BudgetReached
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, Endpoint
 from runner.store.base import Budget, BudgetExhausted
+
+T = TypeVar("T")
+
+# How often an attempt waiting for a full shared budget looks whether other workers' attempts
+# in flight gave a price back.
+SHARED_BUDGET_POLL_S = 0.5
 
 
 class OutageTooLong(Exception):
@@ -201,6 +212,27 @@ class Admission:
         except Halt:
             self.breaker.release_probe(probe)
             raise
+
+    async def intent(self, begin: Callable[[], Awaitable[T]]) -> T:
+        """``begin()``: the store records the admitted attempt in flight, reserving its price
+        on a shared budget (PostgreSQL) in the same transaction. A shared budget that is full
+        while attempts of the run (any worker's) are in flight holding their prices is waited
+        for, as one machine's is in :meth:`admit`: each outcome may give a price back (an
+        unbilled one does), so ``begin()`` is tried again on this worker's own outcomes and
+        every :data:`SHARED_BUDGET_POLL_S` for other workers'. Once nothing is in flight the
+        budget is reached: :class:`~runner.errors.BudgetReached` is raised; :class:`Halt` if
+        the run stops meanwhile."""
+        while True:
+            try:
+                return await begin()
+            except BudgetReached as exc:
+                if not exc.in_flight:
+                    raise
+            self._budget_settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._budget_settled.wait(), SHARED_BUDGET_POLL_S)
+            if not self._keep_going():
+                raise Halt
 
     def release(self, ticket: Ticket) -> None:
         """An admitted attempt will not be sent after all: free its price and probe slot."""

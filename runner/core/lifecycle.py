@@ -40,6 +40,7 @@ actors does (:mod:`runner.workers.ray`). An output in object storage
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
@@ -85,8 +86,11 @@ class RunOptions:
     pacer: PacerConfig = field(default_factory=PacerConfig)  # --rpm, adaptive rate limiting
     concurrency: int = 8
     # Over the folder's whole history (see runner.core.admission); with a shared state, the
-    # run's budget in the database, for all its workers.
+    # cap of the run's budget in the database, for all its workers (None: the cap it has).
     max_cost_usd: float | None = None
+    # With a shared state: the budget, by name, the run spends from, shared with every run
+    # naming it; None: the run's own.
+    budget: str | None = None
     dry_run: bool = False  # plan only: send nothing, change nothing
     retry_failed: bool = False  # also retry jobs that failed for good ...
     retry_only: frozenset[str] = frozenset()  # ... or only those with these causes
@@ -178,7 +182,10 @@ class Run:
         try:
             if self.options.dry_run:
                 return await self._plan_only()
-            store = open_store(self.options.out_dir, self.options.state_url, join=self.options.join)
+            o = self.options
+            store = open_store(
+                o.out_dir, o.state_url, join=o.join, budget=o.budget, rpm=o.pacer.ceiling_rpm
+            )
             ending = asyncio.ensure_future(self._run_and_book(store))
             return await _to_the_end(ending, on_cancel=self._stop_at_once)
         finally:
@@ -247,6 +254,8 @@ class Run:
         connections = 2 * self.options.concurrency
         remote = self._remote
         o = self.options
+        # With a shared state, the planning run's --rpm is every worker's ceiling.
+        pacer = dataclasses.replace(o.pacer, ceiling_rpm=store.ceiling_rpm(o.pacer.ceiling_rpm))
         async with ImagesClient(o.client, max_connections=connections) as client:
             self._pool = Pool(
                 client,
@@ -256,12 +265,10 @@ class Run:
                 retry=self.options.retry,
                 budget=budget,
                 breaker=self.options.breaker,
-                pacer=self.options.pacer,
+                pacer=pacer,
                 on_progress=self._on_progress,
                 sink=None if remote is None else LocationSink(remote.location),
-                limiter=shared_limiter(
-                    self.options.state_url, self.options.client, self.options.pacer
-                ),
+                limiter=shared_limiter(self.options.state_url, self.options.client, pacer),
             )
             await self._send(store, plan.todo)
 

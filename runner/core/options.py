@@ -43,6 +43,7 @@ from runner.store.urls import state_url_problem
 # so it is not sent, not even to the loopback.
 EMULATOR_KEY: Final = "sk-emulator-local"
 ON_AMBIGUOUS: Final = ("retry", "fail")
+BUDGET_NAME_MAX: Final = 128
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,13 @@ class Options:
     flight get to finish before they are dropped (``--grace``)."""
     max_cost_usd: float | None = None
     """Cap on the spend recorded in the output folder, confirmed + possible, over all its runs;
-    ``None``: no cap (``--max-cost``)."""
+    ``None``: no cap (``--max-cost``). With ``state``: the cap of the run's budget in the
+    database, for all its workers, which stays as set until a run sets it again; ``None``
+    keeps the cap the budget has (none for a new one)."""
+    budget: str | None = None
+    """With ``state``: the budget, by name, this run spends from, shared with every run that
+    names it (created if new); ``max_cost_usd`` sets its cap. ``None``: the run's own budget,
+    named after its output location (``--budget``)."""
     dry_run: bool = False
     """Only plan: what would be sent and what it would cost; sends nothing, changes nothing on
     disk, needs no key (``--dry-run``)."""
@@ -136,7 +143,32 @@ class Options:
             raise OptionsError("{0} " + problem.replace("{", "{{").replace("}", "}}"), "base_url")
         if self.state is not None and (problem := state_url_problem(self.state)):
             raise OptionsError("{0} " + problem, "state")
+        self._check_budget()
         self._check_workers()
+
+    def _check_budget(self) -> None:
+        """A budget by name lives in the shared state, and its name is shown in messages."""
+        if self.budget is None:
+            return
+        if not isinstance(self.budget, str) or not 0 < len(self.budget) <= BUDGET_NAME_MAX:
+            raise OptionsError(
+                f"{{0}} must be a name of 1 to {BUDGET_NAME_MAX} characters, got "
+                f"{_shown(self.budget)}",
+                "budget",
+            )
+        if not self.budget.isprintable() or self.budget.strip() != self.budget:
+            raise OptionsError(
+                "{0} must be printable, without spaces around it, got " + _shown(self.budget),
+                "budget",
+            )
+        if self.state is None:
+            raise OptionsError(
+                "{0} names a budget shared in PostgreSQL: add {1} postgresql://... (one "
+                "machine: {2} caps the output folder's own spend)",
+                "budget",
+                "state",
+                "max_cost_usd",
+            )
 
     def _check_workers(self) -> None:
         """Ray's options go together: workers need a cluster to start on and a state they
@@ -204,6 +236,7 @@ def run_options(
         pacer=PacerConfig(ceiling_rpm=options.rpm),
         concurrency=options.concurrency,
         max_cost_usd=options.max_cost_usd,
+        budget=options.budget,
         dry_run=options.dry_run,
         retry_failed=options.retry_failed,
         retry_only=options.only,

@@ -312,7 +312,7 @@ class Pool:
     async def _attempt_in_slot(self, job: Job, slot: _Slot, tries: _JobTries) -> None:
         ticket = await self.admission.admit(job.endpoint)
         try:
-            attempt = await self.store.begin_attempt(job)
+            attempt = await self.admission.intent(lambda: self.store.begin_attempt(job))
         except BaseException:
             self.admission.release(ticket)
             raise

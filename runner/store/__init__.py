@@ -51,16 +51,28 @@ __all__ = [
 ]
 
 
-def open_store(folder: Path | str, state_url: str | None = None, *, join: bool = False) -> Store:
+def open_store(
+    folder: Path | str,
+    state_url: str | None = None,
+    *,
+    join: bool = False,
+    budget: str | None = None,
+    rpm: float | None = None,
+) -> Store:
     """The state of ``folder`` for a run. Without ``state_url``: its SQLite checkpoint, locked
     for this process, created if need be, checked writable before anything is sent. With one
     (a PostgreSQL URL): the run of ``folder`` in that database, this process one of its
     workers; one that ``join``s a run (``image-runner work``) never creates it: a run nobody
-    planned there (a mistyped ``--out``) is refused with a :class:`StoreError`."""
+    planned there (a mistyped ``--out``) is refused with a :class:`StoreError`. The planning
+    run names the shared ``budget`` the run spends from (None: the run's own) and records its
+    ``rpm`` as the ceiling of every worker (:meth:`Store.ceiling_rpm`); a joining worker's
+    are the run's."""
     if state_url is not None:
         from runner.store.postgres import open_pg_store
 
-        return open_pg_store(state_url, folder, create=not join)
+        if join:
+            return open_pg_store(state_url, folder, create=False)
+        return open_pg_store(state_url, folder, budget=budget, rpm=rpm)
     return SqliteStore.open(_sqlite_folder(folder))
 
 

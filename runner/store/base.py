@@ -310,6 +310,12 @@ class Store(Protocol):
         ends or its lease expires), so that all workers together stay under the cap."""
         ...
 
+    def ceiling_rpm(self, own_rpm: float | None) -> float | None:
+        """The ``--rpm`` ceiling this worker paces under, given its own (None: none). One
+        machine: its own. A shared backend: the planning run's, recorded for every worker of
+        the run, which a worker's own may only lower."""
+        ...
+
     # --- the run ------------------------------------------------------------------------
 
     def start_run(self) -> int: ...

@@ -16,6 +16,10 @@ class SingleProcess:
     def queue(self, job_ids: Sequence[str]) -> None:
         """Nothing to record: the plan's jobs go to this process's pool."""
 
+    def ceiling_rpm(self, own_rpm: float | None) -> float | None:
+        """This process's own ``--rpm``: no other worker shares its run."""
+        return own_rpm
+
     def planned(self) -> bool:
         """This process planned the run it works on."""
         return True

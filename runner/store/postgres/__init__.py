@@ -44,6 +44,7 @@ def open_pg_store(
     worker: bool = True,
     create: bool = True,
     budget: str | None = None,
+    rpm: float | None = None,
 ) -> PostgresStore:
     """The run at ``out_url`` (a local folder or an object storage URL) in the database of
     ``state_url``, for a run or a worker (``worker``: it registers and may claim and send;
@@ -51,12 +52,13 @@ def open_pg_store(
 
     ``create``: the planning run (``image-runner run``), which creates the schemas and the run
     as needed, names the shared budget it spends from (``budget``; default: the run's own,
-    named after ``out_url``) and sets its cap (:meth:`PostgresStore.budget`). A joining worker
-    (``image-runner work``) opens with ``create=False``: a run nobody planned is a
-    :class:`~runner.errors.StoreError` saying so, not an empty run; the run's budget and cap
-    are the planner's."""
+    named after ``out_url``) and sets its cap (:meth:`PostgresStore.budget`), and records its
+    ``--rpm`` (``rpm``; None: none) as the run's ceiling. A joining worker (``image-runner
+    work``) opens with ``create=False``: a run nobody planned is a
+    :class:`~runner.errors.StoreError` saying so, not an empty run; the run's budget, cap and
+    ceiling are the planner's (:meth:`PostgresStore.ceiling_rpm`)."""
     out = location_url(out_url)
-    conn = open_run(state_url, out, create=create, budget=budget)
+    conn = open_run(state_url, out, create=create, budget=budget, rpm=rpm)
     return PostgresStore(
         state_url,
         out,

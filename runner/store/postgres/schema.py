@@ -10,8 +10,8 @@
   SQLite's ``rowid``), the columns that rebuild a whole job without its manifest
   (``response_format``, ``row``, ``variant``), the run's to-do (``queued``, with a partial
   index in planning order) and who claimed each job (``claimed_by``), ``attempts.worker_id``,
-  ``workers`` (their leases, on the database's clock), ``control`` (a run-wide stop and the
-  budget the run spends from) and ``runs.worker_id``.
+  ``workers`` (their leases, on the database's clock), ``control`` (a run-wide stop, the
+  budget the run spends from, the planning run's ``--rpm``) and ``runs.worker_id``.
 - Creation and migrations run in one transaction under ``pg_advisory_xact_lock``: two workers
   starting together wait for each other instead of racing. A schema written by a newer
   image-runner is refused untouched.
@@ -165,6 +165,10 @@ RUN_MIGRATIONS = (
     DROP INDEX IF EXISTS attempts_state;
     CREATE INDEX jobs_failed ON jobs (seq) WHERE status = 'failed';
     """,
+    # The planning run's --rpm: the ceiling every worker of the run paces under.
+    """
+    ALTER TABLE control ADD COLUMN rpm DOUBLE PRECISION NULL;
+    """,
 )
 
 
@@ -174,17 +178,19 @@ def open_run(
     *,
     create: bool,
     budget: str | None = None,
+    rpm: float | None = None,
     autocommit: bool = True,
 ) -> psycopg.Connection[Any]:
     """A connection to the run of ``out_url`` with its ``search_path`` set: its schema created
     or brought up to date first when ``create`` (the planning run; ``budget`` names the shared
-    budget it spends from, default its own, ``out_url``), else required to exist at this
-    version (a joining worker, the views, a dry run). Closed on every failure."""
+    budget it spends from, default its own, ``out_url``; ``rpm`` is its ``--rpm``, the run's
+    ceiling), else required to exist at this version (a joining worker, the views, a dry run).
+    Closed on every failure."""
     conn = connect(state_url, autocommit=True)
     schema = run_schema(out_url)
     try:
         if create:
-            migrate(conn, state_url, out_url, budget or out_url)
+            migrate(conn, state_url, out_url, budget or out_url, rpm)
         else:
             check_exists(conn, state_url, out_url)
         set_search_path(conn, schema)
@@ -198,10 +204,17 @@ def open_run(
     return conn
 
 
-def migrate(conn: psycopg.Connection[Any], state_url: str, out_url: str, budget: str) -> None:
+def migrate(
+    conn: psycopg.Connection[Any],
+    state_url: str,
+    out_url: str,
+    budget: str,
+    rpm: float | None = None,
+) -> None:
     """Create the shared schema and the run's (tables, control row) or apply the migrations
-    they lack, and make ``budget`` the run's budget (its row created if new), all in one
-    transaction under the schema lock."""
+    they lack, make ``budget`` the run's budget (its row created if new) and ``rpm`` its
+    ceiling (None: none), all in one transaction under the schema lock. Recorded before the
+    plan is queued, so that a worker waiting for the plan finds them once it is."""
     schema = run_schema(out_url)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
@@ -215,9 +228,9 @@ def migrate(conn: psycopg.Connection[Any], state_url: str, out_url: str, budget:
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         _apply(conn, state_url, schema, RUN_MIGRATIONS, f"the run of {out_url}")
         conn.execute(
-            f'INSERT INTO "{schema}".control (id, budget) VALUES (1, %s) '
-            "ON CONFLICT (id) DO UPDATE SET budget = excluded.budget",
-            (budget,),
+            f'INSERT INTO "{schema}".control (id, budget, rpm) VALUES (1, %s, %s) '
+            "ON CONFLICT (id) DO UPDATE SET budget = excluded.budget, rpm = excluded.rpm",
+            (budget, rpm),
         )
         conn.execute(
             f"INSERT INTO {SHARED_SCHEMA}.budgets (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",

@@ -83,13 +83,15 @@ class PostgresStore:
         self._commits: GroupCommit[Translated] | None = None
         self._claimer: Claimer | None = None
         self._budget = ""
+        self._rpm: float | None = None  # the planning run's --rpm: the run's ceiling
         # The content each job in flight was sent with (by begin_attempt): its outcome is
         # recorded on the job only if the job still has it.
         self._hashes: dict[str, str] = {}
         try:
             with self._reading("cannot read the run's control row"):
-                row = conn.execute("SELECT budget FROM control").fetchone()
+                row = conn.execute("SELECT budget, rpm FROM control").fetchone()
             self._budget = str(row[0]) if row else out_url
+            self._rpm = None if row is None or row[1] is None else float(row[1])
             if worker:
                 self._join(connect)
         except BaseException:
@@ -340,12 +342,20 @@ class PostgresStore:
     def budget(self, cap_micro_usd: int | None) -> Budget:
         """The pool's budget has no cap of its own: the database is the cap, reserved by
         :meth:`begin_attempt` across all workers (so no spend needs reading here). Opened by
-        the planning run, ``cap_micro_usd`` (its ``--max-cost``; None: no cap) becomes the cap
-        of the run's budget row, shared with every run naming it; a joining worker keeps the
-        row's."""
-        if self.planner:
+        the planning run, ``cap_micro_usd`` (its ``--max-cost``) becomes the cap of the run's
+        budget row, shared with every run naming it. None (a run without ``--max-cost``, a
+        joining worker) keeps the row's cap as it is: a run that does not name a cap must not
+        lift the one another run, or an earlier night, set on a shared budget."""
+        if self.planner and cap_micro_usd is not None:
             self.set_budget_cap(cap_micro_usd)
         return Budget(None, 0)
+
+    def ceiling_rpm(self, own_rpm: float | None) -> float | None:
+        """The ceiling this worker paces under: the planning run's ``--rpm``, for every worker
+        of the run, lowered by a worker's own (``own_rpm``, never raised by it)."""
+        if self._rpm is None or own_rpm is None:
+            return own_rpm if self._rpm is None else self._rpm
+        return min(self._rpm, own_rpm)
 
     def set_budget_cap(self, cap_micro_usd: int | None) -> None:
         """Cap the run's budget row (shared with every run naming it) at ``cap_micro_usd``."""

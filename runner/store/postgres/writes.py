@@ -61,7 +61,9 @@ def holds(db: Translated, job_id: str, content_hash: str | None, worker_id: int)
 def intent(db: Translated, job: Job, worker_id: int, budget: str) -> int:
     """Reserve the price on ``budget`` and record the attempt ``in_flight``; its number.
     :class:`~runner.errors.ClaimLost` (nothing written) when the job is no longer this
-    worker's to send."""
+    worker's to send; :class:`~runner.errors.BudgetReached` when the budget cannot take the
+    price, with the run's attempts in flight (any worker's: a dead worker's are settled within
+    about a lease), whose outcomes may free room."""
     if not holds(db, job.id, job.content_hash, worker_id):
         raise ClaimLost(job.id, f"job {job.id} is no longer this worker's to send: not sent")
     price = PRICE_PER_IMAGE_MICRO_USD
@@ -74,7 +76,9 @@ def intent(db: Translated, job: Job, worker_id: int, budget: str) -> int:
     if reserved is None:
         row = db.execute("SELECT cap_micro_usd FROM budgets WHERE name = ?", (budget,)).fetchone()
         cap = (row[0] or 0) / MICRO if row else 0
-        raise BudgetReached(f"the budget of ${cap:.2f} is reached")
+        flying = db.execute("SELECT COUNT(*) FROM attempts WHERE state = 'in_flight'").fetchone()
+        in_flight = int(flying[0]) if flying else 0
+        raise BudgetReached(f"the budget of ${cap:.2f} is reached", in_flight=in_flight)
     db.execute("UPDATE jobs SET claimed_by = ? WHERE job_id = ?", (worker_id, job.id))
     row = db.execute(
         "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE job_id = ?", (job.id,)
