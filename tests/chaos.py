@@ -40,7 +40,7 @@ import yaml
 
 from runner.emulator import Emulator, EmulatorConfig
 from runner.emulator.faults import DEFAULT_FAULT_MIX
-from runner.storage import is_remote, open_location
+from runner.storage import open_location
 from runner.storage.base import location_url
 from runner.store.postgres.connect import run_schema
 from tests.conftest import TEST_KEY
@@ -281,10 +281,6 @@ def run_with_kills(
     pool.processes = [None] * workers
     pool.start(0)
     wait_for_plan(pg_url, out, jobs)
-    while not is_remote(out) and not (Path(out) / "images").is_dir():
-        # A `work`-er on a local folder does not make images/ (the planning run does, after
-        # queueing): started before, it stops the run with "cannot write images" (exit 3).
-        time.sleep(0.2)
     for slot in range(1, workers):
         pool.start(slot)
     rng = random.Random(12)

@@ -71,10 +71,10 @@ def judge(
     return edited, "edited"
 
 
-def adoptable(job: Job, data: bytes, key: str, stat: ImageStat) -> SavedImage | None:
-    """The image ``data`` (at ``key``, with ``stat``) as what :meth:`Store.adopt` records for
-    ``job``; None when it is no finished image of the job (it does not decode at the size
-    asked for)."""
+def adoptable(job: Job, data: bytes, key: str, stat: ImageStat | None) -> SavedImage | None:
+    """The image ``data`` (at ``key``, with ``stat``; None: a local file the store stats) as
+    what :meth:`Store.adopt` records for ``job``; None when it is no finished image of the job
+    (it does not decode at the size asked for)."""
     try:
         info = inspect_image(data, job.expected_size)
     except ImageInvalid:

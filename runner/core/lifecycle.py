@@ -66,7 +66,7 @@ from runner.jobs import Job
 from runner.outputs.ledger import LedgerFiles, write_ledger
 from runner.outputs.report import write_report
 from runner.provider import MICRO
-from runner.storage import is_remote
+from runner.storage import LocalLocation, is_remote
 from runner.store import Store, check_writable, open_for_dry_run, open_store
 from runner.workers.ray import RayFleet
 
@@ -256,6 +256,9 @@ class Run:
         o = self.options
         # With a shared state, the planning run's --rpm is every worker's ceiling.
         pacer = dataclasses.replace(o.pacer, ceiling_rpm=store.ceiling_rpm(o.pacer.ceiling_rpm))
+        location = remote.location if remote is not None else None
+        if location is None and o.state_url is not None:  # other workers write there too
+            location = LocalLocation(store.folder)
         async with ImagesClient(o.client, max_connections=connections) as client:
             self._pool = Pool(
                 client,
@@ -267,7 +270,7 @@ class Run:
                 breaker=self.options.breaker,
                 pacer=pacer,
                 on_progress=self._on_progress,
-                sink=None if remote is None else LocationSink(remote.location),
+                sink=None if location is None else LocationSink(location),
                 limiter=shared_limiter(self.options.state_url, self.options.client, pacer),
             )
             await self._send(store, plan.todo)

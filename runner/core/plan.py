@@ -3,6 +3,7 @@
 Run once at the start of every run, before any request, in this order:
 
 1. delete temp files a crash left in ``images/`` (and of the results files, in the folder);
+   with a shared state, only those too old to be a live worker's;
 2. turn attempts left in flight into possible charges, and finish the moves of earlier
    versions that a crash cut off (see :mod:`runner.core.versions`);
 3. record the manifest's jobs; a job whose content changed under the same id starts over at
@@ -131,12 +132,15 @@ def make_plan(
     batch_size: int = PLAN_BATCH_JOBS,
     dry_run: bool = False,
     location: Location | None = None,
+    temp_min_age_s: float = 0.0,
 ) -> Plan:
     """What is left to do. ``retry_failed`` adds the jobs that failed for good (a content
     refusal, a bad request), or with ``only`` just those whose cause is in it; ``redo_edited``
     the jobs whose image was edited by hand. ``dry_run`` changes nothing (open ``store`` with
     :func:`runner.store.open_for_dry_run`) and plans the same. ``location``: where the images
-    are, when not in ``store.folder`` (an object store: :mod:`runner.core.remote_plan`)."""
+    are, when not in ``store.folder`` (an object store: :mod:`runner.core.remote_plan`).
+    ``temp_min_age_s``: temp files modified more recently are kept (workers sharing the folder
+    may be writing them; see :func:`~runner.images.files.remove_temp_files`)."""
     images_dir = store.folder / IMAGES_DIR
     todo = TodoJobs(jobs)
     plan = Plan(todo=todo)
@@ -148,8 +152,8 @@ def make_plan(
     else:
         if remote is None:  # an object is created whole or not at all: no temp file to sweep
             images_dir.mkdir(parents=True, exist_ok=True)
-            plan.temp_files_removed = remove_temp_files(images_dir)
-            plan.temp_files_removed += remove_temp_files(store.folder)
+            plan.temp_files_removed = remove_temp_files(images_dir, min_age_s=temp_min_age_s)
+            plan.temp_files_removed += remove_temp_files(store.folder, min_age_s=temp_min_age_s)
         plan.in_flight_settled = store.settle_in_flight()
     planner = _Planner(
         store,

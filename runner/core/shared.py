@@ -1,5 +1,6 @@
 """What a run whose state is shared (``--state``) does besides what one machine does: its plan
-queued for every worker, and one pace for every worker of every run against the same API key.
+queued for every worker (planned without sweeping away the temp files live workers write in a
+shared local folder), and one pace for every worker of every run against the same API key.
 
 On one machine (the SQLite checkpoint) neither applies: the plan goes to this process's pool as
 it is, without a list of ids being made, and the pace is this process's own
@@ -19,6 +20,9 @@ from runner.storage import Location
 from runner.store import Store
 
 Sleep = Callable[[float], Awaitable[None]]
+
+TEMP_AGE_LEASES = 2  # a temp file unmodified for this many leases is no live worker's ...
+TEMP_MIN_AGE_S = 60.0  # ... nor one younger than this (a lease of a few seconds in tests)
 
 
 def plan_and_queue(
@@ -43,10 +47,20 @@ def plan_and_queue(
         redo_edited=redo_edited,
         dry_run=dry_run,
         location=location,
+        temp_min_age_s=live_temp_age_s() if shared else 0.0,
     )
     if not dry_run and shared:  # one machine: the plan goes to this pool, no list is made
         store.queue([job.id for job in plan.todo])
     return plan
+
+
+def live_temp_age_s() -> float:
+    """How long a temp file in a shared local folder may go unmodified and still be a live
+    worker's: twice the lease, at least a minute. A worker whose lease is that far gone has
+    lost its claims; an answer it still streams is written at every chunk, so stays young."""
+    from runner.store.postgres.claims import lease_s
+
+    return max(TEMP_AGE_LEASES * lease_s(), TEMP_MIN_AGE_S)
 
 
 def shared_limiter(

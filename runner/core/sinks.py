@@ -1,12 +1,17 @@
 """Where the pool puts an image that came back: an :class:`ImageSink`, chosen once per run.
 
-- :class:`FolderSink`, the output folder on this machine: exactly what the pool always did
-  (:func:`~runner.images.saving.save_image`, its temp files in ``images/``), no step added.
-- :class:`LocationSink`, an object store (``--out s3://...``): the image is verified and tagged
-  in a local spool folder, then created at ``images/<job id>.<ext>`` only if absent
-  (:func:`~runner.storage.save_image_to`; an image already there is verified and adopted). Its
-  stat is what the store reports (size, and the modification time in whole seconds, which is
-  what every listing and HEAD agree on), so that the next plan checks it by one listing.
+- :class:`FolderSink`, the output folder of a run on one machine (the SQLite checkpoint, one
+  writer): exactly what the pool always did (:func:`~runner.images.saving.save_image`, its temp
+  files in ``images/``, renamed into place), no step added.
+- :class:`LocationSink`, the output of a run whose state is shared (``--state``): other workers
+  write there too. The image is verified and tagged, then created at ``images/<job id>.<ext>``
+  only if absent (:func:`~runner.storage.save_image_to`; an image already there is verified and
+  adopted, never overwritten). An object store (``--out s3://...``): staged in a local spool
+  folder, its stat what the store reports (size, and the modification time in whole seconds,
+  which is what every listing and HEAD agree on), so that the next plan checks it by one
+  listing. A local folder (:class:`~runner.storage.LocalLocation`, several workers on one
+  machine or on an NFS share): staged in ``images/`` and linked into place, its stat the file's
+  own, taken by the store, as for one machine.
 
 Either blocks (decode, fsync, network): the pool calls :meth:`ImageSink.save` in a thread. A
 success is recorded only after it returned, so only once the image is durable in its place.
@@ -67,23 +72,26 @@ class FolderSink:
 
 
 class LocationSink:
-    """``images/`` in ``location``, an object store."""
+    """``images/`` in ``location``, shared with other workers."""
 
     def __init__(self, location: Location) -> None:
         self.location = location
 
     @property
     def where(self) -> str:
-        return f"{self.location.url}/images"
+        folder = self.location.local_path("images")
+        return f"{self.location.url}/images" if folder is None else str(folder)
 
     def save(self, job: Job, tmp: Path) -> SavedImage:
         saved = save_image_to(self.location, job, tmp)
+        image = saved.image
+        if self.location.is_local:  # the store stats the file, to the nanosecond
+            return SavedImage(saved.key, image.width, image.height, saved.sha256)
         found = self.location.info(saved.key)  # the put's answer has no modification time
         if found is None:
             raise ImageWriteError(
                 f"{job.id}: {self.location.url}/{saved.key} vanished right after it was written"
             )
-        image = saved.image
         return SavedImage(saved.key, image.width, image.height, saved.sha256, object_stat(found))
 
     def existing(self, job: Job) -> SavedImage | None:
@@ -94,7 +102,8 @@ class LocationSink:
             found = self.location.info(f"images/{job.id}.{ext}")
             if found is not None:
                 data = self.location.read_bytes(found.key)
-                image = adoptable(job, data, found.key, object_stat(found))
+                stat = None if self.location.is_local else object_stat(found)
+                image = adoptable(job, data, found.key, stat)
                 reported = checksums_agree(found.checksum, f"sha256:{image and image.sha256}")
                 return None if reported is False else image
         return None

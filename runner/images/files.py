@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,14 +138,26 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) or _OLD_TEMP_NAME.search(name) is not None
 
 
-def remove_temp_files(folder: Path) -> int:
-    """Delete the temp files an interrupted write left in ``folder``; return how many."""
+def remove_temp_files(folder: Path, *, min_age_s: float = 0.0) -> int:
+    """Delete the temp files an interrupted write left in ``folder``; return how many.
+
+    ``min_age_s``: only those not modified for that long. Workers sharing the folder (a shared
+    state) write theirs while another process plans: an answer being streamed is modified as
+    it comes, and one older than a worker's lease (with a margin) is no live worker's. One
+    that vanishes meanwhile (its writer finished it) is no error."""
     removed = 0
     if folder.is_dir():
+        oldest_mtime_s = time.time() - min_age_s
         for entry in folder.iterdir():
-            if is_temp_name(entry.name) and entry.is_file():
+            if not is_temp_name(entry.name) or not entry.is_file():
+                continue
+            try:
+                if min_age_s > 0 and entry.stat().st_mtime > oldest_mtime_s:
+                    continue
                 entry.unlink()
-                removed += 1
+            except FileNotFoundError:
+                continue
+            removed += 1
     return removed
 
 

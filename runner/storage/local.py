@@ -73,7 +73,7 @@ class LocalLocation:
             except FileExistsError:
                 return PutResult(False, self._info_of(key, final))
             fsync_dir(final.parent)
-            return PutResult(True, self._info_of(key, final))
+            return PutResult(True, self._info_of(key, final, sha256))
         except OSError as exc:
             raise self._error("store", key, exc) from exc
         finally:
@@ -146,9 +146,11 @@ class LocalLocation:
                 stat = entry.stat()
                 yield ObjectInfo(f"{key_prefix}{entry.name}", stat.st_size, None, stat.st_mtime)
 
-    def _info_of(self, key: str, path: Path) -> ObjectInfo:
+    def _info_of(self, key: str, path: Path, sha256: str | None = None) -> ObjectInfo:
+        """``path`` as an object, hashed unless its ``sha256`` is known (just written)."""
         stat = path.stat()
-        return ObjectInfo(key, stat.st_size, f"sha256:{sha256_file(path)}", stat.st_mtime)
+        digest = sha256 or sha256_file(path)
+        return ObjectInfo(key, stat.st_size, f"sha256:{digest}", stat.st_mtime)
 
     def _error(self, verb: str, key: str, exc: OSError) -> StorageError:
         if isinstance(exc, FileNotFoundError):
