@@ -143,7 +143,8 @@ async def test_a_job_a_worker_finished_after_it_was_planned_is_not_queued_again(
     await worker.record_success(first.id, attempt, Outcome("confirmed", PRICE), image)
     await claims.aclose()
     planner.queue([j.id for j in jobs])  # a rerun's plan, made before that success
-    assert planner.queue_counts() == QueueCounts(queued=2, claimed=2, failed=0)
+    counts = planner.queue_counts()
+    assert (counts.queued, counts.claimed, counts.failed) == (2, 2, 0)
     assert sql(planner, "SELECT job_id FROM jobs WHERE queued ORDER BY job_id") == [
         (jobs[1].id,),
         (jobs[2].id,),
