@@ -243,10 +243,16 @@ def status(out: str, state: str, env: dict[str, str]) -> dict[str, Any]:
     return found
 
 
+# The workers' lease: short, so that a killed worker's claims come back within seconds, but
+# long enough for a worker starved of CPU to renew it (at 3 s, on 2 cores under a load of 24,
+# the Ray driver's lease once expired and it stopped, as a worker that lost its lease must).
+CHAOS_LEASE_S = "6"
+
+
 def chaos_env() -> dict[str, str]:
     """The workers' environment: the test's (with moto's ``AWS_*`` when its server runs), the
-    key, and a short lease so that a killed worker's claims come back within seconds."""
-    return {**os.environ, "IMAGE_RUNNER_API_KEY": TEST_KEY, "RUNNER_LEASE_S": "3"}
+    key, and the short :data:`CHAOS_LEASE_S`."""
+    return {**os.environ, "IMAGE_RUNNER_API_KEY": TEST_KEY, "RUNNER_LEASE_S": CHAOS_LEASE_S}
 
 
 def run_with_kills(

@@ -14,6 +14,7 @@ from ray.cluster_utils import Cluster
 
 from tests import services
 from tests.chaos import (
+    CHAOS_LEASE_S,
     WITHOUT_SCATTERED_429S,
     Workers,
     chaos_emulator,
@@ -36,7 +37,7 @@ def ray_cluster(moto_server: services.Moto) -> Iterator[Cluster]:
     processes inherit them, and the short lease, from the nodes, which inherit them from this
     process."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("RUNNER_LEASE_S", "3")
+        env.setenv("RUNNER_LEASE_S", CHAOS_LEASE_S)
         # The head's dashboard agent takes a fixed port unless told: free, as another test
         # process (pytest -n) may run a cluster of its own.
         head = {
