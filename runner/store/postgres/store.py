@@ -218,8 +218,8 @@ class PostgresStore:
         held = (self._hashes.get(job_id), self._worker())
 
         def write(db: Translated) -> bool:
-            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            return writes.succeeded(db, job_id, image, stat, held)
+            ended = (*writes.success(image, stat), held)
+            return writes.finish_attempt(db, self._budget, job_id, attempt, outcome, ended)
 
         self._settled(job_id, await self._grouped(write))
 
@@ -230,8 +230,8 @@ class PostgresStore:
         held = (self._hashes.get(job_id), self._worker())
 
         def write(db: Translated) -> bool:
-            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            return writes.failed(db, job_id, error, held, retry_later=retry_later)
+            ended = (*writes.failure(error, retry_later=retry_later), held)
+            return writes.finish_attempt(db, self._budget, job_id, attempt, outcome, ended)
 
         self._settled(job_id, await self._grouped(write))
 
