@@ -104,7 +104,7 @@ class PostgresStore:
         self._heartbeat = claims.Heartbeat(connect, self.state_url, self.worker_id, lease)
         writer = Translated(connect())
         self._commits = GroupCommit(
-            writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error)
+            writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error), optimistic=True
         )
         self._claimer = Claimer(connect(), self.state_url, self.worker_id)
 
