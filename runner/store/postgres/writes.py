@@ -55,6 +55,9 @@ _SENDABLE = (
 # price reserved on the budget, the claim renewed, the attempt inserted in flight; each write
 # only if the one before it was made. It answers whether the job was held, the attempt's number
 # (NULL when nothing was written) and the budget's cap (for the message when it is reached).
+# The attempt's number is read in the statement's snapshot, which a wait for the job's lock
+# leaves behind: an attempt committed meanwhile was another worker's, who then held the claim,
+# so ``held`` (rechecked on the latest row) finds the job no longer this worker's.
 _INTENT = f"""
     WITH held AS (SELECT job_id FROM jobs WHERE {_SENDABLE} FOR UPDATE),
     reserved AS (
