@@ -106,7 +106,7 @@ class PostgresStore:
         self._heartbeat = claims.Heartbeat(connect, self.state_url, self.worker_id, lease)
         writer = Translated(connect())
         self._commits = GroupCommit(
-            writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error)
+            writer, lambda: batch_transaction(writer, "BEGIN", psycopg.Error), optimistic=True
         )
         self._claimer = Claimer(connect(), self.state_url, self.worker_id)
 
@@ -220,8 +220,8 @@ class PostgresStore:
         held = (self._hashes.get(job_id), self._worker())
 
         def write(db: Translated) -> bool:
-            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            return writes.succeeded(db, job_id, image, stat, held)
+            ended = (*writes.success(image, stat), held)
+            return writes.finish_attempt(db, self._budget, job_id, attempt, outcome, ended)
 
         self._settled(job_id, await self._grouped(write))
 
@@ -232,8 +232,8 @@ class PostgresStore:
         held = (self._hashes.get(job_id), self._worker())
 
         def write(db: Translated) -> bool:
-            writes.finish_attempt(db, self._budget, job_id, attempt, outcome)
-            return writes.failed(db, job_id, error, held, retry_later=retry_later)
+            ended = (*writes.failure(error, retry_later=retry_later), held)
+            return writes.finish_attempt(db, self._budget, job_id, attempt, outcome, ended)
 
         self._settled(job_id, await self._grouped(write))
 

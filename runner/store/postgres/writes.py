@@ -51,141 +51,166 @@ _SENDABLE = (
 )
 
 
-def holds(db: Translated, job_id: str, content_hash: str | None, worker_id: int) -> bool:
-    """Whether this worker may send the job (:data:`_SENDABLE`), locking its row if so."""
-    params = {"job": job_id, "hash": content_hash, "me": worker_id}
-    found = db.execute(f"SELECT 1 FROM jobs WHERE {_SENDABLE} FOR UPDATE", params).fetchone()
-    return found is not None
+# One statement: the job still this worker's to send (:data:`_SENDABLE`, its row locked), the
+# price reserved on the budget, the claim renewed, the attempt inserted in flight; each write
+# only if the one before it was made. It answers whether the job was held, the attempt's number
+# (NULL when nothing was written) and the budget's cap (for the message when it is reached).
+# The attempt's number is read in the statement's snapshot, which a wait for the job's lock
+# leaves behind: an attempt committed meanwhile was another worker's, who then held the claim,
+# so ``held`` (rechecked on the latest row) finds the job no longer this worker's.
+_INTENT = f"""
+    WITH held AS (SELECT job_id FROM jobs WHERE {_SENDABLE} FOR UPDATE),
+    reserved AS (
+        UPDATE budgets SET committed_micro_usd = committed_micro_usd + :price
+        WHERE name = :budget AND EXISTS (SELECT 1 FROM held)
+        AND (cap_micro_usd IS NULL OR committed_micro_usd + :price <= cap_micro_usd)
+        RETURNING name
+    ),
+    claimed AS (
+        UPDATE jobs SET claimed_by = :me FROM held, reserved WHERE jobs.job_id = held.job_id
+    ),
+    inserted AS (
+        INSERT INTO attempts (job_id, attempt, endpoint, model, size, state, started_at,
+                              worker_id)
+        SELECT :job, COALESCE((SELECT MAX(attempt) FROM attempts WHERE job_id = :job), 0) + 1,
+               :endpoint, :model, :size, 'in_flight', :stamp, :me
+        FROM reserved
+        RETURNING attempt
+    )
+    SELECT EXISTS (SELECT 1 FROM held), (SELECT attempt FROM inserted),
+           (SELECT cap_micro_usd FROM budgets WHERE name = :budget)
+"""
 
 
 def intent(db: Translated, job: Job, worker_id: int, budget: str) -> int:
     """Reserve the price on ``budget`` and record the attempt ``in_flight``; its number.
     :class:`~runner.errors.ClaimLost` (nothing written) when the job is no longer this
-    worker's to send; :class:`~runner.errors.BudgetReached` when the budget cannot take the
-    price, with the run's attempts in flight (any worker's: a dead worker's are settled within
-    about a lease), whose outcomes may free room."""
-    if not holds(db, job.id, job.content_hash, worker_id):
-        raise ClaimLost(job.id, f"job {job.id} is no longer this worker's to send: not sent")
-    price = PRICE_PER_IMAGE_MICRO_USD
-    reserved = db.execute(
-        "UPDATE budgets SET committed_micro_usd = committed_micro_usd + ? WHERE name = ? "
-        "AND (cap_micro_usd IS NULL OR committed_micro_usd + ? <= cap_micro_usd) "
-        "RETURNING committed_micro_usd",
-        (price, budget, price),
+    worker's to send; :class:`~runner.errors.BudgetReached` (nothing written) when the budget
+    cannot take the price, with the run's attempts in flight (any worker's: a dead worker's
+    are settled within about a lease), whose outcomes may free room."""
+    row = db.execute(
+        _INTENT,
+        {
+            "job": job.id,
+            "hash": job.content_hash,
+            "me": worker_id,
+            "price": PRICE_PER_IMAGE_MICRO_USD,
+            "budget": budget,
+            "endpoint": job.endpoint,
+            "model": job.model,
+            "size": job.size,
+            "stamp": now_iso(),
+        },
     ).fetchone()
-    if reserved is None:
-        row = db.execute("SELECT cap_micro_usd FROM budgets WHERE name = ?", (budget,)).fetchone()
-        cap = (row[0] or 0) / MICRO if row else 0
+    assert row is not None  # a SELECT without FROM returns its row
+    held, attempt, cap = row
+    if not held:
+        raise ClaimLost(job.id, f"job {job.id} is no longer this worker's to send: not sent")
+    if attempt is None:
         flying = db.execute("SELECT COUNT(*) FROM attempts WHERE state = 'in_flight'").fetchone()
         in_flight = int(flying[0]) if flying else 0
-        raise BudgetReached(f"the budget of ${cap:.2f} is reached", in_flight=in_flight)
-    db.execute("UPDATE jobs SET claimed_by = ? WHERE job_id = ?", (worker_id, job.id))
-    row = db.execute(
-        "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE job_id = ?", (job.id,)
-    ).fetchone()
-    attempt = int(row[0] if row else 0) + 1
-    db.execute(
-        "INSERT INTO attempts (job_id, attempt, endpoint, model, size, state, started_at, "
-        "worker_id) VALUES (?, ?, ?, ?, ?, 'in_flight', ?, ?)",
-        (job.id, attempt, job.endpoint, job.model, job.size, now_iso(), worker_id),
-    )
-    return attempt
-
-
-def finish_attempt(db: Translated, budget: str, job_id: str, attempt: int, o: Outcome) -> None:
-    """Record how the attempt ended, and settle its reservation with what it cost."""
-    charged = o.cost_micro_usd if o.billing != "none" else 0
-    before = db.execute(
-        "SELECT state FROM attempts WHERE job_id = ? AND attempt = ? FOR UPDATE", (job_id, attempt)
-    ).fetchone()
-    db.execute(
-        "UPDATE attempts SET state = ?, cost_micro_usd = ?, input_tokens = ?, "
-        "output_tokens = ?, total_tokens = ?, error = ?, finished_at = ? "
-        "WHERE job_id = ? AND attempt = ?",
-        (
-            "unbilled" if o.billing == "none" else o.billing,
-            charged,
-            o.input_tokens,
-            o.output_tokens,
-            o.total_tokens,
-            redact(o.error) if o.error else None,
-            now_iso(),
-            job_id,
-            attempt,
-        ),
-    )
-    if before is not None and before[0] in ("in_flight", "possible"):  # it holds the price
-        adjust(db, budget, charged - PRICE_PER_IMAGE_MICRO_USD)
-
-
-def adjust(db: Translated, budget: str, delta_micro_usd: int) -> None:
-    if delta_micro_usd:
-        db.execute(
-            "UPDATE budgets SET committed_micro_usd = committed_micro_usd + ? WHERE name = ?",
-            (delta_micro_usd, budget),
+        raise BudgetReached(
+            f"the budget of ${(cap or 0) / MICRO:.2f} is reached", in_flight=in_flight
         )
+    return int(attempt)
 
 
-def succeeded(
-    db: Translated,
-    job_id: str,
-    image: SavedImage,
-    stat: ImageStat | tuple[None, None, None],
-    held: tuple[str | None, int] | None = None,
-) -> bool:
-    """The job is done with ``image``, and leaves the run's to-do. ``held``: (content hash,
-    worker id) the job must still be held with (:data:`_HELD`), else it is left as it is and
-    the answer is False (a planner's adoption passes None)."""
-    condition, params = _where(job_id, held)
-    cursor = db.execute(
-        "UPDATE jobs SET status = 'succeeded', image_path = :path, width = :width, "
-        "height = :height, sha256 = :sha, image_size_bytes = :size, image_mtime_ns = :mtime, "
-        "image_ctime_ns = :ctime, error = NULL, error_cause = NULL, retryable = 0, "
-        f"updated_at = :stamp, queued = false WHERE {condition}",
-        {
-            **params,
-            "path": image.path,
-            "width": image.width,
-            "height": image.height,
-            "sha": image.sha256,
-            "size": stat[0],
-            "mtime": stat[1],
-            "ctime": stat[2],
-            "stamp": now_iso(),
-        },
+# How an attempt ended, and its reservation settled with what it cost (an attempt still
+# holding the price, in flight or possible, gives back the difference), as the start of one
+# statement: a job's end (:data:`_SUCCESS`, :data:`_FAILURE`) joins it as ``ended``. The
+# attempt's row is locked first (``before``) so that its state is the latest one.
+_FINISH = """
+    WITH before AS (
+        SELECT state FROM attempts WHERE job_id = :job AND attempt = :attempt FOR UPDATE
+    ),
+    finished AS (
+        UPDATE attempts SET state = :state, cost_micro_usd = :charged,
+            input_tokens = :input_tokens, output_tokens = :output_tokens,
+            total_tokens = :total_tokens, error = :attempt_error, finished_at = :stamp
+        FROM before WHERE job_id = :job AND attempt = :attempt
+        RETURNING before.state AS was
+    ),
+    refund AS (
+        UPDATE budgets SET committed_micro_usd = committed_micro_usd + :delta
+        WHERE name = :budget AND :delta <> 0
+        AND EXISTS (SELECT 1 FROM finished WHERE was IN ('in_flight', 'possible'))
     )
-    return cursor.rowcount > 0
+"""
+
+_SUCCESS = (
+    "UPDATE jobs SET status = 'succeeded', image_path = :path, width = :width, "
+    "height = :height, sha256 = :sha, image_size_bytes = :size, image_mtime_ns = :mtime, "
+    "image_ctime_ns = :ctime, error = NULL, error_cause = NULL, retryable = 0, "
+    "updated_at = :stamp, queued = false"
+)
+_FAILURE = (
+    "UPDATE jobs SET status = 'failed', error = :error, error_cause = :cause, "
+    "retryable = :retry, updated_at = :stamp, queued = false"
+)
 
 
-def failed(
+def finish_attempt(
     db: Translated,
+    budget: str,
     job_id: str,
-    error: ApiError,
-    held: tuple[str | None, int],
-    *,
-    retry_later: bool,
+    attempt: int,
+    o: Outcome,
+    ended: tuple[str, dict[str, object], tuple[str | None, int]] | None = None,
 ) -> bool:
-    """The job failed for this run, and leaves its to-do (the next run may queue it again);
-    False, the job left as it is, when this worker no longer holds it (:data:`_HELD`)."""
-    condition, params = _where(job_id, held)
-    cursor = db.execute(
-        "UPDATE jobs SET status = 'failed', error = :error, error_cause = :cause, "
-        f"retryable = :retry, updated_at = :stamp, queued = false WHERE {condition}",
-        {
-            **params,
-            "error": redact(error.describe()),
-            "cause": error.cause,
-            "retry": int(retry_later),
-            "stamp": now_iso(),
-        },
-    )
-    return cursor.rowcount > 0
+    """Record how the attempt ended, and settle its reservation with what it cost; with
+    ``ended`` (a job's end from :func:`success` or :func:`failure`, and the (content hash,
+    worker id) the job must still be held with, :data:`_HELD`), the job's end too, in the same
+    statement. False when the job's end was not written: the job moved on."""
+    charged = o.cost_micro_usd if o.billing != "none" else 0
+    params: dict[str, object] = {
+        "job": job_id,
+        "attempt": attempt,
+        "state": "unbilled" if o.billing == "none" else o.billing,
+        "charged": charged,
+        "input_tokens": o.input_tokens,
+        "output_tokens": o.output_tokens,
+        "total_tokens": o.total_tokens,
+        "attempt_error": redact(o.error) if o.error else None,
+        "stamp": now_iso(),
+        "delta": charged - PRICE_PER_IMAGE_MICRO_USD,
+        "budget": budget,
+    }
+    if ended is None:
+        db.execute(f"{_FINISH} SELECT 1", params)
+        return True
+    update, values, (content_hash, worker_id) = ended
+    row = db.execute(
+        f"{_FINISH}, ended AS ({update} WHERE {_HELD} RETURNING 1) "
+        "SELECT EXISTS (SELECT 1 FROM ended)",
+        {**params, **values, "hash": content_hash, "me": worker_id},
+    ).fetchone()
+    return bool(row and row[0])
 
 
-def _where(job_id: str, held: tuple[str | None, int] | None) -> tuple[str, dict[str, object]]:
-    if held is None:
-        return "job_id = :job", {"job": job_id}
-    return _HELD, {"job": job_id, "hash": held[0], "me": held[1]}
+def success(
+    image: SavedImage, stat: ImageStat | tuple[None, None, None]
+) -> tuple[str, dict[str, object]]:
+    """The job is done with ``image``, and leaves the run's to-do: the update and its values."""
+    return _SUCCESS, {
+        "path": image.path,
+        "width": image.width,
+        "height": image.height,
+        "sha": image.sha256,
+        "size": stat[0],
+        "mtime": stat[1],
+        "ctime": stat[2],
+        "stamp": now_iso(),
+    }
+
+
+def failure(error: ApiError, *, retry_later: bool) -> tuple[str, dict[str, object]]:
+    """The job failed for this run, and leaves its to-do (the next run may queue it again)."""
+    return _FAILURE, {
+        "error": redact(error.describe()),
+        "cause": error.cause,
+        "retry": int(retry_later),
+        "stamp": now_iso(),
+    }
 
 
 def adopt(
@@ -200,7 +225,8 @@ def adopt(
         "WHERE job_id = ? AND state IN ('in_flight', 'possible'))",
         (PRICE_PER_IMAGE_MICRO_USD, now_iso(), job_id, job_id),
     )
-    succeeded(db, job_id, image, stat)
+    update, values = success(image, stat)
+    db.execute(f"{update} WHERE job_id = :job", {**values, "job": job_id})
 
 
 _PLAN = """
