@@ -52,7 +52,7 @@ postgres:
 test: lint browser postgres
 	$(BIN)/pytest -q -n 3
 
-# Not part of `make test`: about 25 minutes on 2 cores. `python -m bench --quick` for a smoke pass.
+# Not part of `make test`: about 30 minutes on 2 cores. `python -m bench --quick` for a smoke pass.
 bench: $(BIN)/.installed-dev
 	$(BIN)/python -m bench
 
