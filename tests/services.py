@@ -25,6 +25,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 PG_PASSWORD = "pg-secret-4f7a9c"  # a test cluster's; a test greps every output for it
 
@@ -210,3 +213,27 @@ def start_moto() -> Iterator[Moto]:
 
 
 _AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+@contextlib.contextmanager
+def start_ray_cluster(lease_s: str) -> Iterator[Any]:
+    """A local Ray cluster of two nodes of 2 CPUs each (``ray.cluster_utils.Cluster``),
+    shut down at the end. Its actors' processes inherit this process's environment from the
+    nodes: moto's ``AWS_*`` when its server runs, and ``RUNNER_LEASE_S`` set to ``lease_s``."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RUNNER_LEASE_S", lease_s)
+        # The head's dashboard agent takes a fixed port unless told: free, as another test
+        # process (pytest -n) may run a cluster of its own.
+        head = {
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": free_port(),
+        }
+        cluster: Any = Cluster(initialize_head=True, head_node_args=head)  # ray is untyped
+        try:
+            cluster.add_node(num_cpus=2)
+            yield cluster
+        finally:
+            cluster.shutdown()

@@ -30,7 +30,7 @@ from runner.manifest.load import load_manifest
 from runner.storage.base import location_url
 from runner.store.postgres.connect import run_schema
 from tests.conftest import TEST_KEY, MakeEmulator, options, write_manifest
-from tests.services import PG_PASSWORD, free_port
+from tests.services import PG_PASSWORD, start_ray_cluster
 
 # One process (pytest -n --dist loadgroup) runs both Ray modules, one cluster after the other.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -45,21 +45,8 @@ def ray_cluster() -> Iterator[Cluster]:
     """Two nodes of 2 CPUs each. The actors' processes inherit the short lease from the nodes,
     which inherit it from this process."""
 
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RUNNER_LEASE_S", LEASE_S)
-        # The head's dashboard agent takes a fixed port unless told: free, as another test
-        # process (pytest -n) may run a cluster of its own.
-        head = {
-            "num_cpus": 2,
-            "include_dashboard": False,
-            "dashboard_agent_listen_port": free_port(),
-        }
-        cluster = Cluster(initialize_head=True, head_node_args=head)
-        try:
-            cluster.add_node(num_cpus=2)
-            yield cluster
-        finally:
-            cluster.shutdown()
+    with start_ray_cluster(LEASE_S) as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)

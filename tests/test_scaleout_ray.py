@@ -23,7 +23,6 @@ from tests.chaos import (
     killing_actors,
     write_jobs,
 )
-from tests.services import free_port
 
 # One process (pytest -n --dist loadgroup) runs both Ray modules, one cluster after the other.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -36,21 +35,8 @@ def ray_cluster(moto_server: services.Moto) -> Iterator[Cluster]:
     """Two nodes of 2 CPUs each, started once moto's ``AWS_*`` variables are set: the actors'
     processes inherit them, and the short lease, from the nodes, which inherit them from this
     process."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RUNNER_LEASE_S", CHAOS_LEASE_S)
-        # The head's dashboard agent takes a fixed port unless told: free, as another test
-        # process (pytest -n) may run a cluster of its own.
-        head = {
-            "num_cpus": 2,
-            "include_dashboard": False,
-            "dashboard_agent_listen_port": free_port(),
-        }
-        cluster = Cluster(initialize_head=True, head_node_args=head)
-        try:
-            cluster.add_node(num_cpus=2)
-            yield cluster
-        finally:
-            cluster.shutdown()
+    with services.start_ray_cluster(CHAOS_LEASE_S) as cluster:
+        yield cluster
 
 
 def test_four_ray_actors_killed_and_restarted_run_every_job_once_into_s3(
