@@ -92,8 +92,29 @@ def test_runs_naming_one_budget_share_it_and_only_the_planner_caps_it(
     assert sql(first, "SELECT cap_micro_usd FROM budgets WHERE name = 'team'") == [(2 * PRICE,)]
     replanned.budget(3 * PRICE)  # until a run sets it again
     assert sql(first, "SELECT cap_micro_usd FROM budgets WHERE name = 'team'") == [(3 * PRICE,)]
-    own = opener(tmp_path / "a")  # without a name: the run's own budget again
+    rerun = opener(tmp_path / "a")  # without a name: the budget the run spends from
+    assert sql(rerun, "SELECT budget FROM control") == [("team",)]
+    own = opener(tmp_path / "a", budget=rerun.out_url)  # its own, named as it is
     assert sql(own, "SELECT budget FROM control") == [(own.out_url,)]
+
+
+def test_a_rerun_without_budget_or_rpm_keeps_the_ones_the_run_has(
+    opener: Callable[..., PostgresStore], tmp_path: Path
+) -> None:
+    """Night 1 plans with --budget team --rpm 60; a rerun that adds jobs gives neither: the run
+    stays on the shared budget (not its own, uncapped one) under the same ceiling."""
+    out = tmp_path / "out"
+    first = opener(out, worker=False, budget="team", rpm=60.0)
+    assert sql(first, "SELECT budget, rpm FROM control") == [("team", 60.0)]
+    rerun = opener(out, worker=False)
+    assert sql(rerun, "SELECT budget, rpm FROM control") == [("team", 60.0)]
+    assert rerun.ceiling_rpm(None) == 60.0
+    changed = opener(out, worker=False, budget="other", rpm=30.0)
+    assert sql(changed, "SELECT budget, rpm FROM control") == [("other", 30.0)]
+    assert sql(changed, "SELECT name FROM budgets WHERE name = 'other'") == [("other",)]
+    fresh = opener(tmp_path / "fresh", worker=False)
+    fresh_url = sql(fresh, "SELECT out_url FROM locations WHERE out_url LIKE '%fresh'")[0][0]
+    assert sql(fresh, "SELECT budget, rpm FROM control") == [(fresh_url, None)]
 
 
 async def test_the_queue_counts_and_live_workers(

@@ -26,8 +26,10 @@ def test_the_planning_runs_rpm_is_every_workers_ceiling(pg_url: str, tmp_path: P
             assert joiner.ceiling_rpm(None) == 240  # a worker without --rpm: the run's
             assert joiner.ceiling_rpm(600) == 240  # never raised by a worker's own
             assert joiner.ceiling_rpm(60) == 60  # only lowered, for that worker
-    with open_pg_store(pg_url, out, worker=False) as replanned:  # each plan records its own
-        assert replanned.ceiling_rpm(None) is None
+    with open_pg_store(pg_url, out, worker=False) as replanned:  # a plan without --rpm keeps it
+        assert replanned.ceiling_rpm(None) == 240
+    with open_pg_store(pg_url, out, worker=False, rpm=120) as lowered:  # until one gives it
+        assert lowered.ceiling_rpm(None) == 120
 
 
 async def test_two_workers_of_one_run_keep_to_its_rpm(

@@ -210,7 +210,8 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
             "budget",
             metavar="NAME",
             help="with --state: spend from the budget NAME, shared with every run naming it "
-            "(created if new); --max-cost sets its cap (default: the run's own budget)",
+            "(created if new); --max-cost sets its cap (default: the budget an earlier run of this "
+            "output named, else the run's own)",
         )
         _option(
             run,
@@ -263,7 +264,8 @@ def _add_run(run: argparse.ArgumentParser, *, worker: bool = False) -> None:
             "; the planning run's --rpm is the ceiling of all its workers together: this one "
             "only lowers it, for this worker"
             if worker
-            else "; with --state, for all the run's workers together"
+            else "; with --state, for all the run's workers together, and kept for the run "
+            "until a run of it gives --rpm again"
         ),
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -51,9 +51,10 @@ def open_pg_store(
     False: it only plans or stops the run).
 
     ``create``: the planning run (``image-runner run``), which creates the schemas and the run
-    as needed, names the shared budget it spends from (``budget``; default: the run's own,
-    named after ``out_url``) and sets its cap (:meth:`PostgresStore.budget`), and records its
-    ``--rpm`` (``rpm``; None: none) as the run's ceiling. A joining worker (``image-runner
+    as needed, names the shared budget it spends from (``budget``; None: the one an earlier
+    run of it named, else the run's own, named after ``out_url``) and sets its cap
+    (:meth:`PostgresStore.budget`), and records its ``--rpm`` (``rpm``; None: the ceiling an
+    earlier run recorded, if any) as the run's ceiling. A joining worker (``image-runner
     work``) opens with ``create=False``: a run nobody planned is a
     :class:`~runner.errors.StoreError` saying so, not an empty run; the run's budget, cap and
     ceiling are the planner's (:meth:`PostgresStore.ceiling_rpm`)."""

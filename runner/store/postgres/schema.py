@@ -190,7 +190,7 @@ def open_run(
     schema = run_schema(out_url)
     try:
         if create:
-            migrate(conn, state_url, out_url, budget or out_url, rpm)
+            migrate(conn, state_url, out_url, budget, rpm)
         else:
             check_exists(conn, state_url, out_url)
         set_search_path(conn, schema)
@@ -208,13 +208,16 @@ def migrate(
     conn: psycopg.Connection[Any],
     state_url: str,
     out_url: str,
-    budget: str,
+    budget: str | None,
     rpm: float | None = None,
 ) -> None:
     """Create the shared schema and the run's (tables, control row) or apply the migrations
     they lack, make ``budget`` the run's budget (its row created if new) and ``rpm`` its
-    ceiling (None: none), all in one transaction under the schema lock. Recorded before the
-    plan is queued, so that a worker waiting for the plan finds them once it is."""
+    ceiling, all in one transaction under the schema lock. Either, when None, stays as an
+    earlier run recorded it (a new run: its own budget, named ``out_url``, and no ceiling): a
+    rerun without ``--budget`` must not move the run off the budget it shares, nor one without
+    ``--rpm`` lift its ceiling. Recorded before the plan is queued, so that a worker waiting
+    for the plan finds them once it is."""
     schema = run_schema(out_url)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
@@ -227,14 +230,17 @@ def migrate(
         )
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         _apply(conn, state_url, schema, RUN_MIGRATIONS, f"the run of {out_url}")
-        conn.execute(
-            f'INSERT INTO "{schema}".control (id, budget, rpm) VALUES (1, %s, %s) '
-            "ON CONFLICT (id) DO UPDATE SET budget = excluded.budget, rpm = excluded.rpm",
-            (budget, rpm),
-        )
+        recorded = conn.execute(
+            f'INSERT INTO "{schema}".control AS c (id, budget, rpm) '
+            "VALUES (1, COALESCE(%(budget)s, %(out)s), %(rpm)s) "
+            "ON CONFLICT (id) DO UPDATE SET budget = COALESCE(%(budget)s, c.budget), "
+            "rpm = COALESCE(%(rpm)s, c.rpm) RETURNING budget",
+            {"budget": budget, "out": out_url, "rpm": rpm},
+        ).fetchone()
+        assert recorded is not None  # an upsert with RETURNING returns its row
         conn.execute(
             f"INSERT INTO {SHARED_SCHEMA}.budgets (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
-            (budget,),
+            (recorded[0],),
         )
 
 

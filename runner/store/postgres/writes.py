@@ -179,8 +179,12 @@ def finish_attempt(
         db.execute(f"{_FINISH} SELECT 1", params)
         return True
     update, values, (content_hash, worker_id) = ended
+    # ``before`` is read in the job's update (always true), so that the attempt's row is
+    # locked before the job's, in the order adoption and settling take them: the other order
+    # deadlocks with a re-plan adopting the job's image (tests/test_pg_lock_order.py).
     row = db.execute(
-        f"{_FINISH}, ended AS ({update} WHERE {_HELD} RETURNING 1) "
+        f"{_FINISH}, ended AS ({update} WHERE {_HELD} "
+        "AND (SELECT count(*) FROM before) >= 0 RETURNING 1) "
         "SELECT EXISTS (SELECT 1 FROM ended)",
         {**params, **values, "hash": content_hash, "me": worker_id},
     ).fetchone()
