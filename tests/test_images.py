@@ -1,6 +1,7 @@
 """Images from files: full decodes (JPEG, WebP; a PNG is checked without one) are capped at
-:data:`MAX_FULL_DECODES` at once whatever the number of threads, a file verifies like its bytes, and the streamed atomic copy applies its
-splices and leaves no temp file, even when it fails."""
+:data:`MAX_FULL_DECODES` at once whatever the number of threads, a file verifies like its
+bytes, and the streamed atomic copy applies its splices and leaves no temp file, even when it
+fails."""
 
 from __future__ import annotations
 
