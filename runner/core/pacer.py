@@ -49,8 +49,10 @@ most requests sent faster than it refills are refused. So a 429 is the limit's w
 ``evidence_429s`` of the last ``evidence_window`` requests sent (up to it) were answered 429,
 or, while cruising, when the pace is above the last one proven (run a whole probe interval
 without a 429): that is how probing past the limit shows. Any other 429 is scattered: its job
-retries (after its ``Retry-After``, if any), and the pace is left as it is; in ``free``,
-growth holds while a 429 is among the last ``evidence_window`` requests.
+retries (after its ``Retry-After``, if any), and the pace is left as it is; in ``free``, a
+429 halves the pace (each time a request sent after the last change is refused), and growth
+holds while a 429 is among the last ``evidence_window`` requests: cheap if it was scattered
+(the pace is soon doubled back), and the overshoot is smaller if it was the limit's.
 
 A ``Retry-After`` on a 429 of the limit's pauses its whole lane, not just the job that got it.
 The pace after a pause is the lane's: a slow start again if it never met the limit, else the
@@ -89,7 +91,7 @@ class PacerConfig:
     evidence_429s: int = 4  # ... at least this many: the limit's, not scattered ones
     measure_min_accepted: int = 10  # the estimate is right to +-1 request
     measure_min_s: float = 1.5
-    measure_start: float = 0.25  # of the rate accepted before the limit's 429s (burst included)
+    measure_start: float = 0.35  # of the rate accepted before the limit's 429s (burst included)
     measure_slow: float = 0.7
     measure_grow: float = 1.5
     measure_grow_every_s: float = 1.0
@@ -186,6 +188,11 @@ class Lane:
             if evidence:
                 self._pause(now, retry_after_s)
                 self._start_measuring(now, sent_at)
+            elif self._rate is not None and sent_at >= self._last_change:
+                # Maybe the limit's first: half the pace (as TCP halves its window on a loss)
+                # until the next requests tell; slow start doubles it back if they pass.
+                self._rate = max(self._floor(), self._rate / 2)
+                self._last_change = now
         elif sent_at < self._last_change:
             self._pause(now, retry_after_s)  # sent before the pace last changed: stale
         elif self.phase == "measure":
@@ -220,7 +227,7 @@ class Lane:
     def _start_measuring(self, now: float, sent_at: float) -> None:
         self.phase = "measure"
         self._anchor, self._grown, self._counting = sent_at, False, False
-        # A quarter of the rate accepted before these 429s (over the last second at most):
+        # A third of the rate accepted before these 429s (over the last second at most):
         # that includes the burst allowance, which a slow start spends in a fraction of a
         # second, so it is likely under the limit, and the pace then grows to find it.
         window = min(1.0, max(0.25, sent_at - self._sends[0]))
@@ -241,7 +248,8 @@ class Lane:
         if accepted >= c.measure_min_accepted and span >= c.measure_min_s:
             self._cruise(now, accepted / span)
         elif _count(self._limited, self._anchor, sent_at) >= accepted:
-            # Far over (half the requests or more get 429): slow down. Still over, so the count holds.
+            # Far over (half the requests or more get 429): slow down. Still over: the count
+            # holds.
             self._set_rate(now, self._current() * c.measure_slow)
 
     def _cruise(self, now: float, estimate: float) -> None:
