@@ -85,7 +85,7 @@ class PacerConfig:
     ceiling_rpm: float | None = None  # --rpm: never faster than this
     adaptive: bool = True  # slow down on 429s, find the limit, keep just under it
     start_rpm: float = 600.0  # slow start: the first pace of a lane that knows nothing
-    round_trip_s: float = 0.05  # slow start doubles the pace this often (or quicker answers')
+    round_trip_s: float = 0.03  # slow start doubles the pace this often (or quicker answers')
     restart_idle_s: float = 30.0  # a lane unused this long starts slow again
     evidence_window: int = 12  # 429s among this many requests sent ...
     evidence_429s: int = 4  # ... at least this many: the limit's, not scattered ones
@@ -140,6 +140,12 @@ class Lane:
         if self._rate is None:
             return ceiling
         return min(self._rate, ceiling) if ceiling else self._rate
+
+    @property
+    def recheck_s(self) -> float:
+        """How long a request held back may sleep before :meth:`next_send_at` is asked
+        again: a round trip during slow start (the pace may double by then), else 0.5 s."""
+        return self._round_trip if self.phase == "free" and self._rate is not None else 0.5
 
     def next_send_at(self, now: float) -> float:
         """When the next request may go (``<= now``: at once)."""
@@ -417,7 +423,7 @@ class RateLimiter:
                 if at <= now:
                     break
                 lane.waited = True
-                await self._sleep(min(at - now, 0.5))  # then look again: the pace may change
+                await self._sleep(min(at - now, lane.recheck_s))  # the pace may change by then
             lane.take(now)
             return now
 
