@@ -207,6 +207,7 @@ def test_the_limits_retry_after_pauses_the_lane() -> None:
         lane.observe(10.0 + i * 0.01, 10.1, limited=True, retry_after_s=3.0)
     assert lane.phase == "measure"
     assert lane.next_send_at(10.1) >= 13.1
+    assert lane.limit_rate == lane.rate  # the summary shows the pace of the limit found
 
 
 def test_a_scattered_429s_retry_after_is_its_jobs_alone() -> None:
@@ -224,6 +225,7 @@ def test_a_scattered_429s_retry_after_is_its_jobs_alone() -> None:
         now = max(now, lane.next_send_at(now))
         lane.take(now)
     assert lane.phase == "free" and (lane.rate or 0.0) >= rate
+    assert lane.limit_rate is None  # the summary names no pace: no limit was found
 
 
 def test_remaining_zero_pauses_until_reset() -> None:

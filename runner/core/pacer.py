@@ -142,6 +142,14 @@ class Lane:
         return min(self._rate, ceiling) if ceiling else self._rate
 
     @property
+    def limit_rate(self) -> float | None:
+        """The pace of a limit found (measured or announced) or the ceiling, for the summary;
+        None: no limit met (slow start's pace, or scattered 429s only, say nothing of one)."""
+        if self.phase == "free":
+            return self.config.ceiling_rpm / 60 if self.config.ceiling_rpm else None
+        return self.rate
+
+    @property
     def recheck_s(self) -> float:
         """How long a request held back may sleep before :meth:`next_send_at` is asked
         again: a round trip during slow start (the pace may double by then), else 0.5 s."""
@@ -347,13 +355,14 @@ def _trim(times: list[float], horizon: float) -> None:
 
 
 class PacedLane(Protocol):
-    """What the run's summary reads of a lane: the 429s it saw, its pace (requests/s)."""
+    """What the run's summary reads of a lane: the 429s it saw, the pace of the limit it
+    found (requests/s; None: none found)."""
 
     @property
     def limited_count(self) -> int: ...
 
     @property
-    def rate(self) -> float | None: ...
+    def limit_rate(self) -> float | None: ...
 
 
 class Limiter(Protocol):

@@ -282,6 +282,11 @@ class SharedLane:
         return self.row.phase if self.row else "free"
 
     @property
+    def limit_rate(self) -> float | None:
+        """The pace of a limit the group found, or the ceiling; None: none found."""
+        return self._ceiling_per_s if self.phase == "free" else self.rate
+
+    @property
     def rate(self) -> float | None:
         """The pace in requests per second, ceiling included; None: unpaced."""
         learned = self.row.rate_per_s if self.row else None
