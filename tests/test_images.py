@@ -1,6 +1,7 @@
-"""Images from files: full decodes are capped at :data:`MAX_FULL_DECODES` at once whatever the
-number of threads, a file verifies like its bytes, and the streamed atomic copy applies its
-splices and leaves no temp file, even when it fails."""
+"""Images from files: full decodes (JPEG, WebP; a PNG is checked without one) are capped at
+:data:`MAX_FULL_DECODES` at once whatever the number of threads, a file verifies like its
+bytes, and the streamed atomic copy applies its splices and leaves no temp file, even when it
+fails."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from runner.images.files import remove_temp_files, write_atomic_copy
 from runner.images.verify import MAX_FULL_DECODES, ImageInvalid, WrongSize, inspect_image
 
 
-def png_file(folder: Path, size: tuple[int, int] = (64, 40)) -> Path:
-    path = folder / "a.png"
+def png_file(folder: Path, size: tuple[int, int] = (64, 40), suffix: str = "png") -> Path:
+    path = folder / f"a.{suffix}"
     Image.new("RGB", size, "olive").save(path)
     return path
 
@@ -26,7 +27,7 @@ def png_file(folder: Path, size: tuple[int, int] = (64, 40)) -> Path:
 def test_full_decodes_are_capped_across_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = png_file(tmp_path)
+    jpeg, png = png_file(tmp_path, suffix="jpg"), png_file(tmp_path)
     lock, running, most = threading.Lock(), [0], [0]
     real_load = ImageFile.ImageFile.load
 
@@ -43,9 +44,11 @@ def test_full_decodes_are_capped_across_threads(
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", slow_load)
     with ThreadPoolExecutor(max_workers=8) as threads:
-        infos = list(threads.map(lambda _: inspect_image(path), range(16)))
-    assert {(i.format, i.width, i.height) for i in infos} == {("png", 64, 40)}
+        infos = list(threads.map(lambda _: inspect_image(jpeg), range(16)))
+    assert {(i.format, i.width, i.height) for i in infos} == {("jpeg", 64, 40)}
     assert most[0] == MAX_FULL_DECODES
+    most[0] = 0
+    assert inspect_image(png).format == "png" and most[0] == 0  # no decode at all
 
 
 def test_a_file_verifies_like_its_bytes(tmp_path: Path) -> None:

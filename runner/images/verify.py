@@ -1,12 +1,17 @@
-"""Verifying images: decode in full with Pillow, under bounds, before anything trusts them.
+"""Verifying images: checked whole, under bounds, before anything trusts them.
 
-Every image the runner touches, a reference it uploads or a result it keeps, is decoded in full
-before it is trusted: a file that starts like a PNG and is cut short, or a picture of the wrong
-size, must never count as the image that was paid for. Pillow's decompression-bomb warning is
-raised as an error here, so a huge image is refused instead of filling memory. A 4K decode
-holds 25-33 MB of pixels, so decodes run on :data:`MAX_FULL_DECODES` threads of their own,
-whatever the concurrency: at most that many at once, and only those threads' malloc arenas ever
-hold pixels.
+Every image the runner touches, a reference it uploads or a result it keeps, is checked from
+its first byte to its last before it is trusted: a file that starts like a PNG and is cut
+short, or a picture of the wrong size, must never count as the image that was paid for.
+
+A PNG is checked by :mod:`runner.images.pngcheck` without decoding its pixels (every chunk's
+CRC, the image data inflated to its end and its length matched against the header): it catches
+everything a full decode does and more, at a fraction of the CPU (a 3840x2160 noise PNG: ~20 ms
+against ~55 ms for Pillow's decode), and holds about 2 MB, so it runs in the caller's thread.
+JPEG and WebP are decoded in full with Pillow. An image over Pillow's ``MAX_IMAGE_PIXELS`` is
+refused as a decompression bomb, whatever its format. A 4K decode holds 25-33 MB of pixels, so
+decodes run on :data:`MAX_FULL_DECODES` threads of their own, whatever the concurrency: at most
+that many at once, and only those threads' malloc arenas ever hold pixels.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from runner.images.pngcheck import PngError, PngTooLarge, check_png
 from runner.provider import EXTENSIONS, ImageFormat, sniff_format
 
 MAX_FULL_DECODES = 2
@@ -46,7 +52,7 @@ class ImageInfo:
 
 
 def inspect_image(source: bytes | Path, expected_size: tuple[int, int] | None = None) -> ImageInfo:
-    """Decode ``source`` (the bytes, or a file) in full and return what it is; raise
+    """Check ``source`` (the bytes, or a file) whole and return what it is; raise
     :class:`ImageInvalid` otherwise (``OSError`` if the file cannot be opened)."""
     if isinstance(source, Path):
         with open(source, "rb") as f:
@@ -56,12 +62,25 @@ def inspect_image(source: bytes | Path, expected_size: tuple[int, int] | None = 
     fmt = sniff_format(head)
     if fmt is None:
         raise ImageInvalid("not a png, jpeg or webp image")
-    width, height = _decoders.submit(_decode, source).result()
+    if fmt == "png":
+        width, height = _check_png(source)
+    else:
+        width, height = _decoders.submit(_decode, source).result()
     if expected_size is not None and (width, height) != expected_size:
         raise WrongSize(
             f"is {width}x{height}, but {expected_size[0]}x{expected_size[1]} was requested"
         )
     return ImageInfo(fmt, width, height)
+
+
+def _check_png(source: bytes | Path) -> tuple[int, int]:
+    try:
+        with open(source, "rb") if isinstance(source, Path) else io.BytesIO(source) as f:
+            return check_png(f, Image.MAX_IMAGE_PIXELS)
+    except PngTooLarge as exc:
+        raise ImageInvalid(f"refused as a decompression bomb: {exc}") from None
+    except PngError as exc:
+        raise ImageInvalid(f"does not decode: {exc}") from None
 
 
 def _decode(source: bytes | Path) -> tuple[int, int]:
