@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from bench.figures import say
 from bench.manifests import write_csv
 from bench.procs import run_child, run_runner, succeeded
 from runner.core.finding import pixel_size
+from runner.jobs import Job
 from runner.manifest import load_manifest
 from runner.provider import PRICE_PER_IMAGE_MICRO_USD
 from runner.store.base import ImageStat, Outcome, SavedImage
@@ -88,42 +90,87 @@ def make_finished(
 
 
 def _add_jobs(manifest_path: Path, out_dir: Path, templates_dir: Path, links_per_file: int) -> None:
-    """Steps 2 and 3 of the module's docstring, for the manifest's jobs past the seed's. Run in
-    a child process (:func:`main`): the benchmark's own process must stay small, as Linux
-    counts its memory into each later child's peak RSS."""
+    """Steps 2 and 3 of the module's docstring, for the manifest's jobs past the seed's: the
+    links of each chunk of jobs made in a thread while the rows of the chunk before are
+    written (the kernel's work beside SQLite's). Run in a child process (:func:`main`): the
+    benchmark's own process must stay small, as Linux counts its memory into each later
+    child's peak RSS."""
     manifest = load_manifest(manifest_path)
     try:
-        with SqliteStore.open(out_dir) as store:
+        with SqliteStore.open(out_dir) as store, ThreadPoolExecutor(1) as linker:
             first = store.job_records([manifest[0].id])[manifest[0].id]
             assert first.image_path is not None and first.sha256 is not None
-            image_name = Path(first.image_path).name
-            pixels = pixel_size(out_dir / first.image_path)
+            image = out_dir / first.image_path
+            pixels = pixel_size(image)
             assert pixels is not None
-            width, height = pixels
-            thumb = f"{first.job_id}-{first.sha256[:12]}.webp"
+            thumb = out_dir / "thumbs" / f"{first.job_id}-{first.sha256[:12]}.webp"
+            made = _Made(image.suffix, first.sha256, pixels, image, thumb)
             templates_dir.mkdir()
-            suffix = Path(image_name).suffix
-            outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD)
+            behind: tuple[list[Job], Future[ImageStat]] | None = None
             for start in range(SEED_JOBS, len(manifest), links_per_file):
                 chunk = manifest[start : start + links_per_file]
-                copy = templates_dir / str(start)
-                copy.mkdir()
-                image = Path(shutil.copy2(out_dir / first.image_path, copy / image_name))
-                thumb_copy = shutil.copy2(out_dir / "thumbs" / thumb, copy / thumb)
-                for job in chunk:
-                    os.link(image, out_dir / "images" / f"{job.id}{suffix}")
-                    os.link(thumb_copy, out_dir / "thumbs" / f"{job.id}-{first.sha256[:12]}.webp")
-                stat = ImageStat.of(image.stat())  # after its last link
-                with store.batch():
-                    store.plan_jobs(chunk)
-                    for job in chunk:
-                        attempt = store.commit_intent(job)
-                        saved = SavedImage(
-                            f"images/{job.id}{suffix}", width, height, first.sha256, stat
-                        )
-                        store.commit_success(job.id, attempt, outcome, saved)
+                copies = templates_dir / str(start)
+                ids = [job.id for job in chunk]
+                linking = linker.submit(made.link, copies, out_dir, ids)
+                if behind is not None:
+                    made.record(store, *behind)
+                behind = (chunk, linking)
+            if behind is not None:
+                made.record(store, *behind)
     finally:
         manifest.close()
+
+
+@dataclass(frozen=True)
+class _Made:
+    """The seed's first image, which every other job's image and thumb are links to copies of."""
+
+    suffix: str
+    sha256: str
+    pixels: tuple[int, int]
+    image: Path
+    thumb: Path
+
+    def link(self, copies: Path, out_dir: Path, job_ids: list[str]) -> ImageStat:
+        """Copy the image and its thumb into ``copies``, link them as those of ``job_ids``;
+        return the image copy's stat once its last link is made (a link changes its ctime)."""
+        copies.mkdir()
+        image = Path(shutil.copy2(self.image, copies / self.image.name))
+        thumb = Path(shutil.copy2(self.thumb, copies / self.thumb.name))
+        _link(image, out_dir / "images", [f"{job_id}{self.suffix}" for job_id in job_ids])
+        _link(
+            thumb, out_dir / "thumbs", [f"{job_id}-{self.sha256[:12]}.webp" for job_id in job_ids]
+        )
+        return ImageStat.of(image.stat())
+
+    def record(self, store: SqliteStore, jobs: list[Job], linked: Future[ImageStat]) -> None:
+        """Plan ``jobs`` and record an attempt and a success for each, in one transaction."""
+        stat = linked.result()
+        outcome = Outcome("confirmed", PRICE_PER_IMAGE_MICRO_USD)
+        width, height = self.pixels
+        with store.batch():
+            store.plan_jobs(jobs)
+            for job in jobs:
+                attempt = store.commit_intent(job)
+                saved = SavedImage(
+                    f"images/{job.id}{self.suffix}", width, height, self.sha256, stat
+                )
+                store.commit_success(job.id, attempt, outcome, saved)
+
+
+def _link(source: Path, folder: Path, names: list[str]) -> None:
+    """Hard-link ``source`` as each of ``names`` in ``folder``: by names relative to open
+    directories, the kernel resolves no path a million times over."""
+    source_dir = os.open(source.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        target_dir = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in names:
+                os.link(source.name, name, src_dir_fd=source_dir, dst_dir_fd=target_dir)
+        finally:
+            os.close(target_dir)
+    finally:
+        os.close(source_dir)
 
 
 def main(argv: list[str]) -> int:
