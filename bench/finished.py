@@ -23,6 +23,7 @@ for all, as every run does at its end, so what it is timed on is the same work.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -51,16 +52,21 @@ LINKS_PER_FILE = 60_000
 
 @dataclass(frozen=True)
 class FinishedFolder:
-    """A finished run's folder, the manifest it ran, and where its image copies are kept."""
+    """A finished run's folder, the manifest it ran (and the seed's), and where its image copies
+    are kept."""
 
     manifest: Path
+    seed: Path
     out_dir: Path
     templates_dir: Path
     setup_s: float
 
     def remove(self) -> None:
+        """Delete all of it."""
         shutil.rmtree(self.out_dir, ignore_errors=True)
         shutil.rmtree(self.templates_dir, ignore_errors=True)
+        self.manifest.unlink(missing_ok=True)
+        self.seed.unlink(missing_ok=True)
 
 
 def make_finished(
@@ -69,24 +75,25 @@ def make_finished(
     """A folder in ``work_dir`` holding a finished run of ``jobs`` jobs of ``size``: the first
     :data:`SEED_JOBS` run against the emulator at ``base_url``, the rest made as the module's
     docstring says, ``links_per_file`` jobs to each copy of the image. Raises
-    :class:`RuntimeError` when the seed run fails."""
+    :class:`RuntimeError` (having deleted what it made) when making it fails."""
     started_s = time.perf_counter()
     manifest = write_csv(work_dir / f"finished-{jobs}.csv", jobs, size)
     seed = write_csv(work_dir / f"finished-{jobs}-seed.csv", min(jobs, SEED_JOBS), size)
     out_dir = work_dir / f"finished-{jobs}"
     templates_dir = work_dir / f"finished-{jobs}-templates"
+    unfinished = FinishedFolder(manifest, seed, out_dir, templates_dir, 0.0)
     first = run_runner(seed, out_dir, base_url, concurrency=CONCURRENCY, timeout_s=SEED_TIMEOUT_S)
     if not first.ok or succeeded(first) != min(jobs, SEED_JOBS):
-        shutil.rmtree(out_dir, ignore_errors=True)
+        unfinished.remove()
         raise RuntimeError(f"the seed run failed: {first.failure()}")
     args = [str(manifest), str(out_dir), str(templates_dir), str(links_per_file)]
     added = run_child(["-m", "bench.finished", *args], timeout_s=ADD_TIMEOUT_S)
     if not added.ok:
-        FinishedFolder(manifest, out_dir, templates_dir, 0.0).remove()
+        unfinished.remove()
         raise RuntimeError(f"adding the jobs past the seed's failed: {added.failure()}")
     setup_s = time.perf_counter() - started_s
     say(f"  a finished {jobs:,}-job folder made in {setup_s:.0f} s")
-    return FinishedFolder(manifest, out_dir, templates_dir, setup_s)
+    return dataclasses.replace(unfinished, setup_s=setup_s)
 
 
 def _add_jobs(manifest_path: Path, out_dir: Path, templates_dir: Path, links_per_file: int) -> None:

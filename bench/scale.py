@@ -11,8 +11,8 @@ Four measurements, each a fresh ``image-runner run`` process, timed from start t
 * a finished 1,000,000-job run (``--quick``: 10,000) rerun once: time and requests; targets
   < 15 s and 0 requests. Running a million requests would take an hour, so the folder is made
   as :mod:`bench.finished` says (its first jobs run for real, the rest recorded through the
-  store's own writes, their images hard links), in about two minutes, printed; one rerun, as
-  the figure must stay within minutes.
+  store's own writes, their images hard links), in about two and a half minutes, printed; one
+  rerun, as the figure must stay within minutes.
 
 A rerun counts only if it found every job done before and none to do.
 

@@ -44,5 +44,4 @@ def test_a_made_folder_is_finished_for_the_plan_and_for_a_real_rerun(tmp_path: P
         assert f"0 to do, {JOBS} done before" in rerun.stderr
         assert emulator.mark() == mark
     folder.remove()
-    assert not folder.out_dir.exists()
-    assert not folder.templates_dir.exists()
+    assert list(tmp_path.iterdir()) == []
