@@ -1,6 +1,6 @@
-"""Scale: big manifests validated and planned, and a finished run rerun.
+"""Scale: big manifests validated and planned, and finished runs rerun.
 
-Three measurements, each a fresh ``image-runner run`` process, timed from start to exit
+Four measurements, each a fresh ``image-runner run`` process, timed from start to exit
 (start-up included: this is what a user waits for):
 
 * a 1,000,000-row CSV manifest and a 100,000-job YAML manifest, with ``--dry-run``: validated,
@@ -8,6 +8,13 @@ Three measurements, each a fresh ``image-runner run`` process, timed from start 
   < 20 s and < 1 GB each. A dry run killed at three times its time target is not repeated.
 * a 10,000-job run finished against the emulator (small flat images), then run again: its
   time and the requests the emulator received during it; targets < 5 s and 0 requests.
+* a finished 1,000,000-job run (``--quick``: 10,000) rerun once: time and requests; targets
+  < 15 s and 0 requests. Running a million requests would take an hour, so the folder is made
+  as :mod:`bench.finished` says (its first jobs run for real, the rest recorded through the
+  store's own writes, their images hard links), in about two and a half minutes, printed; one
+  rerun, as the figure must stay within minutes.
+
+A rerun counts only if it found every job done before and none to do.
 
 Every dry run points at the emulator too, to check that it sends nothing.
 """
@@ -20,8 +27,9 @@ from pathlib import Path
 
 from bench.emulator import EmulatorProcess
 from bench.figures import MB, Options, Row, median, runs_text, say
+from bench.finished import make_finished
 from bench.manifests import write_csv, write_yaml
-from bench.procs import Finished, run_runner, succeeded
+from bench.procs import run_runner, succeeded
 
 DRY_RUN_SIZE = "1280x1280"
 RUN_SIZE = "1280x544"  # the smallest size: the first run is only there to be rerun
@@ -29,14 +37,18 @@ CONCURRENCY = 16
 TARGET_DRY_RUN_S = 20.0
 TARGET_DRY_RUN_MB = 1000
 TARGET_RERUN_S = 5.0
+TARGET_BIG_RERUN_S = 15.0
 DRY_RUN_TIMEOUT_S = 3 * TARGET_DRY_RUN_S
 RUN_TIMEOUT_S = 600.0
 _TO_DO = re.compile(r"to do:\s+(\d+) jobs")
+_RERUN_PLAN = re.compile(r"image-runner: (\d+) to do, (\d+) done before")
 
 
 def measure(options: Options) -> list[Row]:
-    csv_jobs, yaml_jobs, run_jobs = (
-        (100_000, 10_000, 1_000) if options.quick else (1_000_000, 100_000, 10_000)
+    csv_jobs, yaml_jobs, run_jobs, big_jobs = (
+        (100_000, 10_000, 1_000, 10_000)
+        if options.quick
+        else (1_000_000, 100_000, 10_000, 1_000_000)
     )
     rows: list[Row] = []
     with EmulatorProcess() as emulator:
@@ -49,6 +61,7 @@ def measure(options: Options) -> list[Row]:
         )
         rows += _dry_run(options, emulator, f"{yaml_jobs:,}-job YAML", yaml, yaml_jobs)
         rows += _rerun(options, emulator, run_jobs)
+        rows += _big_rerun(options, emulator, big_jobs)
     return rows
 
 
@@ -120,34 +133,71 @@ def _rerun(options: Options, emulator: EmulatorProcess, jobs: int) -> list[Row]:
         shutil.rmtree(out_dir, ignore_errors=True)
         reason = f"the first run failed: {first.failure()}"
         return [Row(f"{label}, time", reason, f"< {TARGET_RERUN_S:.0f} s", None)]
-    reruns: list[Finished] = []
+    rows = _reruns(
+        emulator, label, manifest, out_dir, jobs, repeat=options.repeat, target_s=TARGET_RERUN_S
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return rows
+
+
+def _big_rerun(options: Options, emulator: EmulatorProcess, jobs: int) -> list[Row]:
+    say(f"scale: a finished {jobs:,}-job run of {RUN_SIZE}, made, then rerun once")
+    label = f"scale: rerun of a finished {jobs:,}-job run"
+    try:
+        folder = make_finished(options.work_dir, jobs, RUN_SIZE, emulator.base_url)
+    except RuntimeError as exc:
+        return [Row(f"{label}, time", str(exc), f"< {TARGET_BIG_RERUN_S:.0f} s", None)]
+    try:
+        manifest, out_dir = folder.manifest, folder.out_dir
+        return _reruns(
+            emulator, label, manifest, out_dir, jobs, repeat=1, target_s=TARGET_BIG_RERUN_S
+        )
+    finally:
+        folder.remove()
+
+
+def _reruns(
+    emulator: EmulatorProcess,
+    label: str,
+    manifest: Path,
+    out_dir: Path,
+    jobs: int,
+    *,
+    repeat: int,
+    target_s: float,
+) -> list[Row]:
+    """Rerun the finished run of ``manifest`` in ``out_dir`` ``repeat`` times: its time, and the
+    requests the emulator received meanwhile. A rerun that failed, or did not find every job
+    done, is reported as failed."""
+    times_s: list[float] = []
     sent: list[int] = []
-    for repeat in range(options.repeat):
+    problem = ""
+    for run in range(repeat):
         mark = emulator.mark()
         rerun = run_runner(
             manifest, out_dir, emulator.base_url, concurrency=CONCURRENCY, timeout_s=RUN_TIMEOUT_S
         )
         sent.append(emulator.mark() - mark)
-        reruns.append(rerun)
+        times_s.append(rerun.wall_s)
+        planned = _RERUN_PLAN.search(rerun.stderr)
+        found = (int(planned.group(1)), int(planned.group(2))) if planned else None
         say(
-            f"  rerun {repeat + 1}: {rerun.wall_s:.2f} s, {sent[-1]} requests, "
-            f"peak RSS {rerun.peak_rss_mb:.0f} MB" + ("" if rerun.ok else f", {rerun.failure()}")
+            f"  rerun {run + 1}: {rerun.wall_s:.2f} s, {sent[-1]} requests, "
+            f"peak RSS {rerun.peak_rss_mb:.0f} MB, to do and done before: {found}"
+            + ("" if rerun.ok else f", {rerun.failure()}")
         )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    times_s = [rerun.wall_s for rerun in reruns]
+        if not rerun.ok:
+            problem = rerun.failure()
+        elif found != (0, jobs):
+            problem = f"found (to do, done before) {found}, not (0, {jobs})"
     time_s = median(times_s)
-    all_ok = all(rerun.ok for rerun in reruns)
+    note = f"; failed: {problem}" if problem else ""
     return [
         Row(
             f"{label}, time",
-            f"{time_s:.2f} s ({runs_text(times_s, '.2f')})" + ("" if all_ok else "; failed"),
-            f"< {TARGET_RERUN_S:.0f} s",
-            time_s < TARGET_RERUN_S and all_ok,
+            f"{time_s:.2f} s ({runs_text(times_s, '.2f')}){note}",
+            f"< {target_s:.0f} s",
+            time_s < target_s and not problem,
         ),
-        Row(
-            f"{label}, requests sent",
-            str(max(sent)),
-            "0",
-            max(sent) == 0,
-        ),
+        Row(f"{label}, requests sent", str(max(sent)), "0", max(sent) == 0),
     ]

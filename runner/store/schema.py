@@ -2,7 +2,9 @@
 
 - ``checkpoint.sqlite`` in the output folder, opened for writing with the crash-safe settings of
   RELIABILITY.md: WAL journal with ``synchronous=FULL`` (WAL with NORMAL may lose a commit on
-  power loss), a ``busy_timeout``, ``PRAGMA integrity_check`` on open.
+  power loss), a ``busy_timeout``, and ``PRAGMA integrity_check`` on an open after an unclean
+  shutdown (see :func:`_check`: after a clean one, nothing, so a rerun of a finished million-job
+  folder does not read every page of it first).
 - One writer: the process holding the folder's lock file (``.lock``, an ``flock``); a second
   run on the same folder is refused before it touches anything. Readers (the views, a dry run)
   take no lock.
@@ -26,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,9 +206,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA busy_timeout = 10000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
-        check = db.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            raise StoreError(f"{path} failed its integrity check: {check}")
+        _check(db, path)
         _migrate(db, path)
     except sqlite3.DatabaseError as exc:
         db.close()
@@ -216,9 +217,60 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+# ``PRAGMA user_version``: the clean-shutdown mark of the checkpoint (see :func:`_check`).
+_IN_USE = 0
+
+
+def _check(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse a damaged checkpoint, reading all of it only when its last writer did not close it
+    cleanly.
+
+    ``PRAGMA integrity_check`` reads every page, and ``quick_check`` too (it skips only the
+    indexes' cross-checks): for a finished run of 1,000,000 jobs (a 511 MB checkpoint, in the
+    page cache) 2.3-2.8 s and 1.4 s on every start, more from a cold disk. So the writer that
+    holds the folder's lock marks the checkpoint: ``user_version`` is set to :data:`_IN_USE`
+    on open, durably (``synchronous=FULL``, in :func:`_migrate`'s transaction) before this
+    process writes anything else, and to the last run's id + 1 by :func:`mark_closed_cleanly`,
+    the last write of a clean close. A crash, a ``kill -9`` or a power cut leaves the mark in
+    use (the WAL keeps commits in order, so a commit that survived the crash implies the mark
+    before it), and the next open checks in full; a checkpoint never marked (created by an
+    older version) too. An older version, which does not know the mark, starts a run of its
+    own before writing: the mark then names a run that is no longer the last, and is not
+    trusted.
+
+    After a clean close nothing is checked, not even ``quick_check``: the file is as SQLite's
+    own commits left it, and reading the mark and the last run's id costs the same whatever the
+    size (the header page and one B-tree descent; a clean close leaves no WAL to replay): the
+    open took 0.001-0.002 s at 100,000 jobs as at 1,000,000. A file that is not a database at
+    all still fails here, and damage that appears after a clean close (a disk going bad) is met
+    when its pages are read, as a :class:`StoreError` of the reader.
+    """
+    mark = db.execute("PRAGMA user_version").fetchone()[0]
+    if mark != _IN_USE and mark == _last_run_id(db) + 1:
+        return
+    check = db.execute("PRAGMA integrity_check").fetchone()[0]
+    if check != "ok":
+        raise StoreError(f"{path} failed its integrity check: {check}")
+
+
+def _last_run_id(db: sqlite3.Connection) -> int:
+    """The id of the last run recorded, 0 when none is."""
+    return int(db.execute("SELECT COALESCE(MAX(run_id), 0) FROM runs").fetchone()[0])
+
+
+def mark_closed_cleanly(db: sqlite3.Connection, transacting: threading.Lock) -> None:
+    """Record that ``db``, opened by :func:`lock_and_connect`, is being closed cleanly, with no
+    write pending: the next open need not read all of it (:func:`_check`). ``transacting`` is
+    the lock of the store's transactions: the mark goes in after one of another thread, never
+    inside it. A failure to write the mark only costs the next open its full check."""
+    with transacting, contextlib.suppress(sqlite3.Error):
+        db.execute(f"PRAGMA user_version = {_last_run_id(db) + 1}")
+
+
 def _migrate(db: sqlite3.Connection, path: Path | None = None) -> None:
     """Apply the migrations ``db`` lacks, all in one transaction: a failure leaves it as it
-    was. The ``BEGIN IMMEDIATE`` also proves that the checkpoint can be written."""
+    was. The ``BEGIN IMMEDIATE`` also proves that the checkpoint can be written, and the same
+    transaction marks it in use (:func:`_check`), before any other write of this process."""
     try:
         db.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
@@ -238,6 +290,7 @@ def _migrate(db: sqlite3.Connection, path: Path | None = None) -> None:
                 if statement.strip():
                     db.execute(statement)
             db.execute("INSERT INTO migrations VALUES (?, ?)", (version, now_iso()))
+        db.execute(f"PRAGMA user_version = {_IN_USE}")
         db.execute("COMMIT")
     except BaseException as exc:
         if db.in_transaction:

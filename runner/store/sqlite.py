@@ -72,6 +72,7 @@ from runner.store.schema import (
     connect_for_dry_run,
     connect_read_only,
     lock_and_connect,
+    mark_closed_cleanly,
     now_iso,
     reading,
     rows_by_ids,
@@ -103,22 +104,19 @@ class SqliteStore(SingleProcess):
 
     @classmethod
     def open(cls, folder: Path) -> SqliteStore:
-        """Lock ``folder`` for this process and open (or create) its checkpoint, for a run. A
-        folder or a checkpoint this process may not write is refused here, before anything
-        is sent."""
+        """Lock ``folder`` for this process and open (or create) its checkpoint, for a run; a
+        folder or checkpoint it may not write is refused here, before anything is sent."""
         db, lock_fd = lock_and_connect(folder)
         return cls(db, lock_fd, folder)
 
     @classmethod
     def open_read_only(cls, folder: Path) -> SqliteStore:
-        """Open the checkpoint for reading, without the lock, while a run may be writing it.
-        One written by another version is refused with a message saying which way to go."""
+        """To read, without the lock, while a run may write: :func:`.schema.connect_read_only`."""
         return cls(connect_read_only(folder), None, folder)
 
     @classmethod
     def open_for_dry_run(cls, folder: Path) -> SqliteStore:
-        """Open the checkpoint to plan from it while changing nothing on disk: no lock taken,
-        no file created, a live run undisturbed (see :func:`.schema.connect_for_dry_run`)."""
+        """To plan from, changing nothing on disk: :func:`.schema.connect_for_dry_run`."""
         return cls(connect_for_dry_run(folder), None, folder)
 
     def __enter__(self) -> SqliteStore:
@@ -128,11 +126,13 @@ class SqliteStore(SingleProcess):
         self.close()
 
     def close(self) -> None:
-        """Close the database, and release the folder's lock whatever that raises (an ended run
-        never leaves its folder locked); SQLite's refusal to close is a :class:`StoreError`."""
+        """Close the database (marked closed cleanly: :func:`.schema.mark_closed_cleanly`), and
+        release the folder's lock whatever that raises; SQLite's refusal is a StoreError."""
         try:
             try:
                 self._commits.close()
+                if self._lock_fd is not None and self.write_failure is None:
+                    mark_closed_cleanly(self.db, self._transacting)
             finally:
                 self.db.close()
         except sqlite3.Error as exc:
