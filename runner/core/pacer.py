@@ -47,12 +47,13 @@ such 429 once halved the pace, and the cruise's decreases then held it far under
 the rest of the run. Over a token bucket's limit, 429s come in runs: once the bucket is empty,
 most requests sent faster than it refills are refused. So a 429 is the limit's when at least
 ``evidence_429s`` of the last ``evidence_window`` requests sent (up to it) were answered 429,
-or, while cruising, when the pace is above the last one proven (run a whole probe interval
-without a 429): that is how probing past the limit shows. Any other 429 is scattered: its job
-retries (after its ``Retry-After``, if any), and the pace is left as it is; in ``free``, a
-429 halves the pace (each time a request sent after the last change is refused), and growth
-holds while a 429 is among the last ``evidence_window`` requests: cheap if it was scattered
-(the pace is soon doubled back), and the overshoot is smaller if it was the limit's.
+or, while cruising, when the pace is above the last one proven good (the measured one, or one
+that ran a whole probe interval without a 429): that is how probing past the limit shows. A 429
+asking to wait longer than ``long_retry_after_s`` is the limit's too. Any other 429 is
+scattered: its job retries (after its ``Retry-After``, if any), and the pace is left as it is;
+in ``free``, a 429 halves the pace (each time a request sent after the last change is refused),
+and growth holds while a 429 is among the last ``evidence_window`` requests: cheap if it was
+scattered (the pace is soon doubled back), and the overshoot is smaller if it was the limit's.
 
 A ``Retry-After`` on a 429 of the limit's pauses its whole lane, not just the job that got it.
 The pace after a pause is the lane's: a slow start again if it never met the limit, else the
@@ -85,10 +86,11 @@ class PacerConfig:
     ceiling_rpm: float | None = None  # --rpm: never faster than this
     adaptive: bool = True  # slow down on 429s, find the limit, keep just under it
     start_rpm: float = 600.0  # slow start: the first pace of a lane that knows nothing
-    round_trip_s: float = 0.03  # slow start doubles the pace this often (or quicker answers')
+    round_trip_s: float = 0.05  # slow start doubles the pace this often (or quicker answers')
     restart_idle_s: float = 30.0  # a lane unused this long starts slow again
     evidence_window: int = 12  # 429s among this many requests sent ...
     evidence_429s: int = 4  # ... at least this many: the limit's, not scattered ones
+    long_retry_after_s: float = 5.0  # a 429 asking for a longer wait is the limit's
     measure_min_accepted: int = 10  # the estimate is right to +-1 request
     measure_min_s: float = 1.5
     measure_start: float = 0.35  # of the rate accepted before the limit's 429s (burst included)
@@ -117,7 +119,8 @@ class Lane:
         self._rate: float | None = config.start_rpm / 60 if config.adaptive else None
         self._round_trip = config.round_trip_s  # slow start's doubling period
         self._next_double = -math.inf
-        self._proven: float | None = None  # cruise: the pace the measurement found good
+        self._proven: float | None = None  # cruise: a pace known good (measured, or probed)
+        self._probe_started = -math.inf  # cruise: when the current probe interval began
         self._slot = -math.inf  # when the last request was let through
         self._paused_until = -math.inf
         self._sends: list[float] = []  # send times, oldest first
@@ -153,7 +156,8 @@ class Lane:
     def recheck_s(self) -> float:
         """How long a request held back may sleep before :meth:`next_send_at` is asked
         again: a round trip during slow start (the pace may double by then), else 0.5 s."""
-        return self._round_trip if self.phase == "free" and self._rate is not None else 0.5
+        growing = self.phase == "free" and self._rate is not None and self._rate < self._cap()
+        return self._round_trip if growing else 0.5
 
     def next_send_at(self, now: float) -> float:
         """When the next request may go (``<= now``: at once)."""
@@ -185,11 +189,15 @@ class Lane:
         limited: bool,
         retry_after_s: float | None = None,
         headers: RateLimitHeaders | None = None,
+        answered: bool = True,
     ) -> None:
-        """The answer to a request sent at ``sent_at``; ``limited``: a 429 rate limit."""
+        """The answer to a request sent at ``sent_at``; ``limited``: a 429 rate limit;
+        ``answered``: the provider answered (not a connection refused or a timeout), so the
+        time it took bounds the round trip."""
         if headers is not None:
             self._announce(now, headers)
-        self._round_trip = max(_MIN_ROUND_TRIP_S, min(self._round_trip, now - sent_at))
+        if answered:
+            self._round_trip = max(_MIN_ROUND_TRIP_S, min(self._round_trip, now - sent_at))
         if not limited:
             return
         self.limited_count += 1
@@ -198,6 +206,7 @@ class Lane:
             self._pause(now, retry_after_s)
             return
         evidence = self._evidence(sent_at)
+        evidence = evidence or (retry_after_s or 0.0) > self.config.long_retry_after_s
         if self.phase == "free":
             if evidence:
                 self._pause(now, retry_after_s)
@@ -215,9 +224,10 @@ class Lane:
         elif evidence or self._proven is None or self._current() > self._proven:
             # Cruise or announced: we went over (or the limit came down).
             self._pause(now, retry_after_s)
-            self._set_rate(now, self._current() * self.config.decrease)
-            if evidence and self._proven is not None:
-                self._proven = min(self._proven, self._current())
+            over = self._current()
+            self._set_rate(now, over * self.config.decrease)
+            if self._proven is not None:  # not good: proven stays under it
+                self._proven = min(self._proven, self._current() if evidence else over)
 
     def _pause(self, now: float, retry_after_s: float | None) -> None:
         if retry_after_s is not None:
@@ -225,10 +235,13 @@ class Lane:
 
     def _evidence(self, sent_at: float) -> bool:
         """Whether the 429 of a request sent at ``sent_at`` is the limit's: enough of the
-        requests sent up to it were refused too (see the module's docstring)."""
+        requests sent up to it were refused too (see the module's docstring). While cruising,
+        only requests sent at the current pace count: the measurement's 429s are over."""
         c = self.config
         end = bisect_right(self._sends, sent_at)
         start = self._sends[end - c.evidence_window] if end >= c.evidence_window else -math.inf
+        if self.phase in ("cruise", "announced"):
+            start = max(start, self._last_change)
         refused = bisect_right(self._limited, sent_at) - bisect_left(self._limited, start)
         return refused >= c.evidence_429s
 
@@ -272,11 +285,21 @@ class Lane:
         self._proven = self._rate  # what the count found: a 429 under it is a scattered one
 
     def _set_rate(self, now: float, rate: float) -> None:
-        ceiling = self._announced_rate
-        self._rate = max(self._floor(), min(rate, ceiling) if ceiling else rate)
-        self._last_change = now
+        self._rate = max(self._floor(), min(rate, self._cap()))
+        self._last_change = self._probe_started = now
         self._next_probe = now + self.config.probe_every_s
         self.waited = False
+
+    def _cap(self) -> float:
+        """What the pace may never exceed: the ``--rpm`` ceiling and an announced limit
+        (growing past the ceiling would only have to be undone, 429 by 429, if a limit under
+        it showed up later)."""
+        caps = [_MAX_START_RATE]
+        if self.config.ceiling_rpm:
+            caps.append(self.config.ceiling_rpm / 60)
+        if self._announced_rate:
+            caps.append(self._announced_rate)
+        return min(caps)
 
     def _announce(self, now: float, headers: RateLimitHeaders) -> None:
         if headers.limit_rpm:
@@ -305,12 +328,12 @@ class Lane:
                 self._set_rate(now, self._current() * self.config.measure_grow)
                 self._grown = True
         elif self.phase in ("cruise", "announced") and now >= self._next_probe:
+            if self._last_limited() < self._probe_started:  # a whole interval without a 429
+                self._proven = max(self._proven or 0.0, self._current())
             if self.waited:
-                rate = self._current() * self.config.probe_step
-                if self._announced_rate:
-                    rate = min(rate, self._announced_rate)
-                self._rate = rate
+                self._rate = min(self._current() * self.config.probe_step, self._cap())
             self._next_probe = now + self.config.probe_every_s
+            self._probe_started = now
             self.waited = False
 
     def _slow_start(self, now: float) -> None:
@@ -321,10 +344,9 @@ class Lane:
             return
         if self._sends and now - self._sends[-1] > c.restart_idle_s:
             self._rate = min(self._rate, c.start_rpm / 60)
-        ceiling = c.ceiling_rpm / 60 if c.ceiling_rpm else _MAX_START_RATE
-        grow = self.waited and now >= self._next_double and self._rate < ceiling
+        grow = self.waited and now >= self._next_double and self._rate < self._cap()
         if grow and not self._suspect():
-            self._rate = min(2 * self._rate, _MAX_START_RATE)
+            self._rate = min(2 * self._rate, self._cap())
             self._next_double = now + self._round_trip
             self.waited = False
 
@@ -385,6 +407,7 @@ class Limiter(Protocol):
         limited: bool,
         retry_after_s: float | None = None,
         headers: RateLimitHeaders | None = None,
+        answered: bool = True,
     ) -> None: ...
 
     async def close(self) -> None: ...
@@ -444,7 +467,13 @@ class RateLimiter:
         limited: bool,
         retry_after_s: float | None = None,
         headers: RateLimitHeaders | None = None,
+        answered: bool = True,
     ) -> None:
         self.lane(name).observe(
-            sent_at, self._clock(), limited=limited, retry_after_s=retry_after_s, headers=headers
+            sent_at,
+            self._clock(),
+            limited=limited,
+            retry_after_s=retry_after_s,
+            headers=headers,
+            answered=answered,
         )

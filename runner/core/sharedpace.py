@@ -105,8 +105,11 @@ class Learning:
             row.limited_seqs = [s for s in row.limited_seqs if s > row.grant_seq - _KEPT_429S]
         if row.phase != "measure" or seq > row.anchor_seq:
             row.limited_seqs.append(seq)
-        evidence = sum(1 for s in row.limited_seqs if seq - c.evidence_window < s <= seq)
-        limit = evidence >= c.evidence_429s
+        since = seq - c.evidence_window
+        if row.phase in ("cruise", "announced"):  # only 429s at the current pace count
+            since = max(since, row.last_change_seq)
+        evidence = sum(1 for s in row.limited_seqs if since < s <= seq)
+        limit = evidence >= c.evidence_429s or (retry_after_s or 0.0) > c.long_retry_after_s
         if row.phase == "free":
             if limit:
                 _pause(row, now, retry_after_s)
@@ -124,9 +127,10 @@ class Learning:
         elif limit or row.proven_per_s is None or self._current(row) > row.proven_per_s:
             # Cruise or announced: the group went over (or the limit came down).
             _pause(row, now, retry_after_s)
-            self._set_rate(row, now, self._current(row) * c.decrease)
-            if limit and row.proven_per_s is not None:
-                row.proven_per_s = min(row.proven_per_s, self._current(row))
+            over = self._current(row)
+            self._set_rate(row, now, over * c.decrease)
+            if row.proven_per_s is not None:  # not good: proven stays under it
+                row.proven_per_s = min(row.proven_per_s, self._current(row) if limit else over)
         return True
 
     def announces(self, row: PaceRow, headers: RateLimitHeaders | None) -> bool:
@@ -158,11 +162,10 @@ class Learning:
                 row.grown = True
                 return True
         elif row.phase in ("cruise", "announced") and now >= row.next_probe_at_s:
+            if row.last_limited_at_s < row.next_probe_at_s - c.probe_every_s:  # no 429 since
+                row.proven_per_s = max(row.proven_per_s or 0.0, self._current(row))
             if row.waited:
-                rate = self._current(row) * c.probe_step
-                if row.announced_per_s:
-                    rate = min(rate, row.announced_per_s)
-                row.rate_per_s = rate
+                row.rate_per_s = min(self._current(row) * c.probe_step, self._cap(row))
             row.next_probe_at_s = now + c.probe_every_s
             row.waited = False
             return True
@@ -178,11 +181,10 @@ class Learning:
         if now - row.slot_at_s > c.restart_idle_s and row.rate_per_s > start:
             row.rate_per_s = start
             return True
-        ceiling = c.ceiling_rpm / 60 if c.ceiling_rpm else _MAX_START_RATE
         suspect = any(s > row.grant_seq - c.evidence_window for s in row.limited_seqs)
         grow = row.waited and now - row.last_change_at_s >= self.round_trip_s
-        if grow and row.rate_per_s < ceiling and not suspect:
-            row.rate_per_s = min(2 * row.rate_per_s, _MAX_START_RATE)
+        if grow and row.rate_per_s < self._cap(row) and not suspect:
+            row.rate_per_s = min(2 * row.rate_per_s, self._cap(row))
             row.last_change_at_s = now
             row.waited = False
             return True
@@ -235,9 +237,18 @@ class Learning:
         self._set_rate(row, now, estimate * self.config.cruise_gain)
         row.proven_per_s = row.rate_per_s  # what the count found: a lone 429 under it is scattered
 
+    def _cap(self, row: PaceRow) -> float:
+        """What the pace may never exceed: this worker's ``--rpm`` ceiling (the run's, or
+        lower) and an announced limit."""
+        caps = [_MAX_START_RATE]
+        if self.config.ceiling_rpm:
+            caps.append(self.config.ceiling_rpm / 60)
+        if row.announced_per_s:
+            caps.append(row.announced_per_s)
+        return min(caps)
+
     def _set_rate(self, row: PaceRow, now: float, rate: float) -> None:
-        ceiling = row.announced_per_s
-        row.rate_per_s = max(self._floor(), min(rate, ceiling) if ceiling else rate)
+        row.rate_per_s = max(self._floor(), min(rate, self._cap(row)))
         row.last_change_at_s = now
         row.last_change_seq = row.grant_seq
         row.next_probe_at_s = now + self.config.probe_every_s
@@ -362,12 +373,14 @@ class SharedRateLimiter:
         limited: bool,
         retry_after_s: float | None = None,
         headers: RateLimitHeaders | None = None,
+        answered: bool = True,
     ) -> None:
         lane = self.lanes.get(name)
         grant = self._grants.pop((name, sent_at), None)
         if lane is None or lane.row is None:
             return  # no grant of this lane went out from here
-        self._learning.answered_after(self._clock() - sent_at)
+        if answered:  # the provider's answer: its time bounds the round trip
+            self._learning.answered_after(self._clock() - sent_at)
         if limited:
             lane.limited_count += 1
         elif not self._learning.announces(lane.row, headers):
