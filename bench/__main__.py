@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import latency, memory, overhead, rate_limit, report, scale, scaleout
+from bench import breakdown, latency, memory, overhead, rate_limit, report, scale, scaleout
 from bench.figures import MB, Options, Row, say
 
 FIGURES: dict[str, Callable[[Options], list[Row]]] = {
     "overhead": overhead.measure,
+    "breakdown": breakdown.measure,
     "latency": latency.measure,
     "rate-limit": rate_limit.measure,
     "memory": memory.measure,

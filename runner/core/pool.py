@@ -36,6 +36,7 @@ from typing import Protocol
 
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import Limiter, PacerConfig, RateLimiter
+from runner.core.progress import Progress
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.core.sinks import FolderSink, ImageSink, LocationSink
 from runner.errors import (
@@ -55,6 +56,7 @@ from runner.http.client import ImageResult
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.stages import timed
 from runner.store.base import Budget, Outcome, Store
 
 log = logging.getLogger(__name__)
@@ -68,22 +70,6 @@ class ImageSource(Protocol):
     async def create(self, job: Job, folder: Path) -> ImageResult:
         """The image for ``job`` as a new temp file in ``folder`` (named by
         :func:`runner.images.files.temp_path_for`), which the pool then owns."""
-
-
-@dataclass
-class Progress:
-    """The pool's counters; ``on_progress`` gets a copy after every change."""
-
-    succeeded: int = 0
-    failed: int = 0
-    retrying: int = 0
-    in_flight: int = 0
-    requests: int = 0
-    confirmed_micro_usd: int = 0
-    possible_micro_usd: int = 0
-    # The cause and message of the latest failed attempt ("not_sent", "connection refused to
-    # 127.0.0.1:9"), so that a run going wrong says why while it goes on.
-    last_error: tuple[str, str] | None = None
 
 
 @dataclass
@@ -211,15 +197,16 @@ class Pool:
             live.release()
 
         try:
-            async for job in self.store.claim(jobs):
-                await live.acquire()
-                if self.stopping:
-                    break
-                task = asyncio.create_task(self._run_job(job))
-                tasks.add(task)
-                task.add_done_callback(done)
-            while tasks:
-                await asyncio.gather(*tasks)
+            with timed("event loop"), timed("pool run", whole_process=True):
+                async for job in self.store.claim(jobs):
+                    await live.acquire()
+                    if self.stopping:
+                        break
+                    task = asyncio.create_task(self._run_job(job))
+                    tasks.add(task)
+                    task.add_done_callback(done)
+                while tasks:
+                    await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
@@ -491,7 +478,8 @@ class Pool:
         return last[1] if last else None
 
     def _report(self) -> None:
-        self._on_progress(dataclasses.replace(self._counters))
+        with timed("progress"):
+            self._on_progress(dataclasses.replace(self._counters))
 
     async def _sleep_unless_stopped(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -35,6 +35,7 @@ from runner.core.finding import EXTENSION_RANK, adoptable
 from runner.errors import ImageWriteError
 from runner.images.saving import save_image
 from runner.jobs import Job
+from runner.stages import timed
 from runner.storage import Location, ObjectInfo, save_image_to
 from runner.storage.base import checksums_agree
 from runner.store.base import ImageStat, SavedImage, Store
@@ -67,7 +68,8 @@ class FolderSink:
         return str(self.images_dir)
 
     def save(self, job: Job, tmp: Path) -> SavedImage:
-        info, sha256, relative = save_image(job, tmp, self.images_dir, self.folder)
+        with timed("save"):
+            info, sha256, relative = save_image(job, tmp, self.images_dir, self.folder)
         return SavedImage(relative, info.width, info.height, sha256)
 
 

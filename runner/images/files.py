@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from runner.provider import EXTENSIONS
+from runner.stages import timed
 
 TEMP_PREFIX: Final = ".tmp-"
 # What earlier versions named their temp files: ``<final name>.tmp-<12 or 8 hex digits>``. A final
@@ -59,7 +60,7 @@ def write_atomic_copy(
     """Copy ``source`` to ``path`` as :func:`write_atomic` does, streamed, with ``splices``
     applied: ``(offset, bytes removed, bytes inserted)`` in file order (see
     :class:`runner.images.provenance.Splice`). Return the sha256 of what was written."""
-    with atomic_file(path) as out:
+    with atomic_file(path) as out, timed("write"):
         return copy_spliced(out, source, splices)
 
 
@@ -110,13 +111,15 @@ def atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
             yield f
             if durable:
                 f.flush()
-                os.fsync(f.fileno())
+                with timed("fsync file"):
+                    os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        fsync_dir(path.parent)
+        with timed("fsync folder"):
+            fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

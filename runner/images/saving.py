@@ -28,6 +28,7 @@ from runner.images.provenance import Splice, provenance_splices
 from runner.images.verify import ImageInfo, WrongSize, inspect_image
 from runner.jobs import JOB_ID_RE, Job
 from runner.provider import SIZE_SET
+from runner.stages import timed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def prepare_image(job: Job, tmp: Path) -> tuple[ImageInfo, list[Splice]]:
     images folder. ``OSError``: ``tmp`` cannot be read."""
     if not JOB_ID_RE.fullmatch(job.id):
         raise ValueError(f"job id {job.id!r} cannot name an image file: not a manifest's id")
-    info = inspect_image(tmp, job.expected_size)
+    with timed("verify"):
+        info = inspect_image(tmp, job.expected_size)
     if job.expected_size is None and f"{info.width}x{info.height}" not in SIZE_SET:
         raise WrongSize(f"is {info.width}x{info.height}, not one of the 30 sizes")
     provenance = {"job_id": job.id, "prompt": job.prompt, "model": job.model}

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Generic, Protocol, TypeVar
 
+from runner.stages import timed
+
 T = TypeVar("T")
 
 
@@ -103,7 +105,7 @@ class GroupCommit(Generic[C]):
             try:
                 loop = asyncio.get_running_loop()
                 writes = [w for w, _ in batch]
-                results = await loop.run_in_executor(self._thread, self._commit, writes)
+                results = await loop.run_in_executor(self._thread, self._timed_commit, writes)
             except Exception as exc:  # the transaction itself failed: every write did
                 for _, future in batch:
                     if not future.done():
@@ -120,6 +122,10 @@ class GroupCommit(Generic[C]):
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+
+    def _timed_commit(self, writes: list[Callable[[C], Any]]) -> list[tuple[bool, Any]]:
+        with timed("checkpoint commit"):
+            return self._commit(writes)
 
     def _commit(self, writes: list[Callable[[C], Any]]) -> list[tuple[bool, Any]]:
         """One transaction for the batch (in a worker thread)."""
