@@ -5,7 +5,7 @@ verifies and saves its image, and records every step in the checkpoint.
 with the manifest; and only by a few chunks per worker, as images are streamed to temp files
 and verified from there. Every attempt follows the crash-safe order: intent committed, request
 sent, image verified and written atomically, outcome committed. The pool never prints: it reports
-through ``on_progress``.
+through ``on_progress``, at most a few times a second (:mod:`runner.core.progress`).
 
 Admission: before each attempt the circuit breaker must let it through, the pacer must let it
 go and the budget must hold its price (:mod:`runner.core.admission`). Saving: an image is
@@ -36,7 +36,7 @@ from typing import Protocol
 
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import Limiter, PacerConfig, RateLimiter
-from runner.core.progress import Progress
+from runner.core.progress import Progress, ProgressReporter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.core.sinks import FolderSink, ImageSink, LocationSink
 from runner.errors import (
@@ -151,9 +151,9 @@ class Pool:
         self._savers = ThreadPoolExecutor(min(8, self.concurrency), "image-save")
         self._requests = asyncio.Semaphore(self.concurrency)
         self._rng = random.Random()  # backoff jitter; one for all jobs (seeding one costs)
-        self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = Progress()
+        self._progress = ProgressReporter(self._counters, on_progress or (lambda _: None))
         # Whether the API has answered anything but 404/405 in this run: until it has, a 404 is
         # taken for a wrong base URL, which stops the run instead of failing every job.
         self._endpoint_found = False
@@ -215,6 +215,7 @@ class Pool:
             # does (its attempt, left in flight, is a possible charge).
             await asyncio.to_thread(self._savers.shutdown, wait=True, cancel_futures=True)
             await self.admission.limiter.close()
+            self._progress.flush()  # the last report is the final count
         return self.result()
 
     def result(self) -> PoolResult:
@@ -237,7 +238,7 @@ class Pool:
             sink.adopt_existing, self.store, job
         ):
             c.succeeded += 1  # its image was there: a worker died before recording it
-            self._report()
+            self._progress.changed()
             return
         waiting = False  # between a failed attempt and the next: counted in c.retrying
         tries = _JobTries()
@@ -251,7 +252,7 @@ class Pool:
             except ApiError as exc:
                 if is_retryable(exc, self.retry.on_ambiguous):
                     c.retrying, waiting = c.retrying + 1, True
-                    self._report()
+                    self._progress.changed()
                 raise
 
         try:
@@ -284,7 +285,7 @@ class Pool:
         finally:
             if waiting:
                 c.retrying -= 1
-            self._report()
+            self._progress.changed()
 
     async def _attempt(self, job: Job, tries: _JobTries) -> None:
         """One attempt: holds one of the ``concurrency`` request slots from admission until
@@ -307,7 +308,7 @@ class Pool:
         c = self._counters
         c.requests += 1
         c.in_flight += 1
-        self._report()
+        self._progress.changed()
         answered = False
         try:
             result = await self._fetch(job)
@@ -366,7 +367,7 @@ class Pool:
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         await self.store.record_success(job.id, attempt, success, image)
         c.succeeded += 1
-        self._report()
+        self._progress.changed()
 
     async def _fetch(self, job: Job) -> ImageResult:
         """The source's answer; an error nobody foresaw becomes a possible charge for this one
@@ -436,6 +437,7 @@ class Pool:
         # this run's summary.
         c = self._counters
         c.last_error = (error.cause, error.message)
+        self._progress.failed()
         if error.billing == "confirmed":
             c.confirmed_micro_usd += cost
         elif error.billing == "possible":
@@ -476,10 +478,6 @@ class Pool:
     def _last_error(self) -> str | None:
         last = self._counters.last_error
         return last[1] if last else None
-
-    def _report(self) -> None:
-        with timed("progress"):
-            self._on_progress(dataclasses.replace(self._counters))
 
     async def _sleep_unless_stopped(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):
