@@ -54,9 +54,12 @@ def simulate(
     config: PacerConfig | None = None,
     announce: bool = False,
     seed: int = 1,
+    scattered: float = 0.0,
 ) -> Sim:
     """``workers`` workers run ``jobs`` jobs through one lane against a token bucket; a 429
-    comes back at once and its job retries after the runner's backoff. Virtual time."""
+    comes back at once and its job retries after the runner's backoff. ``scattered``: the
+    share of requests answered 429 whatever the bucket holds (a provider's hiccups), each
+    with a Retry-After of 1 s. Virtual time."""
     rng = random.Random(seed)
     lane = Lane("generations", config or PacerConfig())
     tokens, refilled_at = float(burst), 0.0
@@ -70,7 +73,7 @@ def simulate(
 
     todo, waiting, attempts = list(range(jobs))[::-1], list[int](), dict[int, int]()
     accepted = limited = 0
-    first = last = 0.0
+    first, last = -1.0, 0.0
     for _ in range(workers):
         push(0.0, "want", todo.pop())
     while events:
@@ -84,11 +87,13 @@ def simulate(
             lane.observe(sent, now, limited=False, headers=headers)
             if todo:
                 push(now, "want", todo.pop())
-        elif kind == "429":
+        elif kind in ("429", "scattered"):
             limited += 1
-            lane.observe(sent, now, limited=True)
+            retry_after = 1.0 if kind == "scattered" else None
+            lane.observe(sent, now, limited=True, retry_after_s=retry_after)
             attempts[job] = attempts.get(job, 0) + 1
             backoff = min(0.5 * 2 ** (attempts[job] - 1), 8) * (1 - 0.25 * rng.random())
+            backoff = max(backoff, retry_after or 0.0)
             push(now + backoff, "want", job)
         while waiting:  # the pacer lets waiting requests go in order
             at = lane.next_send_at(now)
@@ -99,7 +104,10 @@ def simulate(
             job = waiting.pop(0)
             lane.take(now)
             tokens, refilled_at = min(burst, tokens + (now - refilled_at) * rate), now
-            if tokens >= 1:
+            first = now if first < 0 else first
+            if scattered and rng.random() < scattered:
+                push(now + 0.002, "scattered", job, now)
+            elif tokens >= 1:
                 tokens -= 1
                 push(now + latency_s, "ok", job, now)
             else:
@@ -107,13 +115,16 @@ def simulate(
     return Sim(accepted, limited, first, last, lane)
 
 
-@pytest.mark.parametrize("workers", [4, 16, 32])
-def test_adaptive_pace_holds_an_unannounced_limit(workers: int) -> None:
-    # The benchmark's case: 300 a minute, burst 10, nothing announced.
-    sim = simulate(rate=5.0, burst=10, workers=workers, jobs=600)
-    assert sim.accepted == 600
+@pytest.mark.parametrize(
+    ("workers", "max_429_share"), [(4, 0.05), (16, 0.03), (32, 0.03), (100, 0.03)]
+)
+def test_adaptive_pace_holds_an_unannounced_limit(workers: int, max_429_share: float) -> None:
+    # The benchmark's case: 300 a minute, burst 10, nothing announced. Slow start: however
+    # many workers wait, the first of them do not go out at once (100 would be 90 429s).
+    sim = simulate(rate=5.0, burst=10, workers=workers, jobs=400, latency_s=0.3)
+    assert sim.accepted == 400
     assert sim.efficiency(5.0) >= 0.95
-    assert sim.share_429 <= 0.05 + workers / 600  # the first burst of `workers` meets the limit
+    assert sim.share_429 <= max_429_share  # 4 workers empty the bucket slowly: more to measure
     assert sim.lane.phase == "cruise"
     assert 0.9 * 5.0 <= (sim.lane.rate or 0) <= 1.1 * 5.0
 
@@ -145,20 +156,66 @@ def test_ceiling_caps_the_pace() -> None:
     assert sim.accepted / (sim.last - sim.first) <= 10.0 * 1.02
 
 
-def test_no_429_means_no_pacing() -> None:
+def test_slow_start_doubles_the_pace_every_round_trip() -> None:
+    # No limit at all, 100 workers, 1 s per image: the pace starts at 10/s and doubles every
+    # round trip (0.05 s before a quicker answer is seen) while it holds requests back, so the
+    # 100 are all out within a third of a second.
+    sim = simulate(rate=1e6, burst=10**6, workers=100, jobs=500, latency_s=1.0)
+    assert sim.limited == 0 and sim.lane.phase == "free"
+    assert sim.last - sim.first <= 5.0 + 0.35
+
+
+def test_slow_start_from_a_modest_pace() -> None:
     lane = Lane("edits", PacerConfig())
-    for t in range(100):
-        assert lane.next_send_at(t * 0.001) <= t * 0.001
-        lane.take(t * 0.001)
-        lane.observe(t * 0.001, t * 0.001 + 0.0005, limited=False)
-    assert lane.phase == "free" and lane.rate is None
+    sent = []
+    now = 0.0
+    while now < 0.3:  # workers always waiting: what the pace lets through
+        at = lane.next_send_at(now)
+        if at > now:
+            lane.waited = True
+            now = at
+            continue
+        lane.take(now)
+        sent.append(now)
+    first_round_trip = sum(1 for t in sent if t < 0.05)
+    assert first_round_trip <= 1  # 10/s: one request in the first round trip
+    assert 8 <= len(sent) <= 40  # then 20/s, 40/s ... 320/s: about 31 in all
 
 
-def test_retry_after_pauses_the_lane() -> None:
+def test_scattered_429s_are_not_a_limit() -> None:
+    # No limit, 2% of requests answered 429 with a Retry-After of 1 s (the emulator's fault
+    # mix at 20%): the pace is not taken down, and the lane never pauses for them.
+    clean = simulate(rate=1e6, burst=10**6, workers=16, jobs=2000, latency_s=0.3)
+    faulty = simulate(rate=1e6, burst=10**6, workers=16, jobs=2000, latency_s=0.3, scattered=0.02)
+    assert faulty.limited >= 20 and faulty.lane.phase == "free"
+    assert faulty.last - faulty.first <= 1.2 * (clean.last - clean.first)
+
+
+def test_scattered_429s_under_a_limit_do_not_drag_the_pace_down() -> None:
+    # A limit of 10/s and 1% scattered 429s: the lane finds the limit and stays near it (the
+    # scattered ones used to hold it at about half).
+    sim = simulate(rate=10.0, burst=10, workers=16, jobs=1500, latency_s=0.3, scattered=0.01)
+    assert sim.efficiency(10.0) >= 0.9
+
+
+def test_the_limits_retry_after_pauses_the_lane() -> None:
     lane = Lane("generations", PacerConfig())
-    lane.take(10.0)
-    lane.observe(10.0, 10.1, limited=True, retry_after_s=3.0)
+    for i in range(4):
+        lane.take(10.0 + i * 0.01)
+    for i in range(4):  # four of the last requests refused: the limit's 429s
+        lane.observe(10.0 + i * 0.01, 10.1, limited=True, retry_after_s=3.0)
+    assert lane.phase == "measure"
     assert lane.next_send_at(10.1) >= 13.1
+
+
+def test_a_scattered_429s_retry_after_is_its_jobs_alone() -> None:
+    lane = Lane("generations", PacerConfig())
+    for i in range(20):
+        lane.take(i * 0.2)
+    rate = lane.rate
+    lane.observe(3.8, 3.81, limited=True, retry_after_s=3.0)
+    assert lane.phase == "free" and lane.rate == rate
+    assert lane.next_send_at(3.81) < 4.2
 
 
 def test_remaining_zero_pauses_until_reset() -> None:
@@ -177,8 +234,8 @@ def test_stale_429s_do_not_compound() -> None:
         lane.observe(i * 0.001, 0.06, limited=True)
     assert lane.phase == "measure"
     assert lane.limited_count == 40
-    # Half the rate that went through (10 in the first quarter second), not 0.7**40 of it.
-    assert lane.rate == pytest.approx(0.5 * 10 / 0.25)
+    # A quarter of the rate that went through (10 in the first quarter second), not 0.7**40 of it.
+    assert lane.rate == pytest.approx(0.25 * 10 / 0.25)
 
 
 def test_not_adaptive_only_honours_retry_after() -> None:
@@ -186,6 +243,8 @@ def test_not_adaptive_only_honours_retry_after() -> None:
     lane.take(0.0)
     lane.observe(0.0, 0.01, limited=True, retry_after_s=None)
     assert lane.phase == "free" and lane.rate is None
+    lane.observe(0.0, 0.01, limited=True, retry_after_s=2.0)
+    assert lane.next_send_at(0.01) >= 2.01
 
 
 # --- the runner against real rate-limiting servers -------------------------------------------

@@ -10,7 +10,15 @@ does not slow the other (a limit they share shows up in both, and each settles o
 A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
 
 ``free``
-    No 429 seen: no pacing beyond the ``--rpm`` ceiling.
+    No 429 taken for the limit's yet. **Slow start**: a lane that knows nothing of the limit
+    does not send its whole ``--concurrency`` at once (against a bucket of 10, a burst of 100
+    is 90 429s before the first comes back). It starts at ``start_rpm`` and doubles its pace
+    every round trip while the pace is what holds requests back, like TCP's slow start: a
+    provider's 429 comes back within one network round trip (an image takes seconds), so a
+    request out for a round trip without a 429 was let through. The round trip is taken as
+    ``round_trip_s``, or the quickest answer seen if quicker. It grows until the ``--rpm``
+    ceiling, or until the pace outgrows what the workers send, or until the limit's 429s
+    (below); after ``restart_idle_s`` without a request it starts over.
 ``measure``
     After the first 429. The estimator rests on one fact about a token bucket: a 429 means the
     bucket was empty when that request arrived, so between two 429'd requests sent at ``t0`` and
@@ -33,7 +41,20 @@ A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
     lane until ``x-ratelimit-reset-requests``. The client reads these headers
     (:func:`runner.http.headers.rate_limit_headers`); the lane sees only what they announce.
 
-A 429's ``Retry-After`` pauses its whole lane, not just the job that got it. Times here are
+**Which 429s are the limit's.** A provider also answers 429 now and then when no limit is near
+(a busy shard, a gateway's hiccup), and a run that took each for the limit would crawl: one
+such 429 once halved the pace, and the cruise's decreases then held it far under the limit for
+the rest of the run. Over a token bucket's limit, 429s come in runs: once the bucket is empty,
+most requests sent faster than it refills are refused. So a 429 is the limit's when at least
+``evidence_429s`` of the last ``evidence_window`` requests sent (up to it) were answered 429,
+or, while cruising, when the pace is above the last one proven (run a whole probe interval
+without a 429): that is how probing past the limit shows. Any other 429 is scattered: its job
+retries (after its ``Retry-After``, if any), and the pace is left as it is; in ``free``,
+growth holds while a 429 is among the last ``evidence_window`` requests.
+
+A ``Retry-After`` on a 429 of the limit's pauses its whole lane, not just the job that got it.
+The pace after a pause is the lane's: a slow start again if it never met the limit, else the
+grid of the pace it knew (which banks no credit while idle: no burst). Times here are
 ``time.monotonic()`` seconds; the lane is plain logic over an injected clock, so tests can drive
 it without waiting.
 """
@@ -53,14 +74,22 @@ from runner.provider import RateLimitHeaders
 Phase = Literal["free", "measure", "cruise", "announced"]
 
 _HISTORY_S = 120.0  # how far back sends are remembered for the estimator
+_MIN_ROUND_TRIP_S = 0.002  # loopback: a quicker answer says nothing more
+_MAX_START_RATE = 1e6  # requests/s: slow start stops doubling here (no pace at all, really)
 
 
 @dataclass(frozen=True)
 class PacerConfig:
     ceiling_rpm: float | None = None  # --rpm: never faster than this
     adaptive: bool = True  # slow down on 429s, find the limit, keep just under it
+    start_rpm: float = 600.0  # slow start: the first pace of a lane that knows nothing
+    round_trip_s: float = 0.05  # slow start doubles the pace this often (or quicker answers')
+    restart_idle_s: float = 30.0  # a lane unused this long starts slow again
+    evidence_window: int = 12  # 429s among this many requests sent ...
+    evidence_429s: int = 4  # ... at least this many: the limit's, not scattered ones
     measure_min_accepted: int = 10  # the estimate is right to +-1 request
-    measure_min_s: float = 2.0
+    measure_min_s: float = 1.5
+    measure_start: float = 0.25  # of the rate accepted before the limit's 429s (burst included)
     measure_slow: float = 0.7
     measure_grow: float = 1.5
     measure_grow_every_s: float = 1.0
@@ -82,7 +111,11 @@ class Lane:
         self.phase: Phase = "free"
         self.limited_count = 0  # 429s seen
         self.waited = False  # the pacer held a request back since the last probe
-        self._rate: float | None = None  # requests/s of the adaptive pacer; None: unpaced
+        # Requests/s of the adaptive pacer (in ``free``, the slow start's); None: unpaced.
+        self._rate: float | None = config.start_rpm / 60 if config.adaptive else None
+        self._round_trip = config.round_trip_s  # slow start's doubling period
+        self._next_double = -math.inf
+        self._proven: float | None = None  # cruise: the pace the measurement found good
         self._slot = -math.inf  # when the last request was let through
         self._paused_until = -math.inf
         self._sends: list[float] = []  # send times, oldest first
@@ -140,30 +173,59 @@ class Lane:
         """The answer to a request sent at ``sent_at``; ``limited``: a 429 rate limit."""
         if headers is not None:
             self._announce(now, headers)
+        self._round_trip = max(_MIN_ROUND_TRIP_S, min(self._round_trip, now - sent_at))
         if not limited:
             return
         self.limited_count += 1
         insort(self._limited, sent_at)  # answers come back out of order
+        if not self.config.adaptive:
+            self._pause(now, retry_after_s)
+            return
+        evidence = self._evidence(sent_at)
+        if self.phase == "free":
+            if evidence:
+                self._pause(now, retry_after_s)
+                self._start_measuring(now, sent_at)
+        elif sent_at < self._last_change:
+            self._pause(now, retry_after_s)  # sent before the pace last changed: stale
+        elif self.phase == "measure":
+            self._pause(now, retry_after_s)
+            self._measure(now, sent_at)
+        elif evidence or self._proven is None or self._current() > self._proven:
+            # Cruise or announced: we went over (or the limit came down).
+            self._pause(now, retry_after_s)
+            self._set_rate(now, self._current() * self.config.decrease)
+            if evidence and self._proven is not None:
+                self._proven = min(self._proven, self._current())
+
+    def _pause(self, now: float, retry_after_s: float | None) -> None:
         if retry_after_s is not None:
             self._paused_until = max(self._paused_until, now + retry_after_s)
-        if not self.config.adaptive:
-            return
-        if self.phase == "free":
-            self._start_measuring(now, sent_at)
-        elif sent_at < self._last_change:
-            pass  # sent before the pace last changed: says nothing about the new pace
-        elif self.phase == "measure":
-            self._measure(now, sent_at)
-        else:  # cruise or announced: we went over
-            self._set_rate(now, self._current() * self.config.decrease)
+
+    def _evidence(self, sent_at: float) -> bool:
+        """Whether the 429 of a request sent at ``sent_at`` is the limit's: enough of the
+        requests sent up to it were refused too (see the module's docstring)."""
+        c = self.config
+        end = bisect_right(self._sends, sent_at)
+        start = self._sends[end - c.evidence_window] if end >= c.evidence_window else -math.inf
+        refused = bisect_right(self._limited, sent_at) - bisect_left(self._limited, start)
+        return refused >= c.evidence_429s
+
+    def _suspect(self) -> bool:
+        """Whether a 429 is among the last ``evidence_window`` requests sent."""
+        window = self.config.evidence_window
+        start = self._sends[-window] if len(self._sends) >= window else -math.inf
+        return bool(self._limited) and self._limited[-1] >= start
 
     def _start_measuring(self, now: float, sent_at: float) -> None:
         self.phase = "measure"
         self._anchor, self._grown, self._counting = sent_at, False, False
-        # Half the rate accepted before the first 429 (over the last second at most): that
-        # includes the burst allowance, so it may still be over the limit, or far under.
+        # A quarter of the rate accepted before these 429s (over the last second at most):
+        # that includes the burst allowance, which a slow start spends in a fraction of a
+        # second, so it is likely under the limit, and the pace then grows to find it.
         window = min(1.0, max(0.25, sent_at - self._sends[0]))
-        self._set_rate(now, 0.5 * self._accepted(sent_at - window, sent_at) / window)
+        accepted = self._accepted(sent_at - window, sent_at) / window
+        self._set_rate(now, self.config.measure_start * accepted)
 
     def _measure(self, now: float, sent_at: float) -> None:
         """A 429 while measuring: re-anchor, conclude, or slow down."""
@@ -178,13 +240,14 @@ class Lane:
         span = sent_at - self._anchor
         if accepted >= c.measure_min_accepted and span >= c.measure_min_s:
             self._cruise(now, accepted / span)
-        elif _count(self._limited, self._anchor, sent_at) > accepted:
-            # Far over (most requests get 429): slow down. Still over, so the count holds.
+        elif _count(self._limited, self._anchor, sent_at) >= accepted:
+            # Far over (half the requests or more get 429): slow down. Still over, so the count holds.
             self._set_rate(now, self._current() * c.measure_slow)
 
     def _cruise(self, now: float, estimate: float) -> None:
         self.phase = "cruise"
         self._set_rate(now, estimate * self.config.cruise_gain)
+        self._proven = self._rate  # what the count found: a 429 under it is a scattered one
 
     def _set_rate(self, now: float, rate: float) -> None:
         ceiling = self._announced_rate
@@ -205,7 +268,9 @@ class Lane:
 
     def _update(self, now: float) -> None:
         """Time-driven changes: growing while measuring, probing upward while cruising."""
-        if self.phase == "measure":
+        if self.phase == "free":
+            self._slow_start(now)
+        elif self.phase == "measure":
             if now - max(self._last_limited(), self._anchor) > self.config.measure_give_up_s:
                 self._cruise(now, self._current())  # the 429s stopped: no limit in sight
             elif (
@@ -224,6 +289,21 @@ class Lane:
                     rate = min(rate, self._announced_rate)
                 self._rate = rate
             self._next_probe = now + self.config.probe_every_s
+            self.waited = False
+
+    def _slow_start(self, now: float) -> None:
+        """``free``: double the pace every round trip while it holds requests back and no 429
+        is among the last requests; start over after a long idle time."""
+        c = self.config
+        if self._rate is None or not c.adaptive:
+            return
+        if self._sends and now - self._sends[-1] > c.restart_idle_s:
+            self._rate = min(self._rate, c.start_rpm / 60)
+        ceiling = c.ceiling_rpm / 60 if c.ceiling_rpm else _MAX_START_RATE
+        grow = self.waited and now >= self._next_double and self._rate < ceiling
+        if grow and not self._suspect():
+            self._rate = min(2 * self._rate, _MAX_START_RATE)
+            self._next_double = now + self._round_trip
             self.waited = False
 
     def _current(self) -> float:
