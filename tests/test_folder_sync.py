@@ -31,6 +31,8 @@ class Journal:
     def sync(self, folder: Path) -> None:
         if folder.name == "refuses":
             raise OSError(5, "Input/output error")
+        if folder.name == "gone":
+            raise FileNotFoundError(2, "No such file or directory")
         self.events.append(f"sync {folder.name}")
 
     @contextmanager
@@ -78,12 +80,13 @@ async def test_a_folder_that_cannot_be_synced_fails_only_its_writes(tmp_path: Pa
         insert(1, tmp_path / "images"),
         insert(2, tmp_path / "refuses"),
         insert(3, None),
+        insert(4, tmp_path / "gone"),  # its image with it: the next run makes it again
         return_exceptions=True,
     )
-    assert results[0] is None and results[2] is None
+    assert results[0] is None and results[2] is None and results[3] is None
     assert isinstance(results[1], StoreWriteError)
     assert "cannot fsync" in str(results[1]) and "refuses" in str(results[1])
-    assert db.execute("SELECT k FROM t ORDER BY k").fetchall() == [(1,), (3,)]
+    assert db.execute("SELECT k FROM t ORDER BY k").fetchall() == [(1,), (3,), (4,)]
     db.close()
 
 

@@ -23,7 +23,8 @@ A write may name a folder to fsync first (``sync_first``): a success's image was
 it, and the rename must be durable before the success is. Each folder named in a batch is
 fsynced once, in the writer's thread, before the batch's transaction: one fsync for all the
 images of the batch, not one an image. A folder that cannot be fsynced fails the writes that
-named it (:class:`~runner.errors.StoreWriteError`); the others commit.
+named it (:class:`~runner.errors.StoreWriteError`); the others commit. One that is gone holds
+no image to keep: its writes commit, and the next run finds their images missing.
 
 Both backends use it: any connection with ``execute`` and ``in_transaction`` will do (SQLite's
 own; for PostgreSQL, :class:`runner.store.postgres.connect.Translated`), with the ``transaction``
@@ -155,6 +156,8 @@ class GroupCommit(Generic[C]):
             try:
                 with timed("fsync folder"):
                     self._sync_folder(folder)
+            except FileNotFoundError:  # no image left to keep: the next run makes it again
+                continue
             except OSError as exc:
                 message = f"cannot fsync {folder}, where images were saved: {exc.strerror or exc}"
                 refused[folder] = StoreWriteError(message)
