@@ -1,9 +1,9 @@
 """``python -m bench [FIGURE ...] [--quick] [--repeat N]``: run the figures, print one table.
 
-Figures, always run in this order: ``overhead``, ``latency``, ``rate-limit``, ``memory``,
-``scale``, ``report``, ``scale-out`` (all when none is named). ``--quick`` is a smoke pass
-with fewer jobs and one run each: its numbers are not to be quoted. A figure that breaks is
-reported in the table and the others still run. The exit code is 0 whenever the suite ran,
+Figures, always run in this order: ``overhead``, ``latency``, ``rate-limit``, ``faults``,
+``memory``, ``scale``, ``report``, ``scale-out`` (all when none is named). ``--quick`` is a
+smoke pass with fewer jobs and one run each: its numbers are not to be quoted. A figure that
+breaks is reported in the table and the others still run. The exit code is 0 whenever the suite ran,
 whether targets were met or not.
 """
 
@@ -21,7 +21,17 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import breakdown, latency, memory, overhead, rate_limit, report, scale, scaleout
+from bench import (
+    breakdown,
+    faults,
+    latency,
+    memory,
+    overhead,
+    rate_limit,
+    report,
+    scale,
+    scaleout,
+)
 from bench.figures import MB, Options, Row, say
 
 FIGURES: dict[str, Callable[[Options], list[Row]]] = {
@@ -29,6 +39,7 @@ FIGURES: dict[str, Callable[[Options], list[Row]]] = {
     "breakdown": breakdown.measure,
     "latency": latency.measure,
     "rate-limit": rate_limit.measure,
+    "faults": faults.measure,
     "memory": memory.measure,
     "scale": scale.measure,
     "report": report.measure,

@@ -79,14 +79,6 @@ class ThreadedEmulator:
         return self.emulator.billed_usd
 
 
-# The emulator's default fault mix but its scattered 429s. The adaptive pacer still reads each
-# scattered 429 as the limit and settles near half of it (issue 13 is about that), so a run
-# of 2,000 jobs with them takes twice as long and measures the pacer, not the scale-out; the
-# limit's own 429s (a few percent of requests) and a Retry-After pausing every worker are
-# still met (the budget test keeps the 429 faults).
-WITHOUT_SCATTERED_429S = tuple(kind for kind in DEFAULT_FAULT_MIX if kind != "429")
-
-
 def chaos_emulator(fault_kinds: tuple[str, ...] = DEFAULT_FAULT_MIX) -> ThreadedEmulator:
     """Started: the unannounced limit, and 10% of requests answered with a fault of
     ``fault_kinds``."""

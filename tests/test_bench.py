@@ -15,6 +15,7 @@ from bench import __main__ as bench_main
 from bench.emulator import EmulatorProcess, Phase, phase
 from bench.figures import Row, median_row, runs_text
 from bench.procs import API_KEY, Finished, succeeded
+from runner.cli.parser import build_parser, emulator_config_from
 from runner.emulator import RATE_LIMITED
 
 
@@ -125,3 +126,10 @@ def test_the_command_line_refuses_unknown_figures_and_no_repeats(
         bench_main.main(argv)
     assert exit_info.value.code == 2
     assert "python -m bench: error:" in capsys.readouterr().err
+
+
+def test_the_emulators_jitter_and_retry_after_flags_reach_its_config() -> None:
+    # The rate-limit figure's 0.2-0.4 s answers and the faults figure's 1 s Retry-After.
+    args = ["emulate", "--latency", "0.2", "--latency-jitter", "0.2", "--retry-after", "1"]
+    config = emulator_config_from(build_parser().parse_args(args))
+    assert (config.latency_s, config.latency_jitter_s, config.retry_after_s) == (0.2, 0.2, 1.0)

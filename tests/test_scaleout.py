@@ -17,7 +17,6 @@ import pytest
 
 from tests import services
 from tests.chaos import (
-    WITHOUT_SCATTERED_429S,
     books,
     chaos_emulator,
     check_every_job_once,
@@ -32,7 +31,7 @@ BUDGET_EXCEEDED = 3  # the exit code of a run its budget stopped
 def test_four_workers_killed_and_restarted_run_every_job_once_into_s3(
     tmp_path: Path, pg_url: str, s3_bucket: str
 ) -> None:
-    emulator, out = chaos_emulator(WITHOUT_SCATTERED_429S), f"s3://{s3_bucket}/run"
+    emulator, out = chaos_emulator(), f"s3://{s3_bucket}/run"
     try:
         pool = run_with_kills(
             tmp_path, pg_url, emulator.url, out, jobs=2000, workers=4, timeout_s=900

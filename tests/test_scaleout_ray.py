@@ -15,7 +15,6 @@ from ray.cluster_utils import Cluster
 from tests import services
 from tests.chaos import (
     CHAOS_LEASE_S,
-    WITHOUT_SCATTERED_429S,
     Workers,
     chaos_emulator,
     chaos_env,
@@ -45,7 +44,7 @@ def test_four_ray_actors_killed_and_restarted_run_every_job_once_into_s3(
     pg_url: str,
     s3_bucket: str,
 ) -> None:
-    emulator, out = chaos_emulator(WITHOUT_SCATTERED_429S), f"s3://{s3_bucket}/ray"
+    emulator, out = chaos_emulator(), f"s3://{s3_bucket}/ray"
     command = ["run", str(write_jobs(tmp_path, JOBS)), "--state", pg_url, "--out", out]
     command += ["--base-url", emulator.url, "--concurrency", "8", "--timeout", "20"]
     command += ["--no-progress", "--ray", ray_cluster.address, "--workers", "4"]

@@ -94,7 +94,9 @@ def emulator_config_from(args: argparse.Namespace) -> EmulatorConfig:
     a bad value. ``--faults`` takes kinds separated by commas, spaces allowed."""
     return EmulatorConfig(
         latency_s=args.latency,
+        latency_jitter_s=args.latency_jitter,
         fault_rate=args.fault_rate,
+        retry_after_s=args.retry_after,
         fault_kinds=tuple(k.strip() for k in args.faults.split(",") if k.strip()),
         seed=args.seed,
         payload=args.payload,
@@ -355,6 +357,13 @@ def _add_emulate(emulate: argparse.ArgumentParser) -> None:
         "--latency", type=float, default=config.latency_s, help="seconds per response"
     )
     emulate.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=config.latency_jitter_s,
+        metavar="S",
+        help="plus a uniform random 0 to S seconds per response",
+    )
+    emulate.add_argument(
         "--fault-rate",
         type=float,
         default=config.fault_rate,
@@ -364,6 +373,13 @@ def _add_emulate(emulate: argparse.ArgumentParser) -> None:
         "--faults",
         default=", ".join(config.fault_kinds),  # ", ": the help wraps between kinds
         help=f"fault kinds to draw from (known: {', '.join(FAULT_KINDS)})",
+    )
+    emulate.add_argument(
+        "--retry-after",
+        type=float,
+        default=config.retry_after_s,
+        metavar="S",
+        help="the Retry-After of injected 429 and 503 faults, in seconds",
     )
     emulate.add_argument(
         "--seed", type=int, help="seed for reproducible faults (default: a random one)"

@@ -49,8 +49,10 @@ most requests sent faster than it refills are refused. So a 429 is the limit's w
 ``evidence_429s`` of the last ``evidence_window`` requests sent (up to it) were answered 429,
 or, while cruising, when the pace is above the last one proven (run a whole probe interval
 without a 429): that is how probing past the limit shows. Any other 429 is scattered: its job
-retries (after its ``Retry-After``, if any), and the pace is left as it is; in ``free``,
-growth holds while a 429 is among the last ``evidence_window`` requests.
+retries (after its ``Retry-After``, if any), and the pace is left as it is; in ``free``, a
+429 halves the pace (each time a request sent after the last change is refused), and growth
+holds while a 429 is among the last ``evidence_window`` requests: cheap if it was scattered
+(the pace is soon doubled back), and the overshoot is smaller if it was the limit's.
 
 A ``Retry-After`` on a 429 of the limit's pauses its whole lane, not just the job that got it.
 The pace after a pause is the lane's: a slow start again if it never met the limit, else the
@@ -83,13 +85,13 @@ class PacerConfig:
     ceiling_rpm: float | None = None  # --rpm: never faster than this
     adaptive: bool = True  # slow down on 429s, find the limit, keep just under it
     start_rpm: float = 600.0  # slow start: the first pace of a lane that knows nothing
-    round_trip_s: float = 0.05  # slow start doubles the pace this often (or quicker answers')
+    round_trip_s: float = 0.03  # slow start doubles the pace this often (or quicker answers')
     restart_idle_s: float = 30.0  # a lane unused this long starts slow again
     evidence_window: int = 12  # 429s among this many requests sent ...
     evidence_429s: int = 4  # ... at least this many: the limit's, not scattered ones
     measure_min_accepted: int = 10  # the estimate is right to +-1 request
     measure_min_s: float = 1.5
-    measure_start: float = 0.25  # of the rate accepted before the limit's 429s (burst included)
+    measure_start: float = 0.35  # of the rate accepted before the limit's 429s (burst included)
     measure_slow: float = 0.7
     measure_grow: float = 1.5
     measure_grow_every_s: float = 1.0
@@ -139,6 +141,20 @@ class Lane:
             return ceiling
         return min(self._rate, ceiling) if ceiling else self._rate
 
+    @property
+    def limit_rate(self) -> float | None:
+        """The pace of a limit found (measured or announced) or the ceiling, for the summary;
+        None: no limit met (slow start's pace, or scattered 429s only, say nothing of one)."""
+        if self.phase == "free":
+            return self.config.ceiling_rpm / 60 if self.config.ceiling_rpm else None
+        return self.rate
+
+    @property
+    def recheck_s(self) -> float:
+        """How long a request held back may sleep before :meth:`next_send_at` is asked
+        again: a round trip during slow start (the pace may double by then), else 0.5 s."""
+        return self._round_trip if self.phase == "free" and self._rate is not None else 0.5
+
     def next_send_at(self, now: float) -> float:
         """When the next request may go (``<= now``: at once)."""
         self._update(now)
@@ -186,6 +202,11 @@ class Lane:
             if evidence:
                 self._pause(now, retry_after_s)
                 self._start_measuring(now, sent_at)
+            elif self._rate is not None and sent_at >= self._last_change:
+                # Maybe the limit's first: half the pace (as TCP halves its window on a loss)
+                # until the next requests tell; slow start doubles it back if they pass.
+                self._rate = max(self._floor(), self._rate / 2)
+                self._last_change = now
         elif sent_at < self._last_change:
             self._pause(now, retry_after_s)  # sent before the pace last changed: stale
         elif self.phase == "measure":
@@ -220,7 +241,7 @@ class Lane:
     def _start_measuring(self, now: float, sent_at: float) -> None:
         self.phase = "measure"
         self._anchor, self._grown, self._counting = sent_at, False, False
-        # A quarter of the rate accepted before these 429s (over the last second at most):
+        # A third of the rate accepted before these 429s (over the last second at most):
         # that includes the burst allowance, which a slow start spends in a fraction of a
         # second, so it is likely under the limit, and the pace then grows to find it.
         window = min(1.0, max(0.25, sent_at - self._sends[0]))
@@ -241,7 +262,8 @@ class Lane:
         if accepted >= c.measure_min_accepted and span >= c.measure_min_s:
             self._cruise(now, accepted / span)
         elif _count(self._limited, self._anchor, sent_at) >= accepted:
-            # Far over (half the requests or more get 429): slow down. Still over, so the count holds.
+            # Far over (half the requests or more get 429): slow down. Still over: the count
+            # holds.
             self._set_rate(now, self._current() * c.measure_slow)
 
     def _cruise(self, now: float, estimate: float) -> None:
@@ -333,13 +355,14 @@ def _trim(times: list[float], horizon: float) -> None:
 
 
 class PacedLane(Protocol):
-    """What the run's summary reads of a lane: the 429s it saw, its pace (requests/s)."""
+    """What the run's summary reads of a lane: the 429s it saw, the pace of the limit it
+    found (requests/s; None: none found)."""
 
     @property
     def limited_count(self) -> int: ...
 
     @property
-    def rate(self) -> float | None: ...
+    def limit_rate(self) -> float | None: ...
 
 
 class Limiter(Protocol):
@@ -409,7 +432,7 @@ class RateLimiter:
                 if at <= now:
                     break
                 lane.waited = True
-                await self._sleep(min(at - now, 0.5))  # then look again: the pace may change
+                await self._sleep(min(at - now, lane.recheck_s))  # the pace may change by then
             lane.take(now)
             return now
 

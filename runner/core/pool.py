@@ -222,7 +222,7 @@ class Pool:
         """The outcome so far (also of a run cut short)."""
         self._result.progress = dataclasses.replace(self._counters)
         self._result.rate_limits = {
-            name: (lane.limited_count, lane.rate * 60 if lane.rate else None)
+            name: (lane.limited_count, lane.limit_rate * 60 if lane.limit_rate else None)
             for name, lane in self.admission.limiter.lanes.items()
             if lane.limited_count
         }

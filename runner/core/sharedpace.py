@@ -12,8 +12,9 @@ each of them find the whole limit for itself. :class:`SharedRateLimiter` has the
   the request in the lane's one grant sequence. The worker sleeps until that time. Each worker
   holds at most one grant per lane at a time (its requests queue for the lane, as with
   ``RateLimiter``), so a pace that changes holds back every worker at once.
-- **Learning, shared**: the phases of :class:`~runner.core.pacer.Lane` (free, measure, cruise,
-  announced) run on the row, by :class:`Learning`. Where a lane remembers its own send times,
+- **Learning, shared**: the phases of :class:`~runner.core.pacer.Lane` (free with its slow
+  start, measure, cruise, announced) and its telling of the limit's 429s from scattered ones
+  run on the row, by :class:`Learning`. Where a lane remembers its own send times,
   the row counts grants: "requests accepted between two 429s" is the difference of their
   grant numbers less the 429s between them, whichever worker sent each; "a 429 of a request
   sent before the pace changed" is one whose grant number is at most the change's. A 429 seen
@@ -47,6 +48,14 @@ from runner.store.postgres.pacing import PaceRow, PaceTable
 T = TypeVar("T")
 
 _GRANTS_KEPT = 4096  # grants awaiting their answer; one admitted but never sent is dropped
+_KEPT_429S = 64  # outside measuring, the 429s of the last this many grants are kept
+_MIN_ROUND_TRIP_S = 0.002
+_MAX_START_RATE = 1e6
+
+
+def _pause(row: PaceRow, now: float, retry_after_s: float | None) -> None:
+    if retry_after_s is not None:
+        row.paused_until_s = max(row.paused_until_s, now + retry_after_s)
 
 
 class Learning:
@@ -56,6 +65,17 @@ class Learning:
 
     def __init__(self, config: PacerConfig) -> None:
         self.config = config
+        # Slow start's doubling period: the quickest answer this worker saw, if quicker.
+        self.round_trip_s = config.round_trip_s
+
+    @property
+    def start_per_s(self) -> float | None:
+        """The pace a new lane starts at (slow start), or None: unpaced."""
+        return self.config.start_rpm / 60 if self.config.adaptive else None
+
+    def answered_after(self, seconds: float) -> None:
+        """An answer came back ``seconds`` after its request went (this worker's clock)."""
+        self.round_trip_s = max(_MIN_ROUND_TRIP_S, min(self.round_trip_s, seconds))
 
     def observe(
         self,
@@ -74,25 +94,39 @@ class Learning:
         if not limited:
             return True
         row.limited_count += 1
-        if retry_after_s is not None:
-            row.paused_until_s = max(row.paused_until_s, now + retry_after_s)
-        if grant is None:
+        c = self.config
+        if grant is None or not c.adaptive:
+            _pause(row, now, retry_after_s)
             return True
         seq, sent_at = grant
         if seq > row.last_limited_seq:
             row.last_limited_seq, row.last_limited_at_s = seq, sent_at
-        if row.phase == "measure" and seq > row.anchor_seq:
+        if row.phase != "measure":  # the recent 429s, for the evidence
+            row.limited_seqs = [s for s in row.limited_seqs if s > row.grant_seq - _KEPT_429S]
+        if row.phase != "measure" or seq > row.anchor_seq:
             row.limited_seqs.append(seq)
-        if not self.config.adaptive:
-            return True
+        evidence = sum(1 for s in row.limited_seqs if seq - c.evidence_window < s <= seq)
+        limit = evidence >= c.evidence_429s
         if row.phase == "free":
-            self._start_measuring(row, now, seq, sent_at)
+            if limit:
+                _pause(row, now, retry_after_s)
+                self._start_measuring(row, now, seq, sent_at)
+            elif row.rate_per_s is not None and seq > row.last_change_seq:
+                # Maybe the limit's first: half the pace until the next requests tell.
+                row.rate_per_s = max(self._floor(), row.rate_per_s / 2)
+                row.last_change_at_s, row.last_change_seq = now, row.grant_seq
         elif seq <= row.last_change_seq:
-            pass  # granted before the pace last changed: says nothing about the new pace
+            # Granted before the pace last changed: says nothing about the new pace.
+            _pause(row, now, retry_after_s)
         elif row.phase == "measure":
+            _pause(row, now, retry_after_s)
             self._measure(row, now, seq, sent_at)
-        else:  # cruise or announced: the group went over
-            self._set_rate(row, now, self._current(row) * self.config.decrease)
+        elif limit or row.proven_per_s is None or self._current(row) > row.proven_per_s:
+            # Cruise or announced: the group went over (or the limit came down).
+            _pause(row, now, retry_after_s)
+            self._set_rate(row, now, self._current(row) * c.decrease)
+            if limit and row.proven_per_s is not None:
+                row.proven_per_s = min(row.proven_per_s, self._current(row))
         return True
 
     def announces(self, row: PaceRow, headers: RateLimitHeaders | None) -> bool:
@@ -107,6 +141,8 @@ class Learning:
     def update(self, row: PaceRow, now: float) -> bool:
         """Time-driven changes: growing while measuring, probing upward while cruising."""
         c = self.config
+        if row.phase == "free":
+            return self._slow_start(row, now)
         if row.phase == "measure":
             if now - max(row.last_limited_at_s, row.anchor_at_s) > c.measure_give_up_s:
                 self._cruise(row, now, self._current(row))  # the 429s stopped: no limit in sight
@@ -132,6 +168,26 @@ class Learning:
             return True
         return False
 
+    def _slow_start(self, row: PaceRow, now: float) -> bool:
+        """``free``: double the pace every round trip while it holds requests back and no 429
+        is among the last requests granted; start over after a long idle time."""
+        c = self.config
+        if row.rate_per_s is None or not c.adaptive:
+            return False
+        start = c.start_rpm / 60
+        if now - row.slot_at_s > c.restart_idle_s and row.rate_per_s > start:
+            row.rate_per_s = start
+            return True
+        ceiling = c.ceiling_rpm / 60 if c.ceiling_rpm else _MAX_START_RATE
+        suspect = any(s > row.grant_seq - c.evidence_window for s in row.limited_seqs)
+        grow = row.waited and now - row.last_change_at_s >= self.round_trip_s
+        if grow and row.rate_per_s < ceiling and not suspect:
+            row.rate_per_s = min(2 * row.rate_per_s, _MAX_START_RATE)
+            row.last_change_at_s = now
+            row.waited = False
+            return True
+        return False
+
     def due(self, row: PaceRow, now: float) -> bool:
         """Whether :meth:`update` would change the row (checked on a copy, without its lock)."""
         return self.update(copy.copy(row), now)
@@ -140,15 +196,17 @@ class Learning:
         row.phase = "measure"
         row.anchor_seq, row.anchor_at_s = seq, sent_at
         row.grown = row.counting = False
-        row.limited_seqs = []
-        # Half the rate accepted before the first 429, over the last one or two seconds (the
-        # marks the grants keep): that includes the burst allowance, so it may still be over
-        # the limit, or far under. This 429 is the one request of the span known refused.
+        # A third of the rate accepted before these 429s, over the last one or two seconds
+        # (the marks the grants keep): that includes the burst allowance, which a slow start
+        # spends in a fraction of a second, so it is likely under the limit.
         mark_seq, mark_at = row.prev_mark_seq, row.prev_mark_at_s
         if sent_at - mark_at > 2.0:
             mark_seq, mark_at = row.mark_seq, row.mark_at_s
         window = max(0.25, sent_at - mark_at)
-        self._set_rate(row, now, 0.5 * max(0, seq - mark_seq - 1) / window)
+        refused = sum(1 for s in row.limited_seqs if mark_seq < s <= seq)
+        accepted = max(0, seq - mark_seq - refused)
+        row.limited_seqs = []
+        self._set_rate(row, now, self.config.measure_start * accepted / window)
 
     def _measure(self, row: PaceRow, now: float, seq: int, sent_at: float) -> None:
         """A 429 while measuring: re-anchor, conclude, or slow down."""
@@ -166,14 +224,16 @@ class Learning:
         span = sent_at - row.anchor_at_s
         if accepted >= c.measure_min_accepted and span >= c.measure_min_s:
             self._cruise(row, now, accepted / span)
-        elif limited > accepted:
-            # Far over (most requests get 429): slow down. Still over, so the count holds.
+        elif limited >= accepted:
+            # Far over (half the requests or more get 429): slow down. Still over: the count
+            # holds.
             self._set_rate(row, now, self._current(row) * c.measure_slow)
 
     def _cruise(self, row: PaceRow, now: float, estimate: float) -> None:
         row.phase = "cruise"
         row.limited_seqs = []
         self._set_rate(row, now, estimate * self.config.cruise_gain)
+        row.proven_per_s = row.rate_per_s  # what the count found: a lone 429 under it is scattered
 
     def _set_rate(self, row: PaceRow, now: float, rate: float) -> None:
         ceiling = row.announced_per_s
@@ -220,6 +280,11 @@ class SharedLane:
     @property
     def phase(self) -> str:
         return self.row.phase if self.row else "free"
+
+    @property
+    def limit_rate(self) -> float | None:
+        """The pace of a limit the group found, or the ceiling; None: none found."""
+        return self._ceiling_per_s if self.phase == "free" else self.rate
 
     @property
     def rate(self) -> float | None:
@@ -302,6 +367,7 @@ class SharedRateLimiter:
         grant = self._grants.pop((name, sent_at), None)
         if lane is None or lane.row is None:
             return  # no grant of this lane went out from here
+        self._learning.answered_after(self._clock() - sent_at)
         if limited:
             lane.limited_count += 1
         elif not self._learning.announces(lane.row, headers):
@@ -331,7 +397,7 @@ class SharedRateLimiter:
             async with self._locks[name]:
                 if name not in self.lanes:
                     table = await self._open()
-                    await self._run(table.join, name)
+                    await self._run(table.join, name, self._learning.start_per_s)
                     self.lanes[name] = SharedLane(name, self._ceiling_per_s)
         return self.lanes[name]
 

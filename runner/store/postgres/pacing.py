@@ -63,6 +63,9 @@ MIGRATIONS = (
         PRIMARY KEY (rate_group, lane)
     )
     """,
+    # Issue 13: the cruise pace the measurement found, under which a lone 429 is a scattered one.
+    f"ALTER TABLE {SHARED_SCHEMA}.pace_lanes "
+    "ADD COLUMN IF NOT EXISTS proven_per_s DOUBLE PRECISION",
 )
 
 
@@ -95,6 +98,7 @@ class PaceRow:
     mark_at_s: float
     prev_mark_seq: int
     prev_mark_at_s: float
+    proven_per_s: float | None  # cruise: the measured pace; a lone 429 under it is scattered
 
 
 _COLUMNS = tuple(field.name for field in dataclasses.fields(PaceRow))
@@ -132,10 +136,12 @@ WHERE p.rate_group = step.rate_group AND p.lane = step.lane
 RETURNING step.now_s, greatest(step.slot, step.now_s), {", ".join("p." + c for c in _COLUMNS)}
 """
 
-# A new lane, or one idle since long ago, starts free; one in use is left as it is.
+# A new lane, or one idle since long ago, starts free, at the slow start's first pace; one in
+# use is left as it is.
 _JOIN = f"""
-INSERT INTO {SHARED_SCHEMA}.pace_lanes AS p (rate_group, lane, mark_at_s, prev_mark_at_s)
-VALUES (%(group)s, %(lane)s, {_NOW}, {_NOW})
+INSERT INTO {SHARED_SCHEMA}.pace_lanes AS p
+    (rate_group, lane, mark_at_s, prev_mark_at_s, rate_per_s)
+VALUES (%(group)s, %(lane)s, {_NOW}, {_NOW}, %(start)s)
 ON CONFLICT (rate_group, lane) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _STATE)}
 WHERE greatest(p.slot_at_s, p.paused_until_s) < {_NOW} - %(idle)s
@@ -219,10 +225,11 @@ class PaceTable:
                 exc, self._state_url, "cannot create the shared rate limit's tables", write=True
             ) from None
 
-    def join(self, lane: str) -> None:
-        """Make sure the lane has its row: a new one starts free, one idle for
-        :data:`IDLE_RESET_S` starts over, one in use keeps the pace its workers learned."""
-        params = {"group": self.group, "lane": lane, "idle": IDLE_RESET_S}
+    def join(self, lane: str, start_per_s: float | None) -> None:
+        """Make sure the lane has its row: a new one starts free at ``start_per_s`` (None:
+        unpaced), one idle for :data:`IDLE_RESET_S` starts over, one in use keeps the pace its
+        workers learned."""
+        params = {"group": self.group, "lane": lane, "idle": IDLE_RESET_S, "start": start_per_s}
         try:
             self._conn.execute(_JOIN, params)
         except psycopg.Error as exc:
