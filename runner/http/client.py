@@ -170,11 +170,11 @@ class ImagesClient:
             payload, scanner, sink, limits = await self._send(request, url, job, tmp, files)
             usage = usage_from(payload.get("usage"))
             if scanner.found:  # data[0].b64_json, already decoded into the sink
-                _close(sink)
+                await _close(sink)  # flushing may wait on the disk
                 return ImageResult(tmp, scanner.image_bytes, usage, limits)
             url = image_url(payload, job.id)
             size_bytes = await self._download(url, job.id, sink)
-            _close(sink)
+            await _close(sink)
             return ImageResult(tmp, size_bytes, usage, limits)
 
     async def _send(
@@ -191,12 +191,11 @@ class ImagesClient:
                     raise error_from_answer(response.status, body, response.headers, job.id)
                 limits = rate_limit_headers(response.headers)
                 # Only now: an image is coming back, so a disk error from here on is an
-                # ImageWriteError the pool books as a charge. The file is created, written a
-                # chunk at a time and closed on the event loop: all local and short (nobody
-                # fsyncs it meanwhile), where a hop to a thread and back for the creation and
-                # the close cost more CPU than they do, on every image.
+                # ImageWriteError the pool books as a charge. Creating the file may wait on the
+                # folder (other threads fsync it), so not on the event loop; the writes are a
+                # chunk at a time and local: they stay on it.
                 with _disk(tmp):
-                    file = open(tmp, "xb")  # noqa: ASYNC230, SIM115
+                    file = await asyncio.to_thread(open, tmp, "xb")
                 sink = files.enter_context(file)
                 scanner = B64JsonScanner(_DiskSink(sink))
                 limit = self.config.max_response_bytes
@@ -296,9 +295,9 @@ class _DiskSink:
             return self._file.write(data)
 
 
-def _close(file: BinaryIO) -> None:
+async def _close(file: BinaryIO) -> None:
     with _disk(file.name):
-        file.close()
+        await asyncio.to_thread(file.close)
 
 
 async def _truncate(file: BinaryIO) -> None:
