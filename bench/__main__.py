@@ -1,10 +1,10 @@
 """``python -m bench [FIGURE ...] [--quick] [--repeat N]``: run the figures, print one table.
 
-Figures, always run in this order: ``overhead``, ``latency``, ``4k``, ``rate-limit``,
-``faults``, ``memory``, ``scale``, ``report``, ``scale-out`` (all when none is named).
-``--quick`` is a smoke pass with fewer jobs and one run each: its numbers are not to be quoted.
-A figure that breaks is reported in the table and the others still run. The exit code is 0
-whenever the suite ran, whether targets were met or not.
+Figures, always run in this order: ``overhead``, ``breakdown``, ``latency``, ``4k``,
+``rate-limit``, ``faults``, ``memory``, ``scale``, ``report``, ``scale-out`` (all when none is
+named). ``--quick`` is a smoke pass with fewer jobs and one run each: its numbers are not to be
+quoted. A figure that breaks is reported in the table and the others still run. The exit code
+is 0 whenever the suite ran, whether targets were met or not.
 """
 
 from __future__ import annotations
@@ -21,11 +21,23 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import faults, fourk, latency, memory, overhead, rate_limit, report, scale, scaleout
+from bench import (
+    breakdown,
+    faults,
+    fourk,
+    latency,
+    memory,
+    overhead,
+    rate_limit,
+    report,
+    scale,
+    scaleout,
+)
 from bench.figures import MB, Options, Row, say
 
 FIGURES: dict[str, Callable[[Options], list[Row]]] = {
     "overhead": overhead.measure,
+    "breakdown": breakdown.measure,
     "latency": latency.measure,
     "4k": fourk.measure,
     "rate-limit": rate_limit.measure,

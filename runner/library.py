@@ -32,7 +32,7 @@ from runner.core import lifecycle
 from runner.core.lifecycle import Run, RunOptions
 from runner.core.options import Options, dated, run_options
 from runner.core.plan import Plan
-from runner.core.pool import Progress
+from runner.core.progress import Progress
 from runner.errors import RunnerError
 from runner.jobs import Job
 from runner.manifest import Manifest, load_jobs, load_manifest

@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster
 
 from runner.cli.main import main
 from runner.core.lifecycle import Run, RunReport
-from runner.core.pool import Progress
+from runner.core.progress import Progress
 from runner.emulator import Emulator
 from runner.library import execute
 from runner.manifest.load import load_manifest

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from runner.core.lifecycle import RunReport
 from runner.core.options import under
 from runner.core.plan import Plan
-from runner.core.pool import Progress
+from runner.core.progress import Progress
 from runner.http import client
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
 from runner.redact import redact

@@ -54,7 +54,8 @@ from typing import TypeVar, overload
 from runner.core.admission import BreakerConfig
 from runner.core.pacer import PacerConfig
 from runner.core.plan import IMAGES_DIR, Plan
-from runner.core.pool import Pool, PoolResult, Progress
+from runner.core.pool import Pool, PoolResult
+from runner.core.progress import Progress
 from runner.core.remote_out import RemoteOut
 from runner.core.retry import RetryConfig
 from runner.core.shared import plan_and_queue, shared_limiter

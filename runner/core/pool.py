@@ -5,7 +5,7 @@ verifies and saves its image, and records every step in the checkpoint.
 with the manifest; and only by a few chunks per worker, as images are streamed to temp files
 and verified from there. Every attempt follows the crash-safe order: intent committed, request
 sent, image verified and written atomically, outcome committed. The pool never prints: it reports
-through ``on_progress``.
+through ``on_progress``, at most a few times a second (:mod:`runner.core.progress`).
 
 Admission: before each attempt the circuit breaker must let it through, the pacer must let it
 go and the budget must hold its price (:mod:`runner.core.admission`). Saving: an image is
@@ -36,6 +36,7 @@ from typing import Protocol
 
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
 from runner.core.pacer import Limiter, PacerConfig, RateLimiter
+from runner.core.progress import Progress, ProgressReporter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.core.sinks import FolderSink, ImageSink, LocationSink
 from runner.errors import (
@@ -55,6 +56,7 @@ from runner.http.client import ImageResult
 from runner.images.verify import ImageInvalid, WrongSize
 from runner.jobs import Job
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD
+from runner.stages import timed
 from runner.store.base import Budget, Outcome, Store
 
 log = logging.getLogger(__name__)
@@ -68,22 +70,6 @@ class ImageSource(Protocol):
     async def create(self, job: Job, folder: Path) -> ImageResult:
         """The image for ``job`` as a new temp file in ``folder`` (named by
         :func:`runner.images.files.temp_path_for`), which the pool then owns."""
-
-
-@dataclass
-class Progress:
-    """The pool's counters; ``on_progress`` gets a copy after every change."""
-
-    succeeded: int = 0
-    failed: int = 0
-    retrying: int = 0
-    in_flight: int = 0
-    requests: int = 0
-    confirmed_micro_usd: int = 0
-    possible_micro_usd: int = 0
-    # The cause and message of the latest failed attempt ("not_sent", "connection refused to
-    # 127.0.0.1:9"), so that a run going wrong says why while it goes on.
-    last_error: tuple[str, str] | None = None
 
 
 @dataclass
@@ -165,9 +151,9 @@ class Pool:
         self._savers = ThreadPoolExecutor(min(8, self.concurrency), "image-save")
         self._requests = asyncio.Semaphore(self.concurrency)
         self._rng = random.Random()  # backoff jitter; one for all jobs (seeding one costs)
-        self._on_progress = on_progress or (lambda _: None)
         self._sleep = sleep or self._sleep_unless_stopped
         self._counters = Progress()
+        self._progress = ProgressReporter(self._counters, on_progress or (lambda _: None))
         # Whether the API has answered anything but 404/405 in this run: until it has, a 404 is
         # taken for a wrong base URL, which stops the run instead of failing every job.
         self._endpoint_found = False
@@ -211,15 +197,16 @@ class Pool:
             live.release()
 
         try:
-            async for job in self.store.claim(jobs):
-                await live.acquire()
-                if self.stopping:
-                    break
-                task = asyncio.create_task(self._run_job(job))
-                tasks.add(task)
-                task.add_done_callback(done)
-            while tasks:
-                await asyncio.gather(*tasks)
+            with timed("event loop"), timed("pool run", whole_process=True):
+                async for job in self.store.claim(jobs):
+                    await live.acquire()
+                    if self.stopping:
+                        break
+                    task = asyncio.create_task(self._run_job(job))
+                    tasks.add(task)
+                    task.add_done_callback(done)
+                while tasks:
+                    await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
@@ -228,6 +215,7 @@ class Pool:
             # does (its attempt, left in flight, is a possible charge).
             await asyncio.to_thread(self._savers.shutdown, wait=True, cancel_futures=True)
             await self.admission.limiter.close()
+            self._progress.flush()  # the last report is the final count
         return self.result()
 
     def result(self) -> PoolResult:
@@ -250,7 +238,7 @@ class Pool:
             sink.adopt_existing, self.store, job
         ):
             c.succeeded += 1  # its image was there: a worker died before recording it
-            self._report()
+            self._progress.changed()
             return
         waiting = False  # between a failed attempt and the next: counted in c.retrying
         tries = _JobTries()
@@ -264,7 +252,7 @@ class Pool:
             except ApiError as exc:
                 if is_retryable(exc, self.retry.on_ambiguous):
                     c.retrying, waiting = c.retrying + 1, True
-                    self._report()
+                    self._progress.changed()
                 raise
 
         try:
@@ -297,7 +285,7 @@ class Pool:
         finally:
             if waiting:
                 c.retrying -= 1
-            self._report()
+            self._progress.changed()
 
     async def _attempt(self, job: Job, tries: _JobTries) -> None:
         """One attempt: holds one of the ``concurrency`` request slots from admission until
@@ -320,7 +308,7 @@ class Pool:
         c = self._counters
         c.requests += 1
         c.in_flight += 1
-        self._report()
+        self._progress.changed()
         answered = False
         try:
             result = await self._fetch(job)
@@ -379,7 +367,7 @@ class Pool:
         c.confirmed_micro_usd += PRICE_PER_IMAGE_MICRO_USD
         await self.store.record_success(job.id, attempt, success, image)
         c.succeeded += 1
-        self._report()
+        self._progress.changed()
 
     async def _fetch(self, job: Job) -> ImageResult:
         """The source's answer; an error nobody foresaw becomes a possible charge for this one
@@ -449,6 +437,7 @@ class Pool:
         # this run's summary.
         c = self._counters
         c.last_error = (error.cause, error.message)
+        self._progress.failed()
         if error.billing == "confirmed":
             c.confirmed_micro_usd += cost
         elif error.billing == "possible":
@@ -489,9 +478,6 @@ class Pool:
     def _last_error(self) -> str | None:
         last = self._counters.last_error
         return last[1] if last else None
-
-    def _report(self) -> None:
-        self._on_progress(dataclasses.replace(self._counters))
 
     async def _sleep_unless_stopped(self, delay_s: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -1,8 +1,10 @@
 """Where the pool puts an image that came back: an :class:`ImageSink`, chosen once per run.
 
 - :class:`FolderSink`, the output folder of a run on one machine (the SQLite checkpoint, one
-  writer): exactly what the pool always did (:func:`~runner.images.saving.save_image`, its temp
-  files in ``images/``, renamed into place), no step added.
+  writer): :func:`~runner.images.saving.save_image`, its temp files in ``images/``, renamed
+  into place; the folder's fsync, which makes the rename durable, is left to the checkpoint,
+  which does it once per group commit before the successes it commits
+  (:meth:`~runner.store.sqlite.SqliteStore.record_success`), not once per image.
 - :class:`LocationSink`, the output of a run whose state is shared (``--state``): other workers
   write there too. The image is verified and tagged, then created at ``images/<job id>.<ext>``
   only if absent (:func:`~runner.storage.save_image_to`; an image already there is verified and
@@ -14,7 +16,8 @@
   own, taken by the store, as for one machine.
 
 Either blocks (decode, fsync, network): the pool calls :meth:`ImageSink.save` in a thread. A
-success is recorded only after it returned, so only once the image is durable in its place.
+success is recorded only after it returned, so only once the image's bytes are durable in its
+place, and committed only once its name is too.
 
 **Adoption before a request** (:meth:`LocationSink.adopt_existing`; a location is the sink
 of every run with a shared state, and only there do other workers write). With workers, a job
@@ -35,6 +38,7 @@ from runner.core.finding import EXTENSION_RANK, adoptable
 from runner.errors import ImageWriteError
 from runner.images.saving import save_image
 from runner.jobs import Job
+from runner.stages import timed
 from runner.storage import Location, ObjectInfo, save_image_to
 from runner.storage.base import checksums_agree
 from runner.store.base import ImageStat, SavedImage, Store
@@ -67,7 +71,10 @@ class FolderSink:
         return str(self.images_dir)
 
     def save(self, job: Job, tmp: Path) -> SavedImage:
-        info, sha256, relative = save_image(job, tmp, self.images_dir, self.folder)
+        with timed("save"):
+            info, sha256, relative = save_image(
+                job, tmp, self.images_dir, self.folder, sync_folder=False
+            )
         return SavedImage(relative, info.width, info.height, sha256)
 
 

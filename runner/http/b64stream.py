@@ -31,6 +31,8 @@ import json
 import re
 from typing import Any, Final, Literal, Protocol
 
+from runner.stages import timed
+
 SKELETON_MAX_BYTES: Final = 1 << 20
 MAX_DEPTH: Final = 64  # API answers nest 3 deep; refuse absurd nesting before it costs memory
 PREFIX_MAX_BYTES: Final = 256
@@ -91,14 +93,15 @@ class B64JsonScanner:
         self._padded = False
 
     def feed(self, chunk: bytes) -> None:
-        pos, end = 0, len(chunk)
-        while pos < end:
-            if self._string == "image":
-                pos = self._feed_image(chunk, pos)
-            elif self._string is not None:
-                pos = self._feed_string(chunk, pos)
-            else:
-                pos = self._feed_structure(chunk, pos)
+        with timed("b64 stream"):
+            pos, end = 0, len(chunk)
+            while pos < end:
+                if self._string == "image":
+                    pos = self._feed_image(chunk, pos)
+                elif self._string is not None:
+                    pos = self._feed_string(chunk, pos)
+                else:
+                    pos = self._feed_structure(chunk, pos)
 
     def finish(self) -> Any:
         """The skeleton, parsed; raise :class:`B64StreamError` if the body was cut short or is

@@ -1,9 +1,11 @@
 """Files on disk, written so that a crash leaves the old state or the new file, never half of one.
 
 Results are written as the crash-safe recipe asks: a temp file in the same folder, fsync,
-``os.replace``, fsync the folder; an image that came back as a temp file is streamed across
-with its edits (:func:`write_atomic_copy`), never loaded whole, and hashed as it goes. This
-module also finds a job's image whatever its format, and hashes files.
+``os.replace``, fsync the folder. An image that came back as a temp file is edited where it
+lies and renamed into place when its edits touch only its end (:func:`rename_spliced`: one
+write of the image, not two), else streamed across with its edits (:func:`write_atomic_copy`);
+never loaded whole, and hashed on the way. This module also finds a job's image whatever its
+format, and hashes files.
 
 Every temp file the runner makes is named by :func:`temp_path_for`, ``.tmp-<random>-<final
 name>``: a name no final file can have, since a job id never starts with a dot. A marker inside
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from runner.provider import EXTENSIONS
+from runner.stages import timed
 
 TEMP_PREFIX: Final = ".tmp-"
 # What earlier versions named their temp files: ``<final name>.tmp-<12 or 8 hex digits>``. A final
@@ -31,6 +34,8 @@ TEMP_PREFIX: Final = ".tmp-"
 # still safe to sweep.
 _OLD_TEMP_NAME: Final = re.compile(r"\.tmp-(?:[0-9a-f]{12}|[0-9a-f]{8})\Z")
 COPY_CHUNK_BYTES = 1 << 20
+# How much of a file's end :func:`rename_spliced` rewrites to edit it where it lies.
+IN_PLACE_TAIL_BYTES = 1 << 16
 
 
 def sha256_file(path: Path) -> str:
@@ -54,13 +59,60 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 def write_atomic_copy(
-    path: Path, source: Path, splices: Sequence[tuple[int, int, bytes]] = ()
+    path: Path,
+    source: Path,
+    splices: Sequence[tuple[int, int, bytes]] = (),
+    *,
+    sync_folder: bool = True,
 ) -> str:
     """Copy ``source`` to ``path`` as :func:`write_atomic` does, streamed, with ``splices``
     applied: ``(offset, bytes removed, bytes inserted)`` in file order (see
-    :class:`runner.images.provenance.Splice`). Return the sha256 of what was written."""
-    with atomic_file(path) as out:
+    :class:`runner.images.provenance.Splice`). Return the sha256 of what was written.
+    ``sync_folder``: as :func:`rename_spliced`'s."""
+    with atomic_file(path, sync_folder=sync_folder) as out, timed("write"):
         return copy_spliced(out, source, splices)
+
+
+def rename_spliced(
+    path: Path,
+    tmp: Path,
+    splices: Sequence[tuple[int, int, bytes]] = (),
+    *,
+    sync_folder: bool = True,
+) -> str | None:
+    """Apply ``splices`` to the temp file ``tmp`` where it lies, fsync it and rename it onto
+    ``path`` (in the same folder); return the sha256 of the file. The image is written once,
+    by whoever streamed it into ``tmp``, instead of copied: possible when the edits all fall
+    within the last :data:`IN_PLACE_TAIL_BYTES` of the file (a PNG's chunks, inserted before
+    IEND; a small file's, wherever they are). None, with ``tmp`` untouched, when they do not:
+    then :func:`write_atomic_copy` it. ``sync_folder=False`` leaves the folder's fsync, which
+    makes the rename durable, to the caller (the checkpoint's group commit does it once per
+    batch, before the successes it commits)."""
+    with open(tmp, "r+b") as f:
+        size_bytes = f.seek(0, os.SEEK_END)
+        start = min((offset for offset, _, _ in splices), default=size_bytes)
+        if not 0 <= size_bytes - start <= IN_PLACE_TAIL_BYTES:  # (past the end: the copy says)
+            return None
+        with timed("write"):
+            f.seek(start)
+            tail = bytearray(f.read())
+            for offset, remove, insert in reversed(splices):  # from the end: offsets hold
+                tail[offset - start : offset - start + remove] = insert
+            f.seek(start)
+            f.write(tail)
+            f.truncate()
+            digest = hashlib.sha256()
+            f.seek(0)
+            _copy(f, digest.update, start)
+            digest.update(tail)
+            f.flush()
+        with timed("fsync file"):
+            os.fsync(f.fileno())
+    tmp.replace(path)
+    if sync_folder:
+        with timed("fsync folder"):
+            fsync_dir(path.parent)
+    return digest.hexdigest()
 
 
 def copy_spliced(
@@ -101,22 +153,27 @@ def _copy(src: BinaryIO, put: Callable[[bytes], None], size_bytes: int | None) -
 
 
 @contextmanager
-def atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+def atomic_file(
+    path: Path, *, durable: bool = True, sync_folder: bool = True
+) -> Iterator[BinaryIO]:
     """A new file to write, in binary, renamed onto ``path`` when the block ends well (deleted
-    if it raises): :func:`write_atomic` for what is written piece by piece."""
+    if it raises): :func:`write_atomic` for what is written piece by piece. ``sync_folder``:
+    as :func:`rename_spliced`'s."""
     tmp = temp_path_for(path)
     try:
         with open(tmp, "xb") as f:
             yield f
             if durable:
                 f.flush()
-                os.fsync(f.fileno())
+                with timed("fsync file"):
+                    os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if durable:
-        fsync_dir(path.parent)
+    if durable and sync_folder:
+        with timed("fsync folder"):
+            fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

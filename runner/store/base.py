@@ -11,8 +11,9 @@ scale-out issue: PostgreSQL) implements the same protocol with the same guarante
   the end of its run every attempt in flight is such a one; a shared backend settles only this
   worker's own and those of workers whose lease has expired.
 - **Success after the image is durable.** :meth:`Store.record_success` is called only once the
-  image is verified and durably in its final place; it records the attempt ``confirmed`` and
-  the job ``succeeded`` in one transaction.
+  image is verified and durably in its final place (SQLite's: its bytes; its folder is fsynced
+  by the group commit before the success commits, once a batch); it records the attempt
+  ``confirmed`` and the job ``succeeded`` in one transaction.
 - **A failure with its outcome.** :meth:`Store.record_failure` records the attempt's outcome
   and the job ``failed`` together, so a crash can never leave a billed, failed job pending.
 - **Budget reserved at admission.** :meth:`Store.budget` gives the budget the pool reserves

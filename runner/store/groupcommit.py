@@ -19,6 +19,13 @@ batch without them; when any write raises, that transaction is rolled back whole
 run again a savepoint a write, as above. Nothing of the first try is committed or answered, so
 each write still succeeds or fails alone; a batch in which a write fails costs twice.
 
+A write may name a folder to fsync first (``sync_first``): a success's image was renamed into
+it, and the rename must be durable before the success is. Each folder named in a batch is
+fsynced once, in the writer's thread, before the batch's transaction: one fsync for all the
+images of the batch, not one an image. A folder that cannot be fsynced fails the writes that
+named it (:class:`~runner.errors.StoreWriteError`); the others commit. One that is gone holds
+no image to keep: its writes commit, and the next run finds their images missing.
+
 Both backends use it: any connection with ``execute`` and ``in_transaction`` will do (SQLite's
 own; for PostgreSQL, :class:`runner.store.postgres.connect.Translated`), with the ``transaction``
 that opens and commits a batch.
@@ -31,7 +38,12 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
+
+from runner.errors import StoreWriteError
+from runner.images.files import fsync_dir
+from runner.stages import timed
 
 T = TypeVar("T")
 
@@ -61,16 +73,18 @@ class GroupCommit(Generic[C]):
         transaction: Callable[[], AbstractContextManager[C]] | None = None,
         *,
         optimistic: bool = False,
+        sync_folder: Callable[[Path], None] | None = None,  # fsync_dir, or a test's
     ) -> None:
         self.db = db
         self.optimistic = optimistic
+        self._sync_folder = sync_folder or fsync_dir
         self._transaction = transaction or (
             lambda: batch_transaction(db, "BEGIN IMMEDIATE", sqlite3.Error)
         )
         self.batches = 0  # transactions committed, for tests and benchmarks
         self.writes = 0
         self.retried = 0  # optimistic batches run again a savepoint a write
-        self._pending: list[tuple[Callable[[C], Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Callable[[C], Any], asyncio.Future[Any], Path | None]] = []
         # Its own thread: commits never queue behind other work in the default executor.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
         self._writer: asyncio.Task[None] | None = None
@@ -78,10 +92,11 @@ class GroupCommit(Generic[C]):
     def __repr__(self) -> str:
         return f"<GroupCommit batches={self.batches} writes={self.writes} retried={self.retried}>"
 
-    async def run(self, write: Callable[[C], T]) -> T:
-        """Run ``write`` in a transaction and return its result once that is committed."""
+    async def run(self, write: Callable[[C], T], *, sync_first: Path | None = None) -> T:
+        """Run ``write`` in a transaction and return its result once that is committed; the
+        folder ``sync_first`` is fsynced before it (once for all the batch's writes)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((write, future))
+        self._pending.append((write, future, sync_first))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
         # Shielded: a worker cancelled while its write is being committed must not leave the
@@ -102,18 +117,18 @@ class GroupCommit(Generic[C]):
             batch, self._pending = self._pending, []
             try:
                 loop = asyncio.get_running_loop()
-                writes = [w for w, _ in batch]
+                writes = [(w, folder) for w, _, folder in batch]
                 results = await loop.run_in_executor(self._thread, self._commit, writes)
             except Exception as exc:  # the transaction itself failed: every write did
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             except BaseException:  # the writer itself is cancelled: nobody is answered
-                for _, future in batch:
+                for _, future, _ in batch:
                     future.cancel()
                 raise
-            for (_, future), (ok, value) in zip(batch, results, strict=True):
+            for (_, future, _), (ok, value) in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if ok:
@@ -121,8 +136,37 @@ class GroupCommit(Generic[C]):
                 else:
                     future.set_exception(value)
 
-    def _commit(self, writes: list[Callable[[C], Any]]) -> list[tuple[bool, Any]]:
-        """One transaction for the batch (in a worker thread)."""
+    def _commit(
+        self, batch: list[tuple[Callable[[C], Any], Path | None]]
+    ) -> list[tuple[bool, Any]]:
+        """Fsync the batch's folders, then commit the writes whose folders were (in a worker
+        thread); each write's (ok, result or error), in order."""
+        refused = self._sync_folders({folder for _, folder in batch if folder is not None})
+        writes = [write for write, folder in batch if folder not in refused]
+        with timed("checkpoint commit"):
+            results = iter(self._transact(writes))
+        return [
+            (False, refused[folder]) if folder in refused else next(results) for _, folder in batch
+        ]
+
+    def _sync_folders(self, folders: set[Path]) -> dict[Path | None, StoreWriteError]:
+        """Fsync each of ``folders``; the error of each that refused."""
+        refused: dict[Path | None, StoreWriteError] = {}
+        for folder in folders:
+            try:
+                with timed("fsync folder"):
+                    self._sync_folder(folder)
+            except FileNotFoundError:  # no image left to keep: the next run makes it again
+                continue
+            except OSError as exc:
+                message = f"cannot fsync {folder}, where images were saved: {exc.strerror or exc}"
+                refused[folder] = StoreWriteError(message)
+        return refused
+
+    def _transact(self, writes: list[Callable[[C], Any]]) -> list[tuple[bool, Any]]:
+        """One transaction for the writes."""
+        if not writes:
+            return []
         if self.optimistic:
             try:
                 with self._transaction() as db:

@@ -12,9 +12,9 @@ Design, after the crash-safe recipe in RELIABILITY.md:
   or the server answered with an error). An attempt found ``in_flight`` on open was cut off by
   a crash, so it becomes ``possible``.
 - ``jobs`` holds one row per job ever planned here: its status, and for a success the image's
-  path, size and sha256, committed only after the image file is durably in place, with the
-  file's size, mtime and ctime at that moment: as in git's index, a later run re-hashes the
-  image only when they differ (see :mod:`runner.core.plan`).
+  path, size and sha256, committed only after the image file is durably in place (its folder
+  fsynced by the group commit first, once a batch), with the file's size, mtime and ctime at
+  that moment: as in git's index, a later run re-hashes the image only when they differ.
 - A job's earlier images (rejected, edited by hand, changed, gone) are ``versions`` rows, the
   job moving on to its next version: the SQL is :mod:`runner.store.versioning`'s.
 - Several writes can share one transaction (:meth:`SqliteStore.batch`), as planning does for
@@ -46,6 +46,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -183,8 +184,7 @@ class SqliteStore(SingleProcess):
 
     async def claim(self, todo: Iterable[Job]) -> AsyncIterator[Job]:
         """Every job of ``todo``, as the pool takes them: the folder's lock, held since
-        :meth:`open`, already gives this process all of them, so there is nothing to claim
-        from another worker."""
+        :meth:`open`, gives this process all of them; no other worker claims any."""
         for job in todo:
             yield job
 
@@ -199,8 +199,9 @@ class SqliteStore(SingleProcess):
     async def record_success(
         self, job_id: str, attempt: int, outcome: Outcome, image: SavedImage
     ) -> None:
-        """A finished job; its image must already be durably in place."""
-        await self._grouped(lambda: self.commit_success(job_id, attempt, outcome, image))
+        """A finished job, its image durably in place once the group commit fsyncs its folder."""
+        folder = (self.folder / image.path).parent
+        await self._grouped(partial(self.commit_success, job_id, attempt, outcome, image), folder)
 
     async def record_failure(
         self, job_id: str, attempt: int, outcome: Outcome, error: ApiError, *, retry_later: bool
@@ -214,12 +215,11 @@ class SqliteStore(SingleProcess):
         """Wait until every write handed to the group commit so far is committed."""
         await self._commits.drain()
 
-    async def _grouped(self, change: Callable[[], T]) -> T:
-        """Run ``change``, which calls this class's writes, in a group commit with the writes
-        of other workers; return its result once it is durably committed. Raises
-        :class:`StoreWriteError` when SQLite refuses the write."""
+    async def _grouped(self, change: Callable[[], T], sync_first: Path | None = None) -> T:
+        """Run ``change`` (this class's writes) in a group commit, after fsyncing ``sync_first``;
+        its result once durably committed, or :class:`StoreWriteError` (SQLite refused it)."""
         try:
-            return await self._commits.run(lambda _: change())
+            return await self._commits.run(lambda _: change(), sync_first=sync_first)
         except sqlite3.Error as exc:  # this write's own failure, under its savepoint
             raise self._write_error(exc) from exc
 

@@ -54,7 +54,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from runner.core.pool import PoolResult, Progress
+from runner.core.pool import PoolResult
+from runner.core.progress import Progress
 from runner.errors import RunnerError, StoreError
 from runner.jobs import Job
 from runner.logs import setup_logging
