@@ -409,3 +409,14 @@ def test_a_long_retry_after_is_the_limits() -> None:
     lane.take(1.0)
     lane.observe(1.0, 1.01, limited=True, retry_after_s=20.0)
     assert lane.next_send_at(1.01) >= 21.01
+
+
+def test_only_the_providers_answers_bound_the_round_trip() -> None:
+    # A connection refused in 1 ms is no round trip to the provider: slow start keeps doubling
+    # every 50 ms, not every 2 ms; an answer from the provider in 5 ms does shorten it.
+    lane = Lane("generations", PacerConfig())
+    lane.take(0.0)
+    lane.observe(0.0, 0.001, limited=False, answered=False)
+    assert lane.recheck_s == PacerConfig().round_trip_s
+    lane.observe(0.0, 0.005, limited=False)
+    assert lane.recheck_s == pytest.approx(0.005)

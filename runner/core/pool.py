@@ -426,6 +426,7 @@ class Pool:
             limited=limited,
             retry_after_s=error.retry_after_s if limited else None,
             headers=error.rate_limit,
+            answered=error.status is not None,  # a refused connection says nothing of the trip
         )
         # A rate limit is the limiter's business: the provider is up, only busy; and one that
         # billed (a url it served but the CDN did not) answered.
