@@ -21,6 +21,7 @@ from PIL import Image
 
 from runner.core.lifecycle import Run
 from runner.core.pacer import Lane, PacerConfig, RateLimiter
+from runner.http.client import ClientConfig, ImagesClient
 from runner.manifest.load import load_manifest
 from runner.provider import RateLimitHeaders
 from tests.conftest import options, serve_app, write_manifest
@@ -325,8 +326,10 @@ async def test_runner_finds_an_unannounced_limit(tmp_path: Path) -> None:
         # requests to the bucket in a bunch; once, in CI, one job met five 429s in a row. What
         # is checked is that the limit is found, below.
         opts = options(tmp_path / "out", f"{url}/v1", concurrency=8, max_attempts=10)
-        report = await Run(load_manifest(tiny_jobs(tmp_path, 150)), opts).execute()
-    assert report.ledger.totals.succeeded == 150
+        # 300 jobs, some 8 s: the measurement (a second or two per growth step from a third of
+        # what the slow start's burst let through) ends well before the run does.
+        report = await Run(load_manifest(tiny_jobs(tmp_path, 300)), opts).execute()
+    assert report.ledger.totals.succeeded == 300
     # Without the limiter, 8 workers retrying after 1-10 ms would draw thousands of 429s.
     assert server.limited <= 0.2 * (server.ok + server.limited)
     assert report.pool is not None
@@ -420,3 +423,18 @@ def test_only_the_providers_answers_bound_the_round_trip() -> None:
     assert lane.recheck_s == PacerConfig().round_trip_s
     lane.observe(0.0, 0.005, limited=False)
     assert lane.recheck_s == pytest.approx(0.005)
+
+
+async def test_a_connections_set_up_is_a_round_trip_sample() -> None:
+    # The client times each new connection (a TCP handshake is one round trip) and the pacer's
+    # slow start doubles every round trip: on loopback, far quicker than the 50 ms guess.
+    server = TokenBucketApp(rate=1000.0, burst=1000, announce=False)
+    samples: list[float] = []
+    async with serve_app(server.app()) as url:
+        client = ImagesClient(ClientConfig(base_url=f"{url}/v1"), on_connect=samples.append)
+        async with client, client.session.get(f"{url}/v1/models") as response:
+            await response.read()
+    assert len(samples) == 1 and 0 < samples[0] < 1.0
+    limiter = RateLimiter()
+    limiter.connected(samples[0])
+    assert limiter.lane("generations").recheck_s == pytest.approx(max(0.002, samples[0]))

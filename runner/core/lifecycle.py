@@ -45,11 +45,10 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar, overload
 
 from runner.core.admission import BreakerConfig
 from runner.core.pacer import PacerConfig
@@ -60,6 +59,7 @@ from runner.core.remote_out import RemoteOut
 from runner.core.retry import RetryConfig
 from runner.core.shared import plan_and_queue, shared_limiter
 from runner.core.sinks import LocationSink
+from runner.core.stopping import PlanningStopped, UntilStopped, to_the_end
 from runner.errors import ApiError, OptionsError, RunnerError, StorageError, StoreError
 from runner.http.client import ClientConfig, ImagesClient
 from runner.images.files import remove_temp_files
@@ -74,8 +74,6 @@ from runner.workers.ray import RayFleet
 log = logging.getLogger(__name__)
 
 STOP_POLL_S = 1.0  # how often a worker looks whether the run was stopped for every worker
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,7 @@ class Run:
                 o.out_dir, o.state_url, join=o.join, budget=o.budget, rpm=o.pacer.ceiling_rpm
             )
             ending = asyncio.ensure_future(self._run_and_book(store))
-            return await _to_the_end(ending, on_cancel=self._stop_at_once)
+            return await to_the_end(ending, on_cancel=self._stop_at_once)
         finally:
             if self._remote is not None:
                 self._remote.close()
@@ -260,7 +258,10 @@ class Run:
         location = remote.location if remote is not None else None
         if location is None and o.state_url is not None:  # other workers write there too
             location = LocalLocation(store.folder)
-        async with ImagesClient(o.client, max_connections=connections) as client:
+        client_opened = ImagesClient(
+            o.client, max_connections=connections, on_connect=self._connected
+        )
+        async with client_opened as client:
             self._pool = Pool(
                 client,
                 store,
@@ -275,6 +276,11 @@ class Run:
                 limiter=shared_limiter(self.options.state_url, self.options.client, pacer),
             )
             await self._send(store, plan.todo)
+
+    def _connected(self, seconds: float) -> None:
+        """A connection took ``seconds`` to set up: the pacer's round trip sample."""
+        if isinstance(self._pool, Pool):
+            self._pool.admission.limiter.connected(seconds)
 
     async def _send(self, store: Store, todo: Sequence[Job]) -> None:
         """Run the pool (or the fleet) over ``todo``, stopping it on the run's stop."""
@@ -328,7 +334,7 @@ class Run:
         the store: a cancel waits for it to end (at its next job) before it is passed on."""
         plan = functools.partial(
             plan_and_queue,
-            _UntilStopped(self.jobs, self._stopping),
+            UntilStopped(self.jobs, self._stopping),
             store,
             retry_failed=self.options.retry_failed,
             only=self.options.retry_only,
@@ -339,8 +345,8 @@ class Run:
         )
         planning = asyncio.get_running_loop().run_in_executor(None, plan)
         try:
-            return await _to_the_end(planning, on_cancel=self._stopping.set)
-        except _PlanningStopped:
+            return await to_the_end(planning, on_cancel=self._stopping.set)
+        except PlanningStopped:
             return None
 
     def _all_done(self) -> bool:
@@ -446,55 +452,3 @@ def _close(store: Store) -> None:
         store.close()
     except StoreError as exc:
         log.warning("could not close the checkpoint cleanly: %s", exc)
-
-
-async def _to_the_end(future: asyncio.Future[T], *, on_cancel: Callable[[], None]) -> T:
-    """``await future``, except that a cancel does not abandon it: ``on_cancel`` is called (to
-    make it end soon), the future is still awaited to its end, and only then is the cancel
-    passed on. For work that must be over before anything else touches what it uses: a
-    thread using the store, the books of a run."""
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError:
-            cancelled = True
-            on_cancel()
-    if cancelled:
-        if not future.cancelled():
-            future.exception()  # retrieved: the cancel is what is passed on
-        raise asyncio.CancelledError
-    return future.result()
-
-
-class _PlanningStopped(Exception):
-    """Raised in the planning thread when the run is stopped."""
-
-
-class _UntilStopped(Sequence[Job]):
-    """The manifest's jobs as planning walks them: the walk ends with :class:`_PlanningStopped`
-    once ``stopping`` is set. Planning then stops within the batch it is collecting, which is
-    not recorded (each batch is one transaction, begun once its last job is taken). Reading a
-    job by its position, as the pool does later, is not checked."""
-
-    def __init__(self, jobs: Sequence[Job], stopping: threading.Event) -> None:
-        self._jobs = jobs
-        self._stopping = stopping
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    @overload
-    def __getitem__(self, index: int) -> Job: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Job]: ...
-
-    def __getitem__(self, index: int | slice) -> Job | Sequence[Job]:
-        return self._jobs[index]
-
-    def __iter__(self) -> Iterator[Job]:
-        for job in self._jobs:
-            if self._stopping.is_set():
-                raise _PlanningStopped
-            yield job

@@ -15,8 +15,10 @@ A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
     is 90 429s before the first comes back). It starts at ``start_rpm`` and doubles its pace
     every round trip while the pace is what holds requests back, like TCP's slow start: a
     provider's 429 comes back within one network round trip (an image takes seconds), so a
-    request out for a round trip without a 429 was let through. The round trip is taken as
-    ``round_trip_s``, or the quickest answer seen if quicker. It grows until the ``--rpm``
+    request out for a round trip without a 429 was let through. The round trip is the
+    quickest of the provider's answers and of the client's connection set-ups (a TCP handshake
+    is one round trip, TLS adds one or two: an overestimate, the safe side), and
+    ``round_trip_s`` until one is seen. It grows until the ``--rpm``
     ceiling, or until the pace outgrows what the workers send, or until the limit's 429s
     (below); after ``restart_idle_s`` without a request it starts over.
 ``measure``
@@ -86,7 +88,7 @@ class PacerConfig:
     ceiling_rpm: float | None = None  # --rpm: never faster than this
     adaptive: bool = True  # slow down on 429s, find the limit, keep just under it
     start_rpm: float = 600.0  # slow start: the first pace of a lane that knows nothing
-    round_trip_s: float = 0.05  # slow start doubles the pace this often (or quicker answers')
+    round_trip_s: float = 0.05  # slow start's doubling period until a round trip is sampled
     restart_idle_s: float = 30.0  # a lane unused this long starts slow again
     evidence_window: int = 12  # 429s among this many requests sent ...
     evidence_429s: int = 4  # ... at least this many: the limit's, not scattered ones
@@ -117,7 +119,7 @@ class Lane:
         self.waited = False  # the pacer held a request back since the last probe
         # Requests/s of the adaptive pacer (in ``free``, the slow start's); None: unpaced.
         self._rate: float | None = config.start_rpm / 60 if config.adaptive else None
-        self._round_trip = config.round_trip_s  # slow start's doubling period
+        self._round_trip: float | None = None  # slow start's doubling period, once sampled
         self._next_double = -math.inf
         self._proven: float | None = None  # cruise: a pace known good (measured, or probed)
         self._probe_started = -math.inf  # cruise: when the current probe interval began
@@ -146,8 +148,7 @@ class Lane:
 
     @property
     def limit_rate(self) -> float | None:
-        """The pace of a limit found (measured or announced) or the ceiling, for the summary;
-        None: no limit met (slow start's pace, or scattered 429s only, say nothing of one)."""
+        """The pace of a limit found (measured, announced) or the ceiling; None: none met."""
         if self.phase == "free":
             return self.config.ceiling_rpm / 60 if self.config.ceiling_rpm else None
         return self.rate
@@ -157,7 +158,17 @@ class Lane:
         """How long a request held back may sleep before :meth:`next_send_at` is asked
         again: a round trip during slow start (the pace may double by then), else 0.5 s."""
         growing = self.phase == "free" and self._rate is not None and self._rate < self._cap()
-        return self._round_trip if growing else 0.5
+        return self.round_trip_s if growing else 0.5
+
+    @property
+    def round_trip_s(self) -> float:
+        """Slow start's doubling period: the round trip sampled, else ``round_trip_s``."""
+        return self.config.round_trip_s if self._round_trip is None else self._round_trip
+
+    def round_trip(self, seconds: float) -> None:
+        """A sample of the round trip to the provider (an answer's time, a connection's)."""
+        sample = max(_MIN_ROUND_TRIP_S, seconds)
+        self._round_trip = sample if self._round_trip is None else min(self._round_trip, sample)
 
     def next_send_at(self, now: float) -> float:
         """When the next request may go (``<= now``: at once)."""
@@ -197,7 +208,7 @@ class Lane:
         if headers is not None:
             self._announce(now, headers)
         if answered:
-            self._round_trip = max(_MIN_ROUND_TRIP_S, min(self._round_trip, now - sent_at))
+            self.round_trip(now - sent_at)
         if not limited:
             return
         self.limited_count += 1
@@ -230,8 +241,7 @@ class Lane:
                 self._proven = min(self._proven, self._current() if evidence else over)
 
     def _pause(self, now: float, retry_after_s: float | None) -> None:
-        if retry_after_s is not None:
-            self._paused_until = max(self._paused_until, now + retry_after_s)
+        self._paused_until = max(self._paused_until, now + (retry_after_s or -math.inf))
 
     def _evidence(self, sent_at: float) -> bool:
         """Whether the 429 of a request sent at ``sent_at`` is the limit's: enough of the
@@ -347,7 +357,7 @@ class Lane:
         grow = self.waited and now >= self._next_double and self._rate < self._cap()
         if grow and not self._suspect():
             self._rate = min(2 * self._rate, self._cap())
-            self._next_double = now + self._round_trip
+            self._next_double = now + self.round_trip_s
             self.waited = False
 
     def _current(self) -> float:
@@ -410,6 +420,9 @@ class Limiter(Protocol):
         answered: bool = True,
     ) -> None: ...
 
+    def connected(self, seconds: float) -> None:
+        """A connection to the provider took ``seconds`` to set up: a round trip sample."""
+
     async def close(self) -> None: ...
 
 
@@ -429,18 +442,26 @@ class RateLimiter:
         self._locks: dict[str, asyncio.Lock] = {}
         self._clock = clock
         self._sleep = sleep
+        self._connect_s: float | None = None  # the quickest connection set-up seen
 
     def __repr__(self) -> str:
         return f"<RateLimiter {list(self.lanes.values())}>"
 
-    async def close(self) -> None:
-        """Nothing to let go: the lanes live in this process."""
+    async def close(self) -> None:  # nothing to let go: the lanes live in this process
+        pass
 
     def lane(self, name: str) -> Lane:
         if name not in self.lanes:
-            self.lanes[name] = Lane(name, self.config)
+            self.lanes[name] = lane = Lane(name, self.config)
             self._locks[name] = asyncio.Lock()
+            if self._connect_s is not None:
+                lane.round_trip(self._connect_s)
         return self.lanes[name]
+
+    def connected(self, seconds: float) -> None:
+        self._connect_s = seconds if self._connect_s is None else min(self._connect_s, seconds)
+        for lane in self.lanes.values():
+            lane.round_trip(seconds)
 
     async def acquire(
         self, name: str, keep_going: Callable[[], bool] = lambda: True

@@ -65,8 +65,10 @@ class Learning:
 
     def __init__(self, config: PacerConfig) -> None:
         self.config = config
-        # Slow start's doubling period: the quickest answer this worker saw, if quicker.
+        # Slow start's doubling period: the quickest answer or connection set-up this worker
+        # saw, else the configured guess.
         self.round_trip_s = config.round_trip_s
+        self._sampled = False
 
     @property
     def start_per_s(self) -> float | None:
@@ -74,8 +76,11 @@ class Learning:
         return self.config.start_rpm / 60 if self.config.adaptive else None
 
     def answered_after(self, seconds: float) -> None:
-        """An answer came back ``seconds`` after its request went (this worker's clock)."""
-        self.round_trip_s = max(_MIN_ROUND_TRIP_S, min(self.round_trip_s, seconds))
+        """A round trip sample: an answer came back ``seconds`` after its request went, or a
+        connection took that long to set up (this worker's clock)."""
+        sample = max(_MIN_ROUND_TRIP_S, seconds)
+        self.round_trip_s = min(self.round_trip_s, sample) if self._sampled else sample
+        self._sampled = True
 
     def observe(
         self,
@@ -395,6 +400,9 @@ class SharedRateLimiter:
         task = asyncio.get_running_loop().create_task(self._change(lane, decide))
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
+
+    def connected(self, seconds: float) -> None:
+        self._learning.answered_after(seconds)
 
     async def close(self) -> None:
         """Wait for the changes under way, then close the connection."""

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
@@ -105,22 +107,40 @@ class ImagesClient:
         *,
         max_connections: int = 16,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_connect: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.max_connections = max(1, max_connections)
         register_secret(config.api_key)
         self._sleep = sleep  # between download attempts
+        # Told how long each new connection took to set up (a round trip or a few): the
+        # pacer's slow start doubles its pace every round trip.
+        self._on_connect = on_connect
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ImagesClient:
+        traces = []
+        if self._on_connect is not None:
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_start.append(_connect_started)
+            trace.on_connection_create_end.append(self._connect_ended)
+            traces.append(trace)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections),
             timeout=aiohttp.ClientTimeout(
                 total=self.config.timeout_s, sock_connect=self.config.connect_timeout_s
             ),
             raise_for_status=False,
+            trace_configs=traces,
         )
         return self
+
+    async def _connect_ended(
+        self, _session: aiohttp.ClientSession, context: SimpleNamespace, _params: object
+    ) -> None:
+        started = getattr(context, "connect_started", None)
+        if started is not None and self._on_connect is not None:
+            self._on_connect(time.monotonic() - started)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._session is not None:
@@ -344,3 +364,9 @@ async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
     except (aiohttp.ClientError, TimeoutError):
         return b""
     return bytes(body)
+
+
+async def _connect_started(
+    _session: aiohttp.ClientSession, context: SimpleNamespace, _params: object
+) -> None:
+    context.connect_started = time.monotonic()
