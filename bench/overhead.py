@@ -7,7 +7,8 @@ send the same requests at the same concurrency to one emulator, one after the ot
 repeat (the bare loop five times as many, or its request phase would be too short to time
 well); each is timed over its request phase, and the ratio of each repeat is taken before the
 median.
-Target: runner / bare >= 0.5.
+Target: runner / bare >= 0.25 (issue 13; it was 0.5, which would take over 3,000 verified, fsynced
+images a second on 2 cores).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bench.procs import run_bare, run_runner
 
 SIZE = "1280x544"
 CONCURRENCY = 16
-TARGET = 0.5
+TARGET = 0.25
 TIMEOUT_S = 300.0
 BARE_JOBS_FACTOR = 5  # the bare loop does 1,000 in ~0.15 s: too short a time to measure well
 
