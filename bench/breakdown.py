@@ -51,12 +51,12 @@ STAGES = (
     ("progress", "  progress reports"),
     ("loop rest", "  the rest: aiohttp, asyncio, pool, admission, pacer"),
     ("save", "savers (threads)"),
-    ("verify", "  verify (waits for a decoder thread)"),
+    ("verify", "  verify (a PNG checked whole; others decoded)"),
     ("write", "  write (with provenance, sha256)"),
     ("fsync file", "  fsync, the file"),
     ("fsync folder", "  fsync, the folder"),
     ("checkpoint commit", "checkpoint commits (thread)"),
-    ("other", "other threads (decoders, ...)"),
+    ("other", "other threads (executor, decoders)"),
     ("pool run", "the process, while the pool ran"),
 )
 
