@@ -20,7 +20,7 @@ from runner.core.admission import (
     OutageTooLong,
 )
 from runner.core.lifecycle import Run
-from runner.core.pacer import RateLimiter
+from runner.core.limiter import RateLimiter
 from runner.manifest.load import load_manifest
 from tests.conftest import MakeEmulator, options, write_manifest
 

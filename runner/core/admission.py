@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from runner.core.pacer import Limiter
+from runner.core.limiter import Limiter
 from runner.errors import BudgetReached
 from runner.provider import MICRO, PRICE_PER_IMAGE_MICRO_USD, Endpoint
 from runner.store.base import Budget, BudgetExhausted

@@ -16,11 +16,12 @@ A lane paces request *starts* on a grid of ``1 / rate`` seconds. Its phases:
     every round trip while the pace is what holds requests back, like TCP's slow start: a
     provider's 429 comes back within one network round trip (an image takes seconds), so a
     request out for a round trip without a 429 was let through. The round trip is the
-    quickest of the provider's answers and of the client's connection set-ups (a TCP handshake
-    is one round trip, TLS adds one or two: an overestimate, the safe side), and
-    ``round_trip_s`` until one is seen. It grows until the ``--rpm``
-    ceiling, or until the pace outgrows what the workers send, or until the limit's 429s
-    (below); after ``restart_idle_s`` without a request it starts over.
+    quickest of the provider's answers; until one comes, ``round_trip_s``, or the client's
+    connection set-up if longer (a TCP handshake is one network round trip, TLS adds one or
+    two; on loopback it is far quicker than a server's answer, so it only lengthens the
+    guess). It grows until the ``--rpm`` ceiling, or until the pace outgrows what the workers
+    send, or until the limit's 429s (below); after ``restart_idle_s`` without a request it
+    starts over.
 ``measure``
     After the first 429. The estimator rests on one fact about a token bucket: a 429 means the
     bucket was empty when that request arrived, so between two 429'd requests sent at ``t0`` and
@@ -66,13 +67,10 @@ it without waiting.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 from runner.provider import RateLimitHeaders
 
@@ -119,7 +117,8 @@ class Lane:
         self.waited = False  # the pacer held a request back since the last probe
         # Requests/s of the adaptive pacer (in ``free``, the slow start's); None: unpaced.
         self._rate: float | None = config.start_rpm / 60 if config.adaptive else None
-        self._round_trip: float | None = None  # slow start's doubling period, once sampled
+        self._round_trip: float | None = None  # the quickest answer from the provider
+        self._connect_s = 0.0  # the slowest connection set-up: the round trip is no shorter
         self._next_double = -math.inf
         self._proven: float | None = None  # cruise: a pace known good (measured, or probed)
         self._probe_started = -math.inf  # cruise: when the current probe interval began
@@ -162,13 +161,22 @@ class Lane:
 
     @property
     def round_trip_s(self) -> float:
-        """Slow start's doubling period: the round trip sampled, else ``round_trip_s``."""
-        return self.config.round_trip_s if self._round_trip is None else self._round_trip
+        """Slow start's doubling period: the quickest answer from the provider; until one
+        came, ``round_trip_s`` or a connection's set-up if longer (a far provider)."""
+        if self._round_trip is None:
+            return max(self.config.round_trip_s, self._connect_s)
+        return self._round_trip
 
     def round_trip(self, seconds: float) -> None:
-        """A sample of the round trip to the provider (an answer's time, a connection's)."""
+        """An answer from the provider came ``seconds`` after its request went: its 429s
+        come no quicker (a connection's set-up is only the network's part: the kernel's
+        handshake, not the server's answer, so it may only lengthen the guess)."""
         sample = max(_MIN_ROUND_TRIP_S, seconds)
         self._round_trip = sample if self._round_trip is None else min(self._round_trip, sample)
+
+    def connected(self, seconds: float) -> None:
+        """A connection to the provider took ``seconds`` to set up."""
+        self._connect_s = max(self._connect_s, seconds)
 
     def next_send_at(self, now: float) -> float:
         """When the next request may go (``<= now``: at once)."""
@@ -384,117 +392,3 @@ def _trim(times: list[float], horizon: float) -> None:
     """Forget the times before ``horizon`` (in bulk, so appends stay cheap)."""
     if times and times[0] < horizon and len(times) > 64:
         del times[: bisect_left(times, horizon)]
-
-
-class PacedLane(Protocol):
-    """What the run's summary reads of a lane: the 429s it saw, the pace of the limit it
-    found (requests/s; None: none found)."""
-
-    @property
-    def limited_count(self) -> int: ...
-
-    @property
-    def limit_rate(self) -> float | None: ...
-
-
-class Limiter(Protocol):
-    """What :class:`~runner.core.admission.Admission` asks of a pacer: :class:`RateLimiter`
-    on one machine, or one shared by every worker of a run
-    (:class:`~runner.core.sharedpace.SharedRateLimiter`)."""
-
-    @property
-    def lanes(self) -> Mapping[str, PacedLane]: ...
-
-    async def acquire(
-        self, name: str, keep_going: Callable[[], bool] = lambda: True
-    ) -> float | None: ...
-
-    def observe(
-        self,
-        name: str,
-        sent_at: float,
-        *,
-        limited: bool,
-        retry_after_s: float | None = None,
-        headers: RateLimitHeaders | None = None,
-        answered: bool = True,
-    ) -> None: ...
-
-    def connected(self, seconds: float) -> None:
-        """A connection to the provider took ``seconds`` to set up: a round trip sample."""
-
-    async def close(self) -> None: ...
-
-
-class RateLimiter:
-    """The lanes of a run. ``sent_at = await acquire(lane)`` before each request (None: told
-    to stop while waiting), ``observe(lane, sent_at, ...)`` with its answer."""
-
-    def __init__(
-        self,
-        config: PacerConfig | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.config = config or PacerConfig()
-        self.lanes: dict[str, Lane] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._clock = clock
-        self._sleep = sleep
-        self._connect_s: float | None = None  # the quickest connection set-up seen
-
-    def __repr__(self) -> str:
-        return f"<RateLimiter {list(self.lanes.values())}>"
-
-    async def close(self) -> None:  # nothing to let go: the lanes live in this process
-        pass
-
-    def lane(self, name: str) -> Lane:
-        if name not in self.lanes:
-            self.lanes[name] = lane = Lane(name, self.config)
-            self._locks[name] = asyncio.Lock()
-            if self._connect_s is not None:
-                lane.round_trip(self._connect_s)
-        return self.lanes[name]
-
-    def connected(self, seconds: float) -> None:
-        self._connect_s = seconds if self._connect_s is None else min(self._connect_s, seconds)
-        for lane in self.lanes.values():
-            lane.round_trip(seconds)
-
-    async def acquire(
-        self, name: str, keep_going: Callable[[], bool] = lambda: True
-    ) -> float | None:
-        lane = self.lane(name)
-        async with self._locks[name]:  # FIFO: requests go in the order they asked
-            while True:
-                if not keep_going():
-                    return None
-                now = self._clock()
-                at = lane.next_send_at(now)
-                if at <= now:
-                    break
-                lane.waited = True
-                await self._sleep(min(at - now, lane.recheck_s))  # the pace may change by then
-            lane.take(now)
-            return now
-
-    def observe(
-        self,
-        name: str,
-        sent_at: float,
-        *,
-        limited: bool,
-        retry_after_s: float | None = None,
-        headers: RateLimitHeaders | None = None,
-        answered: bool = True,
-    ) -> None:
-        self.lane(name).observe(
-            sent_at,
-            self._clock(),
-            limited=limited,
-            retry_after_s=retry_after_s,
-            headers=headers,
-            answered=answered,
-        )

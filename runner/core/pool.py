@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.core.admission import Admission, BreakerConfig, CircuitBreaker, Halt, Ticket
-from runner.core.pacer import Limiter, PacerConfig, RateLimiter
+from runner.core.limiter import Limiter, RateLimiter
+from runner.core.pacer import PacerConfig
 from runner.core.progress import Progress, ProgressReporter
 from runner.core.retry import RetryAfterTooLong, RetryConfig, is_retryable, make_retrying
 from runner.core.sinks import FolderSink, ImageSink, LocationSink

@@ -4,7 +4,7 @@ shared local folder), and one pace for every worker of every run against the sam
 
 On one machine (the SQLite checkpoint) neither applies: the plan goes to this process's pool as
 it is, without a list of ids being made, and the pace is this process's own
-(:class:`~runner.core.pacer.RateLimiter`).
+(:class:`~runner.core.limiter.RateLimiter`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 
-from runner.core.pacer import Limiter, PacerConfig
+from runner.core.limiter import Limiter
+from runner.core.pacer import PacerConfig
 from runner.core.plan import Plan, make_plan
 from runner.http.client import ClientConfig
 from runner.jobs import Job

@@ -3,7 +3,7 @@ shared through the database by every worker that sends to the same API (the rate
 
 Workers on several machines share the provider's one limit, so pacing each alone would let
 each of them find the whole limit for itself. :class:`SharedRateLimiter` has the interface of
-:class:`~runner.core.pacer.RateLimiter` (``acquire``, ``observe``, ``lanes``), so that
+:class:`~runner.core.limiter.RateLimiter` (``acquire``, ``observe``, ``lanes``), so that
 :class:`~runner.core.admission.Admission` takes either; its lanes are rows of
 :mod:`runner.store.postgres.pacing`:
 
@@ -65,22 +65,30 @@ class Learning:
 
     def __init__(self, config: PacerConfig) -> None:
         self.config = config
-        # Slow start's doubling period: the quickest answer or connection set-up this worker
-        # saw, else the configured guess.
-        self.round_trip_s = config.round_trip_s
-        self._sampled = False
+        # Slow start's doubling period, as pacer.Lane's: the quickest answer this worker saw;
+        # until one came, the configured guess or a connection's set-up if longer.
+        self._answered: float | None = None
+        self._connect_s = 0.0
 
     @property
     def start_per_s(self) -> float | None:
         """The pace a new lane starts at (slow start), or None: unpaced."""
         return self.config.start_rpm / 60 if self.config.adaptive else None
 
+    @property
+    def round_trip_s(self) -> float:
+        if self._answered is None:
+            return max(self.config.round_trip_s, self._connect_s)
+        return self._answered
+
     def answered_after(self, seconds: float) -> None:
-        """A round trip sample: an answer came back ``seconds`` after its request went, or a
-        connection took that long to set up (this worker's clock)."""
+        """An answer came back ``seconds`` after its request went (this worker's clock)."""
         sample = max(_MIN_ROUND_TRIP_S, seconds)
-        self.round_trip_s = min(self.round_trip_s, sample) if self._sampled else sample
-        self._sampled = True
+        self._answered = sample if self._answered is None else min(self._answered, sample)
+
+    def connected(self, seconds: float) -> None:
+        """A connection took ``seconds`` to set up: only the network's part of a round trip."""
+        self._connect_s = max(self._connect_s, seconds)
 
     def observe(
         self,
@@ -402,7 +410,7 @@ class SharedRateLimiter:
         task.add_done_callback(self._changes.discard)
 
     def connected(self, seconds: float) -> None:
-        self._learning.answered_after(seconds)
+        self._learning.connected(seconds)
 
     async def close(self) -> None:
         """Wait for the changes under way, then close the connection."""
