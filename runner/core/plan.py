@@ -54,6 +54,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, overload
 
 from runner.core.finding import EXTENSION_RANK, Found, adoptable, judge, pixel_size
@@ -206,6 +207,7 @@ class _Planner:
         self.store = store
         self.remote = remote  # the images are in an object store: it looks at them
         self.folder = store.folder
+        self.folder_prefix = f"{store.folder}{os.sep}"
         self.images_dir = store.folder / IMAGES_DIR
         self.plan = plan
         self.todo = todo
@@ -242,6 +244,9 @@ class _Planner:
             names.sort(key=lambda name: EXTENSION_RANK[name.rpartition(".")[2]])
 
     def _keep_unrecorded(self, found: list[tuple[str, str]]) -> None:
+        # In the order of the checkpoint's index, not the directory's (a hash order): each
+        # query then reads neighbouring pages, not a million pages scattered over the file.
+        found.sort()
         recorded = self.store.finished_images([job_id for job_id, _ in found])
         for job_id, name in found:
             if f"{IMAGES_DIR}/{name}" not in recorded:
@@ -260,7 +265,8 @@ class _Planner:
             with transaction:
                 # Read in the transaction: a review decision cannot land between what is read
                 # here (a rejection) and what is written on it.
-                records = self.store.job_records([job.id for job in jobs])
+                # Sorted, as in _keep_unrecorded: a manifest's order need not be its ids'.
+                records = self.store.job_records(sorted(job.id for job in jobs))
                 fresh = []  # new, or changed under the same id: recorded as pending
                 unlabelled = []  # recorded before the store kept matrix variables
                 for job in jobs:
@@ -345,20 +351,22 @@ class _Planner:
             return None
         if self.remote is not None:
             return self.remote.check(record)
-        path = self.folder / record.image_path
+        # A str, not a Path: building a million Paths costs more than the stats themselves.
+        path = self.folder_prefix + record.image_path  # recorded relative to the folder
         try:
-            stat = ImageStat.of(path.stat())
-            if stat == record.image_stat:
+            st = os.stat(path)  # noqa: PTH116 (see above)
+            if record.image_stat == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                 return record, "intact"
+            stat = ImageStat.of(st)
             self.plan.rehashed += 1
-            sha256 = sha256_file(path)
+            sha256 = sha256_file(Path(path))
         except FileNotFoundError:
             return None
         except OSError as exc:  # unreadable is not gone: never pay again for a permission problem
             raise StoreError(
                 f"cannot read {path} to check it: {exc.strerror}; fix it, rerun"
             ) from None
-        found = (stat, sha256, pixel_size(path) if sha256 != record.sha256 else None)
+        found = (stat, sha256, pixel_size(Path(path)) if sha256 != record.sha256 else None)
         return judge(self.store, record, found, dry_run=self.dry_run)
 
     def _retire(

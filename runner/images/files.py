@@ -192,7 +192,10 @@ def temp_path_for(path: Path) -> Path:
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is that of a temp file of this version or an earlier one, never that of
     a finished image or of another file the runner keeps."""
-    return name.startswith(TEMP_PREFIX) or _OLD_TEMP_NAME.search(name) is not None
+    # The substring first: the regular expression costs a second a million names.
+    return name.startswith(TEMP_PREFIX) or (
+        TEMP_PREFIX in name and _OLD_TEMP_NAME.search(name) is not None
+    )
 
 
 def remove_temp_files(folder: Path, *, min_age_s: float = 0.0) -> int:
@@ -205,16 +208,18 @@ def remove_temp_files(folder: Path, *, min_age_s: float = 0.0) -> int:
     removed = 0
     if folder.is_dir():
         oldest_mtime_s = time.time() - min_age_s
-        for entry in folder.iterdir():
-            if not is_temp_name(entry.name) or not entry.is_file():
-                continue
-            try:
-                if min_age_s > 0 and entry.stat().st_mtime > oldest_mtime_s:
+        # os.scandir, not Path.iterdir: no Path made for each of a million images.
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not is_temp_name(entry.name) or not entry.is_file():
                     continue
-                entry.unlink()
-            except FileNotFoundError:
-                continue
-            removed += 1
+                try:
+                    if min_age_s > 0 and entry.stat().st_mtime > oldest_mtime_s:
+                        continue
+                    Path(entry.path).unlink()
+                except FileNotFoundError:
+                    continue
+                removed += 1
     return removed
 
 
