@@ -8,8 +8,7 @@ Both are written atomically (temp file, rename), at the end of every run and on 
 and can always be rebuilt from the checkpoint and the manifest. They are written a batch of
 :data:`RESULTS_BATCH_JOBS` rows at a time (a Parquet row group, CSV lines), each batch's states
 and spend looked up by id in the store's views, and the ledger as its attempts stream in, so a
-manifest of a million jobs costs no more memory than a thousand. The next batch is read in a
-thread while one is written: the database's time overlaps Python's.
+manifest of a million jobs costs no more memory than a thousand.
 The CSV files read back in pandas as if pandas had written them (``True``/``False``, empty
 cells for missing values); the Parquet file carries pandas' metadata, so ``width`` and
 ``height`` come back as nullable integers.
@@ -20,24 +19,21 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from runner.images.files import temp_path_for
 from runner.jobs import Job
 from runner.provider import MICRO
-from runner.store.views import JobSpend, JobState, Viewable, Views
+from runner.store.views import Viewable, Views
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 RESULTS_BATCH_JOBS: Final = 5000
-
-_T = TypeVar("_T")
 
 RESULTS_COLUMNS = [
     "job_id",
@@ -142,9 +138,10 @@ def write_ledger(jobs: Iterable[Job], store: Viewable, folder: Path | None = Non
         parquet = stack.enter_context(pq.ParquetWriter(parquet_tmp, schema))
         lines = _csv_writer(results_csv)
         lines.writerow(RESULTS_COLUMNS)
+        iterator = iter(jobs)
         wrote = False
-        for batch, states, spend in _looked_up(jobs, views):
-            rows = _result_rows(batch, states, spend)
+        while batch := list(islice(iterator, RESULTS_BATCH_JOBS)):
+            rows = _result_rows(batch, views)
             for row in rows:
                 counts[row[1]] += 1
                 counts["retry"] += row[16]
@@ -167,42 +164,11 @@ def write_ledger(jobs: Iterable[Job], store: Viewable, folder: Path | None = Non
     return LedgerFiles(parquet_path, csv_path, ledger_path, totals)
 
 
-def _looked_up(
-    jobs: Iterable[Job], views: Views
-) -> Iterator[tuple[list[Job], dict[str, JobState], dict[str, JobSpend]]]:
-    """The jobs a batch at a time, each with its states and spend in the checkpoint, the next
-    batch's read while the caller writes this one's (see :func:`_one_ahead`)."""
-
-    def look_up(batch: list[Job]) -> tuple[list[Job], dict[str, JobState], dict[str, JobSpend]]:
-        ids = [job.id for job in batch]
-        return batch, views.job_states(ids), views.job_spend(ids)
-
-    return _one_ahead(map(look_up, _batches(jobs)))
-
-
-def _one_ahead(items: Iterator[_T]) -> Iterator[_T]:
-    """``items``, each next one made in a thread while the caller works on this one: the
-    database's reads (SQLite's and PostgreSQL's drivers release the GIL while they wait) then
-    overlap the rows, CSV and Parquet. One item is made at a time, so the store's connection
-    (and the manifest) is never used by two threads at once; an error making one is raised
-    here, to the caller."""
-    with ThreadPoolExecutor(1, thread_name_prefix="ledger-read") as reader:
-        ahead = reader.submit(next, items, None)
-        while (item := ahead.result()) is not None:
-            ahead = reader.submit(next, items, None)
-            yield item
-
-
-def _batches(items: Iterable[_T]) -> Iterator[list[_T]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, RESULTS_BATCH_JOBS)):
-        yield batch
-
-
-def _result_rows(
-    jobs: list[Job], states: dict[str, JobState], spend: dict[str, JobSpend]
-) -> list[tuple[Any, ...]]:
+def _result_rows(jobs: list[Job], views: Views) -> list[tuple[Any, ...]]:
     """One results row per job, joined with its state and spend in the checkpoint."""
+    ids = [job.id for job in jobs]
+    states = views.job_states(ids)
+    spend = views.job_spend(ids)
     rows = []
     for job in jobs:
         s, m = states.get(job.id), spend.get(job.id)
@@ -217,7 +183,7 @@ def _result_rows(
                 job.model,
                 job.size,
                 job.prompt,
-                "|".join(map(str, job.images)),
+                "|".join(str(p) for p in job.images),
                 s.image_path if s else None,
                 s.width if s else None,
                 s.height if s else None,
@@ -248,11 +214,8 @@ def _table(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
 
 def _write_ledger_rows(views: Views, lines: Any) -> None:
     lines.writerow(LEDGER_COLUMNS)
-    for batch in _one_ahead(_batches(views.billed_attempts())):
-        lines.writerows(
-            (job_id, attempt, endpoint, model, size, cost / MICRO, billing, *rest)
-            for job_id, attempt, endpoint, model, size, cost, billing, *rest in batch
-        )
+    for job_id, attempt, endpoint, model, size, cost, billing, *rest in views.billed_attempts():
+        lines.writerow((job_id, attempt, endpoint, model, size, cost / MICRO, billing, *rest))
 
 
 def _csv_writer(f: TextIO) -> Any:
