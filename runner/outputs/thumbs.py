@@ -236,24 +236,24 @@ class Thumbnails(ThumbCache):
         return (self.dir / name).read_bytes()
 
     def sweep(self) -> None:
-        """Also the temp files an interrupted write left over an hour ago."""
+        """Also the temp files an interrupted write left over an hour ago. A name kept is a
+        thumb's, never a temp file's (a job id starts with no dot, a thumb's name ends in
+        ``.webp``): the entries of the names kept, nearly all of them, are left unlooked at."""
         kept = self._kept_names()
         temps_before_ns = time.time_ns() - _TEMP_FILE_AGE_NS
         with os.scandir(self.dir) as entries:
             while batch := list(islice(entries, _SWEPT_AT_ONCE)):
-                used = kept.which([entry.name for entry in batch])
-                for entry, is_used in zip(batch, used.tolist(), strict=True):
-                    self._sweep_entry(entry, is_used, temps_before_ns)
+                unused = np.flatnonzero(~kept.which([entry.name for entry in batch]))
+                for at in unused.tolist():
+                    self._sweep_entry(batch[at], temps_before_ns)
 
-    def _sweep_entry(self, entry: os.DirEntry[str], used: bool, temps_before_ns: int) -> None:
-        """Delete the file ``entry`` if it is an unused thumb made before this report, or a
-        temp file made before ``temps_before_ns``; ``used``: its name is in the kept ones."""
+    def _sweep_entry(self, entry: os.DirEntry[str], temps_before_ns: int) -> None:
+        """Delete the file ``entry``, of a name not kept, if it is a thumb made before this
+        report, or a temp file made before ``temps_before_ns``."""
         if entry.is_dir(follow_symlinks=False):
             return
         if is_temp_name(entry.name):  # checked first: ".tmp-<hex>-<thumb name>"
             before_ns = temps_before_ns
-        elif used:  # a kept name, a thumb's: what else is, is no thumb, left as well
-            return
         elif THUMB_NAME.fullmatch(entry.name):
             before_ns = self._started_ns
         else:
