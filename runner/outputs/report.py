@@ -168,12 +168,13 @@ def _card(job: ReportJob, thumbs: ThumbCache) -> _Card:
         size = f"{job.width}\u00d7{job.height}"
     else:
         size = f"asked {job.size}" if job.size else "provider's default size"
-    last = job.last_error
-    detail = {
-        "succeeded": "no thumbnail",
-        "failed": job.error_cause or "unknown cause",
-        "pending": f"last try: {last}" if last else "not tried yet",
-    }[job.status]
+    # What the placeholder says, by status: only the one needed is formatted.
+    if job.status == "succeeded":
+        detail = "no thumbnail"
+    elif job.status == "failed":
+        detail = job.error_cause or "unknown cause"
+    else:
+        detail = f"last try: {job.last_error}" if job.last_error else "not tried yet"
     row = CardRow(
         id=job.job_id,
         status=job.status,

@@ -266,7 +266,7 @@ class Thumbnails(ThumbCache):
 
     def _cached(self, name: str) -> bool:
         try:
-            return os.stat(os.path.join(self._dir_name, name)).st_size > 0  # noqa: PTH116, PTH118
+            return os.stat(f"{self._dir_name}/{name}").st_size > 0  # noqa: PTH116
         except OSError:
             return False
 
