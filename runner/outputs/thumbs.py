@@ -40,6 +40,7 @@ from abc import ABC, abstractmethod
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from stat import S_ISREG
 from typing import Final, NamedTuple
@@ -58,6 +59,7 @@ THUMB_QUALITY: Final = 70
 
 THUMB_NAME: Final = re.compile(r".+-[0-9a-f]{12}\.webp")
 _THUMB_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, StorageError)
+_SWEPT_AT_ONCE = 8192  # thumbs/ entries whose names a sweep looks up in one search
 _REFERENCES_REMEMBERED = 1024  # distinct reference files whose thumb a report remembers
 # A thumb is written in milliseconds: a temp file an hour old is no write going on.
 _TEMP_FILE_AGE_NS = 3600 * 1_000_000_000
@@ -194,6 +196,15 @@ class KeptNames:
         at = int(np.searchsorted(self._hashes, key))
         return at < len(self._hashes) and bool(self._hashes[at] == key)
 
+    def which(self, names: list[str]) -> npt.NDArray[np.bool_]:
+        """``name in self`` for each of ``names``, in one search: a sweep asks it of every
+        file in ``thumbs/``, a million of them, where a search a name costs microseconds."""
+        keys = np.fromiter(map(hash, names), dtype=np.int64, count=len(names))
+        at = np.searchsorted(self._hashes, keys)
+        found: npt.NDArray[np.bool_] = at < len(self._hashes)
+        found[found] = self._hashes[at[found]] == keys[found]
+        return found
+
 
 class Thumbnails(ThumbCache):
     """The thumbs under ``folder/thumbs/`` of the images in ``folder``, on this machine."""
@@ -203,49 +214,59 @@ class Thumbnails(ThumbCache):
         self.folder = folder
         self.dir = folder / THUMBS_DIR
         self.dir.mkdir(exist_ok=True)
+        # As text: a report stats two files a job, and Path's joins double a stat's cost.
+        self._folder_name = str(folder)
+        self._dir_name = str(self.dir)
         self._started_ns = _file_time_now_ns(self.dir)
 
     def find_image(
         self, image_path: str, sha256: str | None, stat: ImageStat | None
     ) -> FoundImage | None:
         """The file, as recorded while its stat is the one recorded with its sha256."""
-        source = self.folder / image_path
         try:
-            found = source.stat()
+            found = os.stat(os.path.join(self._folder_name, image_path))  # noqa: PTH116, PTH118
         except OSError:
             return None
         if not S_ISREG(found.st_mode):
             return None
-        return FoundImage(lambda: source, stat is not None and ImageStat.of(found) == stat)
+        as_recorded = stat is not None and ImageStat.of(found) == stat
+        return FoundImage(lambda: self.folder / image_path, as_recorded)
 
     def read(self, name: str) -> bytes:
         return (self.dir / name).read_bytes()
 
     def sweep(self) -> None:
-        """Also the temp files an interrupted write left over an hour ago."""
+        """Also the temp files an interrupted write left over an hour ago. A name kept is a
+        thumb's, never a temp file's (a job id starts with no dot, a thumb's name ends in
+        ``.webp``): the entries of the names kept, nearly all of them, are left unlooked at."""
         kept = self._kept_names()
         temps_before_ns = time.time_ns() - _TEMP_FILE_AGE_NS
         with os.scandir(self.dir) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    continue
-                if is_temp_name(entry.name):  # checked first: ".tmp-<hex>-<thumb name>"
-                    before_ns = temps_before_ns
-                elif THUMB_NAME.fullmatch(entry.name):
-                    if entry.name in kept:
-                        continue
-                    before_ns = self._started_ns
-                else:
-                    continue
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime_ns < before_ns:
-                        Path(entry.path).unlink(missing_ok=True)
-                except FileNotFoundError:  # deleted meanwhile by another
-                    continue
+            while batch := list(islice(entries, _SWEPT_AT_ONCE)):
+                unused = np.flatnonzero(~kept.which([entry.name for entry in batch]))
+                for at in unused.tolist():
+                    self._sweep_entry(batch[at], temps_before_ns)
+
+    def _sweep_entry(self, entry: os.DirEntry[str], temps_before_ns: int) -> None:
+        """Delete the file ``entry``, of a name not kept, if it is a thumb made before this
+        report, or a temp file made before ``temps_before_ns``."""
+        if entry.is_dir(follow_symlinks=False):
+            return
+        if is_temp_name(entry.name):  # checked first: ".tmp-<hex>-<thumb name>"
+            before_ns = temps_before_ns
+        elif THUMB_NAME.fullmatch(entry.name):
+            before_ns = self._started_ns
+        else:
+            return
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime_ns < before_ns:
+                Path(entry.path).unlink(missing_ok=True)
+        except FileNotFoundError:  # deleted meanwhile by another
+            return
 
     def _cached(self, name: str) -> bool:
         try:
-            return (self.dir / name).stat().st_size > 0
+            return os.stat(f"{self._dir_name}/{name}").st_size > 0  # noqa: PTH116
         except OSError:
             return False
 

@@ -52,8 +52,9 @@ _REPORT_JOBS = (
     "SELECT j.job_id, j.status, j.size, j.prompt, j.image_path, j.width, j.height, j.sha256, "
     "j.error, j.error_cause, j.retryable, COALESCE(a.n, 0), COALESCE(a.confirmed, 0), "
     "COALESCE(a.possible, 0), "
-    "(SELECT error FROM attempts WHERE attempts.job_id = j.job_id "
-    "ORDER BY attempt DESC LIMIT 1), j.images, j.version, "
+    # Only a pending job's card shows its last error: one lookup a pending job, not a job.
+    "CASE WHEN j.status = 'pending' THEN (SELECT error FROM attempts "
+    "WHERE attempts.job_id = j.job_id ORDER BY attempt DESC LIMIT 1) END, j.images, j.version, "
     f"{REVIEW_OF_JOB}, j.edited_at IS NOT NULL, {_IMAGE_STAT} "
     "FROM jobs j LEFT JOIN (SELECT job_id, COUNT(*) AS n, "
     "SUM(CASE WHEN state = 'confirmed' THEN cost_micro_usd ELSE 0 END) AS confirmed, "
@@ -265,7 +266,8 @@ class SqlViews:
     def _report_jobs(self) -> Iterator[ReportJob]:
         make = ReportJob._make
         for r in self._reader.stream(_REPORT_JOBS):
-            references = tuple(json.loads(r[15]))
+            # Most jobs are no edits: their "[]" is not worth a JSON parse each.
+            references = () if r[15] == "[]" else tuple(json.loads(r[15]))
             stat = _image_stat(*r[19:])
             yield make((*r[:10], bool(r[10]), *r[11:15], references, *r[16:18], bool(r[18]), stat))
 

@@ -116,7 +116,7 @@ class ReportJob(NamedTuple):
     attempts: int
     confirmed_micro_usd: int
     possible_micro_usd: int
-    last_error: str | None  # of its latest attempt: why a pending job is not done yet
+    last_error: str | None  # a pending job's latest attempt's: why it is not done yet; else None
     references: tuple[str, ...]  # an edit's reference images, as recorded, in upload order
     version: int  # of the image recorded, or (pending) of the one to make
     review: ReviewState  # of that version
