@@ -77,8 +77,8 @@ from runner.provider import RateLimitHeaders
 Phase = Literal["free", "measure", "cruise", "announced"]
 
 _HISTORY_S = 120.0  # how far back sends are remembered for the estimator
-_MIN_ROUND_TRIP_S = 0.002  # loopback: a quicker answer says nothing more
-_MAX_START_RATE = 1e6  # requests/s: slow start stops doubling here (no pace at all, really)
+MIN_ROUND_TRIP_S = 0.002  # loopback: a quicker answer says nothing more
+MAX_RATE = 1e6  # requests/s: slow start stops doubling here (no pace at all, really)
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,7 @@ class Lane:
         self.waited = False  # the pacer held a request back since the last probe
         # Requests/s of the adaptive pacer (in ``free``, the slow start's); None: unpaced.
         self._rate: float | None = config.start_rpm / 60 if config.adaptive else None
-        self._round_trip: float | None = None  # the quickest answer from the provider
-        self._connect_s = 0.0  # the slowest connection set-up: the round trip is no shorter
+        self._trip = RoundTrip(config.round_trip_s)
         self._next_double = -math.inf
         self._proven: float | None = None  # cruise: a pace known good (measured, or probed)
         self._probe_started = -math.inf  # cruise: when the current probe interval began
@@ -157,26 +156,11 @@ class Lane:
         """How long a request held back may sleep before :meth:`next_send_at` is asked
         again: a round trip during slow start (the pace may double by then), else 0.5 s."""
         growing = self.phase == "free" and self._rate is not None and self._rate < self._cap()
-        return self.round_trip_s if growing else 0.5
-
-    @property
-    def round_trip_s(self) -> float:
-        """Slow start's doubling period: the quickest answer from the provider; until one
-        came, ``round_trip_s`` or a connection's set-up if longer (a far provider)."""
-        if self._round_trip is None:
-            return max(self.config.round_trip_s, self._connect_s)
-        return self._round_trip
-
-    def round_trip(self, seconds: float) -> None:
-        """An answer from the provider came ``seconds`` after its request went: its 429s
-        come no quicker (a connection's set-up is only the network's part: the kernel's
-        handshake, not the server's answer, so it may only lengthen the guess)."""
-        sample = max(_MIN_ROUND_TRIP_S, seconds)
-        self._round_trip = sample if self._round_trip is None else min(self._round_trip, sample)
+        return self._trip.seconds if growing else 0.5
 
     def connected(self, seconds: float) -> None:
         """A connection to the provider took ``seconds`` to set up."""
-        self._connect_s = max(self._connect_s, seconds)
+        self._trip.connected(seconds)
 
     def next_send_at(self, now: float) -> float:
         """When the next request may go (``<= now``: at once)."""
@@ -216,7 +200,7 @@ class Lane:
         if headers is not None:
             self._announce(now, headers)
         if answered:
-            self.round_trip(now - sent_at)
+            self._trip.answered(now - sent_at)
         if not limited:
             return
         self.limited_count += 1
@@ -309,15 +293,7 @@ class Lane:
         self.waited = False
 
     def _cap(self) -> float:
-        """What the pace may never exceed: the ``--rpm`` ceiling and an announced limit
-        (growing past the ceiling would only have to be undone, 429 by 429, if a limit under
-        it showed up later)."""
-        caps = [_MAX_START_RATE]
-        if self.config.ceiling_rpm:
-            caps.append(self.config.ceiling_rpm / 60)
-        if self._announced_rate:
-            caps.append(self._announced_rate)
-        return min(caps)
+        return pace_cap(self.config, self._announced_rate)
 
     def _announce(self, now: float, headers: RateLimitHeaders) -> None:
         if headers.limit_rpm:
@@ -365,7 +341,7 @@ class Lane:
         grow = self.waited and now >= self._next_double and self._rate < self._cap()
         if grow and not self._suspect():
             self._rate = min(2 * self._rate, self._cap())
-            self._next_double = now + self.round_trip_s
+            self._next_double = now + self._trip.seconds
             self.waited = False
 
     def _current(self) -> float:
@@ -381,6 +357,45 @@ class Lane:
         """Requests sent in ``(start, end]`` not answered 429 (those still in flight count as
         accepted: a provider's 429 comes back at once)."""
         return _count(self._sends, start, end) - _count(self._limited, start, end)
+
+
+class RoundTrip:
+    """Slow start's doubling period: the quickest answer from the provider (its 429s come no
+    quicker); until one came, the configured guess, or the slowest connection set-up if longer
+    (a far provider). A set-up only lengthens the guess: it is the kernel's handshake, the
+    network's part of a round trip, not the server's answer."""
+
+    def __init__(self, guess_s: float) -> None:
+        self._guess_s = guess_s
+        self._answered_s: float | None = None
+        self._connect_s = 0.0
+
+    @property
+    def seconds(self) -> float:
+        if self._answered_s is None:
+            return max(self._guess_s, self._connect_s)
+        return self._answered_s
+
+    def answered(self, seconds: float) -> None:
+        """An answer from the provider came ``seconds`` after its request went."""
+        sample = max(MIN_ROUND_TRIP_S, seconds)
+        self._answered_s = sample if self._answered_s is None else min(self._answered_s, sample)
+
+    def connected(self, seconds: float) -> None:
+        """A connection to the provider took ``seconds`` to set up."""
+        self._connect_s = max(self._connect_s, seconds)
+
+
+def pace_cap(config: PacerConfig, announced_per_s: float | None) -> float:
+    """What a pace may never exceed: the ``--rpm`` ceiling and an announced limit (growing
+    past the ceiling would only have to be undone, 429 by 429, if a limit under it showed up
+    later)."""
+    caps = [MAX_RATE]
+    if config.ceiling_rpm:
+        caps.append(config.ceiling_rpm / 60)
+    if announced_per_s:
+        caps.append(announced_per_s)
+    return min(caps)
 
 
 def _count(times: list[float], start: float, end: float) -> int:

@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from runner.core.pacer import PacerConfig
+from runner.core.pacer import PacerConfig, RoundTrip, pace_cap
 from runner.provider import RateLimitHeaders
 from runner.store.postgres.pacing import PaceRow, PaceTable
 
@@ -49,8 +49,6 @@ T = TypeVar("T")
 
 _GRANTS_KEPT = 4096  # grants awaiting their answer; one admitted but never sent is dropped
 _KEPT_429S = 64  # outside measuring, the 429s of the last this many grants are kept
-_MIN_ROUND_TRIP_S = 0.002
-_MAX_START_RATE = 1e6
 
 
 def _pause(row: PaceRow, now: float, retry_after_s: float | None) -> None:
@@ -65,30 +63,20 @@ class Learning:
 
     def __init__(self, config: PacerConfig) -> None:
         self.config = config
-        # Slow start's doubling period, as pacer.Lane's: the quickest answer this worker saw;
-        # until one came, the configured guess or a connection's set-up if longer.
-        self._answered: float | None = None
-        self._connect_s = 0.0
+        self._trip = RoundTrip(config.round_trip_s)  # as this worker saw it
 
     @property
     def start_per_s(self) -> float | None:
         """The pace a new lane starts at (slow start), or None: unpaced."""
         return self.config.start_rpm / 60 if self.config.adaptive else None
 
-    @property
-    def round_trip_s(self) -> float:
-        if self._answered is None:
-            return max(self.config.round_trip_s, self._connect_s)
-        return self._answered
-
     def answered_after(self, seconds: float) -> None:
         """An answer came back ``seconds`` after its request went (this worker's clock)."""
-        sample = max(_MIN_ROUND_TRIP_S, seconds)
-        self._answered = sample if self._answered is None else min(self._answered, sample)
+        self._trip.answered(seconds)
 
     def connected(self, seconds: float) -> None:
-        """A connection took ``seconds`` to set up: only the network's part of a round trip."""
-        self._connect_s = max(self._connect_s, seconds)
+        """A connection took ``seconds`` to set up."""
+        self._trip.connected(seconds)
 
     def observe(
         self,
@@ -195,7 +183,7 @@ class Learning:
             row.rate_per_s = start
             return True
         suspect = any(s > row.grant_seq - c.evidence_window for s in row.limited_seqs)
-        grow = row.waited and now - row.last_change_at_s >= self.round_trip_s
+        grow = row.waited and now - row.last_change_at_s >= self._trip.seconds
         if grow and row.rate_per_s < self._cap(row) and not suspect:
             row.rate_per_s = min(2 * row.rate_per_s, self._cap(row))
             row.last_change_at_s = now
@@ -251,14 +239,8 @@ class Learning:
         row.proven_per_s = row.rate_per_s  # what the count found: a lone 429 under it is scattered
 
     def _cap(self, row: PaceRow) -> float:
-        """What the pace may never exceed: this worker's ``--rpm`` ceiling (the run's, or
-        lower) and an announced limit."""
-        caps = [_MAX_START_RATE]
-        if self.config.ceiling_rpm:
-            caps.append(self.config.ceiling_rpm / 60)
-        if row.announced_per_s:
-            caps.append(row.announced_per_s)
-        return min(caps)
+        """This worker's ``--rpm`` ceiling (the run's, or lower) and an announced limit."""
+        return pace_cap(self.config, row.announced_per_s)
 
     def _set_rate(self, row: PaceRow, now: float, rate: float) -> None:
         row.rate_per_s = max(self._floor(), min(rate, self._cap(row)))
